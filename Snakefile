@@ -1,0 +1,26 @@
+# cmcflow: Consensus Monte Carlo on HPC clusters (Snakemake + JAX + NumPyro).
+# Stages: simulate (demo data) -> shard -> featurize -> sample -> [align] -> combine -> report.
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/simulate.smk"
+include: "workflow/rules/shard.smk"
+include: "workflow/rules/featurize.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/combine.smk"
+include: "workflow/rules/report.smk"
+include: "workflow/rules/fulldata.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_reports(),
+
+
+rule fulldata:
+    input:
+        all_fulldata_summaries(),

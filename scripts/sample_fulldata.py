@@ -1,0 +1,35 @@
+"""Rule sample_fulldata: NUTS on all rows (K = 1, untempered), the reference for CMC."""
+
+from cmcflow.script import open_log, reported_errors
+
+open_log(snakemake.log[0])
+
+with reported_errors():
+    from cmcflow.jaxenv import configure_jax
+
+    configure_jax(**snakemake.params.jax)
+
+    from cmcflow.combine import summary_table
+    from cmcflow.featurize import all_rows_features
+    from cmcflow.io import atomic_path
+    from cmcflow.models import get_model
+    from cmcflow.sample import NutsSettings, sample_features, write_run
+
+    spec = get_model(snakemake.params.model["name"])
+    settings = dict(snakemake.params.sample)
+    seed = settings.pop("seed")
+    idata, report = sample_features(
+        spec.numpyro_model,
+        all_rows_features(
+            snakemake.input.shards, spec, snakemake.params.columns, snakemake.params.featurize["pad_multiple"]
+        ),
+        snakemake.params.model["options"],
+        num_shards=1,
+        stream=-1,
+        seed=seed,
+        settings=NutsSettings(**settings),
+        devices=snakemake.params.jax["devices"],
+    )
+    write_run(idata, report, snakemake.output.posterior, snakemake.output.diagnostics)
+    with atomic_path(snakemake.output.summary) as tmp:
+        summary_table(idata).to_csv(tmp, index_label="parameter")

@@ -1,0 +1,18 @@
+"""Rule simulate: write the demo table and its true parameters (jax-free)."""
+
+from cmcflow.script import open_log, reported_errors
+
+open_log(snakemake.log[0])
+
+with reported_errors():
+    from cmcflow.io import atomic_path, write_json_atomic
+    from cmcflow.models import get_model
+
+    settings = snakemake.params.simulate
+    spec = get_model(snakemake.params.model["name"])
+    table, truth = spec.simulate(
+        settings["rows"], settings["features"], settings["seed"], snakemake.params.model["options"]
+    )
+    with atomic_path(snakemake.output.table) as tmp:
+        table.to_parquet(tmp, index=False)
+    write_json_atomic(snakemake.output.truth, truth)

@@ -1,0 +1,125 @@
+"""The combine stage: consensus Monte Carlo over the shards' subposteriors.
+
+All latent sites are combined jointly in the unconstrained space, where subposteriors are
+closest to Gaussian; the combined draws are then pushed through the model's support
+transforms (NumPyro's ``constrain_fn``) to give the constrained sites.
+
+Methods (NumPyro ``infer.hmc_util``), with θ_s,j the j-th draw of shard s, flattened
+over all sites:
+
+- ``consensus`` (Scott et al. 2016): θ_j = (Σ_s W_s)⁻¹ Σ_s W_s θ_s,j with W_s the inverse
+  of shard s's full sample covariance. Exact for Gaussian subposteriors, keeps some
+  non-Gaussian shape otherwise. The default.
+- ``consensus_diag``: the same with W_s = 1/variance; ignores posterior correlations, so
+  only right when parameters are nearly independent a posteriori.
+- ``parametric`` (Neiswanger et al. 2014): draws from the product of the subposteriors'
+  Gaussian approximations N(μ_s, Σ_s).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import arviz as az
+import jax
+import numpy as np
+import pandas as pd
+from numpyro.infer.hmc_util import consensus, parametric_draws
+from numpyro.infer.util import constrain_fn
+
+from cmcflow.errors import InputError
+from cmcflow.io import atomic_path, write_json_atomic
+from cmcflow.sample import map_draws
+
+log = logging.getLogger(__name__)
+
+METHODS = {
+    "consensus": "full covariance",
+    "consensus_diag": "diagonal covariance",
+    "parametric": "full covariance (Gaussian product)",
+}
+
+
+def combine_draws(
+    subposteriors: Sequence[Mapping[str, np.ndarray]], method: str, rng_key: jax.Array
+) -> dict[str, np.ndarray]:
+    """Combine K subposteriors, each ``{site: (S, …)}`` with the same S, into ``{site: (S, …)}``."""
+    draws = {len(next(iter(sub.values()))) for sub in subposteriors}
+    if len(draws) != 1:
+        raise InputError(f"shards have different numbers of draws {sorted(draws)}; combine needs equal counts")
+    if method == "consensus":
+        combined = consensus(list(subposteriors), diagonal=False)
+    elif method == "consensus_diag":
+        combined = consensus(list(subposteriors), diagonal=True)
+    elif method == "parametric":
+        combined = parametric_draws(list(subposteriors), num_draws=draws.pop(), diagonal=False, rng_key=rng_key)
+    else:
+        raise InputError(f"unknown combine method {method!r}; choose one of {sorted(METHODS)}")
+    return {name: np.asarray(value) for name, value in combined.items()}
+
+
+def summary_table(idata: az.InferenceData) -> pd.DataFrame:
+    """Mean, sd, 5% and 95% quantiles of every posterior element (ArviZ ``summary``)."""
+    quantiles = {"5%": lambda x: np.quantile(x, 0.05), "95%": lambda x: np.quantile(x, 0.95)}
+    table = az.summary(idata, kind="stats", stat_funcs=quantiles, round_to="none")
+    return table[["mean", "sd", "5%", "95%"]]
+
+
+def combine_runs(
+    runs: Sequence[az.InferenceData],
+    model,
+    model_kwargs: Mapping,
+    method: str,
+    seed: int,
+) -> az.InferenceData:
+    """Consensus of shard runs (each with an ``unconstrained_posterior`` group).
+
+    Draws keep the shards' (chain, draw) layout: combined draw (c, j) merges draw (c, j) of
+    every shard. The chains of a combined posterior are not independent MCMC chains, so
+    R-hat and ESS belong to the shards, never to the combined draws.
+    """
+    sites = list(runs[0].unconstrained_posterior.data_vars)
+    chains, draws = (runs[0].unconstrained_posterior.sizes[dim] for dim in ("chain", "draw"))
+    subposteriors = []
+    for run in runs:
+        group = run.unconstrained_posterior
+        if list(group.data_vars) != sites or (group.sizes["chain"], group.sizes["draw"]) != (chains, draws):
+            raise InputError(
+                f"shard {run.posterior.attrs.get('stream')} has sites {list(group.data_vars)} and "
+                f"{group.sizes['chain']}x{group.sizes['draw']} draws; shard "
+                f"{runs[0].posterior.attrs.get('stream')} has {sites} and {chains}x{draws}"
+            )
+        subposteriors.append({name: group[name].values.reshape(chains * draws, *group[name].shape[2:]) for name in sites})
+    combined = combine_draws(subposteriors, method, jax.random.PRNGKey(seed))
+    unconstrained = {name: value.reshape(chains, draws, *value.shape[1:]) for name, value in combined.items()}
+    constrained = map_draws(
+        lambda position: constrain_fn(model, (), model_kwargs, position), unconstrained, batch_ndims=2
+    )
+    dims = {name: list(runs[0].posterior[name].dims[2:]) for name in sites}
+    idata = az.InferenceData(
+        posterior=az.dict_to_dataset(constrained, library=None, dims=dims),
+        unconstrained_posterior=az.dict_to_dataset(unconstrained, library=None),
+    )
+    idata.posterior.attrs.update(
+        {"method": method, "covariance": METHODS[method], "space": "unconstrained", "num_shards_used": len(runs)}
+    )
+    return idata
+
+
+def write_combined(
+    idata: az.InferenceData,
+    shards: dict,
+    netcdf_path: str | os.PathLike,
+    summary_path: str | os.PathLike,
+    shards_path: str | os.PathLike,
+) -> pd.DataFrame:
+    """Write the combined NetCDF, the summary CSV and the shard record (JSON), atomically."""
+    with atomic_path(netcdf_path) as tmp:
+        idata.to_netcdf(str(tmp), engine="h5netcdf")
+    summary = summary_table(idata)
+    with atomic_path(summary_path) as tmp:
+        summary.to_csv(tmp, index_label="parameter")
+    write_json_atomic(shards_path, shards)
+    return summary

@@ -1,0 +1,9 @@
+"""Errors that a user can act on (as opposed to bugs, which keep their traceback)."""
+
+
+class InputError(Exception):
+    """Bad input table or bad settings; the message is one line naming file, column, problem."""
+
+
+class ConfigError(InputError):
+    """A configuration value that the JSON schema cannot check (e.g. a model's own options)."""

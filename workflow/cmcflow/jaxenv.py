@@ -1,0 +1,97 @@
+"""JAX process set-up for the heavy stages: environment first, then ``import jax``.
+
+XLA reads ``XLA_FLAGS`` once, when JAX first initialises its backend, so the number of
+virtual CPU devices must be in the environment before anything imports JAX. Every heavy
+rule script calls :func:`configure_jax` before importing a JAX-using module, and the job
+fails loudly if JAX does not then see exactly the requested devices.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+@dataclass
+class CompileClock:
+    """Time JAX spent lowering and compiling XLA programs (or fetching them from the
+    persistent cache): the part of start-up that the persistent cache removes.
+
+    Fed by ``jax.monitoring`` listeners installed by :func:`configure_jax`. Tracing is not
+    counted: traces of nested ``jit`` functions overlap, so their durations do not add up.
+    """
+
+    seconds: float = 0.0
+    persistent_cache_hits: int = 0
+
+    def on_duration(self, event: str, duration: float, **_metadata) -> None:
+        if event in COMPILE_EVENTS:
+            self.seconds += duration
+
+    def on_event(self, event: str, **_metadata) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            self.persistent_cache_hits += 1
+
+
+#: Top-level (non-overlapping) compilation events of ``jax._src.dispatch``.
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+COMPILE_CLOCK = CompileClock()
+
+
+def xla_flags_with_devices(flags: str, devices: int) -> str:
+    """``flags`` with the host-platform device count set to ``devices`` (replacing any)."""
+    kept = re.sub(rf"{DEVICE_COUNT_FLAG}=\S*", "", flags).split()
+    return " ".join([*kept, f"{DEVICE_COUNT_FLAG}={devices}"])
+
+
+def configure_jax(devices: int, enable_x64: bool, compilation_cache_dir: str | None) -> None:
+    """Set the XLA/JAX environment, import JAX, and check the device count.
+
+    Args:
+        devices: virtual CPU devices to create (one NUTS chain or alignment slice each).
+        enable_x64: run in float64.
+        compilation_cache_dir: persistent compilation cache shared by all jobs
+            (``None`` disables it). Every program is cached, however fast it compiled.
+
+    Raises:
+        RuntimeError: if JAX was imported earlier in this process (the flags would be
+            ignored), or if JAX does not see exactly ``devices`` devices.
+    """
+    if "jax" in sys.modules:
+        raise RuntimeError(
+            "jax was imported before cmcflow.jaxenv.configure_jax(); the XLA device flags "
+            "would be ignored. Call configure_jax() before importing any JAX-using module."
+        )
+    os.environ["XLA_FLAGS"] = xla_flags_with_devices(os.environ.get("XLA_FLAGS", ""), devices)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import jax.monitoring
+
+    jax.config.update("jax_enable_x64", enable_x64)
+    if compilation_cache_dir is not None:
+        os.makedirs(compilation_cache_dir, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(compilation_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.monitoring.register_event_duration_secs_listener(COMPILE_CLOCK.on_duration)
+    jax.monitoring.register_event_listener(COMPILE_CLOCK.on_event)
+    require_device_count(devices)
+
+
+def require_device_count(devices: int) -> None:
+    """Raise unless JAX sees exactly ``devices`` devices."""
+    import jax
+
+    found = jax.devices()
+    if len(found) != devices:
+        raise RuntimeError(
+            f"this job needs {devices} JAX devices but JAX sees {len(found)} ({found}); "
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+        )

@@ -1,0 +1,144 @@
+"""The model registry: what a model is to cmcflow, and how a name in the config finds one.
+
+A model is a :class:`ModelSpec`: a NumPyro model function, a featurizer that turns a
+table of rows into padded arrays, the input columns it needs (by *role*), its own
+hyperparameters, and its symmetry. Model modules import only NumPy at module level (the
+NumPyro model imports NumPyro inside its body), so the shard stage can read a model's
+column declaration without importing JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cmcflow.errors import ConfigError
+
+#: Value kinds a column can declare; :mod:`cmcflow.table` checks each row against them.
+COLUMN_KINDS = ("real", "binary", "index")
+
+
+@dataclass(frozen=True)
+class Role:
+    """One input the model reads from the table.
+
+    ``multiple`` roles take a list of columns (e.g. regression features), single roles one
+    column. ``default`` names the column(s) used when the config does not map the role.
+    """
+
+    name: str
+    kind: str
+    multiple: bool = False
+    default: str | tuple[str, ...] | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in COLUMN_KINDS:
+            raise ValueError(f"role {self.name!r}: kind must be one of {COLUMN_KINDS}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything cmcflow needs to know about a model.
+
+    Attributes:
+        name: registry name, recorded in outputs and in the feature-cache key.
+        numpyro_model: ``model(**features, **options)``; its latent sample sites are the
+            parameters that consensus Monte Carlo combines (all of them are global).
+        featurize: ``featurize(columns, pad_to) -> dict[str, np.ndarray]`` where ``columns``
+            maps role name to a float64 array ``(rows,)`` or ``(rows, n_columns)``; every
+            row-indexed output is padded to ``pad_to`` rows and a boolean ``mask`` marks
+            real rows.
+        featurizer_version: bump when ``featurize`` changes its output; part of the cache key.
+        roles: the input columns by role.
+        options: the model's own hyperparameters with their defaults (``model_options``
+            in the config overrides them).
+        symmetry: ``"none"``, or ``"rigid"`` for point-cloud parameters that need the align
+            stage.
+        simulate: ``simulate(rows, features, seed, options) -> (table, truth)`` for demo
+            data, or ``None``.
+    """
+
+    name: str
+    numpyro_model: Callable[..., None]
+    featurize: Callable[[Mapping[str, np.ndarray], int], dict[str, np.ndarray]]
+    featurizer_version: str
+    roles: tuple[Role, ...]
+    options: Mapping[str, float] = field(default_factory=dict)
+    symmetry: str = "none"
+    simulate: Callable[..., tuple[pd.DataFrame, dict[str, Any]]] | None = None
+
+
+def _builtin_models() -> dict[str, ModelSpec]:
+    from cmcflow.models import linear_gaussian, logistic
+
+    return {spec.name: spec for spec in (linear_gaussian.SPEC, logistic.SPEC)}
+
+
+def get_model(name: str) -> ModelSpec:
+    """A built-in model by name, or a user's ``ModelSpec`` by ``"module:attribute"``."""
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            spec = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ConfigError(f"model {name!r} cannot be loaded: {error}") from error
+        if not isinstance(spec, ModelSpec):
+            raise ConfigError(f"model {name!r} is a {type(spec).__name__}, not a cmcflow ModelSpec")
+        return spec
+    builtins = _builtin_models()
+    if name not in builtins:
+        raise ConfigError(
+            f"unknown model {name!r}; built-in models: {', '.join(sorted(builtins))}, "
+            "or give your own as 'module:attribute'"
+        )
+    return builtins[name]
+
+
+def resolve_columns(
+    spec: ModelSpec, columns: Mapping[str, Any], simulated_features: int | None = None
+) -> dict[str, list[str]]:
+    """Map every role of ``spec`` to its column names.
+
+    Order of precedence: the config's ``columns`` mapping, then the role's default, then
+    (for simulated input) the names the simulator writes: ``x0 … x{P-1}`` for a multiple
+    role. Returns role name -> list of column names (one element for single roles).
+    """
+    unknown = sorted(set(columns) - {role.name for role in spec.roles})
+    if unknown:
+        raise ConfigError(
+            f"model {spec.name!r} has no column role(s) {unknown}; "
+            f"its roles are {[role.name for role in spec.roles]}"
+        )
+    resolved: dict[str, list[str]] = {}
+    for role in spec.roles:
+        value = columns.get(role.name, role.default)
+        if value is None and role.multiple and simulated_features is not None:
+            value = [f"x{i}" for i in range(simulated_features)]
+        if value is None:
+            raise ConfigError(f"model {spec.name!r} needs columns for role {role.name!r} ({role.description})")
+        names = [value] if isinstance(value, str) else list(value)
+        if not role.multiple and len(names) != 1:
+            raise ConfigError(f"role {role.name!r} of model {spec.name!r} takes one column, got {names}")
+        if not names:
+            raise ConfigError(f"role {role.name!r} of model {spec.name!r} needs at least one column")
+        resolved[role.name] = names
+    all_names = [name for names in resolved.values() for name in names]
+    if len(set(all_names)) != len(all_names):
+        raise ConfigError(f"model {spec.name!r}: a column is mapped to two roles: {resolved}")
+    return resolved
+
+
+def resolve_options(spec: ModelSpec, options: Mapping[str, Any]) -> dict[str, float]:
+    """The model's hyperparameters: ``spec.options`` overridden by the config's ``model_options``."""
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ConfigError(
+            f"model {spec.name!r} has no option(s) {unknown}; its options are {dict(spec.options)}"
+        )
+    return {**spec.options, **options}

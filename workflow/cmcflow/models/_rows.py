@@ -1,0 +1,29 @@
+"""Padding helpers shared by the regression featurizers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pad_rows(array: np.ndarray, pad_to: int) -> np.ndarray:
+    """Zero-pad the leading (row) axis of ``array`` to ``pad_to`` rows."""
+    rows = array.shape[0]
+    if rows > pad_to:
+        raise ValueError(f"{rows} rows do not fit the padded size {pad_to}")
+    padding = [(0, pad_to - rows)] + [(0, 0)] * (array.ndim - 1)
+    return np.pad(array, padding)
+
+
+def regression_features(columns: dict[str, np.ndarray], pad_to: int) -> dict[str, np.ndarray]:
+    """``X (pad_to, P)`` float64, ``y (pad_to,)`` float64, ``mask (pad_to,)`` bool."""
+    features = np.asarray(columns["features"], dtype=np.float64)
+    label = np.asarray(columns["label"], dtype=np.float64).reshape(-1)
+    mask = np.ones(label.shape[0], dtype=bool)
+    return {"X": pad_rows(features, pad_to), "y": pad_rows(label, pad_to), "mask": pad_rows(mask, pad_to)}
+
+
+def correlated_features(rng: np.random.Generator, rows: int, features: int, rho: float = 0.5) -> np.ndarray:
+    """``(rows, features)`` standard-normal columns with AR(1) correlation ``rho``^|i-j|."""
+    lags = np.abs(np.subtract.outer(np.arange(features), np.arange(features)))
+    cholesky = np.linalg.cholesky(rho**lags)
+    return rng.standard_normal((rows, features)) @ cholesky.T

@@ -1,0 +1,200 @@
+"""The sample stage: NUTS on one shard's features, with the prior tempered to the power 1/K.
+
+One chain per JAX device (``chain_method="parallel"``); the caller must have run
+:func:`cmcflow.jaxenv.configure_jax` before importing this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import arviz as az
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+from numpyro.infer import MCMC, NUTS, init_to_uniform
+from numpyro.infer.util import unconstrain_fn
+
+from cmcflow.io import atomic_path, write_json_atomic
+from cmcflow.jaxenv import COMPILE_CLOCK
+from cmcflow.tempering import temper_priors
+
+log = logging.getLogger(__name__)
+
+#: NUTS per-draw statistics kept in ``sample_stats`` (ArviZ adds ``tree_depth``).
+EXTRA_FIELDS = ("diverging", "num_steps", "energy")
+#: Draws pushed through the model at once when mapping them to the unconstrained space.
+TRANSFORM_BATCH = 256
+#: Initial values are drawn uniformly in (-radius, radius) in the unconstrained space,
+#: independently per chain, so chains start dispersed (NumPyro's default radius is 2).
+INIT_RADIUS = 2.0
+
+
+@dataclass(frozen=True)
+class NutsSettings:
+    """NUTS settings of one analysis (the config's ``sample`` section)."""
+
+    num_warmup: int
+    num_samples: int
+    target_accept_prob: float
+    max_tree_depth: int
+    dense_mass: bool
+
+
+def sampling_key(seed: int, stream: int) -> jax.Array:
+    """PRNG key of one sampling run: the analysis seed folded with the shard index.
+
+    The full-data run uses ``stream = -1`` (folded as 2**32 - 1), distinct from every shard.
+    """
+    return jax.random.fold_in(jax.random.PRNGKey(seed), stream % 2**32)
+
+
+def model_kwargs(features: Mapping[str, np.ndarray], options: Mapping[str, float]) -> dict:
+    """Keyword arguments of ``model(**features, **options)``: feature arrays on the device."""
+    return {**{name: jnp.asarray(value) for name, value in features.items()}, **options}
+
+
+def latent_site_names(model, kwargs: Mapping) -> list[str]:
+    """Names of the latent (unobserved) sample sites of ``model(**kwargs)``, in trace order."""
+    trace = handlers.trace(handlers.seed(model, 0)).get_trace(**kwargs)
+    return [
+        name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]
+    ]
+
+
+def map_draws(function, draws: Mapping[str, np.ndarray], batch_ndims: int) -> dict[str, np.ndarray]:
+    """Apply ``function`` (one draw -> dict) to every draw, ``TRANSFORM_BATCH`` draws at a time.
+
+    ``draws[name]`` has ``batch_ndims`` leading draw axes (e.g. ``(chain, draw, …)``).
+    Bounded batches keep memory flat when the model touches every data row per draw.
+    """
+    lead = next(iter(draws.values())).shape[:batch_ndims]
+    flat = {name: jnp.reshape(value, (-1, *value.shape[batch_ndims:])) for name, value in draws.items()}
+    mapped = jax.lax.map(function, flat, batch_size=TRANSFORM_BATCH)
+    return {name: np.asarray(value).reshape(*lead, *value.shape[1:]) for name, value in mapped.items()}
+
+
+def run_nuts(
+    model,
+    kwargs: Mapping,
+    *,
+    prior_power: float,
+    settings: NutsSettings,
+    num_chains: int,
+    rng_key: jax.Array,
+) -> MCMC:
+    """NUTS on ``temper_priors(model, prior_power)(**kwargs)``, ``num_chains`` chains in parallel."""
+    kernel = NUTS(
+        temper_priors(model, power=prior_power),
+        target_accept_prob=settings.target_accept_prob,
+        max_tree_depth=settings.max_tree_depth,
+        dense_mass=settings.dense_mass,
+        init_strategy=init_to_uniform(radius=INIT_RADIUS),
+    )
+    mcmc = MCMC(
+        kernel,
+        num_warmup=settings.num_warmup,
+        num_samples=settings.num_samples,
+        num_chains=num_chains,
+        chain_method="parallel",
+        progress_bar=False,
+    )
+    mcmc.run(rng_key, extra_fields=EXTRA_FIELDS, **kwargs)
+    # JAX dispatches asynchronously: wait for the draws so that timings mean something.
+    jax.block_until_ready(mcmc.get_samples())
+    return mcmc
+
+
+def diagnostics(idata: az.InferenceData, var_names: list[str]) -> dict:
+    """ArviZ diagnostics of one run: rank-normalised split R-hat, bulk/tail ESS, divergences, BFMI."""
+    table = az.summary(idata, var_names=var_names, kind="diagnostics", round_to="none")
+    diverging = idata.sample_stats["diverging"].values
+    bfmi = az.bfmi(idata)
+    return {
+        "max_r_hat": float(table["r_hat"].max()),
+        "min_ess_bulk": float(table["ess_bulk"].min()),
+        "min_ess_tail": float(table["ess_tail"].min()),
+        "divergences": int(diverging.sum()),
+        "divergence_rate": float(diverging.mean()),
+        "bfmi": [float(value) for value in bfmi],
+        "min_bfmi": float(np.min(bfmi)),
+        "parameters": table.to_dict(orient="index"),
+    }
+
+
+def sample_features(
+    model,
+    features: Mapping[str, np.ndarray],
+    options: Mapping[str, float],
+    *,
+    num_shards: int,
+    stream: int,
+    seed: int,
+    settings: NutsSettings,
+    devices: int,
+) -> tuple[az.InferenceData, dict]:
+    """NUTS on one shard (or on all rows with ``num_shards=1``).
+
+    Returns the InferenceData (``posterior``, ``unconstrained_posterior``, ``sample_stats``;
+    run facts in ``posterior.attrs``) and its diagnostics dict.
+    """
+    kwargs = model_kwargs(features, options)
+    compile_before = COMPILE_CLOCK.seconds
+    started = time.perf_counter()
+    mcmc = run_nuts(
+        model,
+        kwargs,
+        prior_power=1.0 / num_shards,
+        settings=settings,
+        num_chains=devices,
+        rng_key=sampling_key(seed, stream),
+    )
+    wall = time.perf_counter() - started
+    compile_seconds = COMPILE_CLOCK.seconds - compile_before
+
+    latents = latent_site_names(model, kwargs)
+    idata = az.from_numpyro(mcmc, log_likelihood=False)
+    samples = mcmc.get_samples(group_by_chain=True)
+    unconstrained = map_draws(
+        lambda position: unconstrain_fn(model, (), kwargs, position),
+        {name: samples[name] for name in latents},
+        batch_ndims=2,
+    )
+    idata = az.InferenceData(
+        posterior=idata.posterior,
+        unconstrained_posterior=az.dict_to_dataset(unconstrained, library=None),
+        sample_stats=idata.sample_stats,
+    )
+    run_facts = {
+        "num_shards": num_shards,
+        "rows": int(np.sum(features["mask"])),
+        "padded_rows": int(np.shape(features["mask"])[0]),
+        "devices": len(jax.devices()),
+        "num_chains": devices,
+        "seed": seed,
+        "stream": stream,
+        "compile_seconds": compile_seconds,
+        "sampling_seconds": wall - compile_seconds,
+        "persistent_cache_hits": COMPILE_CLOCK.persistent_cache_hits,
+        **{f"nuts_{name}": int(value) if isinstance(value, bool) else value for name, value in asdict(settings).items()},
+    }
+    idata.posterior.attrs.update(run_facts)
+    report = {**run_facts, **diagnostics(idata, latents)}
+    log.info(
+        "%d chains x %d draws: compile %.1f s, sampling %.1f s, max R-hat %.3f, min bulk ESS %.0f, %d divergences",
+        devices, settings.num_samples, compile_seconds, wall - compile_seconds,
+        report["max_r_hat"], report["min_ess_bulk"], report["divergences"],
+    )
+    return idata, report
+
+
+def write_run(idata: az.InferenceData, report: dict, netcdf_path: str | os.PathLike, diagnostics_path: str | os.PathLike) -> None:
+    """Write the run's NetCDF and diagnostics JSON, each atomically."""
+    with atomic_path(netcdf_path) as tmp:
+        idata.to_netcdf(str(tmp), engine="h5netcdf")
+    write_json_atomic(diagnostics_path, report)

@@ -1,0 +1,117 @@
+"""Reading an analysis' input table and checking it against the columns a model declares.
+
+Every problem is reported as one line naming the file, the column and how many rows are
+bad, so a scientist can fix the table without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from cmcflow.errors import InputError
+from cmcflow.models import ModelSpec
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+CSV_SUFFIXES = (".csv",)
+
+
+def _table_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    if suffix in CSV_SUFFIXES:
+        return "csv"
+    raise InputError(f"{path}: unsupported table format {suffix!r}; use Parquet (.parquet) or CSV (.csv)")
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a Parquet or CSV table (format chosen by file suffix)."""
+    path = Path(path)
+    table_format = _table_format(path)
+    try:
+        if table_format == "parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except (OSError, ValueError, pd.errors.ParserError) as error:
+        raise InputError(f"{path}: cannot read the table: {error}") from error
+
+
+def count_rows(path: str | os.PathLike) -> int:
+    """Number of data rows, cheaply: Parquet metadata, or CSV lines after the header."""
+    path = Path(path)
+    if _table_format(path) == "parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    with path.open("rb") as handle:
+        lines = sum(1 for line in handle if line.strip())
+    return max(lines - 1, 0)
+
+
+def _column_problems(values: pd.Series, kind: str) -> tuple[np.ndarray, list[str]]:
+    """Convert one column to float64 and describe its bad rows (empty list: all good)."""
+    rows = len(values)
+    if pd.api.types.is_bool_dtype(values):
+        values = values.astype(np.int64)
+    numeric = pd.to_numeric(values, errors="coerce")
+    not_numeric = numeric.isna() & values.notna()
+    if not_numeric.any():
+        example = values[not_numeric].iloc[0]
+        return np.empty(0), [f"{int(not_numeric.sum())} of {rows} rows are not numeric (e.g. {example!r})"]
+    array = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+    problems = []
+    non_finite = ~np.isfinite(array)
+    if non_finite.any():
+        problems.append(f"{int(non_finite.sum())} of {rows} rows are NaN or infinite")
+    finite = array[~non_finite]
+    if kind == "binary":
+        outside = int(np.sum((finite != 0) & (finite != 1)))
+        if outside:
+            problems.append(f"{outside} of {rows} rows are outside the model's support {{0, 1}}")
+    elif kind == "index":
+        outside = int(np.sum((finite < 0) | (finite != np.round(finite))))
+        if outside:
+            problems.append(f"{outside} of {rows} rows are not non-negative integers")
+    return array, problems
+
+
+def validate_table(
+    table: pd.DataFrame, path: str | os.PathLike, spec: ModelSpec, columns: Mapping[str, list[str]]
+) -> dict[str, np.ndarray]:
+    """Check ``table`` against the model's roles; return the role columns as float64 arrays.
+
+    Args:
+        table: the input rows.
+        path: where the table came from (for messages only).
+        spec: the model.
+        columns: role name -> column names (from :func:`cmcflow.models.resolve_columns`).
+
+    Returns:
+        Column name -> float64 array ``(rows,)`` for every declared column.
+
+    Raises:
+        InputError: one line listing every problem: no rows, missing columns,
+            non-numeric values, NaN/inf, values outside the model's support.
+    """
+    if len(table) == 0:
+        raise InputError(f"{path}: the table has no rows")
+    kinds = {name: role.kind for role in spec.roles for name in columns[role.name]}
+    missing = [name for name in kinds if name not in table.columns]
+    if missing:
+        raise InputError(
+            f"{path}: column(s) {', '.join(map(repr, missing))} missing for model {spec.name!r}; "
+            f"the table has columns {', '.join(map(repr, map(str, table.columns)))}"
+        )
+    arrays, problems = {}, []
+    for name, kind in kinds.items():
+        arrays[name], column_problems = _column_problems(table[name], kind)
+        problems += [f"column {name!r}: {problem}" for problem in column_problems]
+    if problems:
+        raise InputError(f"{path}: " + "; ".join(problems))
+    return arrays

@@ -1,0 +1,24 @@
+rule combine:
+    """Consensus Monte Carlo over all shards, in the unconstrained space, all sites jointly."""
+    input:
+        posteriors=combine_inputs,
+        # any shard's features: combine traces the model once to learn its support transforms
+        features=first_shard_features,
+    output:
+        posterior=COMBINED_POSTERIOR,
+        summary=COMBINED_SUMMARY,
+        shards=COMBINED_SHARDS,
+    params:
+        model=model_params,
+        combine=setting_param("combine"),
+        jax=jax_param(1),
+    log:
+        f"{LOGS}/combine.log",
+    benchmark:
+        f"{BENCHMARKS}/combine.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    script:
+        "../../scripts/combine.py"

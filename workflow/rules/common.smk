@@ -1,0 +1,179 @@
+# Config validation, per-analysis settings resolved once at parse time, and path helpers.
+# Every config value reaches a job through its rule's params:, so an edit reruns exactly
+# the rules that use it (and what depends on their outputs).
+from dataclasses import dataclass
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, validate
+
+from cmcflow.errors import ConfigError
+from cmcflow.models import get_model, resolve_columns, resolve_options
+from cmcflow.shard import resolve_num_shards, shard_id
+from cmcflow.table import count_rows
+
+min_version("9.0")
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+RESULTS = config["results_dir"]
+
+
+wildcard_constraints:
+    analysis=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+    shard=r"\d+",
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One analysis of the config, resolved: model columns and options, shard count."""
+
+    name: str
+    settings: dict
+    columns: dict
+    options: dict
+    num_shards: int
+
+    @property
+    def simulated(self):
+        return "simulate" in self.settings["input"]
+
+    @property
+    def shard_ids(self):
+        return [shard_id(index) for index in range(self.num_shards)]
+
+
+def resolve_analysis(name, settings):
+    simulate = settings["input"].get("simulate")
+    spec = get_model(settings["model"])
+    columns = resolve_columns(spec, settings["columns"], simulate and simulate["features"])
+    options = resolve_options(spec, settings["model_options"])
+    shard = settings["shard"]
+    rows = None
+    if "rows_per_shard" in shard:
+        rows = simulate["rows"] if simulate else count_rows(settings["input"]["path"])
+    num_shards = resolve_num_shards(shard.get("num_shards"), shard.get("rows_per_shard"), rows)
+    if simulate and spec.simulate is None:
+        raise ConfigError(f"model {spec.name!r} has no simulator; give input.path")
+    return Analysis(name, settings, columns, options, num_shards)
+
+
+try:
+    ANALYSES = {
+        name: resolve_analysis(name, settings)
+        for name, settings in config["analyses"].items()
+    }
+except (ConfigError, OSError) as error:
+    raise WorkflowError(f"cmcflow config error: {error}") from None
+
+
+# --- paths: every file of an analysis, as wildcard patterns ---
+_A = f"{RESULTS}/{{analysis}}"
+SIMULATED_TABLE = f"{_A}/input/simulated.parquet"
+SIMULATED_TRUTH = f"{_A}/input/truth.json"
+SHARD_DIR = f"{_A}/shards"
+FEATURES = f"{_A}/features/shard-{{shard}}.npz"
+FEATURES_INFO = f"{_A}/features/shard-{{shard}}.json"
+SHARD_POSTERIOR = f"{_A}/samples/shard-{{shard}}.nc"
+SHARD_DIAGNOSTICS = f"{_A}/samples/shard-{{shard}}.diagnostics.json"
+COMBINED_POSTERIOR = f"{_A}/combined/posterior.nc"
+COMBINED_SUMMARY = f"{_A}/combined/summary.csv"
+COMBINED_SHARDS = f"{_A}/combined/shards.json"
+REPORT = f"{_A}/report/report.html"
+FULLDATA_POSTERIOR = f"{_A}/fulldata/posterior.nc"
+FULLDATA_DIAGNOSTICS = f"{_A}/fulldata/diagnostics.json"
+FULLDATA_SUMMARY = f"{_A}/fulldata/summary.csv"
+LOGS = f"{_A}/logs"
+BENCHMARKS = f"{_A}/benchmarks"
+
+
+def shard_paths(analysis, pattern):
+    """``pattern`` filled in for every shard of ``analysis``."""
+    return expand(pattern, analysis=analysis, shard=ANALYSES[analysis].shard_ids)
+
+
+def per_shard(pattern):
+    """Input function: ``pattern`` for every shard of the job's analysis."""
+
+    def paths(wildcards):
+        return shard_paths(wildcards.analysis, pattern)
+
+    return paths
+
+
+def all_reports():
+    return expand(REPORT, analysis=list(ANALYSES))
+
+
+def all_fulldata_summaries():
+    return expand(FULLDATA_SUMMARY, analysis=list(ANALYSES))
+
+
+# --- params: one function per rule family, named, so each rule's provenance is explicit ---
+
+
+def model_params(wildcards):
+    analysis = ANALYSES[wildcards.analysis]
+    return {"name": analysis.settings["model"], "options": analysis.options}
+
+
+def columns_param(wildcards):
+    return ANALYSES[wildcards.analysis].columns
+
+
+def setting_param(*keys):
+    """params function: the analysis' setting at ``keys`` (e.g. "sample", or "shard", "seed")."""
+
+    def param(wildcards):
+        value = ANALYSES[wildcards.analysis].settings
+        for key in keys:
+            value = value[key]
+        return value
+
+    param.__name__ = "_".join(keys) + "_param"
+    return param
+
+
+def num_shards_param(wildcards):
+    return ANALYSES[wildcards.analysis].num_shards
+
+
+def jax_param(devices):
+    """The JAX process settings of a job that runs on ``devices`` virtual devices."""
+    return {
+        "devices": devices,
+        "enable_x64": config["jax"]["enable_x64"],
+        "compilation_cache_dir": config["jax"]["compilation_cache_dir"],
+    }
+
+
+def table_input(wildcards):
+    """The analysis' input table: the simulated demo table or the user's file."""
+    analysis = ANALYSES[wildcards.analysis]
+    if analysis.simulated:
+        return SIMULATED_TABLE.format(analysis=analysis.name)
+    return analysis.settings["input"]["path"]
+
+
+def first_shard_features(wildcards):
+    return shard_paths(wildcards.analysis, FEATURES)[0]
+
+
+def stage_benchmarks(wildcards):
+    """Benchmark files of every job of the analysis that precedes the report."""
+    benchmarks = BENCHMARKS.format(analysis=wildcards.analysis)
+    per_shard_stages = [
+        path
+        for stage in ("featurize", "sample")
+        for path in shard_paths(wildcards.analysis, f"{BENCHMARKS}/{stage}/shard-{{shard}}.tsv")
+    ]
+    return [f"{benchmarks}/shard.tsv", *per_shard_stages, f"{benchmarks}/combine.tsv"]
+
+
+def combine_inputs(wildcards):
+    """The per-shard posterior draws that combine merges.
+
+    This is the place of the align stage: for models with rigid symmetry, combine will
+    take the aligned draws instead of the raw ones.
+    """
+    return shard_paths(wildcards.analysis, SHARD_POSTERIOR)

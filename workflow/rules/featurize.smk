@@ -1,0 +1,22 @@
+rule featurize:
+    """One shard -> the model's padded arrays, through the content-addressed feature cache."""
+    input:
+        shards=SHARD_DIR,
+    output:
+        features=FEATURES,
+        info=FEATURES_INFO,
+    params:
+        model=model_params,
+        columns=columns_param,
+        featurize=setting_param("featurize"),
+        cache_dir=config["feature_cache_dir"],
+    log:
+        f"{LOGS}/featurize/shard-{{shard}}.log",
+    benchmark:
+        f"{BENCHMARKS}/featurize/shard-{{shard}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../../scripts/featurize.py"

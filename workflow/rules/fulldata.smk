@@ -1,0 +1,27 @@
+rule sample_fulldata:
+    """NUTS on all rows at once (untempered prior): the reference that CMC is judged against.
+
+    Not part of the default target; run `snakemake fulldata`.
+    """
+    input:
+        shards=SHARD_DIR,
+    output:
+        posterior=FULLDATA_POSTERIOR,
+        diagnostics=FULLDATA_DIAGNOSTICS,
+        summary=FULLDATA_SUMMARY,
+    params:
+        model=model_params,
+        columns=columns_param,
+        featurize=setting_param("featurize"),
+        sample=setting_param("sample"),
+        jax=jax_param(config["jax"]["devices"]),
+    log:
+        f"{LOGS}/sample_fulldata.log",
+    benchmark:
+        f"{BENCHMARKS}/sample_fulldata.tsv"
+    threads: config["jax"]["devices"]
+    resources:
+        mem_mb=8000,
+        runtime=600,
+    script:
+        "../../scripts/sample_fulldata.py"

@@ -1,0 +1,22 @@
+rule report:
+    """What the scientist reads: combined summary, per-shard diagnostics, time per stage."""
+    input:
+        summary=COMBINED_SUMMARY,
+        shards=COMBINED_SHARDS,
+        diagnostics=per_shard(SHARD_DIAGNOSTICS),
+        features_info=per_shard(FEATURES_INFO),
+        benchmarks=stage_benchmarks,
+    output:
+        report=REPORT,
+    params:
+        model=model_params,
+    log:
+        f"{LOGS}/report.log",
+    benchmark:
+        f"{BENCHMARKS}/report.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../../scripts/report.py"

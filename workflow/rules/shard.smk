@@ -1,0 +1,21 @@
+rule shard:
+    """Validate the input table against the model's columns; split it into K shards."""
+    input:
+        table=table_input,
+    output:
+        shards=directory(SHARD_DIR),
+    params:
+        model=model_params,
+        columns=columns_param,
+        num_shards=num_shards_param,
+        seed=setting_param("shard", "seed"),
+    log:
+        f"{LOGS}/shard.log",
+    benchmark:
+        f"{BENCHMARKS}/shard.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../../scripts/shard.py"

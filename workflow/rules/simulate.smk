@@ -1,0 +1,18 @@
+rule simulate:
+    """Demo data: the model's simulator writes a seeded table and the true parameters."""
+    output:
+        table=SIMULATED_TABLE,
+        truth=SIMULATED_TRUTH,
+    params:
+        model=model_params,
+        simulate=setting_param("input", "simulate"),
+    log:
+        f"{LOGS}/simulate.log",
+    benchmark:
+        f"{BENCHMARKS}/simulate.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../../scripts/simulate.py"
