@@ -13,7 +13,7 @@ with reported_errors():
         int(snakemake.wildcards.shard),
         snakemake.output.features,
         snakemake.output.info,
-        spec=get_model(snakemake.params.model["name"]),
+        spec=get_model(snakemake.params.model),
         columns=snakemake.params.columns,
         pad_multiple=snakemake.params.featurize["pad_multiple"],
         cache_dir=snakemake.params.cache_dir,

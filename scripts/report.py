@@ -10,7 +10,7 @@ with reported_errors():
 
     page = render_report(
         snakemake.wildcards.analysis,
-        snakemake.params.model["name"],
+        snakemake.params.model,
         snakemake.input.summary,
         snakemake.input.shards,
         snakemake.input.diagnostics,

@@ -12,7 +12,7 @@ with reported_errors():
         snakemake.input.table,
         snakemake.output.shards,
         num_shards=snakemake.params.num_shards,
-        spec=get_model(snakemake.params.model["name"]),
+        spec=get_model(snakemake.params.model),
         columns=snakemake.params.columns,
         seed=snakemake.params.seed,
     )

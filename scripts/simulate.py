@@ -9,10 +9,8 @@ with reported_errors():
     from cmcflow.models import get_model
 
     settings = snakemake.params.simulate
-    spec = get_model(snakemake.params.model["name"])
-    table, truth = spec.simulate(
-        settings["rows"], settings["features"], settings["seed"], snakemake.params.model["options"]
-    )
+    spec = get_model(snakemake.params.model)
+    table, truth = spec.simulate(settings["rows"], settings["features"], settings["seed"])
     with atomic_path(snakemake.output.table) as tmp:
         table.to_parquet(tmp, index=False)
     write_json_atomic(snakemake.output.truth, truth)

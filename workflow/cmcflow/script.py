@@ -28,10 +28,15 @@ def open_log(path: str) -> None:
 def reported_errors() -> Iterator[None]:
     """Exit with status 1 and a one-line ``cmcflow: error: …`` on an :class:`InputError`.
 
-    Any other exception is a bug and propagates with its traceback.
+    The line goes to the log and to the job's own stderr (the terminal, or the scheduler's
+    job log), so the user sees it next to Snakemake's "Error in rule …". Any other
+    exception is a bug and propagates with its traceback.
     """
     try:
         yield
     except InputError as error:
-        print(f"cmcflow: error: {error}", file=sys.stderr, flush=True)
+        line = f"cmcflow: error: {error}"
+        print(line, file=sys.stderr, flush=True)
+        if sys.stderr is not sys.__stderr__:
+            print(line, file=sys.__stderr__, flush=True)
         sys.exit(1)

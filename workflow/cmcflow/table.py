@@ -74,7 +74,7 @@ def _column_problems(values: pd.Series, kind: str) -> tuple[np.ndarray, list[str
         outside = int(np.sum((finite != 0) & (finite != 1)))
         if outside:
             problems.append(f"{outside} of {rows} rows are outside the model's support {{0, 1}}")
-    elif kind == "index":
+    elif kind == "count":
         outside = int(np.sum((finite < 0) | (finite != np.round(finite))))
         if outside:
             problems.append(f"{outside} of {rows} rows are not non-negative integers")

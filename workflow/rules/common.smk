@@ -113,8 +113,14 @@ def all_fulldata_summaries():
 
 
 def model_params(wildcards):
+    """The model's name and its resolved hyperparameters (for stages that run the model)."""
     analysis = ANALYSES[wildcards.analysis]
     return {"name": analysis.settings["model"], "options": analysis.options}
+
+
+def model_name_param(wildcards):
+    """The model's name only: shard and featurize do not depend on its hyperparameters."""
+    return ANALYSES[wildcards.analysis].settings["model"]
 
 
 def columns_param(wildcards):

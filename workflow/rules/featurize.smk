@@ -6,7 +6,7 @@ rule featurize:
         features=FEATURES,
         info=FEATURES_INFO,
     params:
-        model=model_params,
+        model=model_name_param,
         columns=columns_param,
         featurize=setting_param("featurize"),
         cache_dir=config["feature_cache_dir"],

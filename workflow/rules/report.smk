@@ -9,7 +9,7 @@ rule report:
     output:
         report=REPORT,
     params:
-        model=model_params,
+        model=model_name_param,
     log:
         f"{LOGS}/report.log",
     benchmark:

@@ -5,7 +5,7 @@ rule shard:
     output:
         shards=directory(SHARD_DIR),
     params:
-        model=model_params,
+        model=model_name_param,
         columns=columns_param,
         num_shards=num_shards_param,
         seed=setting_param("shard", "seed"),

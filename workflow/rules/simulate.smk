@@ -4,7 +4,7 @@ rule simulate:
         table=SIMULATED_TABLE,
         truth=SIMULATED_TRUTH,
     params:
-        model=model_params,
+        model=model_name_param,
         simulate=setting_param("input", "simulate"),
     log:
         f"{LOGS}/simulate.log",

@@ -19,8 +19,9 @@ import pandas as pd
 
 from cmcflow.errors import ConfigError
 
-#: Value kinds a column can declare; :mod:`cmcflow.table` checks each row against them.
-COLUMN_KINDS = ("real", "binary", "index")
+#: Value kinds a column can declare; :mod:`cmcflow.table` checks each row against them:
+#: real (finite), binary (0 or 1), count (non-negative integer: counts, point indices).
+COLUMN_KINDS = ("real", "binary", "count")
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class ModelSpec:
             in the config overrides them).
         symmetry: ``"none"``, or ``"rigid"`` for point-cloud parameters that need the align
             stage.
-        simulate: ``simulate(rows, features, seed, options) -> (table, truth)`` for demo
+        simulate: ``simulate(rows, features, seed) -> (table, truth)`` for demo
             data, or ``None``.
     """
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cmcflow.models import ModelSpec, Role
-from cmcflow.models._rows import correlated_features, regression_features
+from cmcflow.models.rows import correlated_features, regression_features
 
 
 def linear_gaussian_model(X, y, mask, prior_sd, noise_sd):
@@ -35,14 +35,19 @@ def exact_posterior(
     return covariance @ (X.T @ y) / noise_sd**2, covariance
 
 
-def simulate(rows: int, features: int, seed: int, options: dict) -> tuple[pd.DataFrame, dict]:
+#: Noise sd of simulated data (the model's default ``noise_sd``). Demo data do not depend
+#: on the model's options, so editing ``model_options`` reruns sampling, not the data.
+SIMULATED_NOISE_SD = 1.0
+
+
+def simulate(rows: int, features: int, seed: int) -> tuple[pd.DataFrame, dict]:
     """Correlated Gaussian features; true coefficients drawn once from Normal(0, 0.5);
-    noise with the model's ``noise_sd``."""
+    Gaussian noise of sd ``SIMULATED_NOISE_SD``."""
     rng = np.random.default_rng(seed)
     beta = rng.normal(0.0, 0.5, size=features)
     X = correlated_features(rng, rows, features)
     table = pd.DataFrame(X, columns=[f"x{i}" for i in range(features)])
-    table["y"] = X @ beta + rng.normal(0.0, options["noise_sd"], size=rows)
+    table["y"] = X @ beta + rng.normal(0.0, SIMULATED_NOISE_SD, size=rows)
     return table, {"beta": beta.tolist()}
 
 
@@ -55,6 +60,6 @@ SPEC = ModelSpec(
         Role("features", "real", multiple=True, description="the regression's feature columns"),
         Role("label", "real", default="y", description="the real-valued outcome"),
     ),
-    options={"prior_sd": 1.0, "noise_sd": 1.0},
+    options={"prior_sd": 1.0, "noise_sd": SIMULATED_NOISE_SD},
     simulate=simulate,
 )

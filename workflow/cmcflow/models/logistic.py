@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from cmcflow.models import ModelSpec, Role
-from cmcflow.models._rows import correlated_features, regression_features
+from cmcflow.models.rows import correlated_features, regression_features
 
 
 def logistic_model(X, y, mask, prior_sd):
@@ -24,11 +24,8 @@ def logistic_model(X, y, mask, prior_sd):
         numpyro.sample("y", dist.Bernoulli(logits=intercept + X @ beta).mask(mask), obs=y)
 
 
-def simulate(rows: int, features: int, seed: int, options: dict) -> tuple[pd.DataFrame, dict]:
-    """Correlated Gaussian features; true coefficients drawn once from Normal(0, 0.5).
-
-    ``options`` (the model's hyperparameters) do not shape logistic data.
-    """
+def simulate(rows: int, features: int, seed: int) -> tuple[pd.DataFrame, dict]:
+    """Correlated Gaussian features; true coefficients drawn once from Normal(0, 0.5)."""
     rng = np.random.default_rng(seed)
     beta = rng.normal(0.0, 0.5, size=features)
     intercept = -0.5

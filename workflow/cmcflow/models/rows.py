@@ -1,4 +1,4 @@
-"""Padding helpers shared by the regression featurizers."""
+"""Row helpers for featurizers: padding, and the regression layout (X, y, mask)."""
 
 from __future__ import annotations
 

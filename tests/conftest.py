@@ -1,0 +1,91 @@
+"""Test session set-up.
+
+JAX is configured here, before any test module imports it: 4 virtual CPU devices (one
+NUTS chain each, as in a sample job), float64, and a persistent compilation cache in a
+temporary directory so that shards of one shape compile once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from cmcflow.jaxenv import configure_jax
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICES = 4
+
+configure_jax(
+    devices=DEVICES,
+    enable_x64=True,
+    compilation_cache_dir=tempfile.mkdtemp(prefix="cmcflow-test-jax-cache-"),
+)
+
+
+def tiny_config(**analysis_overrides) -> dict:
+    """A logistic analysis small enough to run end to end in well under a minute."""
+    analysis = {
+        "model": "logistic",
+        "input": {"simulate": {"rows": 3000, "features": 3, "seed": 3}},
+        "shard": {"num_shards": 2, "seed": 0},
+        "featurize": {"pad_multiple": 64},
+        "sample": {"num_warmup": 150, "num_samples": 150},
+    }
+    analysis.update(analysis_overrides)
+    return {
+        "results_dir": "results",
+        "feature_cache_dir": "cache/features",
+        "jax": {"compilation_cache_dir": "cache/jax"},
+        "analyses": {"tiny": analysis},
+    }
+
+
+class Workflow:
+    """Snakemake run on the project's Snakefile in a working directory of its own."""
+
+    def __init__(self, workdir: Path, config: dict, env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.config = config
+        self.env = env or {}
+
+    def run(
+        self, *args: str, config: dict | None = None, timeout: float = 600, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        """Run snakemake with ``config`` (default: this workflow's) as its config file."""
+        config_path = self.workdir / ("config.yaml" if config is None else "config-edited.yaml")
+        config_path.write_text(yaml.safe_dump(self.config if config is None else config, sort_keys=False))
+        command = [
+            sys.executable, "-m", "snakemake",
+            "--snakefile", str(REPO / "Snakefile"),
+            "--directory", str(self.workdir),
+            "--configfile", str(config_path),
+            "--cores", "2",
+            *args,
+        ]
+        # jobs must set up JAX themselves: nothing of this test process' JAX set-up leaks in
+        env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+        env.update(self.env)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        if check and result.returncode != 0:
+            raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def planned_jobs(self, *targets: str, config: dict | None = None) -> dict[str, int]:
+        """Rule -> job count of a dry run (empty when there is nothing to do)."""
+        output = self.run("--dry-run", "--quiet", "rules", *targets, config=config).stdout
+        jobs, in_table = {}, False
+        for line in output.splitlines():
+            fields = line.split()
+            if fields[:2] == ["job", "count"]:
+                in_table = True
+            elif in_table and len(fields) == 2 and fields[1].isdigit() and fields[0] != "total":
+                jobs[fields[0]] = int(fields[1])
+            elif in_table and fields and fields[0] == "total":
+                break
+        return jobs
+

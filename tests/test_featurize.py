@@ -1,0 +1,76 @@
+"""The featurize stage: one padded shape per analysis; a content-addressed, verified cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from cmcflow.featurize import FeatureCache, featurize_shard, load_features
+from cmcflow.models import get_model, resolve_columns
+from cmcflow.shard import shard_table
+
+LOGISTIC = get_model("logistic")
+COLUMNS = resolve_columns(LOGISTIC, {"features": ["x0", "x1"], "label": "y"})
+
+
+def make_shards(directory, rows=101, num_shards=3, seed=0):
+    rng = np.random.default_rng(1)
+    source = directory.parent / f"{directory.name}.parquet"
+    pd.DataFrame({"x0": rng.normal(size=rows), "x1": rng.normal(size=rows), "y": rng.integers(0, 2, rows)}).to_parquet(source)
+    shard_table(source, directory, num_shards, LOGISTIC, COLUMNS, seed=seed)
+    return directory
+
+
+def featurize(shard_dir, index, out_dir, cache_dir):
+    info = featurize_shard(
+        shard_dir, index, out_dir / f"{index}.npz", out_dir / f"{index}.json", LOGISTIC, COLUMNS, 16, cache_dir
+    )
+    return info, load_features(out_dir / f"{index}.npz")
+
+
+def test_every_shard_is_padded_to_one_shape(tmp_path):
+    shards = make_shards(tmp_path / "a")
+    results = [featurize(shards, index, tmp_path, tmp_path / "cache") for index in range(3)]
+    shapes = {features["X"].shape for _, features in results}
+    assert shapes == {(48, 2)}  # largest shard 34 rows -> next multiple of 16
+    assert [int(features["mask"].sum()) for _, features in results] == [34, 34, 33]
+    for _, features in results:
+        assert not features["X"][~features["mask"]].any() and not features["y"][~features["mask"]].any()
+
+
+def test_identical_shards_of_another_analysis_hit_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    first, first_features = featurize(make_shards(tmp_path / "a"), 1, tmp_path / "out_a", cache)
+    second, second_features = featurize(make_shards(tmp_path / "b"), 1, tmp_path / "out_b", cache)
+    assert (first["cache_hit"], second["cache_hit"]) == (False, True)
+    assert first["cache_key"] == second["cache_key"]
+    assert all(np.array_equal(first_features[name], second_features[name]) for name in first_features)
+    other_split, _ = featurize(make_shards(tmp_path / "c", seed=5), 1, tmp_path / "out_c", cache)
+    assert other_split["cache_hit"] is False
+    assert json.loads((tmp_path / "out_b" / "1.json").read_text())["cache_hit"] is True
+
+
+def test_corrupt_entry_is_recomputed_not_served(tmp_path):
+    cache_dir = tmp_path / "cache"
+    shards = make_shards(tmp_path / "a")
+    info, good = featurize(shards, 0, tmp_path / "out1", cache_dir)
+    entry = next(cache_dir.rglob(f"{info['cache_key']}.npz"))
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    assert FeatureCache(cache_dir).get(info["cache_key"]) is None
+    again, recomputed = featurize(shards, 0, tmp_path / "out2", cache_dir)
+    assert again["cache_hit"] is False
+    assert all(np.array_equal(good[name], recomputed[name]) for name in good)
+    assert FeatureCache(cache_dir).get(info["cache_key"]) is not None  # repaired
+    third, _ = featurize(shards, 0, tmp_path / "out3", cache_dir)
+    assert third["cache_hit"] is True
+
+
+def test_entry_without_digest_is_a_miss(tmp_path):
+    cache_dir = tmp_path / "cache"
+    info, _ = featurize(make_shards(tmp_path / "a"), 0, tmp_path / "out", cache_dir)
+    next(cache_dir.rglob("*.sha256")).unlink()
+    assert FeatureCache(cache_dir).get(info["cache_key"]) is None

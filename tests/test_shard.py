@@ -1,0 +1,103 @@
+"""The shard stage: deterministic, balanced splits; one-line errors for bad tables; no JAX."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cmcflow.errors import InputError
+from cmcflow.models import get_model, resolve_columns
+from cmcflow.shard import MANIFEST_NAME, resolve_num_shards, shard_file_name, shard_table, split_rows
+
+LOGISTIC = get_model("logistic")
+COLUMNS = resolve_columns(LOGISTIC, {"features": ["x0", "x1"], "label": "y"})
+
+
+def logistic_table(rows: int = 50) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(
+        {"x0": rng.normal(size=rows), "x1": rng.normal(size=rows), "y": rng.integers(0, 2, rows), "note": "kept out"}
+    )
+
+
+@pytest.mark.parametrize("rows,num_shards", [(10, 3), (1001, 8), (8, 8)])
+def test_split_is_a_balanced_deterministic_partition(rows, num_shards):
+    parts = split_rows(rows, num_shards, seed=7)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(rows))
+    sizes = [len(part) for part in parts]
+    assert max(sizes) - min(sizes) <= 1
+    again = split_rows(rows, num_shards, seed=7)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, split_rows(rows, num_shards, seed=8)))
+
+
+def test_num_shards_from_rows_per_shard():
+    assert resolve_num_shards(None, 100, 1001) == 11
+    assert resolve_num_shards(5, None, None) == 5
+    with pytest.raises(InputError):
+        resolve_num_shards(5, 100, 1000)
+
+
+def test_shard_table_writes_shards_and_manifest(tmp_path):
+    source = tmp_path / "table.csv"
+    logistic_table(50).to_csv(source, index=False)
+    manifest = shard_table(source, tmp_path / "shards", 4, LOGISTIC, COLUMNS, seed=1)
+    assert manifest["shard_rows"] == [13, 13, 12, 12]
+    assert manifest["ignored_columns"] == ["note"]
+    shards = [pd.read_parquet(tmp_path / "shards" / shard_file_name(i)) for i in range(4)]
+    rows = np.sort(np.concatenate([shard["row"] for shard in shards]))
+    assert np.array_equal(rows, np.arange(50))
+    assert (tmp_path / "shards" / MANIFEST_NAME).exists()
+
+
+def with_values(column: str, rows: list[int], value) -> pd.DataFrame:
+    """The 50-row logistic table with ``value`` written into ``rows`` of ``column``."""
+    table = logistic_table(50).astype({column: object})
+    table.loc[rows, column] = value
+    return table
+
+
+BAD_TABLES = {
+    "missing column": (logistic_table().drop(columns="x1"), r"column\(s\) 'x1' missing"),
+    "NaN": (with_values("x1", [3, 4], np.nan), r"column 'x1': 2 of 50 rows are NaN or infinite"),
+    "infinite": (with_values("x1", [9], np.inf), r"column 'x1': 1 of 50 rows are NaN or infinite"),
+    "non-numeric": (with_values("x1", [5], "abc"), r"column 'x1': 1 of 50 rows are not numeric \(e.g. 'abc'\)"),
+    "empty": (logistic_table().iloc[:0], r"the table has no rows"),
+    "label outside support": (
+        with_values("y", [0, 1, 2], 2),
+        r"column 'y': 3 of 50 rows are outside the model's support \{0, 1\}",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TABLES))
+def test_bad_table_gives_one_line_error_and_no_output(tmp_path, case):
+    table, message = BAD_TABLES[case]
+    source = tmp_path / "bad.csv"
+    table.to_csv(source, index=False)
+    with pytest.raises(InputError, match=message) as error:
+        shard_table(source, tmp_path / "shards", 2, LOGISTIC, COLUMNS, seed=0)
+    text = str(error.value)
+    assert "\n" not in text and text.startswith(str(source))
+    assert not (tmp_path / "shards").exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["bad.csv"]
+
+
+def test_shard_stage_does_not_import_jax(tmp_path):
+    source = tmp_path / "table.parquet"
+    logistic_table(20).to_parquet(source)
+    code = f"""
+import sys
+from cmcflow.models import get_model, resolve_columns
+from cmcflow.shard import shard_table
+spec = get_model("logistic")
+shard_table({str(source)!r}, {str(tmp_path / "shards")!r}, 2, spec,
+            resolve_columns(spec, {{"features": ["x0", "x1"]}}), seed=0)
+import cmcflow.featurize, cmcflow.report
+assert "jax" not in sys.modules, sorted(m for m in sys.modules if m.startswith("jax"))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
