@@ -16,20 +16,22 @@ with reported_errors():
     from cmcflow.models import get_model
     from cmcflow.sample import model_kwargs
 
+    spec = get_model(snakemake.params.model["name"])
     options = snakemake.params.model["options"]
     settings = snakemake.params.combine
     runs = [az.from_netcdf(path) for path in snakemake.input.posteriors]
     combined = combine_runs(
         runs,
-        get_model(snakemake.params.model["name"]).numpyro_model,
+        spec.numpyro_model,
         model_kwargs(load_features(snakemake.input.features), options),
         method=settings["method"],
         seed=settings["seed"],
+        point_site=spec.point_site,
     )
     shards = {
         "method": settings["method"],
         "covariance": combined.posterior.attrs["covariance"],
-        "used": [int(run.posterior.attrs["stream"]) for run in runs],
+        "used": [int(run.posterior.attrs["shard"]) for run in runs],
         "excluded": [],
     }
     write_combined(combined, shards, snakemake.output.posterior, snakemake.output.summary, snakemake.output.shards)

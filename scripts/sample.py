@@ -16,11 +16,11 @@ with reported_errors():
     settings = dict(snakemake.params.sample)
     seed = settings.pop("seed")
     idata, report = sample_features(
-        get_model(snakemake.params.model["name"]).numpyro_model,
+        get_model(snakemake.params.model["name"]),
         load_features(snakemake.input.features),
         snakemake.params.model["options"],
         num_shards=snakemake.params.num_shards,
-        stream=int(snakemake.wildcards.shard),
+        shard=int(snakemake.wildcards.shard),
         seed=seed,
         settings=NutsSettings(**settings),
         devices=snakemake.params.jax["devices"],

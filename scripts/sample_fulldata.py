@@ -19,13 +19,13 @@ with reported_errors():
     settings = dict(snakemake.params.sample)
     seed = settings.pop("seed")
     idata, report = sample_features(
-        spec.numpyro_model,
+        spec,
         all_rows_features(
             snakemake.input.shards, spec, snakemake.params.columns, snakemake.params.featurize["pad_multiple"]
         ),
         snakemake.params.model["options"],
         num_shards=1,
-        stream=-1,
+        shard=-1,
         seed=seed,
         settings=NutsSettings(**settings),
         devices=snakemake.params.jax["devices"],

@@ -8,9 +8,9 @@ with reported_errors():
     from cmcflow.io import atomic_path, write_json_atomic
     from cmcflow.models import get_model
 
-    settings = snakemake.params.simulate
+    settings = dict(snakemake.params.simulate)
     spec = get_model(snakemake.params.model)
-    table, truth = spec.simulate(settings["rows"], settings["features"], settings["seed"])
+    table, truth = spec.simulate(settings.pop("rows"), settings.pop("seed"), **settings)
     with atomic_path(snakemake.output.table) as tmp:
         table.to_parquet(tmp, index=False)
     write_json_atomic(snakemake.output.truth, truth)

@@ -30,7 +30,7 @@ SETTINGS = NutsSettings(num_warmup=500, num_samples=1000, target_accept_prob=0.8
 def simulated(model_name: str, rows: int, features: int, seed: int):
     spec = get_model(model_name)
     options = resolve_options(spec, {})
-    table, _ = spec.simulate(rows, features, seed)
+    table, _ = spec.simulate(rows, seed, features=features)
     X = table[[f"x{i}" for i in range(features)]].to_numpy()
     return spec, options, X, table["y"].to_numpy().astype(float)
 
@@ -40,9 +40,9 @@ def run_cmc(spec, options, X, y, parts, method="consensus"):
     pad_to = padded_size([len(rows) for rows in parts], 64)
     runs = []
     for index, rows in enumerate(parts):
-        features = spec.featurize({"features": X[rows], "label": y[rows]}, pad_to)
+        features = spec.featurize({"features": X[rows], "label": y[rows]}, pad_to, {})
         idata, _ = sample_features(
-            spec.numpyro_model, features, options, num_shards=len(parts), stream=index, seed=11,
+            spec, features, options, num_shards=len(parts), shard=index, seed=11,
             settings=SETTINGS, devices=DEVICES,
         )
         runs.append(idata)
@@ -85,8 +85,8 @@ def test_logistic_cmc_matches_full_data_nuts():
     spec, options, X, y = simulated("logistic", rows=4000, features=3, seed=2)
     combined = run_cmc(spec, options, X, y, split_rows(len(y), 4, seed=0))
     full, _ = sample_features(
-        spec.numpyro_model, spec.featurize({"features": X, "label": y}, padded_size([len(y)], 64)), options,
-        num_shards=1, stream=-1, seed=11, settings=SETTINGS, devices=DEVICES,
+        spec, spec.featurize({"features": X, "label": y}, padded_size([len(y)], 64), {}), options,
+        num_shards=1, shard=-1, seed=11, settings=SETTINGS, devices=DEVICES,
     )
     for name in ("intercept", "beta"):
         reference = flat_draws(full, name)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from cmcflow.io import read_json, write_bytes_atomic, write_json_atomic
-from cmcflow.models import ModelSpec
+from cmcflow.models import ModelSpec, role_arrays
 from cmcflow.shard import MANIFEST_NAME, shard_file_name
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,6 @@ log = logging.getLogger(__name__)
 def padded_size(shard_rows: list[int], pad_multiple: int) -> int:
     """The largest shard's row count rounded up to a multiple of ``pad_multiple``."""
     return -(-max(shard_rows) // pad_multiple) * pad_multiple
-
-
-def role_arrays(shard: pd.DataFrame, columns: Mapping[str, list[str]], spec: ModelSpec) -> dict[str, np.ndarray]:
-    """Role name -> float64 ``(rows, n_columns)`` for multiple roles, ``(rows,)`` for single ones."""
-    arrays = {}
-    for role in spec.roles:
-        names = columns[role.name]
-        values = shard[names].to_numpy(dtype=np.float64)
-        arrays[role.name] = values if role.multiple else values[:, 0]
-    return arrays
 
 
 def cache_key(arrays: Mapping[str, np.ndarray], spec: ModelSpec, params: Mapping[str, object]) -> str:
@@ -126,12 +116,12 @@ def featurize_shard(
     pad_to = padded_size(manifest["shard_rows"], pad_multiple)
     shard = pd.read_parquet(Path(shard_dir) / shard_file_name(shard_index))
     arrays = role_arrays(shard, columns, spec)
-    key = cache_key(arrays, spec, {"pad_to": pad_to})
+    key = cache_key(arrays, spec, {"pad_to": pad_to, "facts": manifest["facts"]})
     cache = FeatureCache(cache_dir)
     data = cache.get(key)
     hit = data is not None
     if data is None:
-        data = encode_arrays(spec.featurize(arrays, pad_to))
+        data = encode_arrays(spec.featurize(arrays, pad_to, manifest["facts"]))
         cache.put(key, data)
     log.info("feature cache %s: key %s (%d rows padded to %d)", "hit" if hit else "miss", key, len(shard), pad_to)
     write_bytes_atomic(features_path, data)
@@ -150,4 +140,6 @@ def all_rows_features(
     manifest = read_json(Path(shard_dir) / MANIFEST_NAME)
     shards = [pd.read_parquet(Path(shard_dir) / shard_file_name(index)) for index in range(manifest["num_shards"])]
     table = pd.concat(shards).sort_values("row", kind="stable")
-    return spec.featurize(role_arrays(table, columns, spec), padded_size([len(table)], pad_multiple))
+    return spec.featurize(
+        role_arrays(table, columns, spec), padded_size([len(table)], pad_multiple), manifest["facts"]
+    )

@@ -51,8 +51,15 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _plain(value: object) -> object:
+    """JSON for NumPy scalars and arrays (e.g. attributes read back from NetCDF)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=_plain) + "\n").encode())
 
 
 def read_json(path: str | os.PathLike) -> object:

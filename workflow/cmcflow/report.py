@@ -29,7 +29,7 @@ def shard_diagnostics_table(diagnostics_paths: Sequence[str | os.PathLike]) -> p
     records = [read_json(path) for path in diagnostics_paths]
     table = pd.DataFrame(
         [{column: record[column] for column in DIAGNOSTIC_COLUMNS} for record in records],
-        index=pd.Index([record["stream"] for record in records], name="shard"),
+        index=pd.Index([record["shard"] for record in records], name="shard"),
     )
     return table.rename(columns=DIAGNOSTIC_COLUMNS)
 

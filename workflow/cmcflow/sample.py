@@ -22,6 +22,7 @@ from numpyro.infer.util import unconstrain_fn
 
 from cmcflow.io import atomic_path, write_json_atomic
 from cmcflow.jaxenv import COMPILE_CLOCK
+from cmcflow.models import ModelSpec
 from cmcflow.tempering import temper_priors
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 EXTRA_FIELDS = ("diverging", "num_steps", "energy")
 #: Draws pushed through the model at once when mapping them to the unconstrained space.
 TRANSFORM_BATCH = 256
-#: Initial values are drawn uniformly in (-radius, radius) in the unconstrained space,
-#: independently per chain, so chains start dispersed (NumPyro's default radius is 2).
+#: Without a model's own start, initial values are drawn uniformly in (-radius, radius) in
+#: the unconstrained space, independently per chain, so chains start dispersed.
 INIT_RADIUS = 2.0
 
 
@@ -46,12 +47,12 @@ class NutsSettings:
     dense_mass: bool
 
 
-def sampling_key(seed: int, stream: int) -> jax.Array:
+def sampling_key(seed: int, shard: int) -> jax.Array:
     """PRNG key of one sampling run: the analysis seed folded with the shard index.
 
-    The full-data run uses ``stream = -1`` (folded as 2**32 - 1), distinct from every shard.
+    The full-data run uses ``shard = -1`` (folded as 2**32 - 1), distinct from every shard.
     """
-    return jax.random.fold_in(jax.random.PRNGKey(seed), stream % 2**32)
+    return jax.random.fold_in(jax.random.PRNGKey(seed), shard % 2**32)
 
 
 def model_kwargs(features: Mapping[str, np.ndarray], options: Mapping[str, float]) -> dict:
@@ -87,8 +88,13 @@ def run_nuts(
     settings: NutsSettings,
     num_chains: int,
     rng_key: jax.Array,
+    init_params: Mapping[str, jax.Array] | None = None,
 ) -> MCMC:
-    """NUTS on ``temper_priors(model, prior_power)(**kwargs)``, ``num_chains`` chains in parallel."""
+    """NUTS on ``temper_priors(model, prior_power)(**kwargs)``, ``num_chains`` chains in parallel.
+
+    ``init_params``: unconstrained initial values ``{site: (num_chains, …)}``; without them
+    every chain starts from its own uniform draw in (-2, 2) in the unconstrained space.
+    """
     kernel = NUTS(
         temper_priors(model, power=prior_power),
         target_accept_prob=settings.target_accept_prob,
@@ -104,7 +110,7 @@ def run_nuts(
         chain_method="parallel",
         progress_bar=False,
     )
-    mcmc.run(rng_key, extra_fields=EXTRA_FIELDS, **kwargs)
+    mcmc.run(rng_key, init_params=init_params, extra_fields=EXTRA_FIELDS, **kwargs)
     # JAX dispatches asynchronously: wait for the draws so that timings mean something.
     jax.block_until_ready(mcmc.get_samples())
     return mcmc
@@ -127,22 +133,32 @@ def diagnostics(idata: az.InferenceData, var_names: list[str]) -> dict:
     }
 
 
+def initial_values(spec: ModelSpec, features, options, kwargs, num_chains: int, seed: int, shard: int):
+    """The model's own per-chain start (``spec.init_values``), unconstrained; or ``None``."""
+    if spec.init_values is None:
+        return None
+    rng = np.random.default_rng([seed, shard % 2**32])
+    constrained = spec.init_values(features, options, num_chains, rng)
+    return map_draws(lambda values: unconstrain_fn(spec.numpyro_model, (), kwargs, values), constrained, batch_ndims=1)
+
+
 def sample_features(
-    model,
+    spec: ModelSpec,
     features: Mapping[str, np.ndarray],
     options: Mapping[str, float],
     *,
     num_shards: int,
-    stream: int,
+    shard: int,
     seed: int,
     settings: NutsSettings,
     devices: int,
 ) -> tuple[az.InferenceData, dict]:
-    """NUTS on one shard (or on all rows with ``num_shards=1``).
+    """NUTS on shard ``shard`` (or on all rows: ``num_shards=1``, ``shard=-1``).
 
     Returns the InferenceData (``posterior``, ``unconstrained_posterior``, ``sample_stats``;
     run facts in ``posterior.attrs``) and its diagnostics dict.
     """
+    model = spec.numpyro_model
     kwargs = model_kwargs(features, options)
     compile_before = COMPILE_CLOCK.seconds
     started = time.perf_counter()
@@ -152,7 +168,8 @@ def sample_features(
         prior_power=1.0 / num_shards,
         settings=settings,
         num_chains=devices,
-        rng_key=sampling_key(seed, stream),
+        rng_key=sampling_key(seed, shard),
+        init_params=initial_values(spec, features, options, kwargs, devices, seed, shard),
     )
     wall = time.perf_counter() - started
     compile_seconds = COMPILE_CLOCK.seconds - compile_before
@@ -177,7 +194,7 @@ def sample_features(
         "devices": len(jax.devices()),
         "num_chains": devices,
         "seed": seed,
-        "stream": stream,
+        "shard": shard,
         "compile_seconds": compile_seconds,
         "sampling_seconds": wall - compile_seconds,
         "persistent_cache_hits": COMPILE_CLOCK.persistent_cache_hits,

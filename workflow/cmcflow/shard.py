@@ -21,7 +21,7 @@ import pandas as pd
 
 from cmcflow.errors import InputError
 from cmcflow.io import atomic_directory, write_json_atomic
-from cmcflow.models import ModelSpec
+from cmcflow.models import ModelSpec, role_arrays
 from cmcflow.table import read_table, validate_table
 
 log = logging.getLogger(__name__)
@@ -72,13 +72,15 @@ def shard_table(
 ) -> dict:
     """Validate the table at ``table_path`` and write its shards and manifest to ``shard_dir``.
 
-    The manifest (JSON) records the input, the columns by role, the ignored columns and the
-    row count of every shard; the featurize stage reads the padded size from it.
+    The manifest (JSON) records the input, the columns by role, the ignored columns, the
+    row count of every shard and the model's facts about the whole table; the featurize
+    stage reads the padded size and the facts from it.
     """
     table = read_table(table_path)
     arrays = validate_table(table, table_path, spec, columns)
     parts = split_rows(len(table), num_shards, seed)
     validated = pd.DataFrame(arrays)
+    facts = spec.table_facts(role_arrays(validated, columns, spec))
     manifest = {
         "input": str(table_path),
         "model": spec.name,
@@ -88,6 +90,7 @@ def shard_table(
         "columns": dict(columns),
         "ignored_columns": [str(name) for name in table.columns if name not in arrays],
         "shard_rows": [len(rows) for rows in parts],
+        "facts": facts,
     }
     with atomic_directory(shard_dir) as tmp:
         for index, rows in enumerate(parts):

@@ -1,6 +1,7 @@
 # Config validation, per-analysis settings resolved once at parse time, and path helpers.
 # Every config value reaches a job through its rule's params:, so an edit reruns exactly
 # the rules that use it (and what depends on their outputs).
+import inspect
 from dataclasses import dataclass
 
 from snakemake.exceptions import WorkflowError
@@ -34,6 +35,8 @@ class Analysis:
     options: dict
     num_shards: int
 
+    rigid: bool
+
     @property
     def simulated(self):
         return "simulate" in self.settings["input"]
@@ -46,16 +49,27 @@ class Analysis:
 def resolve_analysis(name, settings):
     simulate = settings["input"].get("simulate")
     spec = get_model(settings["model"])
-    columns = resolve_columns(spec, settings["columns"], simulate and simulate["features"])
+    columns = resolve_columns(spec, settings["columns"], simulate and simulate.get("features"))
     options = resolve_options(spec, settings["model_options"])
     shard = settings["shard"]
     rows = None
     if "rows_per_shard" in shard:
         rows = simulate["rows"] if simulate else count_rows(settings["input"]["path"])
     num_shards = resolve_num_shards(shard.get("num_shards"), shard.get("rows_per_shard"), rows)
-    if simulate and spec.simulate is None:
+    if simulate:
+        check_simulate_settings(spec, simulate)
+    return Analysis(name, settings, columns, options, num_shards, rigid=spec.symmetry == "rigid")
+
+
+def check_simulate_settings(spec, simulate):
+    """The model has a simulator, and it takes the input.simulate keys given."""
+    if spec.simulate is None:
         raise ConfigError(f"model {spec.name!r} has no simulator; give input.path")
-    return Analysis(name, settings, columns, options, num_shards)
+    shape = {key: value for key, value in simulate.items() if key not in ("rows", "seed")}
+    try:
+        inspect.signature(spec.simulate).bind(simulate["rows"], simulate["seed"], **shape)
+    except TypeError as error:
+        raise ConfigError(f"input.simulate of model {spec.name!r}: {error}") from None
 
 
 try:
@@ -76,6 +90,9 @@ FEATURES = f"{_A}/features/shard-{{shard}}.npz"
 FEATURES_INFO = f"{_A}/features/shard-{{shard}}.json"
 SHARD_POSTERIOR = f"{_A}/samples/shard-{{shard}}.nc"
 SHARD_DIAGNOSTICS = f"{_A}/samples/shard-{{shard}}.diagnostics.json"
+ALIGN_REFERENCE = f"{_A}/aligned/reference.json"
+ALIGNED_POSTERIOR = f"{_A}/aligned/shard-{{shard}}.nc"
+ALIGNED_DIAGNOSTICS = f"{_A}/aligned/shard-{{shard}}.diagnostics.json"
 COMBINED_POSTERIOR = f"{_A}/combined/posterior.nc"
 COMBINED_SUMMARY = f"{_A}/combined/summary.csv"
 COMBINED_SHARDS = f"{_A}/combined/shards.json"
@@ -168,18 +185,23 @@ def first_shard_features(wildcards):
 def stage_benchmarks(wildcards):
     """Benchmark files of every job of the analysis that precedes the report."""
     benchmarks = BENCHMARKS.format(analysis=wildcards.analysis)
+    stages = ("featurize", "sample", "align") if ANALYSES[wildcards.analysis].rigid else ("featurize", "sample")
     per_shard_stages = [
         path
-        for stage in ("featurize", "sample")
+        for stage in stages
         for path in shard_paths(wildcards.analysis, f"{BENCHMARKS}/{stage}/shard-{{shard}}.tsv")
     ]
     return [f"{benchmarks}/shard.tsv", *per_shard_stages, f"{benchmarks}/combine.tsv"]
 
 
 def combine_inputs(wildcards):
-    """The per-shard posterior draws that combine merges.
+    """The per-shard posterior draws that combine merges: aligned ones for rigid models
+    (the align stage exists in the DAG only for them), raw ones otherwise."""
+    rigid = ANALYSES[wildcards.analysis].rigid
+    return shard_paths(wildcards.analysis, ALIGNED_POSTERIOR if rigid else SHARD_POSTERIOR)
 
-    This is the place of the align stage: for models with rigid symmetry, combine will
-    take the aligned draws instead of the raw ones.
-    """
-    return shard_paths(wildcards.analysis, SHARD_POSTERIOR)
+
+def shard_diagnostics_inputs(wildcards):
+    """Diagnostics the report shows: on aligned draws for rigid models."""
+    rigid = ANALYSES[wildcards.analysis].rigid
+    return shard_paths(wildcards.analysis, ALIGNED_DIAGNOSTICS if rigid else SHARD_DIAGNOSTICS)

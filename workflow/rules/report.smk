@@ -3,7 +3,7 @@ rule report:
     input:
         summary=COMBINED_SUMMARY,
         shards=COMBINED_SHARDS,
-        diagnostics=per_shard(SHARD_DIAGNOSTICS),
+        diagnostics=shard_diagnostics_inputs,
         features_info=per_shard(FEATURES_INFO),
         benchmarks=stage_benchmarks,
     output:

@@ -2,7 +2,8 @@
 
 A model is a :class:`ModelSpec`: a NumPyro model function, a featurizer that turns a
 table of rows into padded arrays, the input columns it needs (by *role*), its own
-hyperparameters, and its symmetry. Model modules import only NumPy at module level (the
+hyperparameters, its symmetry, and optional hooks (facts about the whole table, initial
+values). Model modules import only NumPy at module level (the
 NumPyro model imports NumPyro inside its body), so the shard stage can read a model's
 column declaration without importing JAX.
 """
@@ -43,6 +44,11 @@ class Role:
             raise ValueError(f"role {self.name!r}: kind must be one of {COLUMN_KINDS}")
 
 
+def no_table_facts(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The default ``table_facts``: a model that needs nothing about the whole table."""
+    return {}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything cmcflow needs to know about a model.
@@ -51,34 +57,59 @@ class ModelSpec:
         name: registry name, recorded in outputs and in the feature-cache key.
         numpyro_model: ``model(**features, **options)``; its latent sample sites are the
             parameters that consensus Monte Carlo combines (all of them are global).
-        featurize: ``featurize(columns, pad_to) -> dict[str, np.ndarray]`` where ``columns``
-            maps role name to a float64 array ``(rows,)`` or ``(rows, n_columns)``; every
-            row-indexed output is padded to ``pad_to`` rows and a boolean ``mask`` marks
-            real rows.
+        featurize: ``featurize(columns, pad_to, facts) -> dict[str, np.ndarray]`` where
+            ``columns`` maps role name to a float64 array ``(rows,)`` or ``(rows, n)`` and
+            ``facts`` is what ``table_facts`` found; every row-indexed output is padded to
+            ``pad_to`` rows and a boolean ``mask`` marks real rows.
         featurizer_version: bump when ``featurize`` changes its output; part of the cache key.
         roles: the input columns by role.
         options: the model's own hyperparameters with their defaults (``model_options``
             in the config overrides them).
-        symmetry: ``"none"``, or ``"rigid"`` for point-cloud parameters that need the align
-            stage.
-        simulate: ``simulate(rows, features, seed) -> (table, truth)`` for demo
-            data, or ``None``.
+        symmetry: ``"none"``, or ``"rigid"`` when the latent site ``point_site`` holds a
+            point cloud ``(N, 3)`` whose posterior is invariant under rigid motions (and
+            reflection): such models get the align stage.
+        point_site: the point-cloud site of a rigid model.
+        table_facts: ``table_facts(columns) -> dict`` of JSON values computed once from
+            the whole validated table by the shard stage (e.g. the number of points, which
+            every shard must share); may raise :class:`cmcflow.errors.InputError`.
+        init_values: ``init_values(features, options, num_chains, rng) -> {site: (chains, …)}``
+            constrained initial values, or ``None`` for NumPyro's dispersed uniform start.
+        simulate: ``simulate(rows, seed, **shape) -> (table, truth)`` for demo data (shape:
+            the config's other ``input.simulate`` keys, e.g. ``features``), or ``None``.
     """
 
     name: str
     numpyro_model: Callable[..., None]
-    featurize: Callable[[Mapping[str, np.ndarray], int], dict[str, np.ndarray]]
+    featurize: Callable[[Mapping[str, np.ndarray], int, Mapping[str, Any]], dict[str, np.ndarray]]
     featurizer_version: str
     roles: tuple[Role, ...]
     options: Mapping[str, float] = field(default_factory=dict)
     symmetry: str = "none"
+    point_site: str | None = None
+    table_facts: Callable[[Mapping[str, np.ndarray]], dict[str, Any]] = no_table_facts
+    init_values: Callable[..., dict[str, np.ndarray]] | None = None
     simulate: Callable[..., tuple[pd.DataFrame, dict[str, Any]]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.symmetry not in ("none", "rigid"):
+            raise ValueError(f"model {self.name!r}: symmetry must be 'none' or 'rigid'")
+        if (self.symmetry == "rigid") != (self.point_site is not None):
+            raise ValueError(f"model {self.name!r}: a rigid model names its point_site, and only a rigid one")
+
+
+def role_arrays(table: pd.DataFrame, columns: Mapping[str, list[str]], spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Role name -> float64 ``(rows, n_columns)`` for multiple roles, ``(rows,)`` for single ones."""
+    arrays = {}
+    for role in spec.roles:
+        values = table[columns[role.name]].to_numpy(dtype=np.float64)
+        arrays[role.name] = values if role.multiple else values[:, 0]
+    return arrays
 
 
 def _builtin_models() -> dict[str, ModelSpec]:
-    from cmcflow.models import linear_gaussian, logistic
+    from cmcflow.models import linear_gaussian, logistic, structure
 
-    return {spec.name: spec for spec in (linear_gaussian.SPEC, logistic.SPEC)}
+    return {spec.name: spec for spec in (linear_gaussian.SPEC, logistic.SPEC, structure.SPEC)}
 
 
 def get_model(name: str) -> ModelSpec:

@@ -40,7 +40,7 @@ def exact_posterior(
 SIMULATED_NOISE_SD = 1.0
 
 
-def simulate(rows: int, features: int, seed: int) -> tuple[pd.DataFrame, dict]:
+def simulate(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:
     """Correlated Gaussian features; true coefficients drawn once from Normal(0, 0.5);
     Gaussian noise of sd ``SIMULATED_NOISE_SD``."""
     rng = np.random.default_rng(seed)

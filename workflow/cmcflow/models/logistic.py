@@ -24,7 +24,7 @@ def logistic_model(X, y, mask, prior_sd):
         numpyro.sample("y", dist.Bernoulli(logits=intercept + X @ beta).mask(mask), obs=y)
 
 
-def simulate(rows: int, features: int, seed: int) -> tuple[pd.DataFrame, dict]:
+def simulate(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:
     """Correlated Gaussian features; true coefficients drawn once from Normal(0, 0.5)."""
     rng = np.random.default_rng(seed)
     beta = rng.normal(0.0, 0.5, size=features)

@@ -14,8 +14,11 @@ def pad_rows(array: np.ndarray, pad_to: int) -> np.ndarray:
     return np.pad(array, padding)
 
 
-def regression_features(columns: dict[str, np.ndarray], pad_to: int) -> dict[str, np.ndarray]:
-    """``X (pad_to, P)`` float64, ``y (pad_to,)`` float64, ``mask (pad_to,)`` bool."""
+def regression_features(columns: dict[str, np.ndarray], pad_to: int, facts: dict) -> dict[str, np.ndarray]:
+    """``X (pad_to, P)`` float64, ``y (pad_to,)`` float64, ``mask (pad_to,)`` bool.
+
+    Regression needs no facts about the whole table (``facts`` is empty).
+    """
     features = np.asarray(columns["features"], dtype=np.float64)
     label = np.asarray(columns["label"], dtype=np.float64).reshape(-1)
     mask = np.ones(label.shape[0], dtype=bool)

@@ -1,0 +1,43 @@
+"""Rule align: every draw of one shard aligned to the analysis' reference structure."""
+
+from cmcflow.script import open_log, reported_errors
+
+open_log(snakemake.log[0])
+
+with reported_errors():
+    from cmcflow.jaxenv import configure_jax
+
+    configure_jax(**snakemake.params.jax)
+
+    import arviz as az
+    import numpy as np
+
+    from cmcflow.align import OverlaySettings
+    from cmcflow.align_draws import align_run
+    from cmcflow.io import read_json
+    from cmcflow.models import get_model
+    from cmcflow.sample import diagnostics, write_run
+
+    spec = get_model(snakemake.params.model)
+    settings = snakemake.params.align
+    run = az.from_netcdf(snakemake.input.posterior)
+    aligned = align_run(
+        run,
+        np.asarray(read_json(snakemake.input.reference)["coords"]),
+        spec.point_site,
+        method=settings["method"],
+        allow_reflection=settings["allow_reflection"],
+        overlay=OverlaySettings(
+            iterations=settings["iterations"],
+            spread_starts=settings["spread_starts"],
+            allow_reflection=settings["allow_reflection"],
+            use_correspondence=True,
+        ),
+    )
+    report = {
+        **{key: value for key, value in aligned.posterior.attrs.items() if not key.startswith("nuts_")},
+        **diagnostics(aligned, list(aligned.unconstrained_posterior.data_vars)),
+        "mean_align_rmsd": float(aligned.sample_stats["align_rmsd"].mean()),
+        "min_align_score": float(aligned.sample_stats["align_score"].min()),
+    }
+    write_run(aligned, report, snakemake.output.posterior, snakemake.output.diagnostics)

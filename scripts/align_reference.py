@@ -1,0 +1,21 @@
+"""Rule align_reference: the analysis' reference structure from all shard runs."""
+
+from cmcflow.script import open_log, reported_errors
+
+open_log(snakemake.log[0])
+
+with reported_errors():
+    from cmcflow.jaxenv import configure_jax
+
+    configure_jax(**snakemake.params.jax)
+
+    import arviz as az
+
+    from cmcflow.align_draws import build_reference
+    from cmcflow.io import write_json_atomic
+    from cmcflow.models import get_model
+
+    spec = get_model(snakemake.params.model)
+    runs = [az.from_netcdf(path) for path in snakemake.input.posteriors]
+    reference, record = build_reference(runs, spec.point_site, snakemake.params.align["allow_reflection"])
+    write_json_atomic(snakemake.output.reference, {"site": spec.point_site, "coords": reference.tolist(), **record})

@@ -1,0 +1,291 @@
+"""Batched rigid alignment of 3-D point clouds, distributed over JAX devices with ``shard_map``.
+
+Two aligners share one calling convention: flat batches ``ref (B, N, 3)``, ``fit (B, M, 3)``
+with boolean masks ``(B, N)``, ``(B, M)`` and optional per-point weights; the batch is
+padded to a multiple of the device count inside, and callers never reshape it.
+
+* :func:`align_overlay`: maximise the Gaussian volume overlap (ROCS style)
+      V_AB = Σ_ij w_i w_j π^1.5 exp(−(α/2)|r_i − r_j|²) / (2α)^1.5,
+      score = Tanimoto  V_AB / (V_AA + V_BB − V_AB)  ∈ [0, 1],
+  over rigid motions x ↦ L x + t: L-BFGS (optax) on (unit quaternion, translation), a
+  fixed number of iterations in ``lax.scan`` from several starts per pair; no
+  correspondence between points is needed. (Adam was measured first: its first steps have
+  the size of the learning rate whatever the gradient, which knocked even an exact start
+  off the optimum, and it ended 3.5e-3 rad from the true rotation of noise-free clouds;
+  L-BFGS converges to 1e-9 in score from nearby starts in about 20 iterations.)
+* :func:`align_kabsch`: the closed-form least-squares (Kabsch/Procrustes) solution for
+  labelled points (point i of ``fit`` corresponds to point i of ``ref``).
+
+With ``allow_reflection`` the mirrored fit is tried too (distance data cannot tell a
+structure from its mirror image) and the better kept: its transform has det L = −1.
+Padded pairs and padded points carry zero weight: they never produce NaN and never win.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+#: Gaussian width of the overlap (ROCS; 0.81 Å⁻² for atoms).
+DEFAULT_ALPHA = 0.81
+#: Mirror through the y-z plane: composed with a proper rotation it gives det −1.
+MIRROR = np.diag([-1.0, 1.0, 1.0])
+#: Name of the 1-D device mesh axis over which pairs are distributed.
+PAIRS = "pairs"
+
+
+class Alignment(NamedTuple):
+    """Result for a batch of B pairs.
+
+    points: ``(B, M, 3)`` the fit points moved onto the reference.
+    transforms: ``(B, 4, 4)`` homogeneous transforms [[L, t], [0, 1]]; det L = −1 if mirrored.
+    scores: ``(B,)`` Tanimoto overlap score of the aligned pair, in [0, 1].
+    """
+
+    points: np.ndarray
+    transforms: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class OverlaySettings:
+    """Settings of the overlay optimisation (hashable: they key the compiled function)."""
+
+    iterations: int
+    spread_starts: int
+    allow_reflection: bool
+    use_correspondence: bool
+    alpha: float = DEFAULT_ALPHA
+
+    @property
+    def starts_per_pair(self) -> int:
+        """Identity + 4 principal-axes + spread rotations (+ Kabsch), doubled with reflection."""
+        proper = 1 + 4 + self.spread_starts + int(self.use_correspondence)
+        return proper * (2 if self.allow_reflection else 1)
+
+
+# --- geometry of one pair (unbatched; vmapped below) ----------------------------------
+
+
+def weighted_centroid(points: jax.Array, weights: jax.Array) -> jax.Array:
+    """``(N, 3), (N,) -> (3,)``; the origin for an all-zero weight vector."""
+    total = jnp.sum(weights)
+    return jnp.sum(weights[:, None] * points, axis=0) / jnp.where(total > 0, total, 1.0)
+
+
+def overlap_volume(a: jax.Array, wa: jax.Array, b: jax.Array, wb: jax.Array, alpha: float) -> jax.Array:
+    """V_AB of two weighted point sets ``(N, 3), (N,)`` and ``(M, 3), (M,)``."""
+    squared = jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, axis=-1)
+    return jnp.sum(wa[:, None] * wb[None, :] * jnp.exp(-0.5 * alpha * squared)) * (math.pi / (2 * alpha)) ** 1.5
+
+
+def tanimoto(v_ab: jax.Array, v_aa: jax.Array, v_bb: jax.Array) -> jax.Array:
+    """V_AB / (V_AA + V_BB − V_AB), and 0 where the denominator vanishes (padded pairs)."""
+    denominator = v_aa + v_bb - v_ab
+    safe = jnp.where(denominator > 0, denominator, 1.0)
+    return jnp.where(denominator > 0, v_ab / safe, 0.0)
+
+
+def quaternion_matrix(q: jax.Array) -> jax.Array:
+    """Rotation matrix ``(3, 3)`` of the quaternion ``q = (w, x, y, z)`` after normalisation."""
+    norm = jnp.sqrt(jnp.sum(q**2))
+    w, x, y, z = q / jnp.where(norm > 0, norm, 1.0)
+    return jnp.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def principal_axes(points: jax.Array, weights: jax.Array) -> jax.Array:
+    """Columns: the weighted principal axes of ``points``, largest variance first."""
+    centred = points - weighted_centroid(points, weights)
+    covariance = (weights[:, None] * centred).T @ centred
+    _, vectors = jnp.linalg.eigh(covariance)
+    return vectors[:, ::-1]
+
+
+def principal_axes_rotations(ref, ref_w, fit, fit_w) -> jax.Array:
+    """``(4, 3, 3)`` proper rotations taking the fit's principal axes onto the reference's,
+    one for each sign choice of the two longest axes (the third sign keeps det = +1)."""
+    axes_ref, axes_fit = principal_axes(ref, ref_w), principal_axes(fit, fit_w)
+    handedness = jnp.linalg.det(axes_ref) * jnp.linalg.det(axes_fit)
+    rotations = [
+        axes_ref @ jnp.diag(jnp.array([s1, s2, s1 * s2 * handedness])) @ axes_fit.T
+        for s1 in (1.0, -1.0)
+        for s2 in (1.0, -1.0)
+    ]
+    return jnp.stack(rotations)
+
+
+def spread_rotations(count: int) -> np.ndarray:
+    """``(count, 3, 3)`` rotations spread evenly over SO(3) (super-Fibonacci quaternions,
+    Alexa 2022), deterministic."""
+    phi, psi = math.sqrt(2.0), 1.533751168755204288118041
+    s = np.arange(count) + 0.5
+    r, big_r = np.sqrt(s / count), np.sqrt(1.0 - s / count)
+    alpha, beta = 2 * np.pi * s / phi, 2 * np.pi * s / psi
+    quaternions = np.stack([r * np.sin(alpha), r * np.cos(alpha), big_r * np.sin(beta), big_r * np.cos(beta)], -1)
+    return np.stack([np.asarray(quaternion_matrix(jnp.asarray(q))) for q in quaternions]).reshape(count, 3, 3)
+
+
+
+
+
+def kabsch_linear(ref, fit, weights, allow_reflection: bool) -> jax.Array:
+    """Orthogonal ``L (3, 3)`` minimising Σ w_i |L (fit_i − c_fit) − (ref_i − c_ref)|²."""
+    centred_ref = ref - weighted_centroid(ref, weights)
+    centred_fit = fit - weighted_centroid(fit, weights)
+    u, _, vt = jnp.linalg.svd((weights[:, None] * centred_fit).T @ centred_ref)
+    if allow_reflection:
+        return vt.T @ u.T
+    d = jnp.sign(jnp.linalg.det(vt.T @ u.T))
+    return vt.T @ jnp.diag(jnp.array([1.0, 1.0, 1.0]).at[2].set(jnp.where(d == 0, 1.0, d))) @ u.T
+
+
+def homogeneous(linear: jax.Array, translation: jax.Array) -> jax.Array:
+    return jnp.eye(4).at[:3, :3].set(linear).at[:3, 3].set(translation)
+
+
+def start_linear_maps(ref, ref_w, fit, fit_w, spread: jax.Array, settings: OverlaySettings) -> jax.Array:
+    """``(S, 3, 3)`` starting linear maps (applied to the centred fit) for one pair;
+    ``spread`` holds the ``(spread_starts, 3, 3)`` well-spread rotations."""
+
+    def proper_starts(moving):
+        starts = [jnp.eye(3)[None], principal_axes_rotations(ref, ref_w, moving, fit_w), spread]
+        if settings.use_correspondence:
+            starts.append(kabsch_linear(ref, moving, ref_w * fit_w, allow_reflection=False)[None])
+        return jnp.concatenate(starts)
+
+    starts = proper_starts(fit)
+    if settings.allow_reflection:
+        mirror = jnp.asarray(MIRROR)
+        # mirror the fit first, then rotate it: the linear map is R @ MIRROR (det −1)
+        mirrored_starts = proper_starts(fit @ mirror.T) @ mirror
+        starts = jnp.concatenate([starts, mirrored_starts])
+    return starts
+
+
+def overlay_pair(ref, fit, ref_w, fit_w, *, spread, settings: OverlaySettings):
+    """Best rigid overlay of one pair: ``(aligned (M, 3), transform (4, 4), score ())``."""
+    alpha = settings.alpha
+    c_ref, c_fit = weighted_centroid(ref, ref_w), weighted_centroid(fit, fit_w)
+    v_aa = overlap_volume(ref, ref_w, ref, ref_w, alpha)
+    v_bb = overlap_volume(fit, fit_w, fit, fit_w, alpha)  # invariant under rigid motion
+    centred_fit = fit - c_fit
+    starts = start_linear_maps(ref, ref_w, fit, fit_w, spread, settings)
+
+    def moved(params, start):
+        return centred_fit @ (quaternion_matrix(params["q"]) @ start).T + c_ref + params["t"]
+
+    def score(params, start):
+        return tanimoto(overlap_volume(ref, ref_w, moved(params, start), fit_w, alpha), v_aa, v_bb)
+
+    def optimise(start):
+        """L-BFGS from the start's linear map, ``settings.iterations`` iterations."""
+        def loss(params):
+            return -score(params, start)
+
+        optimiser = optax.lbfgs()
+        value_and_grad = optax.value_and_grad_from_state(loss)
+
+        def step(carry, _):
+            params, state = carry
+            value, grad = value_and_grad(params, state=state)
+            updates, state = optimiser.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+            return (optax.apply_updates(params, updates), state), None
+
+        params = {"q": jnp.array([1.0, 0.0, 0.0, 0.0]), "t": jnp.zeros(3)}
+        (params, _), _ = jax.lax.scan(step, (params, optimiser.init(params)), None, length=settings.iterations)
+        return params, score(params, start)
+
+    params, scores = jax.vmap(optimise)(starts)
+    best = jnp.argmax(jnp.where(jnp.isnan(scores), -jnp.inf, scores))
+    linear = quaternion_matrix(params["q"][best]) @ starts[best]
+    translation = c_ref + params["t"][best] - linear @ c_fit
+    return fit @ linear.T + translation, homogeneous(linear, translation), scores[best]
+
+
+def kabsch_pair(ref, fit, ref_w, fit_w, allow_reflection: bool, alpha: float):
+    """Least-squares superposition of labelled points: ``(aligned, transform, score)``."""
+    weights = ref_w * fit_w
+    linear = kabsch_linear(ref, fit, weights, allow_reflection)
+    translation = weighted_centroid(ref, weights) - linear @ weighted_centroid(fit, weights)
+    aligned = fit @ linear.T + translation
+    v_ab = overlap_volume(ref, ref_w, aligned, fit_w, alpha)
+    score = tanimoto(v_ab, overlap_volume(ref, ref_w, ref, ref_w, alpha), overlap_volume(fit, fit_w, fit, fit_w, alpha))
+    return aligned, homogeneous(linear, translation), score
+
+
+# --- the batched, distributed calls ---------------------------------------------------
+
+
+def _distributed(pair_function, devices: int):
+    """``jit(shard_map(vmap(pair_function)))`` over a 1-D mesh of ``devices`` devices:
+    every argument and result is split along its leading (pair) axis."""
+    available = jax.devices()
+    if devices > len(available):
+        raise ValueError(f"{devices} devices requested, JAX sees {len(available)}")
+    mesh = Mesh(np.asarray(available[:devices]), (PAIRS,))
+    # check_vma=False: optax's line search builds constants inside lax.cond that the
+    # varying-axes check rejects; pairs are independent (no collectives), so nothing is lost.
+    return jax.jit(
+        jax.shard_map(jax.vmap(pair_function), mesh=mesh, in_specs=P(PAIRS), out_specs=P(PAIRS), check_vma=False)
+    )
+
+
+def _prepare(ref, fit, ref_mask, fit_mask, ref_weights, fit_weights, devices):
+    """Float arrays with masked weights, the batch padded to a multiple of ``devices``."""
+    ref, fit = np.asarray(ref, dtype=float), np.asarray(fit, dtype=float)
+    if ref.ndim != 3 or fit.ndim != 3 or ref.shape[-1] != 3 or fit.shape[-1] != 3 or len(ref) != len(fit):
+        raise ValueError(f"need ref (B, N, 3) and fit (B, M, 3), got {ref.shape} and {fit.shape}")
+    ref_w = np.asarray(ref_mask, dtype=float) * (1.0 if ref_weights is None else np.asarray(ref_weights, dtype=float))
+    fit_w = np.asarray(fit_mask, dtype=float) * (1.0 if fit_weights is None else np.asarray(fit_weights, dtype=float))
+    pad = -len(ref) % devices
+    padded = [np.concatenate([array, np.zeros((pad, *array.shape[1:]))]) for array in (ref, fit, ref_w, fit_w)]
+    return padded, len(ref)
+
+
+@functools.lru_cache(maxsize=None)
+def _overlay_function(settings: OverlaySettings, devices: int):
+    """The distributed overlay, cached per (settings, devices); jit then keeps one
+    executable per padded shape, so repeated batches of one shape never recompile."""
+    spread = jnp.asarray(spread_rotations(settings.spread_starts))
+    return _distributed(functools.partial(overlay_pair, spread=spread, settings=settings), devices)
+
+
+@functools.lru_cache(maxsize=None)
+def _kabsch_function(allow_reflection: bool, alpha: float, devices: int):
+    return _distributed(functools.partial(kabsch_pair, allow_reflection=allow_reflection, alpha=alpha), devices)
+
+
+def align_overlay(
+    ref, fit, ref_mask, fit_mask, *, settings: OverlaySettings, ref_weights=None, fit_weights=None,
+    devices: int | None = None,
+) -> Alignment:
+    """Gaussian-overlay alignment of B pairs, distributed over ``devices`` (default: all)."""
+    devices = devices or jax.device_count()
+    (ref, fit, ref_w, fit_w), batch = _prepare(ref, fit, ref_mask, fit_mask, ref_weights, fit_weights, devices)
+    points, transforms, scores = _overlay_function(settings, devices)(ref, fit, ref_w, fit_w)
+    return Alignment(np.asarray(points)[:batch], np.asarray(transforms)[:batch], np.asarray(scores)[:batch])
+
+
+def align_kabsch(
+    ref, fit, mask, *, allow_reflection: bool, weights=None, alpha: float = DEFAULT_ALPHA, devices: int | None = None
+) -> Alignment:
+    """Closed-form superposition of B pairs of labelled points ``(B, N, 3)`` with one mask ``(B, N)``."""
+    devices = devices or jax.device_count()
+    (ref, fit, ref_w, fit_w), batch = _prepare(ref, fit, mask, mask, weights, weights, devices)
+    points, transforms, scores = _kabsch_function(allow_reflection, alpha, devices)(ref, fit, ref_w, fit_w)
+    return Alignment(np.asarray(points)[:batch], np.asarray(transforms)[:batch], np.asarray(scores)[:batch])

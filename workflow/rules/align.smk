@@ -1,0 +1,47 @@
+# The align stage exists in the DAG only for rigid models (see combine_inputs).
+
+
+rule align_reference:
+    """One reference structure for the analysis: GPA within shards, then over shard means."""
+    input:
+        posteriors=per_shard(SHARD_POSTERIOR),
+    output:
+        reference=ALIGN_REFERENCE,
+    params:
+        model=model_name_param,
+        align=setting_param("align"),
+        jax=jax_param(config["jax"]["devices"]),
+    log:
+        f"{LOGS}/align_reference.log",
+    benchmark:
+        f"{BENCHMARKS}/align_reference.tsv"
+    threads: config["jax"]["devices"]
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../../scripts/align_reference.py"
+
+
+rule align:
+    """Every draw of one shard aligned to the reference, distributed over the JAX devices."""
+    input:
+        posterior=SHARD_POSTERIOR,
+        reference=ALIGN_REFERENCE,
+    output:
+        posterior=ALIGNED_POSTERIOR,
+        diagnostics=ALIGNED_DIAGNOSTICS,
+    params:
+        model=model_name_param,
+        align=setting_param("align"),
+        jax=jax_param(config["jax"]["devices"]),
+    log:
+        f"{LOGS}/align/shard-{{shard}}.log",
+    benchmark:
+        f"{BENCHMARKS}/align/shard-{{shard}}.tsv"
+    threads: config["jax"]["devices"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    script:
+        "../../scripts/align.py"
