@@ -1,5 +1,9 @@
 """Rule report: the analysis' HTML summary (jax-free)."""
 
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../workflow")  # this checkout's cmcflow (conda envs lack it)
+
 from cmcflow.script import open_log, reported_errors
 
 open_log(snakemake.log[0])

@@ -136,20 +136,13 @@ def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, edit, message):
     assert not (tmp_path / "results").exists()
 
 
-# Lints we accept, each with its reason:
-# - "Specify a conda environment or container for each rule.": per-rule conda
-#   environments arrive with the cluster layer (issue 4); until then the workflow runs in
-#   the project's virtual environment.
-ACCEPTED_LINTS = {"Specify a conda environment or container for each rule."}
-
-
-def test_lint_reports_only_accepted_lints():
+def test_lint_reports_nothing():
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile")],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )
     lints = {line.strip()[2:].rstrip(":") for line in (result.stdout + result.stderr).splitlines() if line.strip().startswith("* ")}
-    assert lints <= ACCEPTED_LINTS, lints
+    assert result.returncode == 0 and lints == set(), result.stdout + result.stderr
 
 
 def test_model_option_edit_reruns_sample_onwards_only(finished):

@@ -19,6 +19,8 @@ rule align_reference:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../../envs/jax-devices.yaml"
     script:
         "../../scripts/align_reference.py"
 
@@ -43,5 +45,7 @@ rule align:
     resources:
         mem_mb=4000,
         runtime=60,
+    conda:
+        "../../envs/jax-devices.yaml"
     script:
         "../../scripts/align.py"

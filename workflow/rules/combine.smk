@@ -20,5 +20,7 @@ rule combine:
     resources:
         mem_mb=4000,
         runtime=60,
+    conda:
+        "../../envs/jax-single.yaml"
     script:
         "../../scripts/combine.py"

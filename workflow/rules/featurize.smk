@@ -18,5 +18,7 @@ rule featurize:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../../envs/light.yaml"
     script:
         "../../scripts/featurize.py"

@@ -23,5 +23,7 @@ rule sample_fulldata:
     resources:
         mem_mb=8000,
         runtime=600,
+    conda:
+        "../../envs/jax-devices.yaml"
     script:
         "../../scripts/sample_fulldata.py"

@@ -18,5 +18,7 @@ rule report:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../../envs/light.yaml"
     script:
         "../../scripts/report.py"

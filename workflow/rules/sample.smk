@@ -18,5 +18,7 @@ rule sample:
     resources:
         mem_mb=4000,
         runtime=120,
+    conda:
+        "../../envs/jax-devices.yaml"
     script:
         "../../scripts/sample.py"

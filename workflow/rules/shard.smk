@@ -17,5 +17,7 @@ rule shard:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../../envs/light.yaml"
     script:
         "../../scripts/shard.py"

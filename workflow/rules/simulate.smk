@@ -14,5 +14,7 @@ rule simulate:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../../envs/light.yaml"
     script:
         "../../scripts/simulate.py"
