@@ -16,6 +16,17 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/fulldata.smk"
 
 
+# Light, short jobs run on the submitting host, so a run of 1,000 shards sends the
+# scheduler only its sample, align and combine jobs.
+localrules:
+    all,
+    fulldata,
+    simulate,
+    shard,
+    featurize,
+    report,
+
+
 rule all:
     default_target: True
     input:

@@ -8,6 +8,7 @@ temporary directory so that shards of one shape compile once per session.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ import yaml
 from cmcflow.jaxenv import configure_jax
 
 REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = shutil.which("timeout")  # coreutils; absolute, so that a test may replace PATH
 DEVICES = 4
 
 configure_jax(
@@ -54,12 +56,17 @@ class Workflow:
         self.env = env or {}
 
     def run(
-        self, *args: str, config: dict | None = None, timeout: float = 600, check: bool = True
+        self, *args: str, config: dict | None = None, timeout: float = 600, check: bool = True, path: str | None = None
     ) -> subprocess.CompletedProcess:
-        """Run snakemake with ``config`` (default: this workflow's) as its config file."""
+        """Run snakemake with ``config`` (default: this workflow's) as its config file.
+
+        Past ``timeout`` seconds snakemake gets SIGINT (a hanging snakemake has been seen to
+        ignore SIGTERM), then SIGKILL 30 s later. ``path`` replaces PATH.
+        """
         config_path = self.workdir / ("config.yaml" if config is None else "config-edited.yaml")
         config_path.write_text(yaml.safe_dump(self.config if config is None else config, sort_keys=False))
         command = [
+            TIMEOUT, "-s", "INT", "-k", "30", str(int(timeout)),
             sys.executable, "-m", "snakemake",
             "--snakefile", str(REPO / "Snakefile"),
             "--directory", str(self.workdir),
@@ -70,7 +77,9 @@ class Workflow:
         # jobs must set up JAX themselves: nothing of this test process' JAX set-up leaks in
         env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_PLATFORMS")}
         env.update(self.env)
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        if path is not None:
+            env["PATH"] = path
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout + 60, env=env)
         if check and result.returncode != 0:
             raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.workflow
 def structure_run(tmp_path_factory) -> Workflow:
     config = tiny_config(
         model="structure",
-        input={"simulate": {"rows": 2000, "points": 20, "seed": 0}},
+        input={"simulate": {"rows": 2000, "points": 20, "seed": 0, "noise_scale": 0.5}},
         sample={"num_warmup": 200, "num_samples": 200},
     )
     workflow = Workflow(tmp_path_factory.mktemp("structure"), config)

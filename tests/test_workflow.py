@@ -149,3 +149,27 @@ def test_model_option_edit_reruns_sample_onwards_only(finished):
     config = copy.deepcopy(finished.config)
     config["analyses"]["tiny"]["model_options"] = {"prior_sd": 2.0}
     assert finished.planned_jobs(config=config) == {"sample": 2, "combine": 1, "report": 1, "all": 1}
+
+
+def test_memory_estimates_cover_measured_peaks(finished):
+    """Each rule's mem_mb estimate (attempt 1) is at least the job's measured peak RSS."""
+    from cmcflow.resources import draws_mem_mb, light_mem_mb, sample_mem_mb
+
+    results = finished.workdir / RESULTS
+
+    def peak_mb(benchmark):
+        return float(pd.read_csv(results / "benchmarks" / benchmark, sep="\t")["max_rss"].iloc[0])
+
+    def size_mb(*paths):
+        return sum((results / path).stat().st_size for path in paths) / 2**20
+
+    posteriors = ["samples/shard-0000.nc", "samples/shard-0001.nc"]
+    cases = {
+        "sample/shard-0000.tsv": sample_mem_mb(size_mb("features/shard-0000.npz")),
+        "combine.tsv": draws_mem_mb(size_mb(*posteriors)),
+        "shard.tsv": light_mem_mb(size_mb("input/simulated.parquet")),
+        "featurize/shard-0000.tsv": light_mem_mb(0),
+        "report.tsv": light_mem_mb(0),
+    }
+    for benchmark, estimate in cases.items():
+        assert estimate >= peak_mb(benchmark), (benchmark, estimate, peak_mb(benchmark))

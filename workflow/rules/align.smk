@@ -17,7 +17,7 @@ rule align_reference:
         f"{BENCHMARKS}/align_reference.tsv"
     threads: config["jax"]["devices"]
     resources:
-        mem_mb=4000,
+        mem_mb=draws_mem,
         runtime=30,
     conda:
         "../../envs/jax-devices.yaml"
@@ -43,7 +43,7 @@ rule align:
         f"{BENCHMARKS}/align/shard-{{shard}}.tsv"
     threads: config["jax"]["devices"]
     resources:
-        mem_mb=4000,
+        mem_mb=draws_mem,
         runtime=60,
     conda:
         "../../envs/jax-devices.yaml"

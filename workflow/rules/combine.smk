@@ -18,7 +18,7 @@ rule combine:
         f"{BENCHMARKS}/combine.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=draws_mem,
         runtime=60,
     conda:
         "../../envs/jax-single.yaml"

@@ -3,12 +3,14 @@
 # the rules that use it (and what depends on their outputs).
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 from cmcflow.errors import ConfigError
 from cmcflow.models import get_model, resolve_columns, resolve_options
+from cmcflow.resources import draws_mem_mb, light_mem_mb, sample_mem_mb
 from cmcflow.shard import resolve_num_shards, shard_id
 from cmcflow.table import count_rows
 
@@ -205,3 +207,32 @@ def shard_diagnostics_inputs(wildcards):
     """Diagnostics the report shows: on aligned draws for rigid models."""
     rigid = ANALYSES[wildcards.analysis].rigid
     return shard_paths(wildcards.analysis, ALIGNED_DIAGNOSTICS if rigid else SHARD_DIAGNOSTICS)
+
+
+# --- resources: memory from the inputs' sizes, scaled by the retry attempt ---
+
+
+def directory_mb(path):
+    return sum(entry.stat().st_size for entry in Path(path).iterdir()) / 2**20
+
+
+def light_mem(wildcards, input, attempt):
+    return light_mem_mb(input.size_mb, attempt)
+
+
+def light_base_mem(wildcards, attempt):
+    """featurize and report: small inputs (one shard, a few JSON files)."""
+    return light_mem_mb(0, attempt)
+
+
+def sample_mem(wildcards, input, attempt):
+    return sample_mem_mb(input.size_mb, attempt)
+
+
+def fulldata_mem(wildcards, input, attempt):
+    # the validated shards hold every row as float64 columns, about the features' size
+    return sample_mem_mb(directory_mb(input.shards), attempt)
+
+
+def draws_mem(wildcards, input, attempt):
+    return draws_mem_mb(input.size_mb, attempt)

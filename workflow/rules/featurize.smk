@@ -16,7 +16,7 @@ rule featurize:
         f"{BENCHMARKS}/featurize/shard-{{shard}}.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=light_base_mem,
         runtime=10,
     conda:
         "../../envs/light.yaml"

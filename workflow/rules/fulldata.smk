@@ -21,7 +21,7 @@ rule sample_fulldata:
         f"{BENCHMARKS}/sample_fulldata.tsv"
     threads: config["jax"]["devices"]
     resources:
-        mem_mb=8000,
+        mem_mb=fulldata_mem,
         runtime=600,
     conda:
         "../../envs/jax-devices.yaml"

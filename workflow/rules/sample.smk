@@ -16,7 +16,7 @@ rule sample:
         f"{BENCHMARKS}/sample/shard-{{shard}}.tsv"
     threads: config["jax"]["devices"]
     resources:
-        mem_mb=4000,
+        mem_mb=sample_mem,
         runtime=120,
     conda:
         "../../envs/jax-devices.yaml"

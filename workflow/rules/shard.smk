@@ -15,7 +15,7 @@ rule shard:
         f"{BENCHMARKS}/shard.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=light_mem,
         runtime=30,
     conda:
         "../../envs/light.yaml"

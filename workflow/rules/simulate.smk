@@ -12,7 +12,7 @@ rule simulate:
         f"{BENCHMARKS}/simulate.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=light_mem,
         runtime=10,
     conda:
         "../../envs/light.yaml"

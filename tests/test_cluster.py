@@ -1,0 +1,95 @@
+"""cmcflow on real schedulers: a single-node SLURM started on this machine
+(scripts/start_slurm.sh), and the Torque-compatible PBS commands over it.
+
+Needs root (to start the daemons, and to install slurm-wlm if it is missing); elsewhere
+the scheduler runs are skipped with the reason. The dry runs need no scheduler at all.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Workflow, tiny_config
+
+pytestmark = pytest.mark.workflow
+
+SLURM_PREFIX = Path(os.environ.get("CMCFLOW_SLURM_PREFIX", "/tmp/cmcflow-slurm"))
+PROFILES = {
+    "slurm": ["--profile", str(REPO / "profiles/slurm"), "--profile", str(REPO / "tests/profiles/slurm-ci")],
+    "pbs": ["--profile", str(REPO / "profiles/pbs"), "--profile", str(REPO / "tests/profiles/pbs-ci")],
+}
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running single-node SLURM (stopped afterwards if this fixture started it)."""
+    if os.geteuid() != 0:
+        pytest.skip("starting SLURM needs root" + ("" if shutil.which("sbatch") else "; sbatch is not installed"))
+    already_running = (SLURM_PREFIX / "pids").exists()
+    started = subprocess.run(["bash", str(REPO / "scripts/start_slurm.sh")], capture_output=True, text=True, timeout=600)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield
+    if not already_running:
+        subprocess.run(["bash", str(REPO / "scripts/stop_slurm.sh")], timeout=120)
+
+
+#: Commands of SLURM (slurm-client) and of PBS/Torque that a machine without a scheduler lacks.
+SCHEDULER_COMMANDS = {
+    "sbatch", "srun", "salloc", "squeue", "sacct", "sacctmgr", "sinfo", "scontrol", "scancel",
+    "sattach", "sbcast", "sdiag", "sprio", "sreport", "sshare", "sstat", "strigger", "sview",
+    "qsub", "qstat", "qdel", "qalter", "qhold", "qrls", "pbsnodes", "generate_pbs_nodefile",
+}
+
+
+def path_without_scheduler(directory: Path) -> str:
+    """PATH of the Python environment plus every system command except the scheduler's."""
+    directory.mkdir()
+    for system_dir in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for command in Path(system_dir).iterdir():
+            link = directory / command.name
+            if command.name not in SCHEDULER_COMMANDS and not link.exists():
+                link.symlink_to(command)
+    return f"{Path(sys.executable).parent}:{directory}"
+
+
+def test_dry_runs_need_no_scheduler(tmp_path):
+    """With no SLURM or PBS command on PATH, both profiles list every job."""
+    bare_path = path_without_scheduler(tmp_path / "bin")
+    workflow = Workflow(tmp_path, tiny_config())
+    for name, profile in PROFILES.items():
+        for command in ("sbatch", "qsub", "squeue", "qstat"):
+            assert shutil.which(command, path=bare_path) is None
+        result = workflow.run("--dry-run", *profile, path=bare_path, timeout=120)
+        assert "sample" in result.stdout and "total" in result.stdout, (name, result.stdout)
+
+
+def scheduled_run(tmp_path: Path, profile: str) -> Workflow:
+    workflow = Workflow(tmp_path, tiny_config())
+    workflow.run(*PROFILES[profile], timeout=900)
+    results = tmp_path / "results/tiny"
+    for name in ("combined/summary.csv", "report/report.html", "samples/shard-0001.nc"):
+        assert (results / name).is_file(), name
+    return workflow
+
+
+def test_tiny_workflow_through_slurm(slurm, tmp_path):
+    scheduled_run(tmp_path, "slurm")
+    # every cluster rule went through sbatch: its SLURM log is kept in the profile's logdir
+    for rule in ("sample", "combine"):
+        assert list((tmp_path / "logs/slurm" / f"rule_{rule}").rglob("*.log")), rule
+    # light rules are local: they never reach the scheduler
+    assert not (tmp_path / "logs/slurm/rule_featurize").exists()
+
+
+def test_tiny_workflow_through_pbs_torque(slurm, tmp_path):
+    scheduled_run(tmp_path, "pbs")
+    jobs = list((tmp_path / ".snakemake/cmcflow-pbs/jobs").iterdir())
+    assert len(jobs) == 3  # two sample jobs and combine
+    assert all(record.read_text().split()[1] == "torque" for record in jobs)
+    logs = sorted(path.name for path in (tmp_path / "logs/pbs").iterdir())
+    assert sum(name.startswith("smk-sample") for name in logs) == 2
