@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpyro.infer.hmc_util import consensus
 
+from cmcflow.align import align_kabsch
 from cmcflow.align_draws import generalised_procrustes, rmsd
 from cmcflow.combine import block_consensus, flatten, point_blocks, unflatten
 
@@ -49,7 +50,5 @@ def test_generalised_procrustes_recovers_the_shape():
     mean, rounds = generalised_procrustes(clouds, allow_reflection=False)
     assert rounds < 100
     np.testing.assert_allclose(mean.mean(axis=0), 0.0, atol=1e-9)
-    from cmcflow.align import align_kabsch
-
     moved = align_kabsch(mean[None], shape[None], np.ones((1, 25), bool), allow_reflection=False).points[0]
     assert rmsd(moved, mean) < 0.05

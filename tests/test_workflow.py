@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 from conftest import REPO, Workflow, tiny_config
 
+from cmcflow.resources import draws_mem_mb, light_mem_mb, sample_mem_mb
+
 pytestmark = pytest.mark.workflow
 
 RESULTS = "results/tiny"
@@ -153,8 +155,6 @@ def test_model_option_edit_reruns_sample_onwards_only(finished):
 
 def test_memory_estimates_cover_measured_peaks(finished):
     """Each rule's mem_mb estimate (attempt 1) is at least the job's measured peak RSS."""
-    from cmcflow.resources import draws_mem_mb, light_mem_mb, sample_mem_mb
-
     results = finished.workdir / RESULTS
 
     def peak_mb(benchmark):
