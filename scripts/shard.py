@@ -19,4 +19,5 @@ with reported_errors():
         spec=get_model(snakemake.params.model),
         columns=snakemake.params.columns,
         seed=snakemake.params.seed,
+        strata=snakemake.params.strata,
     )

@@ -11,7 +11,14 @@ import pytest
 
 from cmcflow.errors import InputError
 from cmcflow.models import get_model, resolve_columns
-from cmcflow.shard import MANIFEST_NAME, resolve_num_shards, shard_file_name, shard_table, split_rows
+from cmcflow.shard import (
+    MANIFEST_NAME,
+    resolve_num_shards,
+    resolve_strata,
+    shard_file_name,
+    shard_table,
+    split_rows,
+)
 
 LOGISTIC = get_model("logistic")
 COLUMNS = resolve_columns(LOGISTIC, {"features": ["x0", "x1"], "label": "y"})
@@ -33,6 +40,42 @@ def test_split_is_a_balanced_deterministic_partition(rows, num_shards):
     again = split_rows(rows, num_shards, seed=7)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
     assert not all(np.array_equal(a, b) for a, b in zip(parts, split_rows(rows, num_shards, seed=8)))
+
+
+@pytest.mark.parametrize("rows,num_shards,num_strata", [(34000, 8, 850), (1001, 8, 3), (50, 8, 40)])
+def test_stratified_split_deals_every_stratum_evenly(rows, num_shards, num_strata):
+    strata = np.random.default_rng(1).integers(0, num_strata, rows)
+    parts = split_rows(rows, num_shards, seed=7, strata=strata)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(rows))
+    sizes = [len(part) for part in parts]
+    assert max(sizes) - min(sizes) <= 1
+    counts = np.stack([np.bincount(strata[part], minlength=num_strata) for part in parts])  # (K, strata)
+    assert (counts.max(axis=0) - counts.min(axis=0)).max() <= 1
+    again = split_rows(rows, num_shards, seed=7, strata=strata)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, split_rows(rows, num_shards, seed=8, strata=strata)))
+
+
+def test_structure_shards_are_stratified_by_pair(tmp_path):
+    structure = get_model("structure")
+    table, _ = structure.simulate(rows=34000, seed=1)
+    source = tmp_path / "distances.parquet"
+    table.to_parquet(source)
+    columns = resolve_columns(structure, {})
+    manifest = shard_table(source, tmp_path / "shards", 8, structure, columns, seed=0, strata=structure.strata)
+    assert manifest["stratified_by"] == ["i", "j"]
+    per_shard = [pd.read_parquet(tmp_path / "shards" / shard_file_name(k)).groupby(["i", "j"]).size() for k in range(8)]
+    counts = pd.concat(per_shard, axis=1).fillna(0)
+    assert (counts.max(axis=1) - counts.min(axis=1)).max() <= 1  # 40 observations per pair: 5 in every shard
+
+
+def test_strata_must_be_single_column_roles():
+    assert resolve_strata("model", LOGISTIC) == ()
+    assert resolve_strata(["label"], LOGISTIC) == ("label",)
+    with pytest.raises(InputError, match=r"\['features'\] are not single-column roles of model 'logistic'"):
+        resolve_strata(["features"], LOGISTIC)
+    with pytest.raises(InputError, match=r"\['pair'\] are not single-column roles"):
+        resolve_strata(["pair"], get_model("structure"))
 
 
 def test_num_shards_from_rows_per_shard():

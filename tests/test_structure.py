@@ -51,6 +51,9 @@ def test_align_stage_outputs_and_covariance_choice(structure_run):
     results = structure_run.workdir / "results/tiny"
     shards = json.loads((results / "combined/shards.json").read_text())
     assert shards["covariance"].startswith("per-point 3x3 blocks")
+    assert shards["location"].startswith("distance consensus over ") and shards["location_shift_rmsd"] >= 0
+    manifest = json.loads((results / "shards/manifest.json").read_text())
+    assert manifest["stratified_by"] == ["i", "j"]
     reference = json.loads((results / "aligned/reference.json").read_text())
     assert np.asarray(reference["coords"]).shape == (20, 3)
     aligned = az.from_netcdf(results / "aligned/shard-0000.nc")

@@ -22,6 +22,16 @@ block-diagonal weights: one 3×3 block per point, and one full block for all oth
 parameters (:func:`block_consensus`; NumPyro has no block option, so it is written here).
 Measured on 8 ubiquitin shards (issue 3): full covariance put the combined mean 98–885 Å
 from the crystal structure, diagonal 0.385 Å, per-point blocks 0.353 Å (full data 0.32 Å).
+
+Where a rigid model's data are distances between points (the model declares its
+``observed_pairs``), the combined structure is also *located* in distance space
+(:func:`locate_by_distances`): each shard's posterior mean of an observed distance is
+nearly unbiased, while its posterior mean of the coordinates is biased in shape (a shard
+knows each distance K times less precisely, and the mean of a spread-out cloud is not the
+cloud of mean distances). That bias is the same in every shard, so averaging does not
+remove it. Measured on ubiquitin (K = 8, 34,000 distances): coordinate consensus put the
+combined mean 0.50 Å from the crystal structure, distance location 0.32 Å (full-data NUTS
+0.29 Å); the spread of the draws is unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import numpy as np
 import pandas as pd
 from numpyro.infer.hmc_util import consensus, parametric_draws
 from numpyro.infer.util import constrain_fn
+from scipy.optimize import minimize
 
 from cmcflow.errors import InputError
 from cmcflow.io import atomic_path, write_json_atomic
@@ -103,6 +114,68 @@ def block_consensus(subposteriors: Sequence[np.ndarray], blocks: Sequence[np.nda
     return combined
 
 
+def pair_distances(points: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """``(S, N, 3)`` point clouds, ``(P, 2)`` point pairs -> ``(S, P)`` distances |x_i − x_j|."""
+    return np.linalg.norm(points[:, pairs[:, 0]] - points[:, pairs[:, 1]], axis=-1)
+
+
+def distance_consensus(subposteriors: Sequence[np.ndarray], pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision-weighted consensus of pair distances over K subposteriors ``(S, N, 3)``.
+
+    d̂_p = Σ_s w_s,p d̄_s,p / W_p with W_p = Σ_s w_s,p, where d̄_s,p and 1/w_s,p are the mean
+    and variance of pair p's distance over shard s's draws (the consensus of Gaussian
+    marginals). Returns d̂ ``(P,)`` and W ``(P,)``.
+    """
+    distances = np.stack([pair_distances(points, pairs) for points in subposteriors])  # (K, S, P)
+    precision = 1.0 / np.maximum(distances.var(axis=1), np.finfo(float).tiny)
+    total = precision.sum(axis=0)
+    return (precision * distances.mean(axis=1)).sum(axis=0) / total, total
+
+
+def fit_to_distances(distances: np.ndarray, weights: np.ndarray, pairs: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The structure ``(N, 3)`` minimising the weighted stress Σ_p W_p (|x_i − x_j| − d̂_p)²,
+    by L-BFGS (SciPy) from ``start (N, 3)``; points in no pair stay where they start."""
+    first, second = pairs[:, 0], pairs[:, 1]
+    scale = weights / weights.mean()
+
+    def stress(flat):
+        points = flat.reshape(start.shape)
+        difference = points[first] - points[second]
+        length = np.sqrt(np.sum(difference**2, axis=-1) + 1e-12)
+        residual = length - distances
+        pull = (2 * scale * residual / length)[:, None] * difference
+        gradient = np.zeros_like(points)
+        np.add.at(gradient, first, pull)
+        np.add.at(gradient, second, -pull)
+        return np.sum(scale * residual**2), gradient.reshape(-1)
+
+    result = minimize(stress, start.reshape(-1), jac=True, method="L-BFGS-B", options={"maxiter": 10_000})
+    if not result.success:
+        log.warning("distance fit of the combined structure stopped early: %s", result.message)
+    return result.x.reshape(start.shape)
+
+
+def superpose(reference: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``points (N, 3)`` moved by the proper rigid motion that best fits them onto ``reference``."""
+    centred_ref, centred = reference - reference.mean(axis=0), points - points.mean(axis=0)
+    u, _, vt = np.linalg.svd(centred.T @ centred_ref)
+    handedness = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
+    return centred @ (u @ handedness @ vt) + reference.mean(axis=0)
+
+
+def locate_by_distances(
+    combined: np.ndarray, subposteriors: Sequence[np.ndarray], pairs: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Move the combined draws ``(S, N, 3)`` so that their mean is the structure that fits the
+    consensus of the observed distances (:func:`distance_consensus`, :func:`fit_to_distances`
+    started from the combined mean, superposed on it); every draw keeps its deviation from
+    the mean. Returns the moved draws and the RMSD (Å) between the old and the new mean."""
+    target, weights = distance_consensus(subposteriors, pairs)
+    mean = combined.mean(axis=0)
+    structure = superpose(mean, fit_to_distances(target, weights, pairs, mean))
+    return combined + (structure - mean), float(np.sqrt(np.mean(np.sum((structure - mean) ** 2, axis=-1))))
+
+
 def covariance_structure(method: str, point_site: str | None) -> str:
     """What the weights of ``method`` are, for a model with or without a point site."""
     if point_site is None:
@@ -154,8 +227,12 @@ def combine_runs(
     method: str,
     seed: int,
     point_site: str | None = None,
+    point_pairs: np.ndarray | None = None,
 ) -> az.InferenceData:
     """Consensus of shard runs (each with an ``unconstrained_posterior`` group).
+
+    ``point_pairs (P, 2)``: the point pairs whose distances the data observe; given, the
+    combined ``point_site`` is located by :func:`locate_by_distances`.
 
     Draws keep the shards' (chain, draw) layout: combined draw (c, j) merges draw (c, j) of
     every shard. The chains of a combined posterior are not independent MCMC chains, so
@@ -174,6 +251,13 @@ def combine_runs(
             )
         subposteriors.append({name: group[name].values.reshape(chains * draws, *group[name].shape[2:]) for name in sites})
     combined = combine_draws(subposteriors, method, jax.random.PRNGKey(seed), point_site)
+    location = {} if point_site is None else {"location": "coordinate consensus"}
+    if point_pairs is not None:
+        combined[point_site], shift = locate_by_distances(
+            combined[point_site], [sub[point_site] for sub in subposteriors], point_pairs
+        )
+        location = {"location": f"distance consensus over {len(point_pairs)} observed pairs", "location_shift_rmsd": shift}
+        log.info("combined structure located by %s: its mean moved %.3f Å", location["location"], shift)
     unconstrained = {name: value.reshape(chains, draws, *value.shape[1:]) for name, value in combined.items()}
     constrained = map_draws(
         lambda position: constrain_fn(model, (), model_kwargs, position), unconstrained, batch_ndims=2
@@ -189,6 +273,7 @@ def combine_runs(
             "covariance": covariance_structure(method, point_site),
             "space": "unconstrained",
             "num_shards_used": len(runs),
+            **location,
         }
     )
     return idata

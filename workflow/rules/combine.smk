@@ -4,6 +4,7 @@ rule combine:
         posteriors=combine_inputs,
         # any shard's features: combine traces the model once to learn its support transforms
         features=first_shard_features,
+        pair_features=rigid_shard_features,
     output:
         posterior=COMBINED_POSTERIOR,
         summary=COMBINED_SUMMARY,

@@ -8,10 +8,10 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
-from cmcflow.errors import ConfigError
+from cmcflow.errors import ConfigError, InputError
 from cmcflow.models import get_model, resolve_columns, resolve_options
 from cmcflow.resources import draws_mem_mb, light_mem_mb, sample_mem_mb
-from cmcflow.shard import resolve_num_shards, shard_id
+from cmcflow.shard import resolve_num_shards, resolve_strata, shard_id
 from cmcflow.table import count_rows
 
 min_version("9.0")
@@ -36,7 +36,7 @@ class Analysis:
     columns: dict
     options: dict
     num_shards: int
-
+    strata: tuple
     rigid: bool
 
     @property
@@ -60,7 +60,8 @@ def resolve_analysis(name, settings):
     num_shards = resolve_num_shards(shard.get("num_shards"), shard.get("rows_per_shard"), rows)
     if simulate:
         check_simulate_settings(spec, simulate)
-    return Analysis(name, settings, columns, options, num_shards, rigid=spec.symmetry == "rigid")
+    strata = resolve_strata(shard["stratify_by"], spec)
+    return Analysis(name, settings, columns, options, num_shards, strata, rigid=spec.symmetry == "rigid")
 
 
 def check_simulate_settings(spec, simulate):
@@ -79,7 +80,7 @@ try:
         name: resolve_analysis(name, settings)
         for name, settings in config["analyses"].items()
     }
-except (ConfigError, OSError) as error:
+except (InputError, OSError) as error:
     raise WorkflowError(f"cmcflow config error: {error}") from None
 
 
@@ -163,6 +164,11 @@ def num_shards_param(wildcards):
     return ANALYSES[wildcards.analysis].num_shards
 
 
+def strata_param(wildcards):
+    """The roles the shard stage stratifies by, resolved (the model's own for ``model``)."""
+    return list(ANALYSES[wildcards.analysis].strata)
+
+
 def jax_param(devices):
     """The JAX process settings of a job that runs on ``devices`` virtual devices."""
     return {
@@ -182,6 +188,11 @@ def table_input(wildcards):
 
 def first_shard_features(wildcards):
     return shard_paths(wildcards.analysis, FEATURES)[0]
+
+
+def rigid_shard_features(wildcards):
+    """Every shard's features for rigid models (combine reads the observed point pairs), none otherwise."""
+    return shard_paths(wildcards.analysis, FEATURES) if ANALYSES[wildcards.analysis].rigid else []
 
 
 def stage_benchmarks(wildcards):

@@ -9,6 +9,7 @@ rule shard:
         columns=columns_param,
         num_shards=num_shards_param,
         seed=setting_param("shard", "seed"),
+        strata=strata_param,
     log:
         f"{LOGS}/shard.log",
     benchmark:

@@ -65,10 +65,18 @@ class ModelSpec:
         roles: the input columns by role.
         options: the model's own hyperparameters with their defaults (``model_options``
             in the config overrides them).
+        strata: roles whose rows the shard stage deals evenly over the shards when the
+            config's ``shard.stratify_by`` is ``model`` (its default); e.g. the structure
+            model's ``("i", "j")`` gives every shard an equal share of each pair's
+            observations. Empty: a plain random split.
         symmetry: ``"none"``, or ``"rigid"`` when the latent site ``point_site`` holds a
             point cloud ``(N, 3)`` whose posterior is invariant under rigid motions (and
             reflection): such models get the align stage.
         point_site: the point-cloud site of a rigid model.
+        observed_pairs: ``observed_pairs(features) -> (P, 2)`` int array: for a rigid model
+            whose data are distances between points, the pairs of points a shard's data
+            observe. Combine then places the combined structure where it fits the consensus
+            of those distances (see :func:`cmcflow.combine.locate_by_distances`).
         table_facts: ``table_facts(columns) -> dict`` of JSON values computed once from
             the whole validated table by the shard stage (e.g. the number of points, which
             every shard must share); may raise :class:`cmcflow.errors.InputError`.
@@ -84,8 +92,10 @@ class ModelSpec:
     featurizer_version: str
     roles: tuple[Role, ...]
     options: Mapping[str, float] = field(default_factory=dict)
+    strata: tuple[str, ...] = ()
     symmetry: str = "none"
     point_site: str | None = None
+    observed_pairs: Callable[[Mapping[str, np.ndarray]], np.ndarray] | None = None
     table_facts: Callable[[Mapping[str, np.ndarray]], dict[str, Any]] = no_table_facts
     init_values: Callable[..., dict[str, np.ndarray]] | None = None
     simulate: Callable[..., tuple[pd.DataFrame, dict[str, Any]]] | None = None
@@ -95,6 +105,11 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: symmetry must be 'none' or 'rigid'")
         if (self.symmetry == "rigid") != (self.point_site is not None):
             raise ValueError(f"model {self.name!r}: a rigid model names its point_site, and only a rigid one")
+        if self.observed_pairs is not None and self.point_site is None:
+            raise ValueError(f"model {self.name!r}: observed_pairs needs a point_site")
+        unknown = set(self.strata) - {role.name for role in self.roles}
+        if unknown:
+            raise ValueError(f"model {self.name!r}: strata {sorted(unknown)} are not roles of the model")
 
 
 def role_arrays(table: pd.DataFrame, columns: Mapping[str, list[str]], spec: ModelSpec) -> dict[str, np.ndarray]:

@@ -92,6 +92,13 @@ def featurize(columns: dict[str, np.ndarray], pad_to: int, facts: dict) -> dict[
     }
 
 
+def observed_pairs(features: dict) -> np.ndarray:
+    """``(P, 2)`` the distinct pairs ``i < j`` that the shard's real rows observe."""
+    real = features["mask"].astype(bool)
+    i, j = features["i"][real], features["j"][real]
+    return np.unique(np.stack([np.minimum(i, j), np.maximum(i, j)], axis=1), axis=0)
+
+
 def init_values(features: dict, options: dict, num_chains: int, rng: np.random.Generator) -> dict:
     """Each chain starts at the shard's MDS structure, jittered by ``START_JITTER`` Å."""
     start = features["start_coords"]
@@ -136,8 +143,10 @@ SPEC = ModelSpec(
         Role("distance", "real", default="distance", description="observed distance"),
     ),
     options={"prior_sd": 20.0, "noise_scale": 1.0, "nu": 4.0},
+    strata=("i", "j"),
     symmetry="rigid",
     point_site="coords",
+    observed_pairs=observed_pairs,
     table_facts=table_facts,
     init_values=init_values,
     simulate=simulate,
