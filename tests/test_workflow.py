@@ -55,7 +55,16 @@ def test_every_output_is_produced(finished):
     z = (summary.loc[["beta[0]", "beta[1]", "beta[2]"], "mean"] - truth["beta"]) / summary["sd"].iloc[:3].to_numpy()
     assert np.all(np.abs(z) < 4), z
     shards = json.loads((results / "combined/shards.json").read_text())
-    assert shards == {"method": "consensus", "covariance": "full covariance", "used": [0, 1], "excluded": []}
+    assert shards == {
+        "method": "consensus",
+        "covariance": "full covariance",
+        "space": "unconstrained",
+        "streaming": False,
+        "num_shards": 2,
+        "used": [0, 1],
+        "excluded": [],
+        "prior_power": 1.0,
+    }
     report = (results / "report/report.html").read_text()
     assert "Shard diagnostics" in report and "beta[2]" in report and "Time per stage" in report
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import arviz as az
 import jax
@@ -48,6 +48,7 @@ from numpyro.infer.hmc_util import consensus, parametric_draws
 from numpyro.infer.util import constrain_fn
 from scipy.optimize import minimize
 
+from cmcflow import screening
 from cmcflow.errors import InputError
 from cmcflow.io import atomic_path, write_json_atomic
 from cmcflow.sample import map_draws
@@ -94,29 +95,81 @@ def point_blocks(draws: Mapping[str, np.ndarray], sites: Sequence[str], point_si
     return blocks + ([np.asarray(others)] if others else [])
 
 
-def block_consensus(subposteriors: Sequence[np.ndarray], blocks: Sequence[np.ndarray]) -> np.ndarray:
-    """Consensus Monte Carlo with block-diagonal weights.
+class ConsensusAccumulator:
+    """Consensus Monte Carlo with block-diagonal weights, one shard at a time.
 
-    ``subposteriors``: K arrays ``(S, D)``; ``blocks``: index arrays partitioning range(D).
-    Within block b, θ_j[b] = (Σ_s W_s,b)⁻¹ Σ_s W_s,b θ_s,j[b] with W_s,b the inverse sample
-    covariance of shard s on block b. Returns ``(S, D)``.
+    ``blocks``: index arrays partitioning range(D) (one block of all D: full covariance;
+    singletons: diagonal). For every block b it keeps Σ_s W_s,b and Σ_s W_s,b θ_s,j[b], where
+    W_s,b is the inverse sample covariance of shard s on block b, so memory is
+    O(S·D + Σ_b d_b²) whatever the number of shards, and no synthetic draw is ever combined
+    again. :meth:`draws` gives θ_j[b] = (Σ_s W_s,b)⁻¹ Σ_s W_s,b θ_s,j[b] ``(S, D)``;
+    :meth:`gaussian` the product of the shards' Gaussian approximations (mean ``(D,)`` and the
+    covariance of each block).
     """
-    stacked = np.stack(subposteriors)  # (K, S, D)
-    combined = np.empty(stacked.shape[1:])
-    for size in sorted({len(block) for block in blocks}):
-        index = np.stack([block for block in blocks if len(block) == size])  # (B, size)
-        values = stacked[:, :, index]  # (K, S, B, size)
-        centred = values - values.mean(axis=1, keepdims=True)
-        covariance = np.einsum("ksbi,ksbj->kbij", centred, centred) / (values.shape[1] - 1)
-        weights = np.linalg.inv(covariance)  # (K, B, size, size)
-        weighted = np.einsum("kbij,ksbj->sbi", weights, values)
-        combined[:, index] = np.linalg.solve(weights.sum(axis=0)[None], weighted[..., None])[..., 0]
-    return combined
+
+    def __init__(self, blocks: Sequence[np.ndarray], num_draws: int, dimension: int):
+        self.groups = {
+            size: np.stack([block for block in blocks if len(block) == size]) for size in {len(block) for block in blocks}
+        }  # size -> (B, size) indices
+        self.precision = {size: np.zeros((len(index), size, size)) for size, index in self.groups.items()}
+        self.weighted_draws = np.zeros((num_draws, dimension))
+        self.weighted_mean = np.zeros(dimension)
+        self.num_shards = 0
+
+    def add(self, draws: np.ndarray) -> None:
+        """Add one shard's draws ``(S, D)``."""
+        for size, index in self.groups.items():
+            values = draws[:, index]  # (S, B, size)
+            mean = values.mean(axis=0)
+            centred = values - mean
+            weights = np.linalg.inv(np.einsum("sbi,sbj->bij", centred, centred) / (len(draws) - 1))
+            self.precision[size] += weights
+            self.weighted_draws[:, index] += np.einsum("bij,sbj->sbi", weights, values)
+            self.weighted_mean[index] += np.einsum("bij,bj->bi", weights, mean)
+        self.num_shards += 1
+
+    def draws(self) -> np.ndarray:
+        combined = np.empty_like(self.weighted_draws)
+        for size, index in self.groups.items():
+            combined[:, index] = np.linalg.solve(self.precision[size][None], self.weighted_draws[:, index][..., None])[..., 0]
+        return combined
+
+    def gaussian(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Mean ``(D,)`` and, per block size, the covariances ``(B, size, size)`` of the product."""
+        mean = np.empty_like(self.weighted_mean)
+        covariances = {}
+        for size, index in self.groups.items():
+            covariances[size] = np.linalg.inv(self.precision[size])
+            mean[index] = np.einsum("bij,bj->bi", covariances[size], self.weighted_mean[index])
+        return mean, covariances
+
+
+def block_consensus(subposteriors: Sequence[np.ndarray], blocks: Sequence[np.ndarray]) -> np.ndarray:
+    """Consensus Monte Carlo with block-diagonal weights (:class:`ConsensusAccumulator`) of K
+    subposteriors ``(S, D)``; returns ``(S, D)``."""
+    accumulator = ConsensusAccumulator(blocks, *subposteriors[0].shape)
+    for draws in subposteriors:
+        accumulator.add(draws)
+    return accumulator.draws()
 
 
 def pair_distances(points: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """``(S, N, 3)`` point clouds, ``(P, 2)`` point pairs -> ``(S, P)`` distances |x_i − x_j|."""
     return np.linalg.norm(points[:, pairs[:, 0]] - points[:, pairs[:, 1]], axis=-1)
+
+
+def distance_moments(points: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance ``(P,)`` over draws ``(S, N, 3)`` of each pair's distance."""
+    distances = pair_distances(points, pairs)
+    return distances.mean(axis=0), distances.var(axis=0)
+
+
+def consensus_of_moments(means: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(K, P)`` per-shard means and variances -> precision-weighted mean ``(P,)`` and the
+    total precision ``(P,)`` (the product of Gaussian marginals)."""
+    precision = 1.0 / np.maximum(variances, np.finfo(float).tiny)
+    total = precision.sum(axis=0)
+    return (precision * means).sum(axis=0) / total, total
 
 
 def distance_consensus(subposteriors: Sequence[np.ndarray], pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,10 +179,8 @@ def distance_consensus(subposteriors: Sequence[np.ndarray], pairs: np.ndarray) -
     and variance of pair p's distance over shard s's draws (the consensus of Gaussian
     marginals). Returns d̂ ``(P,)`` and W ``(P,)``.
     """
-    distances = np.stack([pair_distances(points, pairs) for points in subposteriors])  # (K, S, P)
-    precision = 1.0 / np.maximum(distances.var(axis=1), np.finfo(float).tiny)
-    total = precision.sum(axis=0)
-    return (precision * distances.mean(axis=1)).sum(axis=0) / total, total
+    moments = [distance_moments(points, pairs) for points in subposteriors]
+    return consensus_of_moments(np.stack([m for m, _ in moments]), np.stack([v for _, v in moments]))
 
 
 def fit_to_distances(distances: np.ndarray, weights: np.ndarray, pairs: np.ndarray, start: np.ndarray) -> np.ndarray:
@@ -163,17 +214,23 @@ def superpose(reference: np.ndarray, points: np.ndarray) -> np.ndarray:
     return centred @ (u @ handedness @ vt) + reference.mean(axis=0)
 
 
+def locate_at_distances(
+    combined: np.ndarray, distances: np.ndarray, weights: np.ndarray, pairs: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Move the combined draws ``(S, N, 3)`` so that their mean is the structure that fits
+    the target ``distances (P,)`` with ``weights (P,)`` (:func:`fit_to_distances` started from
+    the combined mean, then superposed on it); every draw keeps its deviation from the mean.
+    Returns the moved draws and the RMSD (Å) between the old and the new mean."""
+    mean = combined.mean(axis=0)
+    structure = superpose(mean, fit_to_distances(distances, weights, pairs, mean))
+    return combined + (structure - mean), float(np.sqrt(np.mean(np.sum((structure - mean) ** 2, axis=-1))))
+
+
 def locate_by_distances(
     combined: np.ndarray, subposteriors: Sequence[np.ndarray], pairs: np.ndarray
 ) -> tuple[np.ndarray, float]:
-    """Move the combined draws ``(S, N, 3)`` so that their mean is the structure that fits the
-    consensus of the observed distances (:func:`distance_consensus`, :func:`fit_to_distances`
-    started from the combined mean, superposed on it); every draw keeps its deviation from
-    the mean. Returns the moved draws and the RMSD (Å) between the old and the new mean."""
-    target, weights = distance_consensus(subposteriors, pairs)
-    mean = combined.mean(axis=0)
-    structure = superpose(mean, fit_to_distances(target, weights, pairs, mean))
-    return combined + (structure - mean), float(np.sqrt(np.mean(np.sum((structure - mean) ** 2, axis=-1))))
+    """:func:`locate_at_distances` at the :func:`distance_consensus` of the subposteriors."""
+    return locate_at_distances(combined, *distance_consensus(subposteriors, pairs), pairs)
 
 
 def covariance_structure(method: str, point_site: str | None) -> str:
@@ -220,6 +277,147 @@ def summary_table(idata: az.InferenceData) -> pd.DataFrame:
     return table[["mean", "sd", "5%", "95%"]]
 
 
+#: Above this many shards, combine streams: it never holds more than one shard's draws.
+STREAMING_ABOVE = 500
+
+
+def unconstrained_draws(run: az.InferenceData) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+    """``{site: (chains · draws, …)}`` of a run's ``unconstrained_posterior``, and (chains, draws)."""
+    group = run.unconstrained_posterior
+    chains, draws = group.sizes["chain"], group.sizes["draw"]
+    return {name: group[name].values.reshape(chains * draws, *group[name].shape[2:]) for name in group.data_vars}, (
+        chains,
+        draws,
+    )
+
+
+def combine_shards(
+    load: Callable[[int], az.InferenceData],
+    num_shards: int,
+    model,
+    model_kwargs: Mapping,
+    method: str,
+    seed: int,
+    *,
+    diagnostics: Sequence[Mapping] | None = None,
+    screen_thresholds: Mapping[str, float] | None = None,
+    min_shards_fraction: float = 1.0,
+    point_site: str | None = None,
+    point_pairs: np.ndarray | None = None,
+) -> tuple[az.InferenceData, dict]:
+    """Screen and combine the shard runs ``load(0) … load(K − 1)`` (each with an
+    ``unconstrained_posterior`` group); returns the combined InferenceData and the shard
+    record (used, excluded with reasons, method, covariance, location).
+
+    Screening (:mod:`cmcflow.screening`) runs when ``screen_thresholds`` and the shards'
+    ``diagnostics`` are given. ``point_pairs (P, 2)``: the point pairs whose distances the
+    data observe; given, the combined ``point_site`` is located by :func:`locate_at_distances`.
+    Above ``STREAMING_ABOVE`` shards the draws are read twice (summaries, then a
+    :class:`ConsensusAccumulator`) and never held together.
+
+    Draws keep the shards' (chain, draw) layout: combined draw (c, j) merges draw (c, j) of
+    every shard. The chains of a combined posterior are not independent MCMC chains, so
+    R-hat and ESS belong to the shards, never to the combined draws.
+    """
+    streaming = num_shards > STREAMING_ABOVE
+    first, layout = unconstrained_draws(load(0))
+    sites = list(first)
+    in_memory, summaries, distance_means, distance_variances = {}, [], {}, {}
+    for shard in range(num_shards):
+        run = load(shard)
+        draws, shape = unconstrained_draws(run)
+        if list(draws) != sites or shape != layout:
+            raise InputError(
+                f"shard {shard} has sites {list(draws)} and {shape[0]}x{shape[1]} draws; "
+                f"shard 0 has {sites} and {layout[0]}x{layout[1]}"
+            )
+        if screen_thresholds is not None:
+            summaries.append(screening.summarise(shard, flatten(draws, sites), diagnostics[shard]))
+        if point_pairs is not None:
+            distance_means[shard], distance_variances[shard] = distance_moments(draws[point_site], point_pairs)
+        if not streaming:
+            in_memory[shard] = draws
+    if screen_thresholds is not None:
+        kept, excluded = screening.screen(summaries, screen_thresholds)
+        screening.require_enough(kept, excluded, num_shards, min_shards_fraction)
+    else:
+        kept, excluded = list(range(num_shards)), []
+    for entry in excluded:
+        log.warning("shard %d excluded: %s", entry["shard"], entry["reason"])
+
+    rng_key = jax.random.PRNGKey(seed)
+    if streaming:
+        combined = stream_combine((unconstrained_draws(load(shard))[0] for shard in kept), first, method, rng_key, point_site)
+    else:
+        combined = combine_draws([in_memory[shard] for shard in kept], method, rng_key, point_site)
+    location = {} if point_site is None else {"location": "coordinate consensus"}
+    if point_pairs is not None:
+        target, weights = consensus_of_moments(
+            np.stack([distance_means[shard] for shard in kept]), np.stack([distance_variances[shard] for shard in kept])
+        )
+        combined[point_site], shift = locate_at_distances(combined[point_site], target, weights, point_pairs)
+        location = {"location": f"distance consensus over {len(point_pairs)} observed pairs", "location_shift_rmsd": shift}
+        log.info("combined structure located by %s: its mean moved %.3f Å", location["location"], shift)
+
+    chains, draws = layout
+    unconstrained = {name: value.reshape(chains, draws, *value.shape[1:]) for name, value in combined.items()}
+    constrained = map_draws(
+        lambda position: constrain_fn(model, (), model_kwargs, position), unconstrained, batch_ndims=2
+    )
+    template = load(kept[0]).posterior
+    dims = {name: list(template[name].dims[2:]) for name in sites}
+    idata = az.InferenceData(
+        posterior=az.dict_to_dataset(constrained, library=None, dims=dims),
+        unconstrained_posterior=az.dict_to_dataset(unconstrained, library=None),
+    )
+    record = {
+        "method": method,
+        "covariance": covariance_structure(method, point_site),
+        **location,
+        "space": "unconstrained",
+        "streaming": streaming,
+        "num_shards": num_shards,
+        "used": kept,
+        "excluded": excluded,
+        # every shard's prior was tempered to 1/K: the combined posterior holds prior^(kept/K)
+        "prior_power": len(kept) / num_shards,
+    }
+    idata.posterior.attrs.update({key: value for key, value in record.items() if key not in ("used", "excluded", "streaming")})
+    idata.posterior.attrs["num_shards_used"] = len(kept)
+    return idata, record
+
+
+def stream_combine(
+    shard_draws: Iterable[Mapping[str, np.ndarray]],
+    like: Mapping[str, np.ndarray],
+    method: str,
+    rng_key: jax.Array,
+    point_site: str | None,
+) -> dict[str, np.ndarray]:
+    """:func:`combine_draws` for many shards, one ``{site: (S, …)}`` at a time
+    (:class:`ConsensusAccumulator`); ``like``: any shard's draws, for the layout."""
+    sites = list(like)
+    structure = covariance_structure(method, point_site)
+    dimension = flatten(like, sites).shape[1]
+    if structure == POINT_BLOCKS:
+        blocks = point_blocks(like, sites, point_site)
+    elif method == "consensus_diag":
+        blocks = [np.array([index]) for index in range(dimension)]
+    else:
+        blocks = [np.arange(dimension)]
+    num_draws = len(next(iter(like.values())))
+    accumulator = ConsensusAccumulator(blocks, num_draws, dimension)
+    for draws in shard_draws:
+        accumulator.add(flatten(draws, sites))
+    if method == "parametric":
+        mean, covariances = accumulator.gaussian()
+        normal = np.asarray(jax.random.normal(rng_key, (num_draws, dimension)))
+        combined = mean + normal @ np.linalg.cholesky(covariances[dimension][0]).T
+    else:
+        combined = accumulator.draws()
+    return unflatten(combined, like, sites)
+
+
 def combine_runs(
     runs: Sequence[az.InferenceData],
     model,
@@ -229,52 +427,9 @@ def combine_runs(
     point_site: str | None = None,
     point_pairs: np.ndarray | None = None,
 ) -> az.InferenceData:
-    """Consensus of shard runs (each with an ``unconstrained_posterior`` group).
-
-    ``point_pairs (P, 2)``: the point pairs whose distances the data observe; given, the
-    combined ``point_site`` is located by :func:`locate_by_distances`.
-
-    Draws keep the shards' (chain, draw) layout: combined draw (c, j) merges draw (c, j) of
-    every shard. The chains of a combined posterior are not independent MCMC chains, so
-    R-hat and ESS belong to the shards, never to the combined draws.
-    """
-    sites = list(runs[0].unconstrained_posterior.data_vars)
-    chains, draws = (runs[0].unconstrained_posterior.sizes[dim] for dim in ("chain", "draw"))
-    subposteriors = []
-    for run in runs:
-        group = run.unconstrained_posterior
-        if list(group.data_vars) != sites or (group.sizes["chain"], group.sizes["draw"]) != (chains, draws):
-            raise InputError(
-                f"shard {run.posterior.attrs.get('shard')} has sites {list(group.data_vars)} and "
-                f"{group.sizes['chain']}x{group.sizes['draw']} draws; shard "
-                f"{runs[0].posterior.attrs.get('shard')} has {sites} and {chains}x{draws}"
-            )
-        subposteriors.append({name: group[name].values.reshape(chains * draws, *group[name].shape[2:]) for name in sites})
-    combined = combine_draws(subposteriors, method, jax.random.PRNGKey(seed), point_site)
-    location = {} if point_site is None else {"location": "coordinate consensus"}
-    if point_pairs is not None:
-        combined[point_site], shift = locate_by_distances(
-            combined[point_site], [sub[point_site] for sub in subposteriors], point_pairs
-        )
-        location = {"location": f"distance consensus over {len(point_pairs)} observed pairs", "location_shift_rmsd": shift}
-        log.info("combined structure located by %s: its mean moved %.3f Å", location["location"], shift)
-    unconstrained = {name: value.reshape(chains, draws, *value.shape[1:]) for name, value in combined.items()}
-    constrained = map_draws(
-        lambda position: constrain_fn(model, (), model_kwargs, position), unconstrained, batch_ndims=2
-    )
-    dims = {name: list(runs[0].posterior[name].dims[2:]) for name in sites}
-    idata = az.InferenceData(
-        posterior=az.dict_to_dataset(constrained, library=None, dims=dims),
-        unconstrained_posterior=az.dict_to_dataset(unconstrained, library=None),
-    )
-    idata.posterior.attrs.update(
-        {
-            "method": method,
-            "covariance": covariance_structure(method, point_site),
-            "space": "unconstrained",
-            "num_shards_used": len(runs),
-            **location,
-        }
+    """:func:`combine_shards` of runs already in memory, without screening."""
+    idata, _ = combine_shards(
+        runs.__getitem__, len(runs), model, model_kwargs, method, seed, point_site=point_site, point_pairs=point_pairs
     )
     return idata
 

@@ -70,6 +70,14 @@ def render_report(
         f"<p>Model <code>{html.escape(model)}</code>; {len(shards['used'])} shards combined by "
         f"<code>{html.escape(shards['method'])}</code> ({html.escape(shards['covariance'])}); "
         f"{len(excluded)} excluded.</p>",
+        *([f"<p>Structure located by {html.escape(shards['location'])}.</p>"] if "location" in shards else []),
+        *(
+            ["<h2>Excluded shards</h2><ul>"]
+            + [f"<li>shard {entry['shard']}: {html.escape(entry['reason'])}</li>" for entry in excluded]
+            + ["</ul>"]
+            if excluded
+            else []
+        ),
         "<h2>Combined posterior</h2>",
         summary.to_html(float_format="{:.4g}".format),
         "<h2>Shard diagnostics</h2>",

@@ -1,7 +1,9 @@
 rule combine:
-    """Consensus Monte Carlo over all shards, in the unconstrained space, all sites jointly."""
+    """Screen the shards, then consensus Monte Carlo over the kept ones, in the unconstrained space, all sites jointly."""
     input:
         posteriors=combine_inputs,
+        # the shards' own diagnostics (on aligned draws for rigid models), for screening
+        diagnostics=shard_diagnostics_inputs,
         # any shard's features: combine traces the model once to learn its support transforms
         features=first_shard_features,
         pair_features=rigid_shard_features,

@@ -1,0 +1,94 @@
+"""Shard screening (one policy, reasons recorded) and the streaming combination path."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from cmcflow.combine import combine_draws, stream_combine
+from cmcflow.errors import InputError
+from cmcflow.screening import ShardSummary, require_enough, screen, summarise
+
+THRESHOLDS = {"max_divergence_rate": 0.05, "max_r_hat": 1.1, "min_ess": 40, "max_outlier_z": 5.0}
+HEALTHY = {"max_r_hat": 1.01, "min_ess_bulk": 800.0, "divergence_rate": 0.0}
+
+
+def exchangeable_shards(rng, shards=8, draws=2000, dimension=6, shard_sd=1.0):
+    """Subposteriors as CMC sees them: shard s ~ N(μ_s, shard_sd²) with μ_s ~ N(0, shard_sd²)."""
+    return [rng.normal(scale=shard_sd, size=dimension) + rng.normal(scale=shard_sd, size=(draws, dimension)) for _ in range(shards)]
+
+
+def test_an_injected_outlier_shard_is_excluded_with_its_reason():
+    rng = np.random.default_rng(0)
+    shards = exchangeable_shards(rng)
+    shards[3] = shards[3] + np.array([0, 0, 8.0, 0, 0, 0])  # one parameter 8 sd away
+    summaries = [summarise(index, draws, HEALTHY) for index, draws in enumerate(shards)]
+    kept, excluded = screen(summaries, THRESHOLDS)
+    assert kept == [0, 1, 2, 4, 5, 6, 7]
+    assert len(excluded) == 1 and excluded[0]["shard"] == 3
+    assert excluded[0]["reason"].startswith("outlier: max |z|")
+
+
+def test_exchangeable_shards_are_all_kept():
+    for seed in range(20):
+        summaries = [summarise(i, d, HEALTHY) for i, d in enumerate(exchangeable_shards(np.random.default_rng(seed)))]
+        assert screen(summaries, THRESHOLDS) == (list(range(8)), []), seed
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        ({"max_r_hat": 1.3}, "r_hat: max 1.300 > 1.1"),
+        ({"max_r_hat": float("nan")}, "r_hat: max nan > 1.1"),
+        ({"min_ess_bulk": 12.0}, "ess: min bulk ESS 12 < 40"),
+        ({"divergence_rate": 0.2}, "divergences: rate 0.2 > 0.05"),
+    ],
+)
+def test_diagnostic_failures_are_excluded_with_their_reason(change, reason):
+    shards = exchangeable_shards(np.random.default_rng(1), shards=4)
+    summaries = [summarise(i, d, HEALTHY | (change if i == 2 else {})) for i, d in enumerate(shards)]
+    assert screen(summaries, THRESHOLDS) == ([0, 1, 3], [{"shard": 2, "reason": reason}])
+
+
+def test_non_finite_draws_are_excluded():
+    shards = exchangeable_shards(np.random.default_rng(2), shards=4)
+    shards[1][5, 2] = np.nan
+    summary = summarise(1, shards[1], HEALTHY)
+    assert isinstance(summary, ShardSummary) and not summary.finite
+    kept, excluded = screen([summarise(i, d, HEALTHY) for i, d in enumerate(shards)], THRESHOLDS)
+    assert kept == [0, 2, 3] and excluded[0]["reason"].startswith("non-finite")
+
+
+def test_too_few_usable_shards_fail_naming_every_excluded_shard():
+    excluded = [{"shard": 1, "reason": "r_hat: max 1.300 > 1.1"}, {"shard": 4, "reason": "outlier: max |z| 9.0 > 5.0"}]
+    require_enough([0, 2, 3], excluded, num_shards=5, min_fraction=0.5)
+    with pytest.raises(InputError, match=r"only 3 of 5 shards are usable .* shard 1: r_hat: .*; shard 4: outlier"):
+        require_enough([0, 2, 3], excluded, num_shards=5, min_fraction=0.8)
+
+
+@pytest.mark.parametrize("method", ["consensus", "consensus_diag"])
+def test_streaming_matches_in_memory_on_600_shards(method):
+    rng = np.random.default_rng(3)
+    subposteriors = []
+    for _ in range(600):
+        factor = np.eye(4) + 0.3 * rng.normal(size=(4, 4))
+        draws = rng.normal(size=4) + rng.normal(size=(300, 4)) @ factor
+        subposteriors.append({"beta": draws[:, :3], "log_sigma": draws[:, 3]})
+    in_memory = combine_draws(subposteriors, method, jax.random.PRNGKey(0))
+    streamed = stream_combine(iter(subposteriors), subposteriors[0], method, jax.random.PRNGKey(0), point_site=None)
+    for site in ("beta", "log_sigma"):
+        np.testing.assert_allclose(streamed[site], in_memory[site], rtol=1e-6, atol=1e-9)
+
+
+def test_streaming_parametric_has_the_gaussian_product_moments():
+    rng = np.random.default_rng(4)
+    subposteriors = [{"x": rng.normal(size=2) + rng.normal(size=(4000, 2)) * [1.0, 2.0]} for _ in range(600)]
+    streamed = stream_combine(iter(subposteriors), subposteriors[0], "parametric", jax.random.PRNGKey(1), None)["x"]
+    precision = sum(np.linalg.inv(np.cov(s["x"].T)) for s in subposteriors)
+    covariance = np.linalg.inv(precision)
+    mean = covariance @ sum(np.linalg.inv(np.cov(s["x"].T)) @ s["x"].mean(0) for s in subposteriors)
+    sd = np.sqrt(np.diag(covariance))
+    # 4000 draws: the sample mean is within 4 standard errors, the sd within 5%
+    np.testing.assert_array_less(np.abs(streamed.mean(0) - mean), 4 * sd / np.sqrt(4000))
+    np.testing.assert_allclose(streamed.std(0), sd, rtol=0.05)
