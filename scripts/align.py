@@ -20,11 +20,14 @@ with reported_errors():
     from cmcflow.align_draws import align_run
     from cmcflow.io import read_json
     from cmcflow.models import get_model
-    from cmcflow.sample import diagnostics, write_run
+    from cmcflow.sample import diagnostics, is_failed, write_run
 
     spec = get_model(snakemake.params.model)
     settings = snakemake.params.align
     run = az.from_netcdf(snakemake.input.posterior)
+    if is_failed(run):  # a failure record passes through to combine
+        write_run(run, read_json(snakemake.input.diagnostics), snakemake.output.posterior, snakemake.output.diagnostics)
+        sys.exit(0)
     aligned = align_run(
         run,
         np.asarray(read_json(snakemake.input.reference)["coords"]),

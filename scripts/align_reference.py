@@ -18,8 +18,9 @@ with reported_errors():
     from cmcflow.align_draws import build_reference
     from cmcflow.io import write_json_atomic
     from cmcflow.models import get_model
+    from cmcflow.sample import is_failed
 
     spec = get_model(snakemake.params.model)
-    runs = [az.from_netcdf(path) for path in snakemake.input.posteriors]
+    runs = [run for run in map(az.from_netcdf, snakemake.input.posteriors) if not is_failed(run)]
     reference, record = build_reference(runs, spec.point_site, snakemake.params.align["allow_reflection"])
     write_json_atomic(snakemake.output.reference, {"site": spec.point_site, "coords": reference.tolist(), **record})

@@ -42,6 +42,7 @@ with reported_errors():
         diagnostics=[json.loads(Path(path).read_text()) for path in snakemake.input.diagnostics],
         screen_thresholds=settings["screen"],
         min_shards_fraction=settings["min_shards_fraction"],
+        on_failed_shard=settings["on_failed_shard"],
         point_site=spec.point_site,
         point_pairs=point_pairs,
     )

@@ -15,18 +15,26 @@ with reported_errors():
 
     from cmcflow.featurize import load_features
     from cmcflow.models import get_model
-    from cmcflow.sample import NutsSettings, sample_features, write_run
+    import logging
+
+    from cmcflow.sample import NutsSettings, failed_run, sample_features, write_run
 
     settings = dict(snakemake.params.sample)
     seed = settings.pop("seed")
-    idata, report = sample_features(
-        get_model(snakemake.params.model["name"]),
-        load_features(snakemake.input.features),
-        snakemake.params.model["options"],
-        num_shards=snakemake.params.num_shards,
-        shard=int(snakemake.wildcards.shard),
-        seed=seed,
-        settings=NutsSettings(**settings),
-        devices=snakemake.params.jax["devices"],
-    )
+    shard = int(snakemake.wildcards.shard)
+    features = load_features(snakemake.input.features)
+    try:
+        idata, report = sample_features(
+            get_model(snakemake.params.model["name"]),
+            features,
+            snakemake.params.model["options"],
+            num_shards=snakemake.params.num_shards,
+            shard=shard,
+            seed=seed,
+            settings=NutsSettings(**settings),
+            devices=snakemake.params.jax["devices"],
+        )
+    except Exception as error:  # recorded, not raised: combine applies combine.on_failed_shard
+        logging.getLogger("cmcflow.sample").exception("NUTS failed on shard %d; writing a failure record", shard)
+        idata, report = failed_run(shard, f"{type(error).__name__}: {error}")
     write_run(idata, report, snakemake.output.posterior, snakemake.output.diagnostics)

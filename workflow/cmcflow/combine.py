@@ -51,7 +51,7 @@ from scipy.optimize import minimize
 from cmcflow import screening
 from cmcflow.errors import InputError
 from cmcflow.io import atomic_path, write_json_atomic
-from cmcflow.sample import map_draws
+from cmcflow.sample import is_failed, map_draws
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,7 @@ def combine_shards(
     diagnostics: Sequence[Mapping] | None = None,
     screen_thresholds: Mapping[str, float] | None = None,
     min_shards_fraction: float = 1.0,
+    on_failed_shard: str = "fail",
     point_site: str | None = None,
     point_pairs: np.ndarray | None = None,
 ) -> tuple[az.InferenceData, dict]:
@@ -309,6 +310,8 @@ def combine_shards(
     ``unconstrained_posterior`` group); returns the combined InferenceData and the shard
     record (used, excluded with reasons, method, covariance, location).
 
+    Shards whose sample job failed (:func:`cmcflow.sample.failed_run`) fail the run with
+    their errors (``on_failed_shard="fail"``) or are excluded with them (``"skip"``).
     Screening (:mod:`cmcflow.screening`) runs when ``screen_thresholds`` and the shards'
     ``diagnostics`` are given. ``point_pairs (P, 2)``: the point pairs whose distances the
     data observe; given, the combined ``point_site`` is located by :func:`locate_at_distances`.
@@ -320,16 +323,22 @@ def combine_shards(
     R-hat and ESS belong to the shards, never to the combined draws.
     """
     streaming = num_shards > STREAMING_ABOVE
-    first, layout = unconstrained_draws(load(0))
-    sites = list(first)
+    failed = []
+    first = layout = None
     in_memory, summaries, distance_means, distance_variances = {}, [], {}, {}
     for shard in range(num_shards):
         run = load(shard)
+        if is_failed(run):
+            failed.append({"shard": shard, "reason": f"failed: {run.posterior.attrs['error']}"})
+            continue
         draws, shape = unconstrained_draws(run)
+        if first is None:
+            first, layout, first_shard = draws, shape, shard
+        sites = list(first)
         if list(draws) != sites or shape != layout:
             raise InputError(
                 f"shard {shard} has sites {list(draws)} and {shape[0]}x{shape[1]} draws; "
-                f"shard 0 has {sites} and {layout[0]}x{layout[1]}"
+                f"shard {first_shard} has {sites} and {layout[0]}x{layout[1]}"
             )
         if screen_thresholds is not None:
             summaries.append(screening.summarise(shard, flatten(draws, sites), diagnostics[shard]))
@@ -337,11 +346,18 @@ def combine_shards(
             distance_means[shard], distance_variances[shard] = distance_moments(draws[point_site], point_pairs)
         if not streaming:
             in_memory[shard] = draws
+    if failed and on_failed_shard == "fail":
+        raise InputError(
+            f"{len(failed)} of {num_shards} sample jobs failed (set combine.on_failed_shard: skip to combine the "
+            "others): " + "; ".join(f"shard {entry['shard']}: {entry['reason']}" for entry in failed)
+        )
     if screen_thresholds is not None:
         kept, excluded = screening.screen(summaries, screen_thresholds)
-        screening.require_enough(kept, excluded, num_shards, min_shards_fraction)
     else:
-        kept, excluded = list(range(num_shards)), []
+        failed_shards = {entry["shard"] for entry in failed}
+        kept, excluded = [shard for shard in range(num_shards) if shard not in failed_shards], []
+    excluded = sorted(failed + excluded, key=lambda entry: entry["shard"])
+    screening.require_enough(kept, excluded, num_shards, min_shards_fraction)
     for entry in excluded:
         log.warning("shard %d excluded: %s", entry["shard"], entry["reason"])
 

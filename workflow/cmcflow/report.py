@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cmcflow.io import read_json
@@ -28,7 +29,7 @@ def shard_diagnostics_table(diagnostics_paths: Sequence[str | os.PathLike]) -> p
     """One row per shard (index: shard number) with the columns of ``DIAGNOSTIC_COLUMNS``."""
     records = [read_json(path) for path in diagnostics_paths]
     table = pd.DataFrame(
-        [{column: record[column] for column in DIAGNOSTIC_COLUMNS} for record in records],
+        [{column: record.get(column, np.nan) for column in DIAGNOSTIC_COLUMNS} for record in records],  # failed: NaN
         index=pd.Index([record["shard"] for record in records], name="shard"),
     )
     return table.rename(columns=DIAGNOSTIC_COLUMNS)

@@ -210,6 +210,20 @@ def sample_features(
     return idata, report
 
 
+def failed_run(shard: int, error: str) -> tuple[az.InferenceData, dict]:
+    """What a sample job writes when NUTS raised on its shard: no draws, the error. Combine
+    then applies ``combine.on_failed_shard`` (fail the run, or go on without the shard)."""
+    import xarray as xr
+
+    attrs = {"failed": 1, "shard": shard, "error": error}
+    return az.InferenceData(posterior=xr.Dataset({"failed": 1}, attrs=attrs)), {"failed": True, "shard": shard, "error": error}
+
+
+def is_failed(idata: az.InferenceData) -> bool:
+    """Whether the run is a :func:`failed_run` record."""
+    return bool(idata.posterior.attrs.get("failed", 0))
+
+
 def write_run(idata: az.InferenceData, report: dict, netcdf_path: str | os.PathLike, diagnostics_path: str | os.PathLike) -> None:
     """Write the run's NetCDF and diagnostics JSON, each atomically."""
     with atomic_path(netcdf_path) as tmp:

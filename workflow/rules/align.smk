@@ -29,6 +29,7 @@ rule align:
     """Every draw of one shard aligned to the reference, distributed over the JAX devices."""
     input:
         posterior=SHARD_POSTERIOR,
+        diagnostics=SHARD_DIAGNOSTICS,
         reference=ALIGN_REFERENCE,
     output:
         posterior=ALIGNED_POSTERIOR,

@@ -1,0 +1,98 @@
+"""A sample job that fails: recorded, then the run fails at combine naming it (default), or
+combine goes on without it (``combine.on_failed_shard: skip``); never silently dropped."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import Workflow, tiny_config
+
+pytestmark = pytest.mark.workflow
+
+#: The logistic model, plus a ``flag`` column; a shard holding a flagged row fails in NUTS
+#: set-up (its init_values hook raises), as a real numerical failure would.
+FLAKY_MODEL = '''
+import dataclasses
+
+import numpy as np
+
+from cmcflow.models import Role
+from cmcflow.models.logistic import SPEC as LOGISTIC
+from cmcflow.models.rows import pad_rows
+
+
+def flaky_model(flag, **features_and_options):
+    LOGISTIC.numpyro_model(**features_and_options)
+
+
+def featurize(columns, pad_to, facts):
+    features = LOGISTIC.featurize(columns, pad_to, facts)
+    features["flag"] = pad_rows(columns["flag"], pad_to)
+    return features
+
+
+def init_values(features, options, num_chains, rng):
+    if features["flag"].max() > 0:
+        raise RuntimeError("injected failure")
+    return {"intercept": rng.normal(scale=0.1, size=num_chains), "beta": rng.normal(scale=0.1, size=(num_chains, 3))}
+
+
+FLAKY = dataclasses.replace(
+    LOGISTIC, name="flaky", numpyro_model=flaky_model, featurize=featurize,
+    roles=LOGISTIC.roles + (Role("flag", "real", default="flag"),), init_values=init_values,
+)
+'''
+
+
+@pytest.fixture(scope="module")
+def flaky(tmp_path_factory):
+    """The workflow, the shard holding the flagged row, and the result of its first run."""
+    workdir = tmp_path_factory.mktemp("flaky")
+    (workdir / "flaky_model.py").write_text(FLAKY_MODEL)
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(3000, 3))
+    table = pd.DataFrame(X, columns=["x0", "x1", "x2"])
+    table["y"] = (rng.random(3000) < 1 / (1 + np.exp(-X @ [0.5, -0.5, 0.2]))).astype(int)
+    table["flag"] = 0.0
+    table.loc[1234, "flag"] = 1.0
+    table.to_csv(workdir / "data.csv", index=False)
+    config = tiny_config(
+        model="flaky_model:FLAKY",
+        input={"path": "data.csv"},
+        columns={"features": ["x0", "x1", "x2"], "label": "y"},
+        shard={"num_shards": 3, "seed": 0},
+    )
+    workflow = Workflow(workdir, config, env={"PYTHONPATH": str(workdir)})
+    result = workflow.run(check=False)
+    shards_dir = workdir / "results/tiny/shards"
+    failing = next(k for k in range(3) if pd.read_parquet(shards_dir / f"shard-{k:04d}.parquet")["row"].eq(1234).any())
+    return workflow, failing, result
+
+
+def test_by_default_a_failed_shard_fails_the_run_naming_it(flaky):
+    workflow, failing, result = flaky
+    assert result.returncode != 0
+    message = f"1 of 3 sample jobs failed (set combine.on_failed_shard: skip to combine the others): " \
+        f"shard {failing}: failed: RuntimeError: injected failure"
+    assert message in (workflow.workdir / "results/tiny/logs/combine.log").read_text()
+    assert message in result.stderr
+    assert not (workflow.workdir / "results/tiny/combined").exists()
+    record = json.loads((workflow.workdir / f"results/tiny/samples/shard-{failing:04d}.diagnostics.json").read_text())
+    assert record == {"failed": True, "shard": failing, "error": "RuntimeError: injected failure"}
+
+
+def test_skip_combines_the_others_and_lists_the_failed_shard(flaky):
+    workflow, failing, _ = flaky
+    config = json.loads(json.dumps(workflow.config))
+    config["analyses"]["tiny"]["combine"] = {"on_failed_shard": "skip"}
+    assert workflow.planned_jobs(config=config) == {"combine": 1, "report": 1, "all": 1}  # no sampling again
+    workflow.run(config=config)
+    shards = json.loads((workflow.workdir / "results/tiny/combined/shards.json").read_text())
+    assert shards["used"] == [k for k in range(3) if k != failing]
+    assert shards["excluded"] == [{"shard": failing, "reason": "failed: RuntimeError: injected failure"}]
+    assert shards["prior_power"] == pytest.approx(2 / 3)
+    report = (workflow.workdir / "results/tiny/report/report.html").read_text()
+    assert f"shard {failing}: failed: RuntimeError: injected failure" in report
