@@ -32,7 +32,7 @@ with reported_errors():
         shard_pairs = [spec.observed_pairs(load_features(path)) for path in snakemake.input.pair_features]
         point_pairs = np.unique(np.concatenate(shard_pairs), axis=0)
     paths = list(snakemake.input.posteriors)
-    combined, shards = combine_shards(
+    combined, shards, moments = combine_shards(
         lambda shard: az.from_netcdf(paths[shard]),
         len(paths),
         spec.numpyro_model,
@@ -46,4 +46,7 @@ with reported_errors():
         point_site=spec.point_site,
         point_pairs=point_pairs,
     )
-    write_combined(combined, shards, snakemake.output.posterior, snakemake.output.summary, snakemake.output.shards)
+    write_combined(
+        combined, shards, moments, snakemake.output.posterior, snakemake.output.summary, snakemake.output.shards,
+        snakemake.output.moments,
+    )

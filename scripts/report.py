@@ -10,15 +10,20 @@ open_log(snakemake.log[0])
 
 with reported_errors():
     from cmcflow.io import write_bytes_atomic
+    from cmcflow.models import get_model
     from cmcflow.report import render_report
 
-    page = render_report(
+    page, shards_png, posterior_png = render_report(
         snakemake.wildcards.analysis,
         snakemake.params.model,
         snakemake.input.summary,
         snakemake.input.shards,
+        snakemake.input.moments,
         snakemake.input.diagnostics,
         snakemake.input.features_info,
         snakemake.input.benchmarks,
+        point_site=get_model(snakemake.params.model).point_site,
     )
+    write_bytes_atomic(snakemake.output.shards_figure, shards_png)
+    write_bytes_atomic(snakemake.output.posterior_figure, posterior_png)
     write_bytes_atomic(snakemake.output.report, page.encode())

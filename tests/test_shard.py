@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -95,6 +96,11 @@ def test_shard_table_writes_shards_and_manifest(tmp_path):
     rows = np.sort(np.concatenate([shard["row"] for shard in shards]))
     assert np.array_equal(rows, np.arange(50))
     assert (tmp_path / "shards" / MANIFEST_NAME).exists()
+    # published with the modes open()/mkdir() would give, not the private ones of temp files
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "shards").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "shards" / MANIFEST_NAME).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def with_values(column: str, rows: list[int], value) -> pd.DataFrame:

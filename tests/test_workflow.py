@@ -10,6 +10,7 @@ import copy
 import json
 import subprocess
 import sys
+import zipfile
 
 import arviz as az
 import numpy as np
@@ -44,8 +45,8 @@ def test_every_output_is_produced(finished):
         "shards/shard-0000.parquet", "shards/shard-0001.parquet",
         "features/shard-0000.npz", "features/shard-0001.json",
         "samples/shard-0000.nc", "samples/shard-0001.diagnostics.json",
-        "combined/posterior.nc", "combined/summary.csv", "combined/shards.json",
-        "report/report.html", "logs/sample/shard-0000.log", "benchmarks/sample/shard-0001.tsv",
+        "combined/posterior.nc", "combined/summary.csv", "combined/shards.json", "combined/shard_moments.csv",
+        "report/report.html", "report/shards.png", "report/posterior.png", "logs/sample/shard-0000.log", "benchmarks/sample/shard-0001.tsv",
     ]
     assert [name for name in expected if not (results / name).is_file()] == []
     summary = pd.read_csv(results / "combined/summary.csv", index_col="parameter")
@@ -55,6 +56,7 @@ def test_every_output_is_produced(finished):
     z = (summary.loc[["beta[0]", "beta[1]", "beta[2]"], "mean"] - truth["beta"]) / summary["sd"].iloc[:3].to_numpy()
     assert np.all(np.abs(z) < 4), z
     shards = json.loads((results / "combined/shards.json").read_text())
+    assert set(shards.pop("max_abs_z")) == {"0", "1"}
     assert shards == {
         "method": "consensus",
         "covariance": "full covariance",
@@ -64,9 +66,15 @@ def test_every_output_is_produced(finished):
         "used": [0, 1],
         "excluded": [],
         "prior_power": 1.0,
+        "max_outlier_z": 5,
     }
+    moments = pd.read_csv(results / "combined/shard_moments.csv")
+    assert list(moments.columns) == ["shard", "parameter", "mean", "sd"] and len(moments) == 2 * 4
     report = (results / "report/report.html").read_text()
     assert "Shard diagnostics" in report and "beta[2]" in report and "Time per stage" in report
+    assert report.count("src='data:image/png;base64,") == 2  # both figures embedded
+    for figure in ("shards.png", "posterior.png"):
+        assert (results / "report" / figure).read_bytes().startswith(b"\x89PNG")
 
 
 def test_sample_job_runs_four_chains_on_four_devices(finished):
@@ -186,3 +194,9 @@ def test_memory_estimates_cover_measured_peaks(finished):
     }
     for benchmark, estimate in cases.items():
         assert estimate >= peak_mb(benchmark), (benchmark, estimate, peak_mb(benchmark))
+
+
+def test_snakemake_report_holds_the_figures(finished, tmp_path):
+    finished.run("--report", str(tmp_path / "report.zip"))
+    names = zipfile.ZipFile(tmp_path / "report.zip").namelist()
+    assert any(name.endswith("/shards.png") for name in names) and any(name.endswith("/posterior.png") for name in names)

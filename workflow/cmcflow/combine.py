@@ -291,6 +291,24 @@ def unconstrained_draws(run: az.InferenceData) -> tuple[dict[str, np.ndarray], t
     )
 
 
+def element_labels(name: str, shape: tuple[int, ...]) -> list[str]:
+    """ArviZ's labels of a site's elements, row-major: ``beta[0]``, ``coords[3, 1]``, ``sigma``."""
+    if not shape:
+        return [name]
+    return [f"{name}[{', '.join(map(str, index))}]" for index in np.ndindex(*shape)]
+
+
+def constrained_moments(shard: int, posterior) -> pd.DataFrame:
+    """Mean and sd over all draws of every element of every site of a shard's ``posterior``
+    group (constrained): rows (shard, parameter, mean, sd)."""
+    rows = []
+    for name, values in posterior.data_vars.items():
+        flat = values.values.reshape(-1, int(np.prod(values.shape[2:], dtype=int)))
+        labels = element_labels(name, values.shape[2:])
+        rows.append(pd.DataFrame({"shard": shard, "parameter": labels, "mean": flat.mean(axis=0), "sd": flat.std(axis=0)}))
+    return pd.concat(rows, ignore_index=True)
+
+
 def combine_shards(
     load: Callable[[int], az.InferenceData],
     num_shards: int,
@@ -305,10 +323,11 @@ def combine_shards(
     on_failed_shard: str = "fail",
     point_site: str | None = None,
     point_pairs: np.ndarray | None = None,
-) -> tuple[az.InferenceData, dict]:
+) -> tuple[az.InferenceData, dict, pd.DataFrame]:
     """Screen and combine the shard runs ``load(0) … load(K − 1)`` (each with an
-    ``unconstrained_posterior`` group); returns the combined InferenceData and the shard
-    record (used, excluded with reasons, method, covariance, location).
+    ``unconstrained_posterior`` group); returns the combined InferenceData, the shard
+    record (used, excluded with reasons, method, covariance, location, each shard's outlier
+    score) and every shard's constrained means and sds (:func:`constrained_moments`).
 
     Shards whose sample job failed (:func:`cmcflow.sample.failed_run`) fail the run with
     their errors (``on_failed_shard="fail"``) or are excluded with them (``"skip"``).
@@ -325,7 +344,7 @@ def combine_shards(
     streaming = num_shards > STREAMING_ABOVE
     failed = []
     first = layout = None
-    in_memory, summaries, distance_means, distance_variances = {}, [], {}, {}
+    in_memory, summaries, distance_means, distance_variances, moments = {}, [], {}, {}, []
     for shard in range(num_shards):
         run = load(shard)
         if is_failed(run):
@@ -340,6 +359,7 @@ def combine_shards(
                 f"shard {shard} has sites {list(draws)} and {shape[0]}x{shape[1]} draws; "
                 f"shard {first_shard} has {sites} and {layout[0]}x{layout[1]}"
             )
+        moments.append(constrained_moments(shard, run.posterior))
         if screen_thresholds is not None:
             summaries.append(screening.summarise(shard, flatten(draws, sites), diagnostics[shard]))
         if point_pairs is not None:
@@ -397,10 +417,14 @@ def combine_shards(
         "excluded": excluded,
         # every shard's prior was tempered to 1/K: the combined posterior holds prior^(kept/K)
         "prior_power": len(kept) / num_shards,
+        "max_abs_z": {str(shard): z for shard, z in screening.final_outlier_scores(summaries, kept).items()},
+        **({"max_outlier_z": screen_thresholds["max_outlier_z"]} if screen_thresholds is not None else {}),
     }
-    idata.posterior.attrs.update({key: value for key, value in record.items() if key not in ("used", "excluded", "streaming")})
+    idata.posterior.attrs.update(
+        {key: value for key, value in record.items() if key not in ("used", "excluded", "streaming", "max_abs_z", "max_outlier_z")}
+    )
     idata.posterior.attrs["num_shards_used"] = len(kept)
-    return idata, record
+    return idata, record, pd.concat(moments, ignore_index=True)
 
 
 def stream_combine(
@@ -444,7 +468,7 @@ def combine_runs(
     point_pairs: np.ndarray | None = None,
 ) -> az.InferenceData:
     """:func:`combine_shards` of runs already in memory, without screening."""
-    idata, _ = combine_shards(
+    idata, _, _ = combine_shards(
         runs.__getitem__, len(runs), model, model_kwargs, method, seed, point_site=point_site, point_pairs=point_pairs
     )
     return idata
@@ -453,11 +477,16 @@ def combine_runs(
 def write_combined(
     idata: az.InferenceData,
     shards: dict,
+    moments: pd.DataFrame,
     netcdf_path: str | os.PathLike,
     summary_path: str | os.PathLike,
     shards_path: str | os.PathLike,
+    moments_path: str | os.PathLike,
 ) -> pd.DataFrame:
-    """Write the combined NetCDF, the summary CSV and the shard record (JSON), atomically."""
+    """Write the combined NetCDF, the summary CSV, the shard record (JSON) and the shards'
+    moments (CSV), each atomically."""
+    with atomic_path(moments_path) as tmp:
+        moments.to_csv(tmp, index=False)
     with atomic_path(netcdf_path) as tmp:
         idata.to_netcdf(str(tmp), engine="h5netcdf")
     summary = summary_table(idata)

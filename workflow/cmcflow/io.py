@@ -11,6 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def default_mode(base: int) -> int:
+    """``base`` (0o666 for files, 0o777 for directories) less the process umask: the mode a
+    plain ``open`` or ``mkdir`` would give. Temporary files are created private (0600/0700);
+    published outputs get this, so group members on a shared file system can read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
@@ -25,6 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, default_mode(0o666))
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -41,6 +51,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, default_mode(0o777))
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

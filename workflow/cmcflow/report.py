@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+import matplotlib
+
+matplotlib.use("Agg")  # files only: cluster nodes have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from cmcflow.io import read_json
 
@@ -35,6 +42,97 @@ def shard_diagnostics_table(diagnostics_paths: Sequence[str | os.PathLike]) -> p
     return table.rename(columns=DIAGNOSTIC_COLUMNS)
 
 
+#: How many parameters the shard figure shows (those of the smallest sites first).
+KEY_PARAMETERS = 6
+
+
+def site_of(label: str) -> str:
+    """``beta[2]`` -> ``beta``."""
+    return label.split("[", 1)[0]
+
+
+def key_parameters(labels: Sequence[str], limit: int = KEY_PARAMETERS) -> list[str]:
+    """Up to ``limit`` parameters, those of the sites with fewest elements first (scalars
+    such as a noise scale before the coordinates of a structure), in summary order."""
+    sizes = pd.Series([site_of(label) for label in labels]).value_counts()
+    order = sorted(range(len(labels)), key=lambda index: (sizes[site_of(labels[index])], index))
+    return [labels[index] for index in order[:limit]]
+
+
+def png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def shards_figure(summary: pd.DataFrame, moments: pd.DataFrame, shards: dict) -> bytes:
+    """Per-shard vs combined marginals of the key parameters (shard mean ± sd; the combined
+    mean ± sd shaded; excluded shards in red) and the shards' heterogeneity (max |z| over
+    all parameters against the combination of the kept shards, with the exclusion limit)."""
+    keys = key_parameters(list(summary.index))
+    excluded = {entry["shard"] for entry in shards["excluded"]}
+    shard_ids = sorted(moments["shard"].unique())
+    columns = len(keys) + 1
+    figure, axes = plt.subplots(1, columns, figsize=(2.6 * columns, 0.6 + 0.28 * max(len(shard_ids), 4)), sharey=True)
+    for axis, key in zip(axes, keys):
+        rows = moments[moments["parameter"] == key].set_index("shard").reindex(shard_ids)
+        colours = ["tab:red" if shard in excluded else "tab:blue" for shard in shard_ids]
+        axis.errorbar(rows["mean"], shard_ids, xerr=rows["sd"], fmt="none", ecolor=colours, elinewidth=1.5)
+        axis.scatter(rows["mean"], shard_ids, c=colours, s=12, zorder=3)
+        mean, sd = summary.loc[key, "mean"], summary.loc[key, "sd"]
+        axis.axvspan(mean - sd, mean + sd, color="tab:orange", alpha=0.35, lw=0)
+        axis.axvline(mean, color="tab:orange", lw=1.5)
+        axis.set_title(key, fontsize=9)
+        axis.tick_params(labelsize=8)
+    heterogeneity = axes[-1]
+    scores = {int(shard): value for shard, value in shards.get("max_abs_z", {}).items()}
+    heterogeneity.barh(
+        shard_ids, [scores.get(shard, np.nan) for shard in shard_ids],
+        color=["tab:red" if shard in excluded else "tab:blue" for shard in shard_ids],
+    )
+    if "max_outlier_z" in shards:
+        heterogeneity.axvline(shards["max_outlier_z"], color="k", ls="--", lw=1)
+    heterogeneity.set_title("max |z| over parameters", fontsize=9)
+    heterogeneity.tick_params(labelsize=8)
+    axes[0].set_ylabel("shard")
+    axes[0].invert_yaxis()
+    figure.suptitle("Shards (blue: kept, red: excluded; mean ± sd) against the combined posterior (orange)", fontsize=10, y=1.06)
+    return png(figure)
+
+
+def posterior_figure(summary: pd.DataFrame, point_site: str | None) -> bytes:
+    """The combined posterior: for a structure, its mean Cα trace coloured by each point's
+    sd (sqrt of the mean per-coordinate variance, Å); otherwise mean and 5–95% interval of
+    up to 40 parameters."""
+    if point_site is not None:
+        rows = summary[[site_of(label) == point_site for label in summary.index]]
+        mean = rows["mean"].to_numpy().reshape(-1, 3)
+        sd = np.sqrt((rows["sd"].to_numpy().reshape(-1, 3) ** 2).mean(axis=1))
+        figure = plt.figure(figsize=(6.5, 5.5))
+        axis = figure.add_subplot(projection="3d")
+        axis.plot(*mean.T, color="0.6", lw=1)
+        points = axis.scatter(*mean.T, c=sd, cmap="viridis", s=25, depthshade=False)
+        figure.colorbar(points, ax=axis, shrink=0.7, label="posterior sd per point (Å)")
+        axis.set_title(f"Combined structure: posterior mean of {point_site} ({len(mean)} points)", fontsize=10)
+        for setter in (axis.set_xlabel, axis.set_ylabel, axis.set_zlabel):
+            setter("Å", fontsize=8)
+        return png(figure)
+    shown = summary.iloc[:40]
+    figure, axis = plt.subplots(figsize=(6.5, 0.6 + 0.25 * len(shown)))
+    positions = np.arange(len(shown))
+    axis.hlines(positions, shown["5%"], shown["95%"], color="tab:orange", lw=2)
+    axis.scatter(shown["mean"], positions, color="k", s=12, zorder=3)
+    axis.set_yticks(positions, shown.index, fontsize=8)
+    axis.invert_yaxis()
+    axis.set_title("Combined posterior: mean and 5–95% interval", fontsize=10)
+    return png(figure)
+
+
+def image_tag(data: bytes, alt: str) -> str:
+    return f"<img alt='{html.escape(alt)}' style='max-width:100%' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+
+
 def stage_times(benchmark_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     """Wall seconds per stage from Snakemake ``benchmark:`` files (``<stage>.tsv`` or
     ``<stage>/shard-*.tsv``): jobs, total and slowest job, and peak memory."""
@@ -57,13 +155,18 @@ def render_report(
     model: str,
     summary_path: str | os.PathLike,
     shards_path: str | os.PathLike,
+    moments_path: str | os.PathLike,
     diagnostics_paths: Sequence[str | os.PathLike],
     features_info_paths: Sequence[str | os.PathLike],
     benchmark_paths: Sequence[str | os.PathLike],
-) -> str:
-    """The analysis report as a self-contained HTML page."""
+    point_site: str | None = None,
+) -> tuple[str, bytes, bytes]:
+    """The analysis report as a self-contained HTML page, and its two figures (PNG): the
+    shards against the combination, and the combined posterior."""
     summary = pd.read_csv(summary_path, index_col="parameter")
     shards = read_json(shards_path)
+    shards_png = shards_figure(summary, pd.read_csv(moments_path), shards)
+    posterior_png = posterior_figure(summary, point_site)
     cache_hits = sum(bool(read_json(path)["cache_hit"]) for path in features_info_paths)
     excluded = shards["excluded"]
     sections = [
@@ -79,7 +182,10 @@ def render_report(
             if excluded
             else []
         ),
+        "<h2>Shards and their combination</h2>",
+        image_tag(shards_png, "per-shard against combined marginals; shard heterogeneity"),
         "<h2>Combined posterior</h2>",
+        image_tag(posterior_png, "combined posterior"),
         summary.to_html(float_format="{:.4g}".format),
         "<h2>Shard diagnostics</h2>",
         "<p>Computed on each shard's own draws (never on combined draws). "
@@ -91,5 +197,6 @@ def render_report(
     ]
     style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}" \
         "td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}"
-    return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cmcflow: {html.escape(analysis)}</title>" \
+    page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cmcflow: {html.escape(analysis)}</title>" \
         f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n"
+    return page, shards_png, posterior_png

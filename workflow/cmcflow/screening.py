@@ -75,13 +75,16 @@ def diagnostic_reason(summary: ShardSummary, thresholds: Mapping[str, float]) ->
     return None
 
 
-def outlier_scores(summaries: Sequence[ShardSummary]) -> np.ndarray:
-    """``(K,)`` max over parameters of |z_s,p| (see the module docstring)."""
+def outlier_scores(summaries: Sequence[ShardSummary], reference: Sequence[ShardSummary] | None = None) -> np.ndarray:
+    """``(K,)`` max over parameters of |z_s,p| (see the module docstring), with μ, σ² the
+    combination of ``reference`` (default: the same shards)."""
+    reference = summaries if reference is None else reference
     means = np.stack([s.mean for s in summaries])  # (K, D)
     variances = np.stack([s.variance for s in summaries])
-    precision = 1.0 / variances
+    precision = 1.0 / np.stack([s.variance for s in reference])
+    reference_means = np.stack([s.mean for s in reference])
     combined_variance = 1.0 / precision.sum(axis=0)
-    combined_mean = (precision * means).sum(axis=0) * combined_variance
+    combined_mean = (precision * reference_means).sum(axis=0) * combined_variance
     excess = np.maximum(variances - combined_variance, MIN_VARIANCE_EXCESS * variances)
     return np.max(np.abs(means - combined_mean) / np.sqrt(excess), axis=1)
 
@@ -117,3 +120,13 @@ def require_enough(kept: Sequence[int], excluded: Sequence[Mapping], num_shards:
             f"only {len(kept)} of {num_shards} shards are usable (combine.min_shards_fraction = {min_fraction}); "
             f"excluded: {reasons}"
         )
+
+
+def final_outlier_scores(summaries: Sequence[ShardSummary], kept: Sequence[int]) -> dict[int, float]:
+    """Every finite shard's max |z| against the combination of the ``kept`` shards (for the
+    report's heterogeneity plot)."""
+    finite = [summary for summary in summaries if summary.finite]
+    reference = [summary for summary in finite if summary.shard in set(kept)]
+    if not finite or not reference:
+        return {}
+    return {summary.shard: float(score) for summary, score in zip(finite, outlier_scores(finite, reference))}

@@ -11,6 +11,7 @@ rule combine:
         posterior=COMBINED_POSTERIOR,
         summary=COMBINED_SUMMARY,
         shards=COMBINED_SHARDS,
+        moments=COMBINED_MOMENTS,
     params:
         model=model_params,
         combine=setting_param("combine"),

@@ -1,13 +1,16 @@
 rule report:
-    """What the scientist reads: combined summary, per-shard diagnostics, time per stage."""
+    """What the scientist reads: figures of shards and combination, diagnostics, exclusions, time per stage."""
     input:
         summary=COMBINED_SUMMARY,
         shards=COMBINED_SHARDS,
+        moments=COMBINED_MOMENTS,
         diagnostics=shard_diagnostics_inputs,
         features_info=per_shard(FEATURES_INFO),
         benchmarks=stage_benchmarks,
     output:
         report=REPORT,
+        shards_figure=report(REPORT_SHARDS_FIGURE, caption="../report/shards.rst", category="{analysis}"),
+        posterior_figure=report(REPORT_POSTERIOR_FIGURE, caption="../report/posterior.rst", category="{analysis}"),
     params:
         model=model_name_param,
     log:
