@@ -1,0 +1,121 @@
+"""P5 (combine part) — combine wall time and peak memory for many shards (issue 5: 10,000
+shards in <= 1 GB).
+
+Writes K shard posteriors as the sample stage does (NetCDF, 4 chains x 250 draws of the
+linear-Gaussian model's 10 coefficients, exact Gaussian subposteriors), then runs the
+combine stage's own function (screening on, streaming above 500 shards) in a fresh process
+per K and records its wall time and peak resident memory (``ru_maxrss``, which includes
+the ~0.3 GB of an imported JAX).
+
+Usage: python bench/combine_scale.py [--shards 1000 10000] [--workdir /tmp/cmcflow-combine-scale]
+Writes bench/results/combine_scale.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FEATURES, CHAINS, DRAWS = 10, 4, 250
+HEALTHY = {"max_r_hat": 1.0, "min_ess_bulk": 1000.0, "divergence_rate": 0.0}
+THRESHOLDS = {"max_divergence_rate": 0.05, "max_r_hat": 1.1, "min_ess": 40, "max_outlier_z": 5.0}
+
+
+def write_shards(directory: Path, num_shards: int) -> list[Path]:
+    """K NetCDF shard posteriors with posterior and unconstrained_posterior groups."""
+    import arviz as az
+    import numpy as np
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for shard in range(num_shards):
+        path = directory / f"shard-{shard:05d}.nc"
+        paths.append(path)
+        if path.exists():
+            continue
+        beta = rng.normal(scale=0.05, size=FEATURES) + rng.normal(scale=0.05, size=(CHAINS, DRAWS, FEATURES))
+        idata = az.from_dict(posterior={"beta": beta})
+        idata.add_groups(unconstrained_posterior=idata.posterior.copy())
+        idata.posterior.attrs["shard"] = shard
+        idata.to_netcdf(str(path), engine="h5netcdf")
+    return paths
+
+
+def measure(directory: Path, num_shards: int) -> dict:
+    """In this (fresh) process: combine the K shards; wall seconds and peak RSS."""
+    from cmcflow.jaxenv import configure_jax
+
+    configure_jax(devices=1, enable_x64=True, compilation_cache_dir=None)
+    import arviz as az
+    import numpy as np
+
+    from cmcflow.combine import combine_shards
+    from cmcflow.models import get_model, resolve_options
+    from cmcflow.sample import model_kwargs
+
+    spec = get_model("linear_gaussian")
+    features = spec.featurize({"features": np.zeros((8, FEATURES)), "label": np.zeros(8)}, 8, {})
+    paths = sorted(directory.glob("shard-*.nc"))[:num_shards]
+    started = time.perf_counter()
+    idata, record, _ = combine_shards(
+        lambda shard: az.from_netcdf(paths[shard]), num_shards, spec.numpyro_model,
+        model_kwargs(features, resolve_options(spec, {})), "consensus", 0,
+        diagnostics=[HEALTHY] * num_shards, screen_thresholds=THRESHOLDS, min_shards_fraction=0.5,
+    )
+    seconds = time.perf_counter() - started
+    return {
+        "shards": num_shards,
+        "streaming": record["streaming"],
+        "excluded": len(record["excluded"]),
+        "combine_seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "combined_draws": int(idata.posterior.sizes["chain"] * idata.posterior.sizes["draw"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/cmcflow-combine-scale"))
+    parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.workdir, args.measure)))
+        return
+    started = time.perf_counter()
+    write_shards(args.workdir, max(args.shards))
+    print(f"shards written in {time.perf_counter() - started:.0f} s", flush=True)
+    rows = []
+    for num_shards in args.shards:
+        output = subprocess.run(
+            [sys.executable, __file__, "--measure", str(num_shards), "--workdir", str(args.workdir)],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        rows.append(json.loads(output.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    record = {
+        "benchmark": "P5 combine scale",
+        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
+        "shard_draws": CHAINS * DRAWS, "parameters": FEATURES, "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "combine_scale.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [
+        f"# Combine at scale ({CHAINS}x{DRAWS} draws of {FEATURES} parameters per shard, {record['machine']['cores']} cores, one run)",
+        "", "| shards | streaming | combine s | peak RSS (MB) |", "|---|---|---|---|",
+    ] + [f"| {r['shards']} | {r['streaming']} | {r['combine_seconds']:.1f} | {r['peak_rss_mb']:.0f} |" for r in rows]
+    (RESULTS / "combine_scale.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
