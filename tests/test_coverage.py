@@ -11,8 +11,10 @@ them with the combine stage's own function. Because β comes from the prior, a c
 Tolerances (issue 5): coverage 0.90 ± 0.03 over 200 repeats × 3 parameters (600 Bernoulli
 trials, sd ≈ 0.012, so ± 0.03 is 2.5 sd); the mean |error| of the combined mean, ≤ 0.05
 posterior sd (its Monte Carlo error alone is N(0, 1/S) in sd units: E|·| ≈ 0.013 at
-S = 4000); the mean over repeats of the largest correlation error, ≤ 0.05 (sampling error of
-a correlation from 4000 draws ≈ 0.016).
+S = 4000, and weights estimated from the draws add to it); the mean over repeats of the
+largest correlation error, ≤ 0.05 (sampling error of a correlation from 4000 draws ≈ 0.016).
+Measured: coverage 0.903 (equal and unequal shards), mean |error| 0.023–0.032 sd, mean
+largest correlation error 0.018.
 """
 
 from __future__ import annotations
