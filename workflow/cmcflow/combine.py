@@ -114,7 +114,6 @@ class ConsensusAccumulator:
         self.precision = {size: np.zeros((len(index), size, size)) for size, index in self.groups.items()}
         self.weighted_draws = np.zeros((num_draws, dimension))
         self.weighted_mean = np.zeros(dimension)
-        self.num_shards = 0
 
     def add(self, draws: np.ndarray) -> None:
         """Add one shard's draws ``(S, D)``."""
@@ -126,7 +125,6 @@ class ConsensusAccumulator:
             self.precision[size] += weights
             self.weighted_draws[:, index] += np.einsum("bij,sbj->sbi", weights, values)
             self.weighted_mean[index] += np.einsum("bij,bj->bi", weights, mean)
-        self.num_shards += 1
 
     def draws(self) -> np.ndarray:
         combined = np.empty_like(self.weighted_draws)
@@ -351,9 +349,9 @@ def combine_shards(
             failed.append({"shard": shard, "reason": f"failed: {run.posterior.attrs['error']}"})
             continue
         draws, shape = unconstrained_draws(run)
-        if first is None:
-            first, layout, first_shard = draws, shape, shard
-        sites = list(first)
+        if first is None:  # the layout every other shard must share, and the sites' dims
+            first, layout, first_shard, sites = draws, shape, shard, list(draws)
+            dims = {name: list(run.posterior[name].dims[2:]) for name in sites}
         if list(draws) != sites or shape != layout:
             raise InputError(
                 f"shard {shard} has sites {list(draws)} and {shape[0]}x{shape[1]} draws; "
@@ -400,8 +398,6 @@ def combine_shards(
     constrained = map_draws(
         lambda position: constrain_fn(model, (), model_kwargs, position), unconstrained, batch_ndims=2
     )
-    template = load(kept[0]).posterior
-    dims = {name: list(template[name].dims[2:]) for name in sites}
     idata = az.InferenceData(
         posterior=az.dict_to_dataset(constrained, library=None, dims=dims),
         unconstrained_posterior=az.dict_to_dataset(unconstrained, library=None),
