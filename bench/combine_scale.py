@@ -55,19 +55,18 @@ def measure(directory: Path, num_shards: int) -> dict:
     from cmcflow.jaxenv import configure_jax
 
     configure_jax(devices=1, enable_x64=True, compilation_cache_dir=None)
-    import arviz as az
     import numpy as np
 
     from cmcflow.combine import combine_shards
     from cmcflow.models import get_model, resolve_options
-    from cmcflow.sample import model_kwargs
+    from cmcflow.sample import model_kwargs, read_run
 
     spec = get_model("linear_gaussian")
     features = spec.featurize({"features": np.zeros((8, FEATURES)), "label": np.zeros(8)}, 8, {})
     paths = sorted(directory.glob("shard-*.nc"))[:num_shards]
     started = time.perf_counter()
     idata, record, _ = combine_shards(
-        lambda shard: az.from_netcdf(paths[shard]), num_shards, spec.numpyro_model,
+        lambda shard: read_run(paths[shard]), num_shards, spec.numpyro_model,
         model_kwargs(features, resolve_options(spec, {})), "consensus", 0,
         diagnostics=[HEALTHY] * num_shards, screen_thresholds=THRESHOLDS, min_shards_fraction=0.5,
     )

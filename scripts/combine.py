@@ -16,13 +16,12 @@ with reported_errors():
     import json
     from pathlib import Path
 
-    import arviz as az
     import numpy as np
 
     from cmcflow.combine import combine_shards, write_combined
     from cmcflow.featurize import load_features
     from cmcflow.models import get_model
-    from cmcflow.sample import model_kwargs
+    from cmcflow.sample import model_kwargs, read_run
 
     spec = get_model(snakemake.params.model["name"])
     options = snakemake.params.model["options"]
@@ -33,7 +32,7 @@ with reported_errors():
         point_pairs = np.unique(np.concatenate(shard_pairs), axis=0)
     paths = list(snakemake.input.posteriors)
     combined, shards, moments = combine_shards(
-        lambda shard: az.from_netcdf(paths[shard]),
+        lambda shard: read_run(paths[shard]),
         len(paths),
         spec.numpyro_model,
         model_kwargs(load_features(snakemake.input.features), options),

@@ -121,3 +121,29 @@ def test_locate_by_distances_removes_the_contraction_of_a_spread_out_mean():
     mean = located.mean(axis=0)
     np.testing.assert_allclose(superpose(combined.mean(axis=0), mean), mean, atol=1e-8)
     assert shift == pytest.approx(rmsd(mean, combined.mean(axis=0)))
+
+
+def test_read_run_gives_what_arviz_reads_for_a_run_and_a_failure_record(tmp_path):
+    """Combine's fast reader returns the same groups, values, dims, coordinates and
+    attributes as ``az.from_netcdf``."""
+    import arviz as az
+    import xarray as xr
+
+    from cmcflow.sample import failed_run, read_run, write_run
+
+    rng = np.random.default_rng(0)
+    draws = {"beta": rng.normal(size=(4, 30, 3)), "sigma": rng.gamma(2.0, size=(4, 30)), "coords": rng.normal(size=(4, 30, 5, 3))}
+    run = az.from_dict(
+        posterior=draws, sample_stats={"diverging": np.zeros((4, 30), dtype=bool)},
+        dims={"coords": ["point", "axis"]}, coords={"axis": ["x", "y", "z"]},
+        attrs={"shard": 3, "rows": 250, "compile_seconds": 1.5, "model": "structure"},
+    )
+    run.add_groups(unconstrained_posterior={"beta": draws["beta"], "sigma": np.log(draws["sigma"])})
+    write_run(run, {}, tmp_path / "run.nc", tmp_path / "run.json")
+    write_run(*failed_run(5, "NUTS raised: bad init"), tmp_path / "failed.nc", tmp_path / "failed.json")
+
+    for name in ("run.nc", "failed.nc"):
+        expected, read = az.from_netcdf(tmp_path / name), read_run(tmp_path / name)
+        assert set(read.groups()) == set(expected.groups()) - {"sample_stats"}
+        for group in read.groups():
+            xr.testing.assert_identical(read[group], expected[group])
