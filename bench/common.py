@@ -1,0 +1,140 @@
+"""What every benchmark shares: the machine's facts, repeated measurements summarised as
+median and spread, and results written as JSON plus a markdown table under
+``bench/results/``.
+
+A benchmark's JSON holds ``benchmark``, ``machine``, its own measurements, and
+``targets``: one entry per issue-6 target it measures (``id``, ``measure``, ``figure``,
+``target``, ``met``), which ``bench/run.py`` gathers into ``bench/results/summary.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict:
+    """Cores, memory (GiB), Python, platform and the JAX/NumPyro versions (read from the
+    installed metadata, so JAX is not imported here)."""
+    versions = {}
+    for package in ("jax", "numpyro", "snakemake"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        **versions,
+    }
+
+
+def spread(values: Sequence[float]) -> dict:
+    """``{"runs": values, "median": …, "min": …, "max": …}`` of repeated measurements."""
+    values = [float(value) for value in values]
+    return {"runs": values, "median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def timed(call: Callable[[], object], repeats: int) -> tuple[list[float], object]:
+    """Wall seconds of ``repeats`` calls of ``call``, and the last call's result."""
+    seconds, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = call()
+        seconds.append(time.perf_counter() - started)
+    return seconds, result
+
+
+def cell(summary: dict, digits: int = 2) -> str:
+    """A markdown cell ``median (min–max)``."""
+    return f"{summary['median']:.{digits}f} ({summary['min']:.{digits}f}–{summary['max']:.{digits}f})"
+
+
+def write_results(name: str, record: dict, table: Sequence[str]) -> None:
+    """``bench/results/<name>.json`` (``record`` plus the machine) and ``<name>.md``
+    (``table``, a list of markdown lines, headed by the machine); prints the table."""
+    record = {**record, "machine": machine(), "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    facts = record["machine"]
+    header = f"Machine: {facts['cores']} cores, {facts['memory_gib']} GiB, Python {facts['python']}, JAX {facts['jax']}."
+    text = "\n".join([table[0], "", header, *table[1:]]) + "\n"
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text, flush=True)
+
+
+def target(identifier: str, measure: str, figure: str, goal: str, met: bool) -> dict:
+    """One issue-6 target's outcome, for the summary table."""
+    return {"id": identifier, "measure": measure, "figure": figure, "target": goal, "met": bool(met)}
+
+
+def snakemake(workdir: Path, config: dict, *args: str, timeout: float = 3600) -> tuple[float, str]:
+    """Run this checkout's workflow with ``config`` in ``workdir``; wall seconds and stdout.
+
+    The environment is the caller's minus any JAX/XLA settings, as a user's shell would be;
+    jobs set up JAX themselves.
+    """
+    import subprocess
+
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    command = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(config_path), *args,
+    ]
+    env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return seconds, result.stdout + result.stderr
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Rule -> job count from the ``Job stats`` table Snakemake prints (run or dry run)."""
+    jobs, in_table = {}, False
+    for line in output.splitlines():
+        fields = line.split()
+        if fields[:2] == ["job", "count"]:
+            in_table = True
+        elif in_table and len(fields) == 2 and fields[1].isdigit() and fields[0] != "total":
+            jobs[fields[0]] = int(fields[1])
+        elif in_table and fields and fields[0] == "total":
+            break
+    return jobs
+
+
+def logistic_analysis(rows: int, features: int, num_shards: int, num_warmup: int, num_samples: int) -> dict:
+    """An analysis of the simulated logistic model: the demo's, at another size."""
+    return {
+        "model": "logistic",
+        "input": {"simulate": {"rows": rows, "features": features, "seed": 1}},
+        "shard": {"num_shards": num_shards, "seed": 0},
+        "sample": {"num_warmup": num_warmup, "num_samples": num_samples},
+    }
+
+
+def workflow_config(analyses: dict, workdir: Path) -> dict:
+    """A config running ``analyses`` with every output and cache inside ``workdir``."""
+    return {
+        "results_dir": str(workdir / "results"),
+        "feature_cache_dir": str(workdir / "cache" / "features"),
+        "jax": {"compilation_cache_dir": str(workdir / "cache" / "jax")},
+        "analyses": analyses,
+    }
