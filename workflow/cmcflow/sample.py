@@ -89,11 +89,14 @@ def run_nuts(
     num_chains: int,
     rng_key: jax.Array,
     init_params: Mapping[str, jax.Array] | None = None,
+    chain_method: str = "parallel",
 ) -> MCMC:
-    """NUTS on ``temper_priors(model, prior_power)(**kwargs)``, ``num_chains`` chains in parallel.
+    """NUTS on ``temper_priors(model, prior_power)(**kwargs)``, ``num_chains`` chains.
 
     ``init_params``: unconstrained initial values ``{site: (num_chains, …)}``; without them
     every chain starts from its own uniform draw in (-2, 2) in the unconstrained space.
+    ``chain_method``: NumPyro's; the stage always runs ``"parallel"`` (one chain per
+    device), ``bench/sample_chains.py`` compares it with ``"sequential"`` and ``"vectorized"``.
     """
     kernel = NUTS(
         temper_priors(model, power=prior_power),
@@ -107,7 +110,7 @@ def run_nuts(
         num_warmup=settings.num_warmup,
         num_samples=settings.num_samples,
         num_chains=num_chains,
-        chain_method="parallel",
+        chain_method=chain_method,
         progress_bar=False,
     )
     mcmc.run(rng_key, init_params=init_params, extra_fields=EXTRA_FIELDS, **kwargs)
@@ -152,8 +155,10 @@ def sample_features(
     seed: int,
     settings: NutsSettings,
     devices: int,
+    chain_method: str = "parallel",
 ) -> tuple[az.InferenceData, dict]:
-    """NUTS on shard ``shard`` (or on all rows: ``num_shards=1``, ``shard=-1``).
+    """NUTS on shard ``shard`` (or on all rows: ``num_shards=1``, ``shard=-1``), one chain
+    per device (``chain_method`` as in :func:`run_nuts`).
 
     Returns the InferenceData (``posterior``, ``unconstrained_posterior``, ``sample_stats``;
     run facts in ``posterior.attrs``) and its diagnostics dict.
@@ -170,6 +175,7 @@ def sample_features(
         num_chains=devices,
         rng_key=sampling_key(seed, shard),
         init_params=initial_values(spec, features, options, kwargs, devices, seed, shard),
+        chain_method=chain_method,
     )
     wall = time.perf_counter() - started
     compile_seconds = COMPILE_CLOCK.seconds - compile_before

@@ -1,0 +1,75 @@
+"""P2 — a sample job with a cold vs a warm persistent JAX compilation cache (target: warm /
+cold wall time <= 0.35).
+
+Runs the workflow's own sample job (``snakemake --forcerun sample``) on one shard of the
+logistic demo (25,000 rows x 10 features, 4 chains x (500 + 500) draws), alternately with
+the compilation cache emptied (cold) and kept (warm). The job's wall time is the ``s`` of
+its ``benchmark:`` file; its log's facts split it into compiling (including fetching
+from the cache), sampling, and the rest (Python and library imports, JAX set-up,
+converting and writing the draws).
+
+Usage: python bench/compile_cache.py [--repeats 3] [--workdir /tmp/cmcflow-bench/compile-cache]
+Writes bench/results/compile_cache.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+from pathlib import Path
+
+import h5py
+
+from common import cell, logistic_analysis, snakemake, spread, target, workflow_config, write_results
+
+TARGET = 0.35
+ANALYSIS = "cache"
+
+
+def job_facts(workdir: Path) -> dict:
+    """Wall seconds of the last sample job of shard 0, and its compile / sampling seconds."""
+    results = workdir / "results" / ANALYSIS
+    with open(results / "benchmarks" / "sample" / "shard-0000.tsv") as handle:
+        wall = float(next(csv.DictReader(handle, delimiter="\t"))["s"])
+    with h5py.File(results / "samples" / "shard-0000.nc", "r") as run:
+        attrs = run["posterior"].attrs
+        compile_seconds, sampling_seconds = float(attrs["compile_seconds"][0]), float(attrs["sampling_seconds"][0])
+        hits = int(attrs["persistent_cache_hits"][0])
+    return {"wall": wall, "compile": compile_seconds, "sampling": sampling_seconds, "rest": wall - compile_seconds - sampling_seconds, "cache_hits": hits}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/cmcflow-bench/compile-cache"))
+    args = parser.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    config = workflow_config({ANALYSIS: logistic_analysis(rows=200_000, features=10, num_shards=8, num_warmup=500, num_samples=500)}, args.workdir)
+    target_file = f"{config['results_dir']}/{ANALYSIS}/samples/shard-0000.nc"
+    snakemake(args.workdir, config, "--cores", "2", target_file)  # simulate, shard, featurize shard 0, sample
+    cache = Path(config["jax"]["compilation_cache_dir"])
+    runs = {"cold": [], "warm": []}
+    for _ in range(args.repeats):
+        for state in ("cold", "warm"):
+            if state == "cold":
+                shutil.rmtree(cache, ignore_errors=True)
+            snakemake(args.workdir, config, "--cores", "2", "--forcerun", "sample", target_file)
+            runs[state].append(job_facts(args.workdir))
+            print(state, runs[state][-1], flush=True)
+    rows = [{"cache": state, **{part: spread([run[part] for run in runs[state]]) for part in ("wall", "compile", "sampling", "rest")},
+             "cache_hits": [run["cache_hits"] for run in runs[state]]} for state in runs]
+    ratio = rows[1]["wall"]["median"] / rows[0]["wall"]["median"]
+    targets = [target("P2", "sample job wall, warm / cold compilation cache", f"{ratio:.2f}", f"<= {TARGET}", ratio <= TARGET)]
+    table = [
+        f"# P2 sample job, cold vs warm compilation cache (one demo shard, 25,000 rows x 10 features, 4 x (500 + 500) draws; "
+        f"seconds, median (min–max) of {args.repeats})",
+        "", "| cache | job wall | compiling | sampling | rest (imports, set-up, writing) |", "|---|---|---|---|---|",
+        *[f"| {row['cache']} | {cell(row['wall'], 1)} | {cell(row['compile'], 1)} | {cell(row['sampling'], 1)} | {cell(row['rest'], 1)} |" for row in rows],
+        "", f"Warm / cold job wall: {ratio:.2f}.",
+    ]
+    write_results("compile_cache", {"benchmark": "P2 compilation cache", "repeats": args.repeats, "rows": rows, "targets": targets}, table)
+
+
+if __name__ == "__main__":
+    main()
