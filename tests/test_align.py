@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cmcflow.align import MIRROR, OverlaySettings, align_kabsch, align_overlay, quaternion_matrix
+from cmcflow.align import MIRROR, OverlaySettings, align_kabsch, align_overlay, quaternion_matrix, width_groups
 
 SETTINGS = OverlaySettings(iterations=30, spread_starts=8, allow_reflection=True, use_correspondence=False)
 
@@ -97,3 +97,13 @@ def test_overlay_and_kabsch_agree_on_noise_free_labelled_clouds():
     kabsch = align_kabsch(ref, fit, mask, allow_reflection=False)
     np.testing.assert_allclose(overlay.transforms, kabsch.transforms, atol=1e-5)
     np.testing.assert_allclose(kabsch.scores, 1.0, atol=1e-10)
+
+
+def test_width_groups_hold_every_weighted_point_in_steps():
+    ref_w, fit_w = np.zeros((4, 30)), np.zeros((4, 28))
+    ref_w[0, :5], fit_w[0, :5] = 1.0, 1.0  # 5, 5 -> 8, 8
+    ref_w[1, [2, 20]], fit_w[1, :7] = 1.0, 1.0  # last weighted point 20 -> 24; 7 -> 8
+    ref_w[2, :30], fit_w[2, :28] = 1.0, 1.0  # full widths (not rounded past them)
+    ref_w[3, :8], fit_w[3, :3] = 1.0, 1.0  # 8, 3 -> 8, 8: grouped with pair 0
+    groups = width_groups(ref_w, fit_w, step=8)
+    assert {key: list(pairs) for key, pairs in groups.items()} == {(8, 8): [0, 3], (24, 8): [1], (30, 28): [2]}

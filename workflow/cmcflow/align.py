@@ -42,6 +42,8 @@ DEFAULT_ALPHA = 0.81
 MIRROR = np.diag([-1.0, 1.0, 1.0])
 #: Name of the 1-D device mesh axis over which pairs are distributed.
 PAIRS = "pairs"
+#: Overlay pairs are grouped by width in steps of this many points (:func:`width_groups`).
+WIDTH_STEP = 8
 
 
 class Alignment(NamedTuple):
@@ -147,9 +149,6 @@ def spread_rotations(count: int) -> np.ndarray:
     alpha, beta = 2 * np.pi * s / phi, 2 * np.pi * s / psi
     quaternions = np.stack([r * np.sin(alpha), r * np.cos(alpha), big_r * np.sin(beta), big_r * np.cos(beta)], -1)
     return np.stack([np.asarray(quaternion_matrix(jnp.asarray(q))) for q in quaternions]).reshape(count, 3, 3)
-
-
-
 
 
 def kabsch_linear(ref, fit, weights, allow_reflection: bool) -> jax.Array:
@@ -303,16 +302,33 @@ def _distributed(batch_function, devices: int):
     )
 
 
-def _prepare(ref, fit, ref_mask, fit_mask, ref_weights, fit_weights, devices):
-    """Float arrays with masked weights, the batch padded to a multiple of ``devices``."""
+def _weights(ref, fit, ref_mask, fit_mask, ref_weights, fit_weights):
+    """Float ``ref (B, N, 3)``, ``fit (B, M, 3)`` and their masked weights ``(B, N)``, ``(B, M)``."""
     ref, fit = np.asarray(ref, dtype=float), np.asarray(fit, dtype=float)
     if ref.ndim != 3 or fit.ndim != 3 or ref.shape[-1] != 3 or fit.shape[-1] != 3 or len(ref) != len(fit):
         raise ValueError(f"need ref (B, N, 3) and fit (B, M, 3), got {ref.shape} and {fit.shape}")
     ref_w = np.asarray(ref_mask, dtype=float) * (1.0 if ref_weights is None else np.asarray(ref_weights, dtype=float))
     fit_w = np.asarray(fit_mask, dtype=float) * (1.0 if fit_weights is None else np.asarray(fit_weights, dtype=float))
-    pad = -len(ref) % devices
-    padded = [np.concatenate([array, np.zeros((pad, *array.shape[1:]))]) for array in (ref, fit, ref_w, fit_w)]
-    return padded, len(ref)
+    return ref, fit, ref_w, fit_w
+
+
+def _pad_batch(arrays, devices: int) -> list[np.ndarray]:
+    """The arrays with zero pairs appended, to a multiple of ``devices`` pairs."""
+    pad = -len(arrays[0]) % devices
+    return [np.concatenate([array, np.zeros((pad, *array.shape[1:]))]) for array in arrays]
+
+
+def width_groups(ref_w: np.ndarray, fit_w: np.ndarray, step: int) -> dict[tuple[int, int], np.ndarray]:
+    """Pair indices grouped by the widths ``(n, m)`` that hold every weighted point of the
+    reference and of the fit: the last nonzero weight's position + 1, rounded up to a
+    multiple of ``step`` (at most the arrays' widths ``N``, ``M``). Weights ``(B, N)``, ``(B, M)``."""
+
+    def widths(weights):
+        last = weights.shape[1] - np.argmax(weights[:, ::-1] != 0, axis=1)  # 0 weights only: full width
+        return np.minimum(-(-last // step) * step, weights.shape[1])
+
+    keys = np.stack([widths(ref_w), widths(fit_w)], axis=1)
+    return {(int(n), int(m)): np.flatnonzero((keys == (n, m)).all(axis=1)) for n, m in np.unique(keys, axis=0)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -332,11 +348,23 @@ def align_overlay(
     ref, fit, ref_mask, fit_mask, *, settings: OverlaySettings, ref_weights=None, fit_weights=None,
     devices: int | None = None,
 ) -> Alignment:
-    """Gaussian-overlay alignment of B pairs, distributed over ``devices`` (default: all)."""
+    """Gaussian-overlay alignment of B pairs ``ref (B, N, 3)``, ``fit (B, M, 3)`` with masks
+    ``(B, N)``, ``(B, M)``, distributed over ``devices`` (default: all).
+
+    Pairs of mixed sizes are aligned in groups of like width (:func:`width_groups`, steps
+    of ``WIDTH_STEP`` points), one distributed call each, so that small pairs do not pay
+    for the padding of the largest; a pair's result does not depend on its group.
+    """
     devices = devices or jax.device_count()
-    (ref, fit, ref_w, fit_w), batch = _prepare(ref, fit, ref_mask, fit_mask, ref_weights, fit_weights, devices)
-    points, transforms, scores = _overlay_function(settings, devices)(ref, fit, ref_w, fit_w)
-    return Alignment(np.asarray(points)[:batch], np.asarray(transforms)[:batch], np.asarray(scores)[:batch])
+    ref, fit, ref_w, fit_w = _weights(ref, fit, ref_mask, fit_mask, ref_weights, fit_weights)
+    transforms, scores = np.zeros((len(ref), 4, 4)), np.zeros(len(ref))
+    function = _overlay_function(settings, devices)
+    for (n, m), pairs in width_groups(ref_w, fit_w, WIDTH_STEP).items():
+        group = _pad_batch([ref[pairs, :n], fit[pairs, :m], ref_w[pairs, :n], fit_w[pairs, :m]], devices)
+        _, group_transforms, group_scores = function(*group)
+        transforms[pairs], scores[pairs] = np.asarray(group_transforms)[: len(pairs)], np.asarray(group_scores)[: len(pairs)]
+    points = fit @ np.swapaxes(transforms[:, :3, :3], 1, 2) + transforms[:, None, :3, 3]
+    return Alignment(points, transforms, scores)
 
 
 def align_kabsch(
@@ -344,6 +372,7 @@ def align_kabsch(
 ) -> Alignment:
     """Closed-form superposition of B pairs of labelled points ``(B, N, 3)`` with one mask ``(B, N)``."""
     devices = devices or jax.device_count()
-    (ref, fit, ref_w, fit_w), batch = _prepare(ref, fit, mask, mask, weights, weights, devices)
-    points, transforms, scores = _kabsch_function(allow_reflection, alpha, devices)(ref, fit, ref_w, fit_w)
+    arrays = _weights(ref, fit, mask, mask, weights, weights)
+    points, transforms, scores = _kabsch_function(allow_reflection, alpha, devices)(*_pad_batch(arrays, devices))
+    batch = len(arrays[0])
     return Alignment(np.asarray(points)[:batch], np.asarray(transforms)[:batch], np.asarray(scores)[:batch])
