@@ -7,7 +7,7 @@ combine stage's own function (screening on, streaming above 500 shards) in a fre
 per K and records its wall time and peak resident memory (``ru_maxrss``, which includes
 the ~0.3 GB of an imported JAX).
 
-Usage: python bench/combine_scale.py [--shards 1000 10000] [--workdir /tmp/cmcflow-combine-scale]
+Usage: python bench/combine_scale.py [--shards 1000 10000] [--repeats 3] [--workdir /tmp/cmcflow-bench/combine-scale]
 Writes bench/results/combine_scale.json and .md.
 """
 
@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import REPO, cell, spread, target, write_results
+
+sys.path.insert(0, str(REPO / "workflow"))
+
 FEATURES, CHAINS, DRAWS = 10, 4, 250
 HEALTHY = {"max_r_hat": 1.0, "min_ess_bulk": 1000.0, "divergence_rate": 0.0}
 THRESHOLDS = {"max_divergence_rate": 0.05, "max_r_hat": 1.1, "min_ess": 40, "max_outlier_z": 5.0}
@@ -84,7 +85,8 @@ def measure(directory: Path, num_shards: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/cmcflow-combine-scale"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/cmcflow-bench/combine-scale"))
     parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -95,25 +97,32 @@ def main() -> None:
     print(f"shards written in {time.perf_counter() - started:.0f} s", flush=True)
     rows = []
     for num_shards in args.shards:
-        output = subprocess.run(
-            [sys.executable, __file__, "--measure", str(num_shards), "--workdir", str(args.workdir)],
-            check=True, capture_output=True, text=True,
-        ).stdout
-        rows.append(json.loads(output.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
-    record = {
-        "benchmark": "P5 combine scale",
-        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
-        "shard_draws": CHAINS * DRAWS, "parameters": FEATURES, "rows": rows,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "combine_scale.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [
-        f"# Combine at scale ({CHAINS}x{DRAWS} draws of {FEATURES} parameters per shard, {record['machine']['cores']} cores, one run)",
+        runs = []
+        for _ in range(args.repeats):
+            output = subprocess.run(
+                [sys.executable, __file__, "--measure", str(num_shards), "--workdir", str(args.workdir)],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            runs.append(json.loads(output.strip().splitlines()[-1]))
+            print(runs[-1], flush=True)
+        rows.append({
+            "shards": num_shards, "streaming": runs[0]["streaming"], "excluded": runs[0]["excluded"],
+            "combine_seconds": spread([run["combine_seconds"] for run in runs]),
+            "peak_rss_mb": spread([run["peak_rss_mb"] for run in runs]),
+        })
+    targets = [
+        target("P5", f"combine peak RSS, {row['shards']:,} shards", f"{row['peak_rss_mb']['median']:.0f} MB", "<= 1 GB",
+               row["peak_rss_mb"]["median"] <= 1024)
+        for row in rows if row["shards"] >= 10_000
+    ]
+    table = [
+        f"# P5 combine at scale ({CHAINS}x{DRAWS} draws of {FEATURES} parameters per shard, screening on; median (min–max) of {args.repeats})",
         "", "| shards | streaming | combine s | peak RSS (MB) |", "|---|---|---|---|",
-    ] + [f"| {r['shards']} | {r['streaming']} | {r['combine_seconds']:.1f} | {r['peak_rss_mb']:.0f} |" for r in rows]
-    (RESULTS / "combine_scale.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        *[f"| {r['shards']:,} | {r['streaming']} | {cell(r['combine_seconds'], 1)} | {cell(r['peak_rss_mb'], 0)} |" for r in rows],
+    ]
+    record = {"benchmark": "P5 combine scale", "repeats": args.repeats, "shard_draws": CHAINS * DRAWS, "parameters": FEATURES,
+              "rows": rows, "targets": targets}
+    write_results("combine_scale", record, table)
 
 
 if __name__ == "__main__":

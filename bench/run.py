@@ -1,0 +1,87 @@
+"""The benchmark suite (issue 6): run the benchmarks, then gather every target into
+``bench/results/summary.md``.
+
+Benchmarks are not tests: each measures what users pay for on this machine, repeats it
+(median and min–max of >= 3 runs) and writes ``bench/results/<name>.json`` and ``.md``.
+Run them on an otherwise idle machine; they take about 90 minutes on 2 cores, P4 most of it.
+
+    python bench/run.py                 # all of them
+    python bench/run.py P1 P2           # some; the summary still lists every result present
+    python bench/run.py --summary-only  # rewrite summary.md from the results present
+
+| id | script | measures |
+|---|---|---|
+| P1 | sample_chains.py | NUTS chains parallel over 4 devices vs sequential vs vectorized |
+| P2 | compile_cache.py | a sample job with a cold vs a warm compilation cache |
+| P3 | align_throughput.py | batched shard_map alignment vs a per-pair loop |
+| P4 | cmc_vs_full.py | CMC (K = 8) vs full-data NUTS: wall time and accuracy |
+| P5 | dry_run_scale.py, combine_scale.py | dry-run time with many shards; combine time and memory |
+| P6 | rerun_jobs.py | jobs executed after a sampling-only config edit |
+
+``structure_accuracy.py`` (issue 3's accuracy of the combined structure) needs finished
+workflow runs and is run on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, machine
+
+BENCH = Path(__file__).resolve().parent
+SCRIPTS = {
+    "P1": ["sample_chains.py"],
+    "P2": ["compile_cache.py"],
+    "P3": ["align_throughput.py"],
+    "P4": ["cmc_vs_full.py"],
+    "P5": ["dry_run_scale.py", "combine_scale.py"],
+    "P6": ["rerun_jobs.py"],
+}
+
+
+def write_summary() -> str:
+    """``summary.md``: every target of every result file present, with its figure."""
+    rows = []
+    for path in sorted(RESULTS.glob("*.json")):
+        record = json.loads(path.read_text())
+        for entry in record.get("targets", []):
+            rows.append((entry["id"], entry["measure"], entry["figure"], entry["target"], "yes" if entry["met"] else "**no**",
+                         f"[{path.stem}.md]({path.stem}.md)", record.get("written", "")))
+    facts = machine()
+    lines = [
+        "# Benchmarks: targets of issue 6", "",
+        f"Machine: {facts['cores']} cores, {facts['memory_gib']} GiB. Each figure is the median of >= 3 runs unless its table says "
+        "otherwise; the linked tables give min–max and the details. Regenerate with `python bench/run.py`.", "",
+        "| id | measure | figure | target | met | table | measured |", "|---|---|---|---|---|---|---|",
+        *[f"| {' | '.join(row)} |" for row in sorted(rows, key=lambda row: row[0])],
+    ]
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "summary.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ids", nargs="*", help=f"benchmarks to run, of {' '.join(SCRIPTS)} (default: all)")
+    parser.add_argument("--summary-only", action="store_true")
+    args = parser.parse_args()
+    unknown = [identifier for identifier in args.ids if identifier not in SCRIPTS]
+    if unknown:
+        parser.error(f"unknown benchmark ids {unknown}; known: {' '.join(SCRIPTS)}")
+    if not args.summary_only:
+        for identifier in args.ids or list(SCRIPTS):
+            for script in SCRIPTS[identifier]:
+                started = time.perf_counter()
+                print(f"== {identifier}: {script}", flush=True)
+                subprocess.run([sys.executable, str(BENCH / script)], check=True)
+                print(f"== {identifier}: {script} took {time.perf_counter() - started:.0f} s", flush=True)
+    print(write_summary())
+
+
+if __name__ == "__main__":
+    main()
