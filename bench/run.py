@@ -49,6 +49,8 @@ def write_summary() -> str:
     rows = []
     for path in sorted(RESULTS.glob("*.json")):
         record = json.loads(path.read_text())
+        if not isinstance(record, dict):  # structure_accuracy.json: a list of analyses, no targets
+            continue
         for entry in record.get("targets", []):
             rows.append((entry["id"], entry["measure"], entry["figure"], entry["target"], "yes" if entry["met"] else "**no**",
                          f"[{path.stem}.md]({path.stem}.md)", record.get("written", "")))
