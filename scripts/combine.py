@@ -38,6 +38,7 @@ with reported_errors():
         model_kwargs(load_features(snakemake.input.features), options),
         method=settings["method"],
         seed=settings["seed"],
+        shrinkage=settings["covariance_shrinkage"],
         diagnostics=[json.loads(Path(path).read_text()) for path in snakemake.input.diagnostics],
         screen_thresholds=settings["screen"],
         min_shards_fraction=settings["min_shards_fraction"],

@@ -29,6 +29,14 @@ configure_jax(
 )
 
 
+def schema_default(*keys: str):
+    """The config schema's default for an analysis setting, e.g. ``("combine", "method")``."""
+    node = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["$defs"]["analysis"]
+    for key in keys:
+        node = node["properties"][key]
+    return node["default"]
+
+
 def tiny_config(**analysis_overrides) -> dict:
     """A logistic analysis small enough to run end to end in well under a minute."""
     analysis = {

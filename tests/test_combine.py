@@ -38,9 +38,9 @@ def test_one_block_is_full_covariance_consensus_and_singletons_are_diagonal():
     dimension = subposteriors[0].shape[1]
     full = np.asarray(consensus([{"x": s} for s in subposteriors], diagonal=False)["x"])
     diagonal = np.asarray(consensus([{"x": s} for s in subposteriors], diagonal=True)["x"])
-    np.testing.assert_allclose(block_consensus(subposteriors, [np.arange(dimension)]), full, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(block_consensus(subposteriors, [np.arange(dimension)]).draws(), full, rtol=1e-7, atol=1e-9)
     singletons = [np.array([i]) for i in range(dimension)]
-    np.testing.assert_allclose(block_consensus(subposteriors, singletons), diagonal, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(block_consensus(subposteriors, singletons).draws(), diagonal, rtol=1e-7, atol=1e-9)
 
 
 def test_point_blocks_partition_the_parameters():
@@ -147,3 +147,89 @@ def test_read_run_gives_what_arviz_reads_for_a_run_and_a_failure_record(tmp_path
         assert set(read.groups()) == set(expected.groups()) - {"sample_stats"}
         for group in read.groups():
             xr.testing.assert_identical(read[group], expected[group])
+
+
+def ar1_draws(rng, chains, per_chain, dimension, rho):
+    """``(chains · per_chain, dimension)`` chain-major AR(1) draws with unit marginal variance."""
+    draws = np.empty((chains, per_chain, dimension))
+    draws[:, 0] = rng.normal(size=(chains, dimension))
+    for step in range(1, per_chain):
+        draws[:, step] = rho * draws[:, step - 1] + np.sqrt(1 - rho**2) * rng.normal(size=(chains, dimension))
+    return draws.reshape(chains * per_chain, dimension)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.7])
+def test_covariance_noise_counts_the_autocorrelation_of_the_draws(rho):
+    """For AR(1) chains with independent unit-variance coordinates, Σ_ij Var(Σ̂_ij) is
+    (tr(Σ)² + ‖Σ‖²_F) / S times (1 + ρ²) / (1 − ρ²) (products of the draws are AR(1) in ρ²):
+    1 for independent draws, 2.92 at ρ = 0.7. 50 blocks of 4 coordinates average the
+    estimate (20 batches each; relative sd of the mean ≈ 0.05)."""
+    from cmcflow.combine import covariance_noise
+
+    rng = np.random.default_rng(5)
+    chains, per_chain, blocks, size = 4, 1000, 50, 4
+    values = ar1_draws(rng, chains, per_chain, blocks * size, rho).reshape(chains * per_chain, blocks, size)
+    iid = (size**2 + size) / (chains * per_chain)  # Σ = I
+    ratio = covariance_noise(values, chains).mean() / iid
+    assert ratio == pytest.approx((1 + rho**2) / (1 - rho**2), rel=0.15)
+
+
+def exchangeable_gaussian_shards(rng, shards=8, chains=4, per_chain=250, dimension=20):
+    """K subposteriors that share one correlated covariance Σ and differ in their means as
+    random shards of one data set do (μ_s − μ ~ N(0, Σ)); returns them (chain-major) and
+    the mean and covariance of their exact Gaussian product."""
+    factor = np.linalg.cholesky(0.6 * np.ones((dimension, dimension)) + 0.4 * np.eye(dimension))
+    scale = np.exp(rng.normal(scale=0.5, size=dimension))
+    root = scale[:, None] * factor
+    means = rng.normal(size=dimension) + rng.normal(size=(shards, dimension)) @ root.T
+    draws = [mean + rng.normal(size=(chains * per_chain, dimension)) @ root.T for mean in means]
+    return draws, means.mean(axis=0), root @ root.T / shards
+
+
+def test_auto_shrinkage_removes_the_noise_of_the_weights_for_exchangeable_shards():
+    """20 correlated parameters, 1,000 draws per shard, 8 shards: the weights' sampling noise
+    moves the raw consensus mean off the exact product mean; auto shrinkage takes λ near 1
+    (measured over 10 seeds: λ 0.75–1, median 1) and cuts the error from rms 0.117 to 0.037
+    product sd (the means' Monte Carlo error alone is 1/√(8 · 1000) ≈ 0.011; the pooled
+    shape's own noise makes up most of the rest)."""
+    errors = {0.0: [], "auto": []}
+    for seed in range(10):
+        shards, mean, covariance = exchangeable_gaussian_shards(np.random.default_rng([11, seed]))
+        sd = np.sqrt(np.diag(covariance))
+        for shrinkage in errors:
+            accumulator = block_consensus(shards, [np.arange(20)], shrinkage=shrinkage, chains=4)
+            errors[shrinkage].append((accumulator.draws().mean(axis=0) - mean) / sd)
+            if shrinkage == "auto":
+                assert min(accumulator.intensities) > 0.6, accumulator.intensities
+    rms = {shrinkage: float(np.sqrt(np.mean(np.square(values)))) for shrinkage, values in errors.items()}
+    assert rms["auto"] < 0.05 and rms[0.0] > 2 * rms["auto"], rms
+
+
+def heterogeneous_gaussian_shards(rng, shards=6, dimension=7, draws=2000):
+    """K subposteriors whose covariances differ in shape (Σ_s = A_s A_sᵀ, A_s = I + N(0, 0.5²))
+    and whose means are consistent with one θ (μ_s ~ N(θ, Σ_s)); returns them and the mean
+    and sd of their exact Gaussian product."""
+    theta, subposteriors, precisions, weighted = rng.normal(size=dimension), [], [], []
+    for _ in range(shards):
+        root = np.linalg.cholesky((factor := np.eye(dimension) + 0.5 * rng.normal(size=(dimension, dimension))) @ factor.T)
+        mean = theta + root @ rng.normal(size=dimension)
+        subposteriors.append(mean + rng.normal(size=(draws, dimension)) @ root.T)
+        precisions.append(np.linalg.inv(root @ root.T))
+        weighted.append(precisions[-1] @ mean)
+    covariance = np.linalg.inv(sum(precisions))
+    return subposteriors, covariance @ sum(weighted), np.sqrt(np.diag(covariance))
+
+
+def test_auto_shrinkage_stays_out_where_shard_shapes_differ():
+    """Shards of truly different shapes get λ ≈ 0 and the raw consensus' accuracy
+    (measured over 10 seeds: λ ≤ 0.002, rms error 0.0567 against 0.0566 product sd)."""
+    errors = {0.0: [], "auto": []}
+    for seed in range(10):
+        subposteriors, mean, sd = heterogeneous_gaussian_shards(np.random.default_rng([5, seed]))
+        for shrinkage in errors:
+            accumulator = block_consensus(subposteriors, [np.arange(7)], shrinkage=shrinkage, chains=4)
+            errors[shrinkage].append((accumulator.draws().mean(axis=0) - mean) / sd)
+            if shrinkage == "auto":
+                assert max(accumulator.intensities) < 0.01, accumulator.intensities
+    rms = {shrinkage: float(np.sqrt(np.mean(np.square(values)))) for shrinkage, values in errors.items()}
+    assert rms["auto"] <= 1.05 * rms[0.0], rms

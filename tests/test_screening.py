@@ -76,7 +76,7 @@ def test_streaming_matches_in_memory_on_600_shards(method):
         draws = rng.normal(size=4) + rng.normal(size=(300, 4)) @ factor
         subposteriors.append({"beta": draws[:, :3], "log_sigma": draws[:, 3]})
     in_memory = combine_draws(subposteriors, method, jax.random.PRNGKey(0))
-    streamed = stream_combine(iter(subposteriors), subposteriors[0], method, jax.random.PRNGKey(0), point_site=None)
+    streamed, _ = stream_combine(iter(subposteriors), subposteriors[0], method, jax.random.PRNGKey(0), point_site=None)
     for site in ("beta", "log_sigma"):
         np.testing.assert_allclose(streamed[site], in_memory[site], rtol=1e-6, atol=1e-9)
 
@@ -84,7 +84,7 @@ def test_streaming_matches_in_memory_on_600_shards(method):
 def test_streaming_parametric_has_the_gaussian_product_moments():
     rng = np.random.default_rng(4)
     subposteriors = [{"x": rng.normal(size=2) + rng.normal(size=(4000, 2)) * [1.0, 2.0]} for _ in range(600)]
-    streamed = stream_combine(iter(subposteriors), subposteriors[0], "parametric", jax.random.PRNGKey(1), None)["x"]
+    streamed = stream_combine(iter(subposteriors), subposteriors[0], "parametric", jax.random.PRNGKey(1), None)[0]["x"]
     precision = sum(np.linalg.inv(np.cov(s["x"].T)) for s in subposteriors)
     covariance = np.linalg.inv(precision)
     mean = covariance @ sum(np.linalg.inv(np.cov(s["x"].T)) @ s["x"].mean(0) for s in subposteriors)
@@ -92,3 +92,42 @@ def test_streaming_parametric_has_the_gaussian_product_moments():
     # 4000 draws: the sample mean is within 4 standard errors, the sd within 5%
     np.testing.assert_array_less(np.abs(streamed.mean(0) - mean), 4 * sd / np.sqrt(4000))
     np.testing.assert_allclose(streamed.std(0), sd, rtol=0.05)
+
+
+def test_combine_shards_streams_the_same_shrunk_consensus_without_the_screened_out_shard(monkeypatch):
+    """The pooled shape for covariance shrinkage is summed while the shards are first read;
+    a shard that screening excludes is taken back out of it. Streaming (two reads) and the
+    in-memory path must then agree, and the record gives λ for the kept shards only."""
+    import arviz as az
+    import numpyro
+    import numpyro.distributions as dist
+
+    from cmcflow import combine
+
+    def model():
+        numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([6]))
+
+    shards = exchangeable_shards(np.random.default_rng(8), shards=10, draws=400)
+    shards[4] = shards[4] + np.array([0, 9.0, 0, 0, 0, 0])
+    runs = []
+    for draws in shards:
+        layout = {"beta": draws.reshape(4, 100, 6)}
+        run = az.from_dict(posterior=layout)
+        run.add_groups(unconstrained_posterior=layout)
+        runs.append(run)
+
+    def combined(streaming_above):
+        monkeypatch.setattr(combine, "STREAMING_ABOVE", streaming_above)
+        return combine.combine_shards(
+            runs.__getitem__, len(runs), model, {}, "consensus", 0, shrinkage="auto",
+            diagnostics=[HEALTHY] * len(runs), screen_thresholds=THRESHOLDS, min_shards_fraction=0.5,
+        )
+
+    (in_memory, record, _), (streamed, streamed_record, _) = combined(500), combined(5)
+    assert record["excluded"][0]["shard"] == 4 and streamed_record["streaming"] and not record["streaming"]
+    assert sorted(record["shrinkage_intensity"]) == sorted(str(shard) for shard in record["used"])
+    assert record["shrinkage_intensity"] == pytest.approx(streamed_record["shrinkage_intensity"], rel=1e-9)
+    np.testing.assert_allclose(streamed.posterior["beta"].values, in_memory.posterior["beta"].values, rtol=1e-9, atol=1e-12)
+    # the shapes were pooled over the kept shards only: the same as combining just those
+    kept = combine.block_consensus([shards[shard] for shard in record["used"]], [np.arange(6)], shrinkage="auto", chains=4)
+    np.testing.assert_allclose(in_memory.posterior["beta"].values.reshape(400, 6), kept.draws(), rtol=1e-9, atol=1e-12)

@@ -25,6 +25,8 @@ from cmcflow.models.linear_gaussian import exact_posterior
 from cmcflow.sample import NutsSettings, model_kwargs, sample_features
 from cmcflow.shard import split_rows
 
+from conftest import schema_default
+
 DEVICES = 4
 SETTINGS = NutsSettings(num_warmup=500, num_samples=1000, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False)
 
@@ -49,7 +51,10 @@ def run_cmc(spec, options, X, y, parts, method="consensus", settings=SETTINGS, s
         )
         runs.append(idata)
     # like the combine rule: the model is traced on one shard's features for its transforms
-    return combine_runs(runs, spec.numpyro_model, model_kwargs(features, options), method, seed=0)
+    return combine_runs(
+        runs, spec.numpyro_model, model_kwargs(features, options), method, seed=0,
+        shrinkage=schema_default("combine", "covariance_shrinkage"),
+    )
 
 
 def flat_draws(idata, name):

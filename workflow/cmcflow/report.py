@@ -150,6 +150,16 @@ def stage_times(benchmark_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     )
 
 
+def shrinkage_sentence(shards: dict) -> str:
+    """One line on how far each shard's covariance was shrunk toward the shared shape."""
+    weights = np.array(list(shards["shrinkage_intensity"].values()))
+    return (
+        f"<p>Each shard's covariance shrunk toward the shape all kept shards share "
+        f"(<code>covariance_shrinkage: {html.escape(str(shards['covariance_shrinkage']))}</code>): "
+        f"intensity λ {weights.min():.2f}–{weights.max():.2f}, median {np.median(weights):.2f} "
+        "(0: the shard's own sample covariance; 1: the shared shape at the shard's scale).</p>"
+    )
+
 def render_report(
     analysis: str,
     model: str,
@@ -175,6 +185,7 @@ def render_report(
         f"<code>{html.escape(shards['method'])}</code> ({html.escape(shards['covariance'])}); "
         f"{len(excluded)} excluded.</p>",
         *([f"<p>Structure located by {html.escape(shards['location'])}.</p>"] if "location" in shards else []),
+        *([shrinkage_sentence(shards)] if "shrinkage_intensity" in shards else []),
         *(
             ["<h2>Excluded shards</h2><ul>"]
             + [f"<li>shard {entry['shard']}: {html.escape(entry['reason'])}</li>" for entry in excluded]
