@@ -21,7 +21,7 @@ import argparse
 import functools
 import sys
 
-from common import REPO, cell, spread, target, timed, write_results
+from common import REPO, cell, machine, spread, target, timed, write_results
 
 sys.path.insert(0, str(REPO / "workflow"))
 from cmcflow.jaxenv import configure_jax  # noqa: E402
@@ -60,6 +60,11 @@ def make_pairs(count: int, seed: int = 0):
     return ref, fit, mask
 
 
+def cores_busy(seconds: list[float], cpu_seconds: list[float]) -> float:
+    """Median over repeats of CPU seconds per wall second: how many cores a path keeps busy."""
+    return float(np.median(np.asarray(cpu_seconds) / np.asarray(seconds)))
+
+
 def run_loop(ref, fit, mask, function):
     """Every pair on its own, at its own size (no padding), through ``function``."""
     scores = []
@@ -80,16 +85,18 @@ def main() -> None:
     rows = []
     for devices in (1, 2, 4):
         align_overlay(ref, fit, mask, mask, settings=SETTINGS, devices=devices)  # compile
-        seconds, result = timed(lambda: align_overlay(ref, fit, mask, mask, settings=SETTINGS, devices=devices), args.repeats)
-        rows.append({"path": f"shard_map, {devices} device(s)", "seconds": spread(seconds), "mean_score": float(result.scores.mean())})
+        seconds, cpu, result = timed(lambda: align_overlay(ref, fit, mask, mask, settings=SETTINGS, devices=devices), args.repeats)
+        rows.append({"path": f"shard_map, {devices} device(s)", "seconds": spread(seconds), "cores_busy": cores_busy(seconds, cpu),
+                     "mean_score": float(result.scores.mean())})
         print(rows[-1], flush=True)
 
     starts = jnp.asarray(spread_rotations(SETTINGS.spread_starts))
     loop = jax.jit(functools.partial(overlay_batch, spread=starts, settings=SETTINGS))
     run_loop(ref, fit, mask, loop)  # compile every size
     print("per-pair loop compiled", flush=True)
-    seconds, scores = timed(lambda: run_loop(ref, fit, mask, loop), args.repeats)
-    rows.append({"path": "per-pair loop, early stopping", "seconds": spread(seconds), "mean_score": float(scores.mean())})
+    seconds, cpu, scores = timed(lambda: run_loop(ref, fit, mask, loop), args.repeats)
+    rows.append({"path": "per-pair loop, early stopping", "seconds": spread(seconds), "cores_busy": cores_busy(seconds, cpu),
+                 "mean_score": float(scores.mean())})
     baseline = rows[-1]
     for row in rows:
         row["pairs_per_second"] = args.pairs / row["seconds"]["median"]
@@ -97,12 +104,21 @@ def main() -> None:
         row["speedup_vs_loop"] = row["pairs_per_second"] / baseline["pairs_per_second"]
     best = max(rows[:-1], key=lambda row: row["speedup_vs_loop"])
     met = best["speedup_vs_loop"] >= TARGET and best["mean_score"] >= baseline["mean_score"] - 1e-6
+    cores = machine()["cores"]
+    bound = (
+        f"the per-pair loop already keeps {baseline['cores_busy']:.2f} of the {cores} cores busy (XLA's own threads), and the "
+        f"devices are virtual CPU devices on those same cores, so they add no compute: {TARGET}x the loop would need "
+        f"{TARGET * baseline['cores_busy']:.1f} cores of the same work. The batched path also does more work, not less: "
+        "a batch runs until its slowest pair settles."
+    )
     targets = [target("P3", "align pairs/s, best shard_map row / per-pair loop (equal or better mean score)",
-                      f"{best['speedup_vs_loop']:.2f}x ({best['path']})", f">= {TARGET}x", met)]
+                      f"{best['speedup_vs_loop']:.2f}x ({best['path']})", f">= {TARGET}x", met, bound)]
     table = [
         f"# P3 align throughput ({args.pairs} pairs of 20–60 atoms, {SETTINGS.starts_per_pair} starts/pair, median (min–max) of {args.repeats})",
-        "", "| path | pairs/s | seconds | mean score | × loop |", "|---|---|---|---|---|",
-        *[f"| {r['path']} | {r['pairs_per_second']:.1f} | {cell(r['seconds'])} | {r['mean_score']:.4f} | {r['speedup_vs_loop']:.2f} |" for r in rows],
+        "", "| path | pairs/s | seconds | cores busy (CPU s / wall s) | mean score | × loop |", "|---|---|---|---|---|---|",
+        *[f"| {r['path']} | {r['pairs_per_second']:.1f} | {cell(r['seconds'])} | {r['cores_busy']:.2f} | {r['mean_score']:.4f} | "
+          f"{r['speedup_vs_loop']:.2f} |" for r in rows],
+        *([] if met else ["", f"Bound: {bound}"]),
     ]
     record = {"benchmark": "P3 align throughput", "pairs": args.pairs, "repeats": args.repeats,
               "settings": SETTINGS.__dict__ | {"starts_per_pair": SETTINGS.starts_per_pair}, "rows": rows, "targets": targets}

@@ -47,14 +47,16 @@ def spread(values: Sequence[float]) -> dict:
     return {"runs": values, "median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def timed(call: Callable[[], object], repeats: int) -> tuple[list[float], object]:
-    """Wall seconds of ``repeats`` calls of ``call``, and the last call's result."""
-    seconds, result = [], None
+def timed(call: Callable[[], object], repeats: int) -> tuple[list[float], list[float], object]:
+    """Wall seconds and CPU seconds (this process, all its threads) of ``repeats`` calls of
+    ``call``, and the last call's result."""
+    seconds, cpu_seconds, result = [], [], None
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = call()
         seconds.append(time.perf_counter() - started)
-    return seconds, result
+        cpu_seconds.append(time.process_time() - cpu_started)
+    return seconds, cpu_seconds, result
 
 
 def cell(summary: dict, digits: int = 2) -> str:
@@ -62,10 +64,11 @@ def cell(summary: dict, digits: int = 2) -> str:
     return f"{summary['median']:.{digits}f} ({summary['min']:.{digits}f}–{summary['max']:.{digits}f})"
 
 
-def write_results(name: str, record: dict, table: Sequence[str]) -> None:
-    """``bench/results/<name>.json`` (``record`` plus the machine) and ``<name>.md``
-    (``table``, a list of markdown lines, headed by the machine); prints the table."""
-    record = {**record, "machine": machine(), "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+def write_results(name: str, record: dict, table: Sequence[str], measured: str | None = None) -> None:
+    """``bench/results/<name>.json`` (``record`` plus the machine and when it was measured:
+    now, unless ``measured`` says otherwise) and ``<name>.md`` (``table``, a list of markdown
+    lines, headed by the machine); prints the table."""
+    record = {**record, "machine": machine(), "written": measured or time.strftime("%Y-%m-%d %H:%M:%S")}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     facts = record["machine"]
@@ -75,9 +78,11 @@ def write_results(name: str, record: dict, table: Sequence[str]) -> None:
     print(text, flush=True)
 
 
-def target(identifier: str, measure: str, figure: str, goal: str, met: bool) -> dict:
-    """One issue-6 target's outcome, for the summary table."""
-    return {"id": identifier, "measure": measure, "figure": figure, "target": goal, "met": bool(met)}
+def target(identifier: str, measure: str, figure: str, goal: str, met: bool, bound: str | None = None) -> dict:
+    """One issue-6 target's outcome, for the summary table; ``bound``: for a missed target,
+    what bounds the figure, stated from the benchmark's own measurements."""
+    outcome = {"id": identifier, "measure": measure, "figure": figure, "target": goal, "met": bool(met)}
+    return outcome | ({"bound": bound} if bound and not met else {})
 
 
 def snakemake(workdir: Path, config: dict, *args: str, timeout: float = 3600) -> tuple[float, str]:

@@ -46,7 +46,7 @@ SCRIPTS = {
 
 def write_summary() -> str:
     """``summary.md``: every target of every result file present, with its figure."""
-    rows = []
+    rows, bounds = [], []
     for path in sorted(RESULTS.glob("*.json")):
         record = json.loads(path.read_text())
         if not isinstance(record, dict):  # structure_accuracy.json: a list of analyses, no targets
@@ -54,6 +54,8 @@ def write_summary() -> str:
         for entry in record.get("targets", []):
             rows.append((entry["id"], entry["measure"], entry["figure"], entry["target"], "yes" if entry["met"] else "**no**",
                          f"[{path.stem}.md]({path.stem}.md)", record.get("written", "")))
+            if "bound" in entry:
+                bounds.append(f"- **{entry['id']}** ({entry['measure']}): {entry['bound']}")
     facts = machine()
     lines = [
         "# Benchmarks: targets of issue 6", "",
@@ -61,6 +63,7 @@ def write_summary() -> str:
         "otherwise; the linked tables give min–max and the details. Regenerate with `python bench/run.py`.", "",
         "| id | measure | figure | target | met | table | measured |", "|---|---|---|---|---|---|---|",
         *[f"| {' | '.join(row)} |" for row in sorted(rows, key=lambda row: row[0])],
+        *(["", "## Missed targets: what bounds them (from the same measurements)", "", *sorted(bounds)] if bounds else []),
     ]
     text = "\n".join(lines) + "\n"
     (RESULTS / "summary.md").write_text(text)
