@@ -202,7 +202,8 @@ class ConsensusAccumulator:
     ``shapes`` the mean :func:`block_shapes` of the shards combined) and λ in [0, 1] given or,
     with ``"auto"``, :func:`shrinkage_intensity` (``chains``: how the S draws are laid out, for
     its batch means). Where the shards share one shape (random or stratified splits) Σ̂ − T is
-    mostly noise and λ nears 1; where their shapes truly differ, λ nears 0. :attr:`intensities` lists each added shard's λ (mean over blocks).
+    mostly noise and λ nears 1; where their shapes truly differ, λ nears 0.
+    :attr:`intensities` lists each added shard's λ (mean over its blocks).
     """
 
     def __init__(
