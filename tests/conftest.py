@@ -19,6 +19,9 @@ import yaml
 from cmcflow.jaxenv import configure_jax
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from common import job_counts  # noqa: E402  (the benchmarks' parser of Snakemake's job table; standard library only)
+
 TIMEOUT = shutil.which("timeout")  # coreutils; absolute, so that a test may replace PATH
 DEVICES = 4
 
@@ -94,15 +97,5 @@ class Workflow:
 
     def planned_jobs(self, *targets: str, config: dict | None = None) -> dict[str, int]:
         """Rule -> job count of a dry run (empty when there is nothing to do)."""
-        output = self.run("--dry-run", "--quiet", "rules", *targets, config=config).stdout
-        jobs, in_table = {}, False
-        for line in output.splitlines():
-            fields = line.split()
-            if fields[:2] == ["job", "count"]:
-                in_table = True
-            elif in_table and len(fields) == 2 and fields[1].isdigit() and fields[0] != "total":
-                jobs[fields[0]] = int(fields[1])
-            elif in_table and fields and fields[0] == "total":
-                break
-        return jobs
+        return job_counts(self.run("--dry-run", "--quiet", "rules", *targets, config=config).stdout)
 
