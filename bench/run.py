@@ -3,7 +3,8 @@
 
 Benchmarks are not tests: each measures what users pay for on this machine, repeats it
 (median and min–max of >= 3 runs) and writes ``bench/results/<name>.json`` and ``.md``.
-Run them on an otherwise idle machine; they take about 90 minutes on 2 cores, P4 most of it.
+Run them on an otherwise idle machine; they take about 2.5 hours on 2 cores: P4 (three
+repeats of 8 shards and a 21-minute full-data run) about 115 minutes, the others 43.
 
     python bench/run.py                 # all of them
     python bench/run.py P1 P2           # some; the summary still lists every result present
