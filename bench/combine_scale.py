@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, cell, spread, target, write_results
+from common import REPO, cell, schema_default, spread, target, write_results
 
 sys.path.insert(0, str(REPO / "workflow"))
 
@@ -69,7 +69,7 @@ def measure(directory: Path, num_shards: int) -> dict:
     idata, record, _ = combine_shards(
         lambda shard: read_run(paths[shard]), num_shards, spec.numpyro_model,
         model_kwargs(features, resolve_options(spec, {})), "consensus", 0,
-        diagnostics=[HEALTHY] * num_shards, screen_thresholds=THRESHOLDS, min_shards_fraction=0.5,
+        shrinkage=schema_default("combine", "covariance_shrinkage"), diagnostics=[HEALTHY] * num_shards, screen_thresholds=THRESHOLDS, min_shards_fraction=0.5,
     )
     seconds = time.perf_counter() - started
     return {

@@ -41,6 +41,17 @@ def machine() -> dict:
     }
 
 
+def schema_default(*keys: str):
+    """The config schema's default for an analysis setting, e.g. ``("combine", "method")``:
+    benchmarks and tests use what the workflow uses, from its one place for defaults."""
+    import yaml
+
+    node = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["$defs"]["analysis"]
+    for key in keys:
+        node = node["properties"][key]
+    return node["default"]
+
+
 def spread(values: Sequence[float]) -> dict:
     """``{"runs": values, "median": …, "min": …, "max": …}`` of repeated measurements."""
     values = [float(value) for value in values]

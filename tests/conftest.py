@@ -20,7 +20,7 @@ from cmcflow.jaxenv import configure_jax
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import job_counts  # noqa: E402  (the benchmarks' parser of Snakemake's job table; standard library only)
+from common import job_counts, schema_default  # noqa: E402, F401  (shared with the benchmarks; no JAX import)
 
 TIMEOUT = shutil.which("timeout")  # coreutils; absolute, so that a test may replace PATH
 DEVICES = 4
@@ -30,14 +30,6 @@ configure_jax(
     enable_x64=True,
     compilation_cache_dir=tempfile.mkdtemp(prefix="cmcflow-test-jax-cache-"),
 )
-
-
-def schema_default(*keys: str):
-    """The config schema's default for an analysis setting, e.g. ``("combine", "method")``."""
-    node = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["$defs"]["analysis"]
-    for key in keys:
-        node = node["properties"][key]
-    return node["default"]
 
 
 def tiny_config(**analysis_overrides) -> dict:
