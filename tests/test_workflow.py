@@ -57,9 +57,12 @@ def test_every_output_is_produced(finished):
     assert np.all(np.abs(z) < 4), z
     shards = json.loads((results / "combined/shards.json").read_text())
     assert set(shards.pop("max_abs_z")) == {"0", "1"}
+    intensities = shards.pop("shrinkage_intensity")
+    assert set(intensities) == {"0", "1"} and all(0.0 <= value <= 1.0 for value in intensities.values()), intensities
     assert shards == {
         "method": "consensus",
         "covariance": "full covariance",
+        "covariance_shrinkage": "auto",
         "space": "unconstrained",
         "streaming": False,
         "num_shards": 2,
