@@ -3,9 +3,9 @@ shards in <= 1 GB).
 
 Writes K shard posteriors as the sample stage does (NetCDF, 4 chains x 250 draws of the
 linear-Gaussian model's 10 coefficients, exact Gaussian subposteriors), then runs the
-combine stage's own function (screening on, streaming above 500 shards) in a fresh process
-per K and records its wall time and peak resident memory (``ru_maxrss``, which includes
-the ~0.3 GB of an imported JAX).
+combine stage's own function (screening on, streaming above 500 shards, the schema's default
+covariance shrinkage) in a fresh process per K and records its wall time and peak resident
+memory (``ru_maxrss``, which includes the ~0.3 GB of an imported JAX).
 
 Usage: python bench/combine_scale.py [--shards 1000 10000] [--repeats 3] [--workdir /tmp/cmcflow-bench/combine-scale]
 Writes bench/results/combine_scale.json and .md.
@@ -75,6 +75,7 @@ def measure(directory: Path, num_shards: int) -> dict:
     return {
         "shards": num_shards,
         "streaming": record["streaming"],
+        "covariance_shrinkage": record["covariance_shrinkage"],
         "excluded": len(record["excluded"]),
         "combine_seconds": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -106,7 +107,8 @@ def main() -> None:
             runs.append(json.loads(output.strip().splitlines()[-1]))
             print(runs[-1], flush=True)
         rows.append({
-            "shards": num_shards, "streaming": runs[0]["streaming"], "excluded": runs[0]["excluded"],
+            "shards": num_shards, "streaming": runs[0]["streaming"],
+            "covariance_shrinkage": runs[0]["covariance_shrinkage"], "excluded": runs[0]["excluded"],
             "combine_seconds": spread([run["combine_seconds"] for run in runs]),
             "peak_rss_mb": spread([run["peak_rss_mb"] for run in runs]),
         })
@@ -117,8 +119,8 @@ def main() -> None:
     ]
     table = [
         f"# P5 combine at scale ({CHAINS}x{DRAWS} draws of {FEATURES} parameters per shard, screening on; median (min–max) of {args.repeats})",
-        "", "| shards | streaming | combine s | peak RSS (MB) |", "|---|---|---|---|",
-        *[f"| {r['shards']:,} | {r['streaming']} | {cell(r['combine_seconds'], 1)} | {cell(r['peak_rss_mb'], 0)} |" for r in rows],
+        "", "| shards | streaming | covariance shrinkage | combine s | peak RSS (MB) |", "|---|---|---|---|---|",
+        *[f"| {r['shards']:,} | {r['streaming']} | {r['covariance_shrinkage']} | {cell(r['combine_seconds'], 1)} | {cell(r['peak_rss_mb'], 0)} |" for r in rows],
     ]
     record = {"benchmark": "P5 combine scale", "repeats": args.repeats, "shard_draws": CHAINS * DRAWS, "parameters": FEATURES,
               "rows": rows, "targets": targets}
