@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cmcflow.align import MIRROR, OverlaySettings, align_overlay, overlay_batch, quaternion_matrix, spread_rotations  # noqa: E402
+from cmcflow.overlay import MIRROR, OverlaySettings, align_overlay, overlay_batch, quaternion_matrix, spread_rotations  # noqa: E402
 from cmcflow.models.structure import read_structure  # noqa: E402
 
 SETTINGS = OverlaySettings(iterations=100, spread_starts=8, allow_reflection=True, use_correspondence=False)

@@ -58,9 +58,10 @@ def measure(directory: Path, num_shards: int) -> dict:
     configure_jax(devices=1, enable_x64=True, compilation_cache_dir=None)
     import numpy as np
 
-    from cmcflow.combine import combine_shards
+    from cmcflow.combine import CombineSettings, combine_shards
     from cmcflow.models import get_model, resolve_options
-    from cmcflow.sample import model_kwargs, read_run
+    from cmcflow.runs import read_run
+    from cmcflow.transforms import model_kwargs
 
     spec = get_model("linear_gaussian")
     features = spec.featurize({"features": np.zeros((8, FEATURES)), "label": np.zeros(8)}, 8, {})
@@ -68,8 +69,12 @@ def measure(directory: Path, num_shards: int) -> dict:
     started = time.perf_counter()
     idata, record, _ = combine_shards(
         lambda shard: read_run(paths[shard]), num_shards, spec.numpyro_model,
-        model_kwargs(features, resolve_options(spec, {})), "consensus", 0,
-        shrinkage=schema_default("combine", "covariance_shrinkage"), diagnostics=[HEALTHY] * num_shards, screen_thresholds=THRESHOLDS, min_shards_fraction=0.5,
+        model_kwargs(features, resolve_options(spec, {})),
+        CombineSettings(
+            "consensus", 0, schema_default("combine", "covariance_shrinkage"), screen=THRESHOLDS,
+            min_shards_fraction=0.5, on_failed_shard="fail",
+        ),
+        diagnostics=[HEALTHY] * num_shards,
     )
     seconds = time.perf_counter() - started
     return {

@@ -31,9 +31,10 @@ import arviz as az  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cmcflow.align import align_kabsch  # noqa: E402
-from cmcflow.align_draws import align_to_reference, generalised_procrustes, rmsd  # noqa: E402
-from cmcflow.combine import combine_draws, locate_by_distances  # noqa: E402
+from cmcflow.align import align_to_reference, generalised_procrustes  # noqa: E402
+from cmcflow.superposition import align_kabsch, rmsd  # noqa: E402
+from cmcflow.combine import combine_draws  # noqa: E402
+from cmcflow.locate import distance_moments, locate_by_distances  # noqa: E402
 from cmcflow.featurize import load_features  # noqa: E402
 from cmcflow.models import get_model  # noqa: E402
 
@@ -57,7 +58,7 @@ def combined_variants(analysis_dir: Path) -> dict[str, np.ndarray]:
     coordinates = combine_draws(subposteriors, "consensus", jax.random.PRNGKey(0), point_site=SITE)[SITE]
     features = sorted((analysis_dir / "features").glob("shard-*.npz"))
     pairs = np.unique(np.concatenate([spec.observed_pairs(load_features(path)) for path in features]), axis=0)
-    distances, _ = locate_by_distances(coordinates, [sub[SITE] for sub in subposteriors], pairs)
+    distances, _ = locate_by_distances(coordinates, [distance_moments(sub[SITE], pairs) for sub in subposteriors], pairs)
     return {"coordinates": coordinates, "distances": distances}
 
 

@@ -16,11 +16,11 @@ with reported_errors():
     import arviz as az
     import numpy as np
 
-    from cmcflow.align import OverlaySettings
-    from cmcflow.align_draws import align_run
+    from cmcflow.align import align_run
     from cmcflow.io import read_json
     from cmcflow.models import get_model
-    from cmcflow.sample import diagnostics, is_failed, write_run
+    from cmcflow.overlay import OverlaySettings
+    from cmcflow.runs import diagnostics, is_failed, write_run
 
     spec = get_model(snakemake.params.model)
     settings = snakemake.params.align

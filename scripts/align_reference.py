@@ -15,10 +15,10 @@ with reported_errors():
 
     import arviz as az
 
-    from cmcflow.align_draws import build_reference
+    from cmcflow.align import build_reference
     from cmcflow.io import write_json_atomic
     from cmcflow.models import get_model
-    from cmcflow.sample import is_failed
+    from cmcflow.runs import is_failed
 
     spec = get_model(snakemake.params.model)
     runs = [run for run in map(az.from_netcdf, snakemake.input.posteriors) if not is_failed(run)]

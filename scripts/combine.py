@@ -13,15 +13,14 @@ with reported_errors():
 
     configure_jax(**snakemake.params.jax)
 
-    import json
-    from pathlib import Path
-
     import numpy as np
 
-    from cmcflow.combine import combine_shards, write_combined
+    from cmcflow.combine import CombineSettings, combine_shards
     from cmcflow.featurize import load_features
+    from cmcflow.io import read_json
     from cmcflow.models import get_model
-    from cmcflow.sample import model_kwargs, read_run
+    from cmcflow.runs import read_run, write_combined
+    from cmcflow.transforms import model_kwargs
 
     spec = get_model(snakemake.params.model["name"])
     options = snakemake.params.model["options"]
@@ -36,13 +35,8 @@ with reported_errors():
         len(paths),
         spec.numpyro_model,
         model_kwargs(load_features(snakemake.input.features), options),
-        method=settings["method"],
-        seed=settings["seed"],
-        shrinkage=settings["covariance_shrinkage"],
-        diagnostics=[json.loads(Path(path).read_text()) for path in snakemake.input.diagnostics],
-        screen_thresholds=settings["screen"],
-        min_shards_fraction=settings["min_shards_fraction"],
-        on_failed_shard=settings["on_failed_shard"],
+        CombineSettings.from_config(settings),
+        diagnostics=[read_json(path) for path in snakemake.input.diagnostics],
         point_site=spec.point_site,
         point_pairs=point_pairs,
     )

@@ -13,11 +13,12 @@ with reported_errors():
 
     configure_jax(**snakemake.params.jax)
 
-    from cmcflow.featurize import load_features
-    from cmcflow.models import get_model
     import logging
 
-    from cmcflow.sample import NutsSettings, failed_run, sample_features, write_run
+    from cmcflow.featurize import load_features
+    from cmcflow.models import get_model
+    from cmcflow.runs import failed_run, write_run
+    from cmcflow.sample import NutsSettings, sample_features
 
     settings = dict(snakemake.params.sample)
     seed = settings.pop("seed")

@@ -13,11 +13,11 @@ with reported_errors():
 
     configure_jax(**snakemake.params.jax)
 
-    from cmcflow.combine import summary_table
     from cmcflow.featurize import all_rows_features
     from cmcflow.io import atomic_path
     from cmcflow.models import get_model
-    from cmcflow.sample import NutsSettings, sample_features, write_run
+    from cmcflow.runs import summary_table, write_run
+    from cmcflow.sample import NutsSettings, sample_features
 
     spec = get_model(snakemake.params.model["name"])
     settings = dict(snakemake.params.sample)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cmcflow.align import MIRROR, OverlaySettings, align_kabsch, align_overlay, quaternion_matrix, width_groups
+from cmcflow.overlay import MIRROR, OverlaySettings, align_overlay, quaternion_matrix, width_groups
+from cmcflow.superposition import align_kabsch
 
 SETTINGS = OverlaySettings(iterations=30, spread_starts=8, allow_reflection=True, use_correspondence=False)
 

@@ -7,19 +7,11 @@ import numpy as np
 import pytest
 from numpyro.infer.hmc_util import consensus
 
-from cmcflow.align import align_kabsch
-from cmcflow.align_draws import generalised_procrustes, rmsd
-from cmcflow.combine import (
-    block_consensus,
-    distance_consensus,
-    fit_to_distances,
-    flatten,
-    locate_by_distances,
-    pair_distances,
-    point_blocks,
-    superpose,
-    unflatten,
-)
+from cmcflow.align import generalised_procrustes
+from cmcflow.consensus import block_consensus, covariance_noise, flatten, point_blocks, unflatten
+from cmcflow.locate import distance_consensus, distance_moments, fit_to_distances, locate_by_distances, pair_distances
+from cmcflow.runs import failed_run, read_run, write_run
+from cmcflow.superposition import align_kabsch, rmsd, superpose
 from cmcflow.models.structure import SIMULATED_CUTOFF, read_structure
 
 from test_align import random_rotation
@@ -81,7 +73,8 @@ def test_distance_consensus_weights_each_pair_by_its_precision():
     shard_a, shard_b = (np.zeros((100, 2, 3)) for _ in range(2))
     shard_a[:, 1, 0] = 3.0 + 0.1 * offsets
     shard_b[:, 1, 0] = 4.0 + 0.2 * offsets
-    distances, precision = distance_consensus([shard_a, shard_b], np.array([[0, 1]]))
+    pair = np.array([[0, 1]])
+    distances, precision = distance_consensus([distance_moments(shard, pair) for shard in (shard_a, shard_b)])
     np.testing.assert_allclose(distances, [(3 / 0.1**2 + 4 / 0.2**2) / (1 / 0.1**2 + 1 / 0.2**2)])  # 3.2
     np.testing.assert_allclose(precision, [1 / 0.1**2 + 1 / 0.2**2])
 
@@ -113,7 +106,7 @@ def test_locate_by_distances_removes_the_contraction_of_a_spread_out_mean():
     shards = [turned_draws(400) for _ in range(3)]
     combined = np.mean(shards, axis=0)  # any draws with the contracted mean
     assert rmsd(superpose(atoms, combined.mean(axis=0)), atoms) > 0.2
-    located, shift = locate_by_distances(combined, shards, pairs)
+    located, shift = locate_by_distances(combined, [distance_moments(shard, pairs) for shard in shards], pairs)
     assert rmsd(superpose(atoms, located.mean(axis=0)), atoms) < 0.02
     np.testing.assert_allclose(located - located.mean(axis=0), combined - combined.mean(axis=0), atol=1e-12)
     assert shift > 0.2
@@ -128,8 +121,6 @@ def test_read_run_gives_what_arviz_reads_for_a_run_and_a_failure_record(tmp_path
     attributes as ``az.from_netcdf``."""
     import arviz as az
     import xarray as xr
-
-    from cmcflow.sample import failed_run, read_run, write_run
 
     rng = np.random.default_rng(0)
     draws = {"beta": rng.normal(size=(4, 30, 3)), "sigma": rng.gamma(2.0, size=(4, 30)), "coords": rng.normal(size=(4, 30, 5, 3))}
@@ -164,8 +155,6 @@ def test_covariance_noise_counts_the_autocorrelation_of_the_draws(rho):
     (tr(Σ)² + ‖Σ‖²_F) / S times (1 + ρ²) / (1 − ρ²) (products of the draws are AR(1) in ρ²):
     1 for independent draws, 2.92 at ρ = 0.7. 50 blocks of 4 coordinates average the
     estimate (20 batches each; relative sd of the mean ≈ 0.05)."""
-    from cmcflow.combine import covariance_noise
-
     rng = np.random.default_rng(5)
     chains, per_chain, blocks, size = 4, 1000, 50, 4
     values = ar1_draws(rng, chains, per_chain, blocks * size, rho).reshape(chains * per_chain, blocks, size)

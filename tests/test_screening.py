@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from cmcflow.combine import combine_draws, stream_combine
+from cmcflow.combine import CombineSettings, combine_draws, stream_combine
+from cmcflow.consensus import block_consensus, plan_consensus
 from cmcflow.errors import InputError
 from cmcflow.screening import ShardSummary, require_enough, screen, summarise
 
@@ -76,7 +77,8 @@ def test_streaming_matches_in_memory_on_600_shards(method):
         draws = rng.normal(size=4) + rng.normal(size=(300, 4)) @ factor
         subposteriors.append({"beta": draws[:, :3], "log_sigma": draws[:, 3]})
     in_memory = combine_draws(subposteriors, method, jax.random.PRNGKey(0))
-    streamed, _ = stream_combine(iter(subposteriors), subposteriors[0], method, jax.random.PRNGKey(0), point_site=None)
+    plan = plan_consensus(method, 0.0, point_site=None)
+    streamed, _ = stream_combine(iter(subposteriors), subposteriors[0], plan, jax.random.PRNGKey(0))
     for site in ("beta", "log_sigma"):
         np.testing.assert_allclose(streamed[site], in_memory[site], rtol=1e-6, atol=1e-9)
 
@@ -84,7 +86,8 @@ def test_streaming_matches_in_memory_on_600_shards(method):
 def test_streaming_parametric_has_the_gaussian_product_moments():
     rng = np.random.default_rng(4)
     subposteriors = [{"x": rng.normal(size=2) + rng.normal(size=(4000, 2)) * [1.0, 2.0]} for _ in range(600)]
-    streamed = stream_combine(iter(subposteriors), subposteriors[0], "parametric", jax.random.PRNGKey(1), None)[0]["x"]
+    plan = plan_consensus("parametric", 0.0, point_site=None)
+    streamed = stream_combine(iter(subposteriors), subposteriors[0], plan, jax.random.PRNGKey(1))[0]["x"]
     precision = sum(np.linalg.inv(np.cov(s["x"].T)) for s in subposteriors)
     covariance = np.linalg.inv(precision)
     mean = covariance @ sum(np.linalg.inv(np.cov(s["x"].T)) @ s["x"].mean(0) for s in subposteriors)
@@ -118,10 +121,8 @@ def test_combine_shards_streams_the_same_shrunk_consensus_without_the_screened_o
 
     def combined(streaming_above):
         monkeypatch.setattr(combine, "STREAMING_ABOVE", streaming_above)
-        return combine.combine_shards(
-            runs.__getitem__, len(runs), model, {}, "consensus", 0, shrinkage="auto",
-            diagnostics=[HEALTHY] * len(runs), screen_thresholds=THRESHOLDS, min_shards_fraction=0.5,
-        )
+        settings = CombineSettings("consensus", 0, "auto", THRESHOLDS, min_shards_fraction=0.5, on_failed_shard="fail")
+        return combine.combine_shards(runs.__getitem__, len(runs), model, {}, settings, diagnostics=[HEALTHY] * len(runs))
 
     (in_memory, record, _), (streamed, streamed_record, _) = combined(500), combined(5)
     assert record["excluded"][0]["shard"] == 4 and streamed_record["streaming"] and not record["streaming"]
@@ -129,5 +130,5 @@ def test_combine_shards_streams_the_same_shrunk_consensus_without_the_screened_o
     assert record["shrinkage_intensity"] == pytest.approx(streamed_record["shrinkage_intensity"], rel=1e-9)
     np.testing.assert_allclose(streamed.posterior["beta"].values, in_memory.posterior["beta"].values, rtol=1e-9, atol=1e-12)
     # the shapes were pooled over the kept shards only: the same as combining just those
-    kept = combine.block_consensus([shards[shard] for shard in record["used"]], [np.arange(6)], shrinkage="auto", chains=4)
+    kept = block_consensus([shards[shard] for shard in record["used"]], [np.arange(6)], shrinkage="auto", chains=4)
     np.testing.assert_allclose(in_memory.posterior["beta"].values.reshape(400, 6), kept.draws(), rtol=1e-9, atol=1e-12)

@@ -24,10 +24,11 @@ from cmcflow.combine import combine_runs
 from cmcflow.featurize import padded_size
 from cmcflow.models import get_model, resolve_options
 from cmcflow.models.linear_gaussian import exact_posterior
-from cmcflow.sample import NutsSettings, model_kwargs, sample_features
+from cmcflow.sample import NutsSettings, sample_features
+from cmcflow.transforms import model_kwargs
 from cmcflow.shard import split_rows
 
-from conftest import schema_default
+from cmcflow.config import schema_default
 
 DEVICES = 4
 SETTINGS = NutsSettings(num_warmup=500, num_samples=1000, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False)

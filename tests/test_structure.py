@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from conftest import Workflow, tiny_config
 
-from cmcflow.align import align_kabsch
-from cmcflow.align_draws import rmsd
+from cmcflow.superposition import align_kabsch, rmsd
 
 pytestmark = pytest.mark.workflow
 

@@ -1,378 +1,114 @@
-"""Batched rigid alignment of 3-D point clouds, distributed over JAX devices with ``shard_map``.
+"""The align stage: put every posterior draw of a rigid model's point cloud into one frame.
 
-Two aligners share one calling convention: flat batches ``ref (B, N, 3)``, ``fit (B, M, 3)``
-with boolean masks ``(B, N)``, ``(B, M)`` and optional per-point weights; the batch is
-padded to a multiple of the device count inside, and callers never reshape it.
+1. Reference (:func:`build_reference`): within each shard, generalised Procrustes analysis
+   (GPA) of all its draws gives the shard's mean structure; GPA over the shard means gives
+   the analysis' reference, centred at the origin.
+2. Every draw of every chain of a shard is aligned to that reference (one batch per shard,
+   distributed over the JAX devices): closed-form Kabsch for labelled points (default), or
+   the Gaussian overlay, started from the Kabsch solution (:mod:`cmcflow.superposition`,
+   :mod:`cmcflow.overlay`).
 
-* :func:`align_overlay`: maximise the Gaussian volume overlap (ROCS style)
-      V_AB = Σ_ij w_i w_j π^1.5 exp(−(α/2)|r_i − r_j|²) / (2α)^1.5,
-      score = Tanimoto  V_AB / (V_AA + V_BB − V_AB)  ∈ [0, 1],
-  over rigid motions x ↦ L x + t: L-BFGS (optax) on (unit quaternion, translation) from
-  several starts per pair, all starts of all pairs of a device's batch in one
-  ``lax.while_loop`` that stops when every score has settled; no correspondence between
-  points is needed. (Adam was measured first: its first steps have
-  the size of the learning rate whatever the gradient, which knocked even an exact start
-  off the optimum, and it ended 3.5e-3 rad from the true rotation of noise-free clouds;
-  L-BFGS converges to 1e-9 in score from nearby starts in about 20 iterations.)
-* :func:`align_kabsch`: the closed-form least-squares (Kabsch/Procrustes) solution for
-  labelled points (point i of ``fit`` corresponds to point i of ``ref``).
-
-With ``allow_reflection`` the mirrored fit is tried too (distance data cannot tell a
-structure from its mirror image) and the better kept: its transform has det L = −1.
-Padded pairs and padded points carry zero weight: they never produce NaN and never win.
+Aligned coordinates replace the raw ones in ``posterior`` and ``unconstrained_posterior``
+(the point site has real support, so both are the same numbers); ``sample_stats`` gains
+``align_score`` (Tanimoto overlap with the reference) and ``align_rmsd`` (Å) per draw.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
+import arviz as az
 import numpy as np
-import optax
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
-#: Gaussian width of the overlap (ROCS; 0.81 Å⁻² for atoms).
-DEFAULT_ALPHA = 0.81
-#: Mirror through the y-z plane: composed with a proper rotation it gives det −1.
-MIRROR = np.diag([-1.0, 1.0, 1.0])
-#: Name of the 1-D device mesh axis over which pairs are distributed.
-PAIRS = "pairs"
-#: Overlay pairs are grouped by width in steps of this many points (:func:`width_groups`).
-WIDTH_STEP = 8
+from cmcflow.overlay import OverlaySettings, align_overlay
+from cmcflow.superposition import Alignment, align_kabsch, rmsd
+
+#: GPA stops when the mean structure moves less than this RMSD (in the data's units) ...
+GPA_TOLERANCE = 1e-6
+#: ... or after this many rounds.
+GPA_MAX_ROUNDS = 100
 
 
-class Alignment(NamedTuple):
-    """Result for a batch of B pairs.
-
-    points: ``(B, M, 3)`` the fit points moved onto the reference.
-    transforms: ``(B, 4, 4)`` homogeneous transforms [[L, t], [0, 1]]; det L = −1 if mirrored.
-    scores: ``(B,)`` Tanimoto overlap score of the aligned pair, in [0, 1].
-    """
-
-    points: np.ndarray
-    transforms: np.ndarray
-    scores: np.ndarray
+def flat_draws(idata: az.InferenceData, site: str) -> np.ndarray:
+    """``(chain · draw, N, 3)`` draws of the point site."""
+    values = idata.posterior[site].values
+    return values.reshape(-1, *values.shape[2:])
 
 
-@dataclass(frozen=True)
-class OverlaySettings:
-    """Settings of the overlay optimisation (hashable: they key the compiled function).
-
-    ``iterations``: the most L-BFGS iterations; ``linesearch_steps``: the most zoom
-    line-search steps per iteration (optax's default of 20 made the batch 2.7× slower at
-    the same scores: under vmap every lane waits for the longest search); ``tolerance``:
-    a pair settles once its best score changes by no more than this in one iteration.
-    """
-
-    iterations: int
-    spread_starts: int
-    allow_reflection: bool
-    use_correspondence: bool
-    alpha: float = DEFAULT_ALPHA
-    linesearch_steps: int = 3
-    tolerance: float = 1e-9
-
-    @property
-    def starts_per_pair(self) -> int:
-        """Identity + 4 principal-axes + spread rotations (+ Kabsch), doubled with reflection."""
-        proper = 1 + 4 + self.spread_starts + int(self.use_correspondence)
-        return proper * (2 if self.allow_reflection else 1)
+def generalised_procrustes(clouds: np.ndarray, allow_reflection: bool) -> tuple[np.ndarray, int]:
+    """Mean structure ``(N, 3)`` (centroid at the origin) of ``clouds (B, N, 3)`` by GPA with
+    Kabsch superposition; returns it and the number of rounds used."""
+    mask = np.ones(clouds.shape[:2], dtype=bool)
+    mean = clouds[0] - clouds[0].mean(axis=0)
+    for rounds in range(1, GPA_MAX_ROUNDS + 1):
+        aligned = align_kabsch(np.broadcast_to(mean, clouds.shape), clouds, mask, allow_reflection=allow_reflection)
+        updated = aligned.points.mean(axis=0)
+        updated -= updated.mean(axis=0)
+        moved = float(rmsd(updated, mean))
+        mean = updated
+        if moved < GPA_TOLERANCE:
+            break
+    return mean, rounds
 
 
-# --- geometry of one pair (unbatched; vmapped below) ----------------------------------
-
-
-def weighted_centroid(points: jax.Array, weights: jax.Array) -> jax.Array:
-    """``(N, 3), (N,) -> (3,)``; the origin for an all-zero weight vector."""
-    total = jnp.sum(weights)
-    return jnp.sum(weights[:, None] * points, axis=0) / jnp.where(total > 0, total, 1.0)
-
-
-def overlap_volume(a: jax.Array, wa: jax.Array, b: jax.Array, wb: jax.Array, alpha: float) -> jax.Array:
-    """V_AB of two weighted point sets ``(N, 3), (N,)`` and ``(M, 3), (M,)``."""
-    squared = jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, axis=-1)
-    return jnp.sum(wa[:, None] * wb[None, :] * jnp.exp(-0.5 * alpha * squared)) * (math.pi / (2 * alpha)) ** 1.5
-
-
-def tanimoto(v_ab: jax.Array, v_aa: jax.Array, v_bb: jax.Array) -> jax.Array:
-    """V_AB / (V_AA + V_BB − V_AB), and 0 where the denominator vanishes (padded pairs)."""
-    denominator = v_aa + v_bb - v_ab
-    safe = jnp.where(denominator > 0, denominator, 1.0)
-    return jnp.where(denominator > 0, v_ab / safe, 0.0)
-
-
-def quaternion_matrix(q: jax.Array) -> jax.Array:
-    """Rotation matrix ``(3, 3)`` of the quaternion ``q = (w, x, y, z)`` after normalisation."""
-    norm = jnp.sqrt(jnp.sum(q**2))
-    w, x, y, z = q / jnp.where(norm > 0, norm, 1.0)
-    return jnp.array(
-        [
-            [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
-        ]
-    )
-
-
-def principal_axes(points: jax.Array, weights: jax.Array) -> jax.Array:
-    """Columns: the weighted principal axes of ``points``, largest variance first."""
-    centred = points - weighted_centroid(points, weights)
-    covariance = (weights[:, None] * centred).T @ centred
-    _, vectors = jnp.linalg.eigh(covariance)
-    return vectors[:, ::-1]
-
-
-def principal_axes_rotations(ref, ref_w, fit, fit_w) -> jax.Array:
-    """``(4, 3, 3)`` proper rotations taking the fit's principal axes onto the reference's,
-    one for each sign choice of the two longest axes (the third sign keeps det = +1)."""
-    axes_ref, axes_fit = principal_axes(ref, ref_w), principal_axes(fit, fit_w)
-    handedness = jnp.linalg.det(axes_ref) * jnp.linalg.det(axes_fit)
-    rotations = [
-        axes_ref @ jnp.diag(jnp.array([s1, s2, s1 * s2 * handedness])) @ axes_fit.T
-        for s1 in (1.0, -1.0)
-        for s2 in (1.0, -1.0)
-    ]
-    return jnp.stack(rotations)
-
-
-def spread_rotations(count: int) -> np.ndarray:
-    """``(count, 3, 3)`` rotations spread evenly over SO(3) (super-Fibonacci quaternions,
-    Alexa 2022), deterministic."""
-    phi, psi = math.sqrt(2.0), 1.533751168755204288118041
-    s = np.arange(count) + 0.5
-    r, big_r = np.sqrt(s / count), np.sqrt(1.0 - s / count)
-    alpha, beta = 2 * np.pi * s / phi, 2 * np.pi * s / psi
-    quaternions = np.stack([r * np.sin(alpha), r * np.cos(alpha), big_r * np.sin(beta), big_r * np.cos(beta)], -1)
-    return np.stack([np.asarray(quaternion_matrix(jnp.asarray(q))) for q in quaternions]).reshape(count, 3, 3)
-
-
-def kabsch_linear(ref, fit, weights, allow_reflection: bool) -> jax.Array:
-    """Orthogonal ``L (3, 3)`` minimising Σ w_i |L (fit_i − c_fit) − (ref_i − c_ref)|²."""
-    centred_ref = ref - weighted_centroid(ref, weights)
-    centred_fit = fit - weighted_centroid(fit, weights)
-    u, _, vt = jnp.linalg.svd((weights[:, None] * centred_fit).T @ centred_ref)
-    if allow_reflection:
-        return vt.T @ u.T
-    d = jnp.sign(jnp.linalg.det(vt.T @ u.T))
-    return vt.T @ jnp.diag(jnp.array([1.0, 1.0, 1.0]).at[2].set(jnp.where(d == 0, 1.0, d))) @ u.T
-
-
-def homogeneous(linear: jax.Array, translation: jax.Array) -> jax.Array:
-    return jnp.eye(4).at[:3, :3].set(linear).at[:3, 3].set(translation)
-
-
-def start_linear_maps(ref, ref_w, fit, fit_w, spread: jax.Array, settings: OverlaySettings) -> jax.Array:
-    """``(S, 3, 3)`` starting linear maps (applied to the centred fit) for one pair;
-    ``spread`` holds the ``(spread_starts, 3, 3)`` well-spread rotations."""
-
-    def proper_starts(moving):
-        starts = [jnp.eye(3)[None], principal_axes_rotations(ref, ref_w, moving, fit_w), spread]
-        if settings.use_correspondence:
-            starts.append(kabsch_linear(ref, moving, ref_w * fit_w, allow_reflection=False)[None])
-        return jnp.concatenate(starts)
-
-    starts = proper_starts(fit)
-    if settings.allow_reflection:
-        mirror = jnp.asarray(MIRROR)
-        # mirror the fit first, then rotate it: the linear map is R @ MIRROR (det −1)
-        mirrored_starts = proper_starts(fit @ mirror.T) @ mirror
-        starts = jnp.concatenate([starts, mirrored_starts])
-    return starts
-
-
-def overlay_pair_setup(ref, fit, ref_w, fit_w, spread, settings: OverlaySettings):
-    """What one pair's optimisation needs: ``starts (S, 3, 3)``, the centroids ``c_ref``,
-    ``c_fit (3,)`` and the self-overlaps ``V_AA``, ``V_BB`` (computed once: V_BB is invariant
-    under rigid motion)."""
-    alpha = settings.alpha
-    return {
-        "starts": start_linear_maps(ref, ref_w, fit, fit_w, spread, settings),
-        "c_ref": weighted_centroid(ref, ref_w),
-        "c_fit": weighted_centroid(fit, fit_w),
-        "v_aa": overlap_volume(ref, ref_w, ref, ref_w, alpha),
-        "v_bb": overlap_volume(fit, fit_w, fit, fit_w, alpha),
+def build_reference(runs: Sequence[az.InferenceData], site: str, allow_reflection: bool) -> tuple[np.ndarray, dict]:
+    """The analysis' reference structure from its shard runs, and a record of how it was built."""
+    shard_means, shard_rounds = [], []
+    for run in runs:
+        mean, rounds = generalised_procrustes(flat_draws(run, site), allow_reflection)
+        shard_means.append(mean)
+        shard_rounds.append(rounds)
+    reference, rounds = generalised_procrustes(np.stack(shard_means), allow_reflection)
+    aligned_means = align_kabsch(
+        np.broadcast_to(reference, (len(runs), *reference.shape)), np.stack(shard_means),
+        np.ones((len(runs), reference.shape[0]), dtype=bool), allow_reflection=allow_reflection,
+    ).points
+    record = {
+        "shard_gpa_rounds": shard_rounds,
+        "reference_gpa_rounds": rounds,
+        "shard_mean_rmsd_to_reference": rmsd(aligned_means, reference).tolist(),
     }
+    return reference, record
 
 
-def overlay_score(params, start, ref, fit, ref_w, fit_w, setup, alpha):
-    """Tanimoto score of the fit moved by ``x ↦ R(q) start (x − c_fit) + c_ref + t``."""
-    moved = (fit - setup["c_fit"]) @ (quaternion_matrix(params["q"]) @ start).T + setup["c_ref"] + params["t"]
-    return tanimoto(overlap_volume(ref, ref_w, moved, fit_w, alpha), setup["v_aa"], setup["v_bb"])
-
-
-def overlay_batch(ref, fit, ref_w, fit_w, *, spread, settings: OverlaySettings):
-    """Best rigid overlay of a batch of b pairs ``(b, N, 3)``, ``(b, M, 3)`` with weights
-    ``(b, N)``, ``(b, M)``: ``(aligned (b, M, 3), transforms (b, 4, 4), scores (b,))``.
-
-    Every start of every pair runs L-BFGS (optax; zoom line search of at most
-    ``settings.linesearch_steps`` steps) inside one ``lax.while_loop``, vmapped over pairs
-    and starts. A pair settles (its parameters stop changing) once its best score over the
-    starts changes by no more than ``settings.tolerance`` in one iteration; the loop ends
-    when every pair has settled, or after ``settings.iterations`` iterations. Vmapped lanes
-    run in lockstep, so a fixed iteration count (or waiting for every start) would spend
-    most of the time on starts that have converged or cannot win; settling per pair keeps
-    each pair's result independent of the batch it is in.
-    """
-    alpha = settings.alpha
-    optimiser = optax.lbfgs(
-        linesearch=optax.scale_by_zoom_linesearch(settings.linesearch_steps, initial_guess_strategy="one")
-    )
-    setup = jax.vmap(lambda *pair: overlay_pair_setup(*pair, spread, settings))(ref, fit, ref_w, fit_w)
-    pairs = (ref, fit, ref_w, fit_w, setup)
-
-    def lane_step(params, state, start, pair):
-        """One L-BFGS iteration of one start of one pair; returns the loss before the step."""
-
-        def loss(params):
-            return -overlay_score(params, start, *pair, alpha)
-
-        value, grad = optax.value_and_grad_from_state(loss)(params, state=state)
-        updates, state = optimiser.update(grad, state, params, value=value, grad=grad, value_fn=loss)
-        return optax.apply_updates(params, updates), state, value
-
-    step_all = jax.vmap(jax.vmap(lane_step, in_axes=(0, 0, 0, None)))  # over pairs, then starts
-
-    def step(carry):
-        params, state, best, active, iteration = carry
-        moved_params, moved_state, value = step_all(params, state, setup["starts"], pairs)
-        # each pair's best score at the current parameters (the loss is −score; NaN-safe)
-        now_best = jnp.max(jnp.where(jnp.isnan(value), -jnp.inf, -value), axis=1)
-        active = active & ((iteration < 2) | (jnp.abs(now_best - best) > settings.tolerance))
-
-        def keep_settled(moved, current):  # a settled pair keeps its parameters from now on
-            return jnp.where(active.reshape(-1, *[1] * (moved.ndim - 1)), moved, current)
-
-        params = jax.tree.map(keep_settled, moved_params, params)
-        state = jax.tree.map(keep_settled, moved_state, state)
-        return params, state, now_best, active, iteration + 1
-
-    def keep_going(carry):
-        *_, active, iteration = carry
-        return (iteration < settings.iterations) & jnp.any(active)
-
-    lanes = setup["starts"].shape[:2]  # (b, S)
-    params = {"q": jnp.zeros((*lanes, 4)).at[..., 0].set(1.0), "t": jnp.zeros((*lanes, 3))}
-    state = jax.vmap(jax.vmap(optimiser.init))(params)
-    carry = (params, state, jnp.full(lanes[0], -jnp.inf), jnp.ones(lanes[0], dtype=bool), 0)
-    params, *_ = jax.lax.while_loop(keep_going, step, carry)
-
-    def best_of_pair(params, ref, fit, ref_w, fit_w, setup):
-        scores = jax.vmap(lambda p, start: overlay_score(p, start, ref, fit, ref_w, fit_w, setup, alpha))(
-            params, setup["starts"]
-        )
-        best = jnp.argmax(jnp.where(jnp.isnan(scores), -jnp.inf, scores))
-        linear = quaternion_matrix(params["q"][best]) @ setup["starts"][best]
-        translation = setup["c_ref"] + params["t"][best] - linear @ setup["c_fit"]
-        return fit @ linear.T + translation, homogeneous(linear, translation), scores[best]
-
-    return jax.vmap(best_of_pair)(params, *pairs)
-
-
-def kabsch_pair(ref, fit, ref_w, fit_w, allow_reflection: bool, alpha: float):
-    """Least-squares superposition of labelled points: ``(aligned, transform, score)``."""
-    weights = ref_w * fit_w
-    linear = kabsch_linear(ref, fit, weights, allow_reflection)
-    translation = weighted_centroid(ref, weights) - linear @ weighted_centroid(fit, weights)
-    aligned = fit @ linear.T + translation
-    v_ab = overlap_volume(ref, ref_w, aligned, fit_w, alpha)
-    score = tanimoto(v_ab, overlap_volume(ref, ref_w, ref, ref_w, alpha), overlap_volume(fit, fit_w, fit, fit_w, alpha))
-    return aligned, homogeneous(linear, translation), score
-
-
-# --- the batched, distributed calls ---------------------------------------------------
-
-
-def _distributed(batch_function, devices: int):
-    """``jit(shard_map(batch_function))`` over a 1-D mesh of ``devices`` devices: every
-    argument and result is split along its leading (pair) axis, so each device gets its
-    own slice of the batch."""
-    available = jax.devices()
-    if devices > len(available):
-        raise ValueError(f"{devices} devices requested, JAX sees {len(available)}")
-    mesh = Mesh(np.asarray(available[:devices]), (PAIRS,))
-    # check_vma=False: optax's line search builds constants inside lax.cond that the
-    # varying-axes check rejects; pairs are independent (no collectives), so nothing is lost.
-    return jax.jit(
-        jax.shard_map(batch_function, mesh=mesh, in_specs=P(PAIRS), out_specs=P(PAIRS), check_vma=False)
-    )
-
-
-def _weights(ref, fit, ref_mask, fit_mask, ref_weights, fit_weights):
-    """Float ``ref (B, N, 3)``, ``fit (B, M, 3)`` and their masked weights ``(B, N)``, ``(B, M)``."""
-    ref, fit = np.asarray(ref, dtype=float), np.asarray(fit, dtype=float)
-    if ref.ndim != 3 or fit.ndim != 3 or ref.shape[-1] != 3 or fit.shape[-1] != 3 or len(ref) != len(fit):
-        raise ValueError(f"need ref (B, N, 3) and fit (B, M, 3), got {ref.shape} and {fit.shape}")
-    ref_w = np.asarray(ref_mask, dtype=float) * (1.0 if ref_weights is None else np.asarray(ref_weights, dtype=float))
-    fit_w = np.asarray(fit_mask, dtype=float) * (1.0 if fit_weights is None else np.asarray(fit_weights, dtype=float))
-    return ref, fit, ref_w, fit_w
-
-
-def _pad_batch(arrays, devices: int) -> list[np.ndarray]:
-    """The arrays with zero pairs appended, to a multiple of ``devices`` pairs."""
-    pad = -len(arrays[0]) % devices
-    return [np.concatenate([array, np.zeros((pad, *array.shape[1:]))]) for array in arrays]
-
-
-def width_groups(ref_w: np.ndarray, fit_w: np.ndarray, step: int) -> dict[tuple[int, int], np.ndarray]:
-    """Pair indices grouped by the widths ``(n, m)`` that hold every weighted point of the
-    reference and of the fit: the last nonzero weight's position + 1, rounded up to a
-    multiple of ``step`` (at most the arrays' widths ``N``, ``M``). Weights ``(B, N)``, ``(B, M)``."""
-
-    def widths(weights):
-        last = weights.shape[1] - np.argmax(weights[:, ::-1] != 0, axis=1)  # 0 weights only: full width
-        return np.minimum(-(-last // step) * step, weights.shape[1])
-
-    keys = np.stack([widths(ref_w), widths(fit_w)], axis=1)
-    return {(int(n), int(m)): np.flatnonzero((keys == (n, m)).all(axis=1)) for n, m in np.unique(keys, axis=0)}
-
-
-@functools.lru_cache(maxsize=None)
-def _overlay_function(settings: OverlaySettings, devices: int):
-    """The distributed overlay, cached per (settings, devices); jit then keeps one
-    executable per padded shape, so repeated batches of one shape never recompile."""
-    spread = jnp.asarray(spread_rotations(settings.spread_starts))
-    return _distributed(functools.partial(overlay_batch, spread=spread, settings=settings), devices)
-
-
-@functools.lru_cache(maxsize=None)
-def _kabsch_function(allow_reflection: bool, alpha: float, devices: int):
-    return _distributed(jax.vmap(functools.partial(kabsch_pair, allow_reflection=allow_reflection, alpha=alpha)), devices)
-
-
-def align_overlay(
-    ref, fit, ref_mask, fit_mask, *, settings: OverlaySettings, ref_weights=None, fit_weights=None,
-    devices: int | None = None,
+def align_to_reference(
+    draws: np.ndarray, reference: np.ndarray, method: str, allow_reflection: bool, overlay: OverlaySettings | None
 ) -> Alignment:
-    """Gaussian-overlay alignment of B pairs ``ref (B, N, 3)``, ``fit (B, M, 3)`` with masks
-    ``(B, N)``, ``(B, M)``, distributed over ``devices`` (default: all).
-
-    Pairs of mixed sizes are aligned in groups of like width (:func:`width_groups`, steps
-    of ``WIDTH_STEP`` points), one distributed call each, so that small pairs do not pay
-    for the padding of the largest; a pair's result does not depend on its group.
-    """
-    devices = devices or jax.device_count()
-    ref, fit, ref_w, fit_w = _weights(ref, fit, ref_mask, fit_mask, ref_weights, fit_weights)
-    transforms, scores = np.zeros((len(ref), 4, 4)), np.zeros(len(ref))
-    function = _overlay_function(settings, devices)
-    for (n, m), pairs in width_groups(ref_w, fit_w, WIDTH_STEP).items():
-        group = _pad_batch([ref[pairs, :n], fit[pairs, :m], ref_w[pairs, :n], fit_w[pairs, :m]], devices)
-        _, group_transforms, group_scores = function(*group)
-        transforms[pairs], scores[pairs] = np.asarray(group_transforms)[: len(pairs)], np.asarray(group_scores)[: len(pairs)]
-    points = fit @ np.swapaxes(transforms[:, :3, :3], 1, 2) + transforms[:, None, :3, 3]
-    return Alignment(points, transforms, scores)
+    """Align ``draws (B, N, 3)`` to ``reference (N, 3)``: ``"kabsch"`` or ``"overlay"``."""
+    refs = np.broadcast_to(reference, draws.shape)
+    mask = np.ones(draws.shape[:2], dtype=bool)
+    if method == "kabsch":
+        return align_kabsch(refs, draws, mask, allow_reflection=allow_reflection)
+    if method == "overlay":
+        return align_overlay(refs, draws, mask, mask, settings=overlay)
+    raise ValueError(f"unknown alignment method {method!r}")
 
 
-def align_kabsch(
-    ref, fit, mask, *, allow_reflection: bool, weights=None, alpha: float = DEFAULT_ALPHA, devices: int | None = None
-) -> Alignment:
-    """Closed-form superposition of B pairs of labelled points ``(B, N, 3)`` with one mask ``(B, N)``."""
-    devices = devices or jax.device_count()
-    arrays = _weights(ref, fit, mask, mask, weights, weights)
-    points, transforms, scores = _kabsch_function(allow_reflection, alpha, devices)(*_pad_batch(arrays, devices))
-    batch = len(arrays[0])
-    return Alignment(np.asarray(points)[:batch], np.asarray(transforms)[:batch], np.asarray(scores)[:batch])
+def align_run(
+    idata: az.InferenceData,
+    reference: np.ndarray,
+    site: str,
+    method: str,
+    allow_reflection: bool,
+    overlay: OverlaySettings | None = None,
+) -> az.InferenceData:
+    """A copy of a shard run with every draw of ``site`` aligned to ``reference``."""
+    raw = idata.posterior[site].values
+    if not np.array_equal(raw, idata.unconstrained_posterior[site].values):
+        raise ValueError(f"site {site!r} is constrained; a point site must have real support")
+    chains, draws = raw.shape[:2]
+    result = align_to_reference(raw.reshape(-1, *raw.shape[2:]), reference, method, allow_reflection, overlay)
+    aligned = idata.copy()
+    for group in ("posterior", "unconstrained_posterior"):
+        dataset = getattr(aligned, group)
+        setattr(aligned, group, dataset.assign({site: (dataset[site].dims, result.points.reshape(raw.shape))}))
+    aligned.sample_stats["align_score"] = (("chain", "draw"), result.scores.reshape(chains, draws))
+    aligned.sample_stats["align_rmsd"] = (("chain", "draw"), rmsd(result.points, reference).reshape(chains, draws))
+    aligned.posterior.attrs.update(
+        {
+            "align_method": method,
+            "align_allow_reflection": int(allow_reflection),
+            "align_mirrored_draws": int(np.sum(np.linalg.det(result.transforms[:, :3, :3]) < 0)),
+        }
+    )
+    return aligned

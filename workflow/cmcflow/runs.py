@@ -1,0 +1,154 @@
+"""Shard runs on disk: the record every sampling stage writes and every later stage reads.
+
+A run is an ArviZ InferenceData with ``posterior`` (constrained draws, run facts in its
+attributes), ``unconstrained_posterior`` (the same draws in the unconstrained space, what
+combine uses) and ``sample_stats``; beside it a diagnostics JSON. A sample job whose NUTS
+run raised writes a *failure record* instead (:func:`failed_run`): a ``posterior`` group
+with no draws and the error in its attributes.
+
+This module imports neither JAX nor the sampler, so every stage can read and write runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import arviz as az
+import numpy as np
+import pandas as pd
+
+from cmcflow.io import atomic_path, write_json_atomic
+
+
+def diagnostics(idata: az.InferenceData, var_names: list[str]) -> dict:
+    """ArviZ diagnostics of one run: rank-normalised split R-hat, bulk/tail ESS, divergences, BFMI."""
+    table = az.summary(idata, var_names=var_names, kind="diagnostics", round_to="none")
+    diverging = idata.sample_stats["diverging"].values
+    bfmi = az.bfmi(idata)
+    return {
+        "max_r_hat": float(table["r_hat"].max()),
+        "min_ess_bulk": float(table["ess_bulk"].min()),
+        "min_ess_tail": float(table["ess_tail"].min()),
+        "divergences": int(diverging.sum()),
+        "divergence_rate": float(diverging.mean()),
+        "bfmi": [float(value) for value in bfmi],
+        "min_bfmi": float(np.min(bfmi)),
+        "parameters": table.to_dict(orient="index"),
+    }
+
+
+def summary_table(idata: az.InferenceData) -> pd.DataFrame:
+    """Mean, sd, 5% and 95% quantiles of every posterior element (ArviZ ``summary``)."""
+    quantiles = {"5%": lambda x: np.quantile(x, 0.05), "95%": lambda x: np.quantile(x, 0.95)}
+    table = az.summary(idata, kind="stats", stat_funcs=quantiles, round_to="none")
+    return table[["mean", "sd", "5%", "95%"]]
+
+
+def failed_run(shard: int, error: str) -> tuple[az.InferenceData, dict]:
+    """What a sample job writes when NUTS raised on its shard: no draws, the error. Combine
+    then applies ``combine.on_failed_shard`` (fail the run, or go on without the shard)."""
+    import xarray as xr
+
+    attrs = {"failed": 1, "shard": shard, "error": error}
+    return az.InferenceData(posterior=xr.Dataset({"failed": 1}, attrs=attrs)), {"failed": True, "shard": shard, "error": error}
+
+
+def is_failed(idata: az.InferenceData) -> bool:
+    """Whether the run is a :func:`failed_run` record."""
+    return bool(idata.posterior.attrs.get("failed", 0))
+
+
+def unconstrained_draws(run: az.InferenceData) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+    """``{site: (chains · draws, …)}`` of a run's ``unconstrained_posterior``, and (chains, draws)."""
+    group = run.unconstrained_posterior
+    chains, draws = group.sizes["chain"], group.sizes["draw"]
+    flat = {name: group[name].values.reshape(chains * draws, *group[name].shape[2:]) for name in group.data_vars}
+    return flat, (chains, draws)
+
+
+def element_labels(name: str, shape: tuple[int, ...]) -> list[str]:
+    """ArviZ's labels of a site's elements, row-major: ``beta[0]``, ``coords[3, 1]``, ``sigma``."""
+    if not shape:
+        return [name]
+    return [f"{name}[{', '.join(map(str, index))}]" for index in np.ndindex(*shape)]
+
+
+def constrained_moments(shard: int, posterior) -> pd.DataFrame:
+    """Mean and sd over all draws of every element of every site of a shard's ``posterior``
+    group (constrained): rows (shard, parameter, mean, sd)."""
+    rows = []
+    for name, values in posterior.data_vars.items():
+        flat = values.values.reshape(-1, int(np.prod(values.shape[2:], dtype=int)))
+        labels = element_labels(name, values.shape[2:])
+        rows.append(pd.DataFrame({"shard": shard, "parameter": labels, "mean": flat.mean(axis=0), "sd": flat.std(axis=0)}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def read_run(path: str | os.PathLike, groups: tuple[str, ...] = ("posterior", "unconstrained_posterior")) -> az.InferenceData:
+    """The ``groups`` of a run written by :func:`write_run`, read eagerly; a group the file
+    lacks (a :func:`failed_run` record has only ``posterior``) is left out.
+
+    Read straight from HDF5 with h5py: ``az.from_netcdf`` opens every group through
+    xarray's decoding layer, which costs combine tens of times more per file, and combine
+    reads every shard once or twice.
+    Kept: variables with their dimension names, dimension coordinates, group attributes.
+    Not kept: variables' own attributes (ArviZ writes none; the NaN ``_FillValue`` of float
+    variables changes nothing) and netCDF's internal bookkeeping attributes.
+    """
+    import h5py
+    import xarray as xr
+
+    def attribute(value):  # as netCDF readers give it: str, and a one-element array as a scalar
+        if isinstance(value, np.ndarray) and value.shape == (1,):
+            value = value[0]
+        return value.decode() if isinstance(value, bytes) else value
+
+    def values(variable):  # strings (e.g. coordinate labels) as str, like netCDF readers
+        return variable.asstr()[()] if h5py.check_string_dtype(variable.dtype) else variable[()]
+
+    datasets = {}
+    with h5py.File(path, "r") as file:
+        for name in groups:
+            if name not in file:
+                continue
+            data, coords = {}, {}
+            for key, variable in file[name].items():
+                if attribute(variable.attrs.get("CLASS")) == "DIMENSION_SCALE":
+                    # a dimension; netCDF marks one without a coordinate variable by this NAME
+                    if not attribute(variable.attrs.get("NAME", "")).startswith("This is a netCDF dimension"):
+                        coords[key] = values(variable)
+                    continue
+                dims = tuple(dim[0].name.rsplit("/", 1)[-1] for dim in variable.dims)
+                data[key] = (dims, values(variable))
+            attrs = {key: attribute(value) for key, value in file[name].attrs.items() if not key.startswith("_N")}
+            datasets[name] = xr.Dataset(data, coords=coords, attrs=attrs)
+    return az.InferenceData(**datasets)
+
+
+def write_run(idata: az.InferenceData, report: dict, netcdf_path: str | os.PathLike, diagnostics_path: str | os.PathLike) -> None:
+    """Write the run's NetCDF and diagnostics JSON, each atomically."""
+    with atomic_path(netcdf_path) as tmp:
+        idata.to_netcdf(str(tmp), engine="h5netcdf")
+    write_json_atomic(diagnostics_path, report)
+
+
+def write_combined(
+    idata: az.InferenceData,
+    shards: dict,
+    moments: pd.DataFrame,
+    netcdf_path: str | os.PathLike,
+    summary_path: str | os.PathLike,
+    shards_path: str | os.PathLike,
+    moments_path: str | os.PathLike,
+) -> pd.DataFrame:
+    """Write the combined NetCDF, the summary CSV, the shard record (JSON) and the shards'
+    moments (CSV), each atomically."""
+    with atomic_path(moments_path) as tmp:
+        moments.to_csv(tmp, index=False)
+    with atomic_path(netcdf_path) as tmp:
+        idata.to_netcdf(str(tmp), engine="h5netcdf")
+    summary = summary_table(idata)
+    with atomic_path(summary_path) as tmp:
+        summary.to_csv(tmp, index_label="parameter")
+    write_json_atomic(shards_path, shards)
+    return summary

@@ -1,0 +1,52 @@
+"""A NumPyro model evaluated on batches of draws: its arguments, its latent sites, and its
+support transforms between the constrained and the unconstrained space.
+
+Uses JAX: the caller must have run :func:`cmcflow.jaxenv.configure_jax` first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+from numpyro.infer.util import constrain_fn, unconstrain_fn
+
+#: Draws pushed through the model at once by :func:`map_draws`.
+TRANSFORM_BATCH = 256
+
+
+def model_kwargs(features: Mapping[str, np.ndarray], options: Mapping[str, float]) -> dict:
+    """Keyword arguments of ``model(**features, **options)``: feature arrays on the device."""
+    return {**{name: jnp.asarray(value) for name, value in features.items()}, **options}
+
+
+def latent_site_names(model: Callable, kwargs: Mapping) -> list[str]:
+    """Names of the latent (unobserved) sample sites of ``model(**kwargs)``, in trace order."""
+    trace = handlers.trace(handlers.seed(model, 0)).get_trace(**kwargs)
+    return [name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]]
+
+
+def map_draws(function: Callable, draws: Mapping[str, np.ndarray], batch_ndims: int) -> dict[str, np.ndarray]:
+    """Apply ``function`` (one draw -> dict) to every draw, ``TRANSFORM_BATCH`` draws at a time.
+
+    ``draws[name]`` has ``batch_ndims`` leading draw axes (e.g. ``(chain, draw, …)``).
+    Bounded batches keep memory flat when the model touches every data row per draw.
+    """
+    lead = next(iter(draws.values())).shape[:batch_ndims]
+    flat = {name: jnp.reshape(value, (-1, *value.shape[batch_ndims:])) for name, value in draws.items()}
+    mapped = jax.lax.map(function, flat, batch_size=TRANSFORM_BATCH)
+    return {name: np.asarray(value).reshape(*lead, *value.shape[1:]) for name, value in mapped.items()}
+
+
+def unconstrain_draws(model: Callable, kwargs: Mapping, draws: Mapping[str, np.ndarray], batch_ndims: int) -> dict[str, np.ndarray]:
+    """Constrained draws ``{site: (*batch, …)}`` -> the same draws in the unconstrained space."""
+    return map_draws(lambda values: unconstrain_fn(model, (), kwargs, values), draws, batch_ndims)
+
+
+def constrain_draws(model: Callable, kwargs: Mapping, draws: Mapping[str, np.ndarray], batch_ndims: int) -> dict[str, np.ndarray]:
+    """Unconstrained draws ``{site: (*batch, …)}`` -> every site of the model (latent sites
+    constrained to their support, and deterministic sites)."""
+    return map_draws(lambda position: constrain_fn(model, (), kwargs, position), draws, batch_ndims)
