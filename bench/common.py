@@ -19,6 +19,9 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
+from cmcflow.config import schema_default  # noqa: F401  (the benchmarks' one way to the schema's defaults)
+from cmcflow.dryrun import job_counts  # noqa: F401
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,17 +42,6 @@ def machine() -> dict:
         "platform": platform.platform(),
         **versions,
     }
-
-
-def schema_default(*keys: str):
-    """The config schema's default for an analysis setting, e.g. ``("combine", "method")``:
-    benchmarks and tests use what the workflow uses, from its one place for defaults."""
-    import yaml
-
-    node = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["$defs"]["analysis"]
-    for key in keys:
-        node = node["properties"][key]
-    return node["default"]
 
 
 def spread(values: Sequence[float]) -> dict:
@@ -120,20 +112,6 @@ def snakemake(workdir: Path, config: dict, *args: str, timeout: float = 3600) ->
     if result.returncode != 0:
         raise RuntimeError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return seconds, result.stdout + result.stderr
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """Rule -> job count from the ``Job stats`` table Snakemake prints (run or dry run)."""
-    jobs, in_table = {}, False
-    for line in output.splitlines():
-        fields = line.split()
-        if fields[:2] == ["job", "count"]:
-            in_table = True
-        elif in_table and len(fields) == 2 and fields[1].isdigit() and fields[0] != "total":
-            jobs[fields[0]] = int(fields[1])
-        elif in_table and fields and fields[0] == "total":
-            break
-    return jobs
 
 
 def logistic_analysis(rows: int, features: int, num_shards: int, num_warmup: int, num_samples: int) -> dict:

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from cmcflow.dryrun import job_counts
 from cmcflow.jaxenv import configure_jax
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from common import job_counts, schema_default  # noqa: E402, F401  (shared with the benchmarks; no JAX import)
 
 TIMEOUT = shutil.which("timeout")  # coreutils; absolute, so that a test may replace PATH
 DEVICES = 4

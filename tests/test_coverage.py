@@ -30,7 +30,7 @@ from cmcflow.models.linear_gaussian import exact_posterior
 from cmcflow.models.rows import correlated_features
 from cmcflow.shard import split_rows
 
-from conftest import schema_default
+from cmcflow.config import schema_default
 from test_statistics import unequal_parts
 
 REPEATS = 200

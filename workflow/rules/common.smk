@@ -1,20 +1,14 @@
 # Config validation, per-analysis settings resolved once at parse time, and path helpers.
 # Every config value reaches a job through its rule's params:, so an edit reruns exactly
 # the rules that use it (and what depends on their outputs).
-import inspect
-from dataclasses import dataclass
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, validate
+from snakemake.utils import validate
 
-from cmcflow.errors import ConfigError, InputError
-from cmcflow.models import get_model, resolve_columns, resolve_options
+from cmcflow.config import resolve_analyses
+from cmcflow.errors import InputError
 from cmcflow.resources import draws_mem_mb, light_mem_mb, sample_mem_mb
-from cmcflow.shard import resolve_num_shards, resolve_strata, shard_id
-from cmcflow.table import count_rows
-
-min_version("9.0")
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -27,59 +21,8 @@ wildcard_constraints:
     shard=r"\d+",
 
 
-@dataclass(frozen=True)
-class Analysis:
-    """One analysis of the config, resolved: model columns and options, shard count."""
-
-    name: str
-    settings: dict
-    columns: dict
-    options: dict
-    num_shards: int
-    strata: tuple
-    rigid: bool
-
-    @property
-    def simulated(self):
-        return "simulate" in self.settings["input"]
-
-    @property
-    def shard_ids(self):
-        return [shard_id(index) for index in range(self.num_shards)]
-
-
-def resolve_analysis(name, settings):
-    simulate = settings["input"].get("simulate")
-    spec = get_model(settings["model"])
-    columns = resolve_columns(spec, settings["columns"], simulate and simulate.get("features"))
-    options = resolve_options(spec, settings["model_options"])
-    shard = settings["shard"]
-    rows = None
-    if "rows_per_shard" in shard:
-        rows = simulate["rows"] if simulate else count_rows(settings["input"]["path"])
-    num_shards = resolve_num_shards(shard.get("num_shards"), shard.get("rows_per_shard"), rows)
-    if simulate:
-        check_simulate_settings(spec, simulate)
-    strata = resolve_strata(shard["stratify_by"], spec)
-    return Analysis(name, settings, columns, options, num_shards, strata, rigid=spec.symmetry == "rigid")
-
-
-def check_simulate_settings(spec, simulate):
-    """The model has a simulator, and it takes the input.simulate keys given."""
-    if spec.simulate is None:
-        raise ConfigError(f"model {spec.name!r} has no simulator; give input.path")
-    shape = {key: value for key, value in simulate.items() if key not in ("rows", "seed")}
-    try:
-        inspect.signature(spec.simulate).bind(simulate["rows"], simulate["seed"], **shape)
-    except TypeError as error:
-        raise ConfigError(f"input.simulate of model {spec.name!r}: {error}") from None
-
-
 try:
-    ANALYSES = {
-        name: resolve_analysis(name, settings)
-        for name, settings in config["analyses"].items()
-    }
+    ANALYSES = resolve_analyses(config)
 except (InputError, OSError) as error:
     raise WorkflowError(f"cmcflow config error: {error}") from None
 

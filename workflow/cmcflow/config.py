@@ -1,0 +1,95 @@
+"""The workflow's configuration, resolved once when Snakemake starts: for every analysis its
+model, columns, hyperparameters, shard count and strata.
+
+The config file is validated against ``workflow/schemas/config.schema.yaml`` first (the
+one place for defaults, which validation fills in); what the schema cannot check (a model's
+own columns and options, a shard count that needs the table's row count) is checked here
+and raised as :class:`~cmcflow.errors.ConfigError`. JAX-free, so it is testable without
+Snakemake and cheap at parse time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from cmcflow.errors import ConfigError
+from cmcflow.models import ModelSpec, get_model, resolve_columns, resolve_options
+from cmcflow.shard import resolve_num_shards, resolve_strata, shard_id
+from cmcflow.table import count_rows
+
+#: The config schema of the workflow this package belongs to.
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One analysis of the config, resolved: model columns and options, shard count."""
+
+    name: str
+    settings: dict
+    columns: dict
+    options: dict
+    num_shards: int
+    strata: tuple
+    rigid: bool
+
+    @property
+    def simulated(self) -> bool:
+        return "simulate" in self.settings["input"]
+
+    @property
+    def shard_ids(self) -> list[str]:
+        return [shard_id(index) for index in range(self.num_shards)]
+
+
+def resolve_analysis(name: str, settings: Mapping) -> Analysis:
+    """One analysis' settings (validated, defaults filled in) -> :class:`Analysis`."""
+    simulate = settings["input"].get("simulate")
+    spec = get_model(settings["model"])
+    columns = resolve_columns(spec, settings["columns"], simulate and simulate.get("features"))
+    options = resolve_options(spec, settings["model_options"])
+    shard = settings["shard"]
+    rows = None
+    if "rows_per_shard" in shard:
+        rows = simulate["rows"] if simulate else count_rows(settings["input"]["path"])
+    num_shards = resolve_num_shards(shard.get("num_shards"), shard.get("rows_per_shard"), rows)
+    if simulate:
+        check_simulate_settings(spec, simulate)
+    strata = resolve_strata(shard["stratify_by"], spec)
+    return Analysis(name, dict(settings), columns, options, num_shards, strata, rigid=spec.symmetry == "rigid")
+
+
+def resolve_analyses(config: Mapping) -> dict[str, Analysis]:
+    """Every analysis of a validated config, by name."""
+    return {name: resolve_analysis(name, settings) for name, settings in config["analyses"].items()}
+
+
+def check_simulate_settings(spec: ModelSpec, simulate: Mapping) -> None:
+    """The model has a simulator, and it takes the ``input.simulate`` keys given."""
+    if spec.simulate is None:
+        raise ConfigError(f"model {spec.name!r} has no simulator; give input.path")
+    shape = {key: value for key, value in simulate.items() if key not in ("rows", "seed")}
+    try:
+        inspect.signature(spec.simulate).bind(simulate["rows"], simulate["seed"], **shape)
+    except TypeError as error:
+        raise ConfigError(f"input.simulate of model {spec.name!r}: {error}") from None
+
+
+@cache
+def schema() -> dict:
+    """The config schema, parsed."""
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def schema_default(*keys: str):
+    """The schema's default for an analysis setting, e.g. ``("combine", "method")``."""
+    node = schema()["$defs"]["analysis"]
+    for key in keys:
+        node = node["properties"][key]
+    return node["default"]
