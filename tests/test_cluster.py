@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Workflow, tiny_config
+import yaml
+from conftest import REPO, Workflow, job_counts, tiny_config
 
 pytestmark = pytest.mark.workflow
 
@@ -93,3 +94,33 @@ def test_tiny_workflow_through_pbs_torque(slurm, tmp_path):
     assert all(record.read_text().split()[1] == "torque" for record in jobs)
     logs = sorted(path.name for path in (tmp_path / "logs/pbs").iterdir())
     assert sum(name.startswith("smk-sample") for name in logs) == 2
+
+
+def site_profiles(config_home: Path, slurm_site: dict) -> dict[str, str]:
+    """Our SLURM and PBS profiles installed as the user's own site profiles ``slurm`` and
+    ``pbs`` (``$XDG_CONFIG_HOME/snakemake/<name>``), the SLURM one with ``slurm_site``
+    added as a site would; returns the environment that points Snakemake there."""
+    for name in ("slurm", "pbs"):
+        shutil.copytree(REPO / "profiles" / name, config_home / "snakemake" / name)
+    site_config = config_home / "snakemake/slurm/config.yaml"
+    site_config.write_text(site_config.read_text() + yaml.safe_dump(slurm_site))
+    return {"XDG_CONFIG_HOME": str(config_home)}
+
+
+def test_profiles_work_as_users_type_them(tmp_path):
+    """`--profile profiles/slurm`, `--executor slurm --jobs N` and `--profile slurm` (ours installed
+    as the user's site profile) plan the same jobs under the workflow profile
+    (profiles/default), and the workflow profile leaves the site's own resources alone."""
+    site = {"default-resources": {"slurm_account": "'site_account'"}, "set-resources": {"sample": {"slurm_partition": "'long'"}}}
+    (tmp_path / "run").mkdir()
+    workflow = Workflow(tmp_path / "run", tiny_config(), env=site_profiles(tmp_path / "config", site))
+    bare_path = path_without_scheduler(tmp_path / "bin")
+    expected = {"simulate": 1, "shard": 1, "featurize": 2, "sample": 2, "combine": 1, "report": 1, "all": 1}
+    for invocation in (["--profile", str(REPO / "profiles/slurm")], ["--executor", "slurm", "--jobs", "10"], ["--profile", "slurm"], ["--profile", "pbs"]):
+        result = workflow.run("--dry-run", *invocation, path=bare_path, timeout=120)
+        assert "workflow specific profile profiles/default" in result.stderr, (invocation, result.stderr)
+        assert job_counts(result.stdout) == expected, (invocation, result.stdout)
+        if invocation == ["--profile", "slurm"]:
+            sample_resources = [line for line in result.stdout.splitlines() if "resources:" in line and "mem_mb=" in line]
+            assert sum("slurm_partition=long" in line for line in sample_resources) == 2, result.stdout
+            assert all("slurm_account=site_account" in line for line in sample_resources), result.stdout

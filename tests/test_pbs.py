@@ -8,7 +8,12 @@ import subprocess
 
 import pytest
 
-from cmcflow import pbs
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "profiles/pbs"))  # the helper travels with the PBS profile
+import pbs_jobs as pbs  # noqa: E402
 
 
 def test_pbspro_qsub_line():

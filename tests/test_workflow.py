@@ -171,6 +171,16 @@ def test_lint_reports_nothing():
     assert result.returncode == 0 and lints == set(), result.stdout + result.stderr
 
 
+def test_parsing_imports_this_checkouts_package(tmp_path):
+    """Snakemake parses the rules with the cmcflow of this checkout (workflow/), the code its
+    jobs run, even where another cmcflow comes first on the import path."""
+    shadow = tmp_path / "shadow/cmcflow"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('an installed cmcflow, not this checkout')\n")
+    workflow = Workflow(tmp_path, tiny_config(), env={"PYTHONPATH": str(tmp_path / "shadow")})
+    assert workflow.planned_jobs()["sample"] == 2
+
+
 def test_model_option_edit_reruns_sample_onwards_only(finished):
     config = copy.deepcopy(finished.config)
     config["analyses"]["tiny"]["model_options"] = {"prior_sd": 2.0}

@@ -186,7 +186,7 @@ def submit(jobscript: str, state_dir: Path = STATE_DIR, run=subprocess.run) -> s
 
 
 def main(argv: list[str]) -> None:
-    """``pbs.py submit JOBSCRIPT`` | ``pbs.py status JOBID``."""
+    """``pbs_jobs.py submit JOBSCRIPT`` | ``pbs_jobs.py status JOBID``."""
     action, argument = argv
     if action == "submit":
         print(submit(argument))
