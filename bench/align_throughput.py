@@ -32,8 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cmcflow.overlay import MIRROR, OverlaySettings, align_overlay, overlay_batch, quaternion_matrix, spread_rotations  # noqa: E402
 from cmcflow.models.structure import read_structure  # noqa: E402
+from cmcflow.overlay import MIRROR, OverlaySettings, align_overlay, overlay_batch, quaternion_matrix, spread_rotations  # noqa: E402
 
 SETTINGS = OverlaySettings(iterations=100, spread_starts=8, allow_reflection=True, use_correspondence=False)
 SIZES = (20, 30, 40, 50, 60)
@@ -85,9 +85,17 @@ def main() -> None:
     rows = []
     for devices in (1, 2, 4):
         align_overlay(ref, fit, mask, mask, settings=SETTINGS, devices=devices)  # compile
-        seconds, cpu, result = timed(lambda: align_overlay(ref, fit, mask, mask, settings=SETTINGS, devices=devices), args.repeats)
-        rows.append({"path": f"shard_map, {devices} device(s)", "seconds": spread(seconds), "cores_busy": cores_busy(seconds, cpu),
-                     "mean_score": float(result.scores.mean())})
+        seconds, cpu, result = timed(
+            lambda: align_overlay(ref, fit, mask, mask, settings=SETTINGS, devices=devices), args.repeats
+        )
+        rows.append(
+            {
+                "path": f"shard_map, {devices} device(s)",
+                "seconds": spread(seconds),
+                "cores_busy": cores_busy(seconds, cpu),
+                "mean_score": float(result.scores.mean()),
+            }
+        )
         print(rows[-1], flush=True)
 
     starts = jnp.asarray(spread_rotations(SETTINGS.spread_starts))
@@ -95,8 +103,14 @@ def main() -> None:
     run_loop(ref, fit, mask, loop)  # compile every size
     print("per-pair loop compiled", flush=True)
     seconds, cpu, scores = timed(lambda: run_loop(ref, fit, mask, loop), args.repeats)
-    rows.append({"path": "per-pair loop, early stopping", "seconds": spread(seconds), "cores_busy": cores_busy(seconds, cpu),
-                 "mean_score": float(scores.mean())})
+    rows.append(
+        {
+            "path": "per-pair loop, early stopping",
+            "seconds": spread(seconds),
+            "cores_busy": cores_busy(seconds, cpu),
+            "mean_score": float(scores.mean()),
+        }
+    )
     baseline = rows[-1]
     for row in rows:
         row["pairs_per_second"] = args.pairs / row["seconds"]["median"]
@@ -106,22 +120,45 @@ def main() -> None:
     met = best["speedup_vs_loop"] >= TARGET and best["mean_score"] >= baseline["mean_score"] - 1e-6
     cores = machine()["cores"]
     bound = (
-        f"the per-pair loop already keeps {baseline['cores_busy']:.2f} of the {cores} cores busy (XLA's own threads), and the "
+        f"the per-pair loop already keeps {baseline['cores_busy']:.2f} of the {cores} cores busy (XLA's own "
+        f"threads), and the "
         f"devices are virtual CPU devices on those same cores, so they add no compute: {TARGET}x the loop would need "
-        f"{TARGET * baseline['cores_busy']:.1f} cores of the same work. The batched path also does more work, not less: "
+        f"{TARGET * baseline['cores_busy']:.1f} cores of the same work. The batched path also does more work, "
+        f"not less: "
         "a batch runs until its slowest pair settles."
     )
-    targets = [target("P3", "align pairs/s, best shard_map row / per-pair loop (equal or better mean score)",
-                      f"{best['speedup_vs_loop']:.2f}x ({best['path']})", f">= {TARGET}x", met, bound)]
+    targets = [
+        target(
+            "P3",
+            "align pairs/s, best shard_map row / per-pair loop (equal or better mean score)",
+            f"{best['speedup_vs_loop']:.2f}x ({best['path']})",
+            f">= {TARGET}x",
+            met,
+            bound,
+        )
+    ]
     table = [
-        f"# P3 align throughput ({args.pairs} pairs of 20–60 atoms, {SETTINGS.starts_per_pair} starts/pair, median (min–max) of {args.repeats})",
-        "", "| path | pairs/s | seconds | cores busy (CPU s / wall s) | mean score | × loop |", "|---|---|---|---|---|---|",
-        *[f"| {r['path']} | {r['pairs_per_second']:.1f} | {cell(r['seconds'])} | {r['cores_busy']:.2f} | {r['mean_score']:.4f} | "
-          f"{r['speedup_vs_loop']:.2f} |" for r in rows],
+        f"# P3 align throughput ({args.pairs} pairs of 20–60 atoms, {SETTINGS.starts_per_pair} starts/pair, "
+        f"median (min–max) of {args.repeats})",
+        "",
+        "| path | pairs/s | seconds | cores busy (CPU s / wall s) | mean score | × loop |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {r['path']} | {r['pairs_per_second']:.1f} | {cell(r['seconds'])} | {r['cores_busy']:.2f} | "
+            f"{r['mean_score']:.4f} | "
+            f"{r['speedup_vs_loop']:.2f} |"
+            for r in rows
+        ],
         *([] if met else ["", f"Bound: {bound}"]),
     ]
-    record = {"benchmark": "P3 align throughput", "pairs": args.pairs, "repeats": args.repeats,
-              "settings": SETTINGS.__dict__ | {"starts_per_pair": SETTINGS.starts_per_pair}, "rows": rows, "targets": targets}
+    record = {
+        "benchmark": "P3 align throughput",
+        "pairs": args.pairs,
+        "repeats": args.repeats,
+        "settings": SETTINGS.__dict__ | {"starts_per_pair": SETTINGS.starts_per_pair},
+        "rows": rows,
+        "targets": targets,
+    }
     write_results("align_throughput", record, table)
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import arviz as az
 import numpy as np
-
 from common import cell, logistic_analysis, snakemake, spread, target, workflow_config, write_results
 
 ROWS, FEATURES, NUM_SHARDS = 1_000_000, 20, 8
@@ -42,7 +41,10 @@ def benchmark(path: Path) -> dict:
 
 def timings(results: Path) -> dict:
     samples = [benchmark(path) for path in sorted((results / "benchmarks" / "sample").glob("shard-*.tsv"))]
-    combine, full = benchmark(results / "benchmarks" / "combine.tsv"), benchmark(results / "benchmarks" / "sample_fulldata.tsv")
+    combine, full = (
+        benchmark(results / "benchmarks" / "combine.tsv"),
+        benchmark(results / "benchmarks" / "sample_fulldata.tsv"),
+    )
     slowest = max(job["wall"] for job in samples)
     return {
         "slowest_shard_wall": slowest,
@@ -63,15 +65,22 @@ def flat_draws(posterior, name: str) -> np.ndarray:
 
 def accuracy(results: Path) -> dict:
     """Largest |mean error| (full-data sd) and the range of sd ratios over all coefficients."""
-    combined, full = az.from_netcdf(results / "combined" / "posterior.nc"), az.from_netcdf(results / "fulldata" / "posterior.nc")
+    combined, full = (
+        az.from_netcdf(results / "combined" / "posterior.nc"),
+        az.from_netcdf(results / "fulldata" / "posterior.nc"),
+    )
     errors, ratios = [], []
     for name in ("intercept", "beta"):
         cmc, reference = flat_draws(combined.posterior, name), flat_draws(full.posterior, name)
         errors.append(np.abs(cmc.mean(axis=0) - reference.mean(axis=0)) / reference.std(axis=0))
         ratios.append(cmc.std(axis=0) / reference.std(axis=0))
     errors, ratios = np.concatenate(errors), np.concatenate(ratios)
-    return {"max_mean_error_sd": float(errors.max()), "mean_mean_error_sd": float(errors.mean()),
-            "min_sd_ratio": float(ratios.min()), "max_sd_ratio": float(ratios.max())}
+    return {
+        "max_mean_error_sd": float(errors.max()),
+        "mean_mean_error_sd": float(errors.mean()),
+        "min_sd_ratio": float(ratios.min()),
+        "max_sd_ratio": float(ratios.max()),
+    }
 
 
 def main() -> None:
@@ -98,29 +107,61 @@ def main() -> None:
     ratio = figures["wall_ratio"]["median"]
     low, high = TARGETS["sd_ratio"]
     targets = [
-        target("P4", "CMC projected cluster wall / full-data NUTS wall (10^6 x 20 logistic, K = 8)", f"{ratio:.3f}",
-               f"<= {TARGETS['wall_ratio']}", ratio <= TARGETS["wall_ratio"]),
-        target("P4", "CMC mean error, largest over 21 coefficients", f"{quality['max_mean_error_sd']:.3f} sd",
-               f"<= {TARGETS['mean_error']} sd", quality["max_mean_error_sd"] <= TARGETS["mean_error"]),
-        target("P4", "CMC / full-data sd ratio, range over 21 coefficients", f"{quality['min_sd_ratio']:.3f}–{quality['max_sd_ratio']:.3f}",
-               f"{low}–{high}", low <= quality["min_sd_ratio"] and quality["max_sd_ratio"] <= high),
+        target(
+            "P4",
+            "CMC projected cluster wall / full-data NUTS wall (10^6 x 20 logistic, K = 8)",
+            f"{ratio:.3f}",
+            f"<= {TARGETS['wall_ratio']}",
+            ratio <= TARGETS["wall_ratio"],
+        ),
+        target(
+            "P4",
+            "CMC mean error, largest over 21 coefficients",
+            f"{quality['max_mean_error_sd']:.3f} sd",
+            f"<= {TARGETS['mean_error']} sd",
+            quality["max_mean_error_sd"] <= TARGETS["mean_error"],
+        ),
+        target(
+            "P4",
+            "CMC / full-data sd ratio, range over 21 coefficients",
+            f"{quality['min_sd_ratio']:.3f}–{quality['max_sd_ratio']:.3f}",
+            f"{low}–{high}",
+            low <= quality["min_sd_ratio"] and quality["max_sd_ratio"] <= high,
+        ),
     ]
     labels = {
-        "slowest_shard_wall": "slowest sample job (wall s)", "combine_wall": "combine job (wall s)",
-        "projected_cluster_wall": "projected cluster wall (s)", "full_data_wall": "full-data NUTS job (wall s)",
-        "wall_ratio": "projected cluster wall / full data", "cmc_cpu": "CMC CPU s (all sample jobs + combine)",
+        "slowest_shard_wall": "slowest sample job (wall s)",
+        "combine_wall": "combine job (wall s)",
+        "projected_cluster_wall": "projected cluster wall (s)",
+        "full_data_wall": "full-data NUTS job (wall s)",
+        "wall_ratio": "projected cluster wall / full data",
+        "cmc_cpu": "CMC CPU s (all sample jobs + combine)",
         "full_data_cpu": "full-data CPU s",
     }
     table = [
-        f"# P4 CMC (K = {NUM_SHARDS}) vs full-data NUTS, logistic, {ROWS:,} rows x {FEATURES} features, 4 chains x (500 + 500) draws "
+        f"# P4 CMC (K = {NUM_SHARDS}) vs full-data NUTS, logistic, {ROWS:,} rows x {FEATURES} features, 4 chains "
+        f"x (500 + 500) draws "
         f"(median (min–max) of {len(runs)} run(s))",
-        "", "| measure | value |", "|---|---|",
+        "",
+        "| measure | value |",
+        "|---|---|",
         *[f"| {labels[key]} | {cell(figures[key], 3 if key == 'wall_ratio' else 1)} |" for key in labels],
-        f"| largest mean error (full-data sd) | {quality['max_mean_error_sd']:.3f} (mean over coefficients {quality['mean_mean_error_sd']:.3f}) |",
+        f"| largest mean error (full-data sd) | {quality['max_mean_error_sd']:.3f} (mean over coefficients "
+        f"{quality['mean_mean_error_sd']:.3f}) |",
         f"| sd ratio CMC / full data | {quality['min_sd_ratio']:.3f}–{quality['max_sd_ratio']:.3f} |",
     ]
-    write_results("cmc_vs_full", {"benchmark": "P4 CMC vs full data", "repeats": len(runs), "runs": runs, "figures": figures,
-                                   "accuracy": quality, "targets": targets}, table)
+    write_results(
+        "cmc_vs_full",
+        {
+            "benchmark": "P4 CMC vs full data",
+            "repeats": len(runs),
+            "runs": runs,
+            "figures": figures,
+            "accuracy": quality,
+            "targets": targets,
+        },
+        table,
+    )
 
 
 if __name__ == "__main__":

@@ -68,11 +68,17 @@ def measure(directory: Path, num_shards: int) -> dict:
     paths = sorted(directory.glob("shard-*.nc"))[:num_shards]
     started = time.perf_counter()
     idata, record, _ = combine_shards(
-        lambda shard: read_run(paths[shard]), num_shards, spec.numpyro_model,
+        lambda shard: read_run(paths[shard]),
+        num_shards,
+        spec.numpyro_model,
         model_kwargs(features, resolve_options(spec, {})),
         CombineSettings(
-            "consensus", 0, schema_default("combine", "covariance_shrinkage"), screen=THRESHOLDS,
-            min_shards_fraction=0.5, on_failed_shard="fail",
+            "consensus",
+            0,
+            schema_default("combine", "covariance_shrinkage"),
+            screen=THRESHOLDS,
+            min_shards_fraction=0.5,
+            on_failed_shard="fail",
         ),
         diagnostics=[HEALTHY] * num_shards,
     )
@@ -107,28 +113,53 @@ def main() -> None:
         for _ in range(args.repeats):
             output = subprocess.run(
                 [sys.executable, __file__, "--measure", str(num_shards), "--workdir", str(args.workdir)],
-                check=True, capture_output=True, text=True,
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout
             runs.append(json.loads(output.strip().splitlines()[-1]))
             print(runs[-1], flush=True)
-        rows.append({
-            "shards": num_shards, "streaming": runs[0]["streaming"],
-            "covariance_shrinkage": runs[0]["covariance_shrinkage"], "excluded": runs[0]["excluded"],
-            "combine_seconds": spread([run["combine_seconds"] for run in runs]),
-            "peak_rss_mb": spread([run["peak_rss_mb"] for run in runs]),
-        })
+        rows.append(
+            {
+                "shards": num_shards,
+                "streaming": runs[0]["streaming"],
+                "covariance_shrinkage": runs[0]["covariance_shrinkage"],
+                "excluded": runs[0]["excluded"],
+                "combine_seconds": spread([run["combine_seconds"] for run in runs]),
+                "peak_rss_mb": spread([run["peak_rss_mb"] for run in runs]),
+            }
+        )
     targets = [
-        target("P5", f"combine peak RSS, {row['shards']:,} shards", f"{row['peak_rss_mb']['median']:.0f} MB", "<= 1 GB",
-               row["peak_rss_mb"]["median"] <= 1024)
-        for row in rows if row["shards"] >= 10_000
+        target(
+            "P5",
+            f"combine peak RSS, {row['shards']:,} shards",
+            f"{row['peak_rss_mb']['median']:.0f} MB",
+            "<= 1 GB",
+            row["peak_rss_mb"]["median"] <= 1024,
+        )
+        for row in rows
+        if row["shards"] >= 10_000
     ]
     table = [
-        f"# P5 combine at scale ({CHAINS}x{DRAWS} draws of {FEATURES} parameters per shard, screening on; median (min–max) of {args.repeats})",
-        "", "| shards | streaming | covariance shrinkage | combine s | peak RSS (MB) |", "|---|---|---|---|---|",
-        *[f"| {r['shards']:,} | {r['streaming']} | {r['covariance_shrinkage']} | {cell(r['combine_seconds'], 1)} | {cell(r['peak_rss_mb'], 0)} |" for r in rows],
+        f"# P5 combine at scale ({CHAINS}x{DRAWS} draws of {FEATURES} parameters per shard, screening on; median "
+        f"(min–max) of {args.repeats})",
+        "",
+        "| shards | streaming | covariance shrinkage | combine s | peak RSS (MB) |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r['shards']:,} | {r['streaming']} | {r['covariance_shrinkage']} | "
+            f"{cell(r['combine_seconds'], 1)} | {cell(r['peak_rss_mb'], 0)} |"
+            for r in rows
+        ],
     ]
-    record = {"benchmark": "P5 combine scale", "repeats": args.repeats, "shard_draws": CHAINS * DRAWS, "parameters": FEATURES,
-              "rows": rows, "targets": targets}
+    record = {
+        "benchmark": "P5 combine scale",
+        "repeats": args.repeats,
+        "shard_draws": CHAINS * DRAWS,
+        "parameters": FEATURES,
+        "rows": rows,
+        "targets": targets,
+    }
     write_results("combine_scale", record, table)
 
 

@@ -75,7 +75,9 @@ def write_results(name: str, record: dict, table: Sequence[str], measured: str |
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     facts = record["machine"]
-    header = f"Machine: {facts['cores']} cores, {facts['memory_gib']} GiB, Python {facts['python']}, JAX {facts['jax']}."
+    header = (
+        f"Machine: {facts['cores']} cores, {facts['memory_gib']} GiB, Python {facts['python']}, JAX {facts['jax']}."
+    )
     text = "\n".join([table[0], "", header, *table[1:]]) + "\n"
     (RESULTS / f"{name}.md").write_text(text)
     print(text, flush=True)
@@ -102,8 +104,16 @@ def snakemake(workdir: Path, config: dict, *args: str, timeout: float = 3600) ->
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     command = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(config_path), *args,
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(config_path),
+        *args,
     ]
     env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     started = time.perf_counter()

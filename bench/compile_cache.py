@@ -21,7 +21,6 @@ import shutil
 from pathlib import Path
 
 import h5py
-
 from common import RESULTS, cell, logistic_analysis, snakemake, spread, target, workflow_config, write_results
 
 TARGET = 0.35
@@ -37,22 +36,34 @@ def job_facts(workdir: Path) -> dict:
         attrs = run["posterior"].attrs
         compile_seconds, sampling_seconds = float(attrs["compile_seconds"][0]), float(attrs["sampling_seconds"][0])
         hits = int(attrs["persistent_cache_hits"][0])
-    return {"wall": wall, "compile": compile_seconds, "sampling": sampling_seconds, "rest": wall - compile_seconds - sampling_seconds, "cache_hits": hits}
+    return {
+        "wall": wall,
+        "compile": compile_seconds,
+        "sampling": sampling_seconds,
+        "rest": wall - compile_seconds - sampling_seconds,
+        "cache_hits": hits,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cmcflow-bench/compile-cache"))
-    parser.add_argument("--from-results", action="store_true",
-                        help="measure nothing: rewrite the tables from bench/results/compile_cache.json")
+    parser.add_argument(
+        "--from-results",
+        action="store_true",
+        help="measure nothing: rewrite the tables from bench/results/compile_cache.json",
+    )
     args = parser.parse_args()
     if args.from_results:
         record = json.loads((RESULTS / "compile_cache.json").read_text())
         write_report(record["rows"], record["repeats"], measured=record["written"])
         return
     shutil.rmtree(args.workdir, ignore_errors=True)
-    config = workflow_config({ANALYSIS: logistic_analysis(rows=200_000, features=10, num_shards=8, num_warmup=500, num_samples=500)}, args.workdir)
+    config = workflow_config(
+        {ANALYSIS: logistic_analysis(rows=200_000, features=10, num_shards=8, num_warmup=500, num_samples=500)},
+        args.workdir,
+    )
     target_file = f"{config['results_dir']}/{ANALYSIS}/samples/shard-0000.nc"
     snakemake(args.workdir, config, "--cores", "2", target_file)  # simulate, shard, featurize shard 0, sample
     cache = Path(config["jax"]["compilation_cache_dir"])
@@ -64,8 +75,14 @@ def main() -> None:
             snakemake(args.workdir, config, "--cores", "2", "--forcerun", "sample", target_file)
             runs[state].append(job_facts(args.workdir))
             print(state, runs[state][-1], flush=True)
-    rows = [{"cache": state, **{part: spread([run[part] for run in runs[state]]) for part in ("wall", "compile", "sampling", "rest")},
-             "cache_hits": [run["cache_hits"] for run in runs[state]]} for state in runs]
+    rows = [
+        {
+            "cache": state,
+            **{part: spread([run[part] for run in runs[state]]) for part in ("wall", "compile", "sampling", "rest")},
+            "cache_hits": [run["cache_hits"] for run in runs[state]],
+        }
+        for state in runs
+    ]
     write_report(rows, args.repeats)
 
 
@@ -76,21 +93,48 @@ def write_report(rows: list[dict], repeats: int, measured: str | None = None) ->
     floor = (cold["wall"]["median"] - cold["compile"]["median"]) / cold["wall"]["median"]
     bound = (
         f"compiling is {cold['compile']['median']:.1f} of a cold job's {cold['wall']['median']:.1f} s "
-        f"({cold['compile']['median'] / cold['wall']['median']:.0%}); sampling ({cold['sampling']['median']:.1f} s) and the rest "
-        f"(imports, set-up, writing: {cold['rest']['median']:.1f} s) are the same warm or cold, so even a job that compiled "
+        f"({cold['compile']['median'] / cold['wall']['median']:.0%}); sampling ({cold['sampling']['median']:.1f} "
+        f"s) and the rest "
+        f"(imports, set-up, writing: {cold['rest']['median']:.1f} s) are the same warm or cold, so even a job "
+        f"that compiled "
         f"nothing would take {floor:.2f} of a cold one, and sampling alone is "
-        f"{cold['sampling']['median'] / cold['wall']['median']:.2f} of it. The cache already removes {1 - warm['compile']['median'] / cold['compile']['median']:.0%} "
+        f"{cold['sampling']['median'] / cold['wall']['median']:.2f} of it. The cache already removes "
+        f"{1 - warm['compile']['median'] / cold['compile']['median']:.0%} "
         f"of the compile time; {TARGET} would need compiling to be {1 - TARGET:.0%} of a cold job."
     )
-    targets = [target("P2", "sample job wall, warm / cold compilation cache", f"{ratio:.2f}", f"<= {TARGET}", ratio <= TARGET, bound)]
-    table = [
-        f"# P2 sample job, cold vs warm compilation cache (one demo shard, 25,000 rows x 10 features, 4 x (500 + 500) draws; "
-        f"seconds, median (min–max) of {repeats})",
-        "", "| cache | job wall | compiling | sampling | rest (imports, set-up, writing) |", "|---|---|---|---|---|",
-        *[f"| {row['cache']} | {cell(row['wall'], 1)} | {cell(row['compile'], 1)} | {cell(row['sampling'], 1)} | {cell(row['rest'], 1)} |" for row in rows],
-        "", f"Warm / cold job wall: {ratio:.2f}.", *([] if ratio <= TARGET else ["", f"Bound: {bound}"]),
+    targets = [
+        target(
+            "P2",
+            "sample job wall, warm / cold compilation cache",
+            f"{ratio:.2f}",
+            f"<= {TARGET}",
+            ratio <= TARGET,
+            bound,
+        )
     ]
-    write_results("compile_cache", {"benchmark": "P2 compilation cache", "repeats": repeats, "rows": rows, "targets": targets}, table, measured)
+    table = [
+        f"# P2 sample job, cold vs warm compilation cache (one demo shard, 25,000 rows x 10 features, 4 x (500 + "
+        f"500) draws; "
+        f"seconds, median (min–max) of {repeats})",
+        "",
+        "| cache | job wall | compiling | sampling | rest (imports, set-up, writing) |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {row['cache']} | {cell(row['wall'], 1)} | {cell(row['compile'], 1)} | {cell(row['sampling'], 1)} "
+            f"| {cell(row['rest'], 1)} |"
+            for row in rows
+        ],
+        "",
+        f"Warm / cold job wall: {ratio:.2f}.",
+        *([] if ratio <= TARGET else ["", f"Bound: {bound}"]),
+    ]
+    write_results(
+        "compile_cache",
+        {"benchmark": "P2 compilation cache", "repeats": repeats, "rows": rows, "targets": targets},
+        table,
+        measured,
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -44,25 +44,58 @@ def main() -> None:
         seconds, jobs = [], {}
         for _ in range(args.repeats):
             shutil.rmtree(args.workdir, ignore_errors=True)
-            analysis = logistic_analysis(rows=100 * num_shards, features=10, num_shards=num_shards, num_warmup=500, num_samples=500)
+            analysis = logistic_analysis(
+                rows=100 * num_shards, features=10, num_shards=num_shards, num_warmup=500, num_samples=500
+            )
             wall, output = snakemake(
-                args.workdir, workflow_config({"scale": analysis}, args.workdir), "--profile", "profiles/slurm", "-n", "--quiet", "rules"
+                args.workdir,
+                workflow_config({"scale": analysis}, args.workdir),
+                "--profile",
+                "profiles/slurm",
+                "-n",
+                "--quiet",
+                "rules",
             )
             seconds.append(wall)
             jobs = job_counts(output)
-        rows.append({"shards": num_shards, "jobs": sum(jobs.values()), "jobs_by_rule": jobs, "seconds": spread(seconds)})
+        rows.append(
+            {"shards": num_shards, "jobs": sum(jobs.values()), "jobs_by_rule": jobs, "seconds": spread(seconds)}
+        )
         print(rows[-1], flush=True)
     thousand = next((row for row in rows if row["shards"] == 1000), None)
     targets = []
     if thousand is not None:
         median = thousand["seconds"]["median"]
-        targets.append(target("P5", "1,000-shard dry run (SLURM profile)", f"{median:.1f} s", f"<= {TARGET_SECONDS:.0f} s", median <= TARGET_SECONDS))
+        targets.append(
+            target(
+                "P5",
+                "1,000-shard dry run (SLURM profile)",
+                f"{median:.1f} s",
+                f"<= {TARGET_SECONDS:.0f} s",
+                median <= TARGET_SECONDS,
+            )
+        )
     table = [
-        f"# P5 dry-run time (`snakemake --profile profiles/slurm -n`, fresh directory, median (min–max) of {args.repeats})",
-        "", f"SLURM controller answering: {controller}.", "", "| shards | jobs planned | seconds |", "|---|---|---|",
+        f"# P5 dry-run time (`snakemake --profile profiles/slurm -n`, fresh directory, median (min–max) of "
+        f"{args.repeats})",
+        "",
+        f"SLURM controller answering: {controller}.",
+        "",
+        "| shards | jobs planned | seconds |",
+        "|---|---|---|",
         *[f"| {row['shards']:,} | {row['jobs']:,} | {cell(row['seconds'], 1)} |" for row in rows],
     ]
-    write_results("dry_run_scale", {"benchmark": "P5 dry-run scale", "repeats": args.repeats, "slurm_controller_answers": controller, "rows": rows, "targets": targets}, table)
+    write_results(
+        "dry_run_scale",
+        {
+            "benchmark": "P5 dry-run scale",
+            "repeats": args.repeats,
+            "slurm_controller_answers": controller,
+            "rows": rows,
+            "targets": targets,
+        },
+        table,
+    )
 
 
 if __name__ == "__main__":

@@ -42,14 +42,31 @@ def main() -> None:
         rows.append({"edit": f"sample.{key}: {value}", "jobs_by_rule": jobs, "seconds": seconds})
         print(rows[-1], flush=True)
     upstream = max(row["jobs_by_rule"].get(rule, 0) for row in rows for rule in ("simulate", "shard", "featurize"))
-    targets = [target("P6", "shard + featurize jobs after a sampling-only edit", f"{upstream} (of {first.get('featurize', 0)} featurize, "
-                      f"{first.get('shard', 0)} shard in the first run)", "0", upstream == 0)]
-    rules = sorted({rule for row in rows for rule in row["jobs_by_rule"]} | {"shard", "featurize"}, key=list(first).index)
+    targets = [
+        target(
+            "P6",
+            "shard + featurize jobs after a sampling-only edit",
+            f"{upstream} (of {first.get('featurize', 0)} featurize, {first.get('shard', 0)} shard in the first run)",
+            "0",
+            upstream == 0,
+        )
+    ]
+    rules = sorted(
+        {rule for row in rows for rule in row["jobs_by_rule"]} | {"shard", "featurize"}, key=list(first).index
+    )
     table = [
         f"# P6 jobs executed after a sampling-only config edit ({analysis['shard']['num_shards']} shards; first run: "
-        + ", ".join(f"{rule} {count}" for rule, count in first.items()) + ")",
-        "", "| edit | " + " | ".join(rules) + " | seconds |", "|---|" + "---|" * (len(rules) + 1),
-        *[f"| `{row['edit']}` | " + " | ".join(str(row["jobs_by_rule"].get(rule, 0)) for rule in rules) + f" | {row['seconds']:.0f} |" for row in rows],
+        + ", ".join(f"{rule} {count}" for rule, count in first.items())
+        + ")",
+        "",
+        "| edit | " + " | ".join(rules) + " | seconds |",
+        "|---|" + "---|" * (len(rules) + 1),
+        *[
+            f"| `{row['edit']}` | "
+            + " | ".join(str(row["jobs_by_rule"].get(rule, 0)) for rule in rules)
+            + f" | {row['seconds']:.0f} |"
+            for row in rows
+        ],
     ]
     write_results("rerun_jobs", {"benchmark": "P6 reruns", "first_run": first, "rows": rows, "targets": targets}, table)
 

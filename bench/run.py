@@ -53,18 +53,35 @@ def write_summary() -> str:
         if not isinstance(record, dict):  # structure_accuracy.json: a list of analyses, no targets
             continue
         for entry in record.get("targets", []):
-            rows.append((entry["id"], entry["measure"], entry["figure"], entry["target"], "yes" if entry["met"] else "**no**",
-                         f"[{path.stem}.md]({path.stem}.md)", record.get("written", "")))
+            rows.append(
+                (
+                    entry["id"],
+                    entry["measure"],
+                    entry["figure"],
+                    entry["target"],
+                    "yes" if entry["met"] else "**no**",
+                    f"[{path.stem}.md]({path.stem}.md)",
+                    record.get("written", ""),
+                )
+            )
             if "bound" in entry:
                 bounds.append(f"- **{entry['id']}** ({entry['measure']}): {entry['bound']}")
     facts = machine()
     lines = [
-        "# Benchmarks: targets of issue 6", "",
-        f"Machine: {facts['cores']} cores, {facts['memory_gib']} GiB. Each figure is the median of >= 3 runs unless its table says "
-        "otherwise; the linked tables give min–max and the details. Regenerate with `python bench/run.py`.", "",
-        "| id | measure | figure | target | met | table | measured |", "|---|---|---|---|---|---|---|",
+        "# Benchmarks: targets of issue 6",
+        "",
+        f"Machine: {facts['cores']} cores, {facts['memory_gib']} GiB. Each figure is the median of >= 3 runs "
+        f"unless its table says "
+        "otherwise; the linked tables give min–max and the details. Regenerate with `python bench/run.py`.",
+        "",
+        "| id | measure | figure | target | met | table | measured |",
+        "|---|---|---|---|---|---|---|",
         *[f"| {' | '.join(row)} |" for row in sorted(rows, key=lambda row: row[0])],
-        *(["", "## Missed targets: what bounds them (from the same measurements)", "", *sorted(bounds)] if bounds else []),
+        *(
+            ["", "## Missed targets: what bounds them (from the same measurements)", "", *sorted(bounds)]
+            if bounds
+            else []
+        ),
     ]
     text = "\n".join(lines) + "\n"
     (RESULTS / "summary.md").write_text(text)

@@ -43,36 +43,71 @@ def main() -> None:
     table, _ = spec.simulate(ROWS, 1, features=FEATURES)
     columns = {"features": table[[f"x{i}" for i in range(FEATURES)]].to_numpy(), "label": table["y"].to_numpy()}
     features = spec.featurize(columns, padded_size([ROWS], 64), {})
-    settings = NutsSettings(num_warmup=500, num_samples=500, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False)
+    settings = NutsSettings(
+        num_warmup=500, num_samples=500, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False
+    )
     rows = []
     for method in METHODS:
         walls, sampling, r_hats = [], [], []
         for _ in range(args.repeats):
             idata, report = sample_features(
-                spec, features, options, num_shards=NUM_SHARDS, shard=0, seed=0, settings=settings, devices=DEVICES,
+                spec,
+                features,
+                options,
+                num_shards=NUM_SHARDS,
+                shard=0,
+                seed=0,
+                settings=settings,
+                devices=DEVICES,
                 chain_method=method,
             )
             walls.append(report["compile_seconds"] + report["sampling_seconds"])
             sampling.append(report["sampling_seconds"])
             r_hats.append(report["max_r_hat"])
-        rows.append({"method": method, "nuts_seconds": spread(walls), "sampling_seconds": spread(sampling), "max_r_hat": max(r_hats)})
+        rows.append(
+            {
+                "method": method,
+                "nuts_seconds": spread(walls),
+                "sampling_seconds": spread(sampling),
+                "max_r_hat": max(r_hats),
+            }
+        )
         print(rows[-1], flush=True)
     by_method = {row["method"]: row for row in rows}
     for row in rows:
         row["speedup_vs_sequential"] = by_method["sequential"]["nuts_seconds"]["median"] / row["nuts_seconds"]["median"]
-        row["sampling_speedup_vs_sequential"] = by_method["sequential"]["sampling_seconds"]["median"] / row["sampling_seconds"]["median"]
+        row["sampling_speedup_vs_sequential"] = (
+            by_method["sequential"]["sampling_seconds"]["median"] / row["sampling_seconds"]["median"]
+        )
     speedup = by_method["parallel"]["speedup_vs_sequential"]
-    targets = [target("P1", "NUTS wall, 4 chains parallel over 4 devices vs sequential", f"{speedup:.2f}x", f">= {TARGET}x", speedup >= TARGET)]
+    targets = [
+        target(
+            "P1",
+            "NUTS wall, 4 chains parallel over 4 devices vs sequential",
+            f"{speedup:.2f}x",
+            f">= {TARGET}x",
+            speedup >= TARGET,
+        )
+    ]
     table_lines = [
-        f"# P1 chain methods ({ROWS:,} rows x {FEATURES} features, 4 chains x (500 + 500) draws, median (min–max) of {args.repeats})",
-        "", "| chain method | NUTS s (compile + sampling) | sampling s | × sequential (NUTS) | × sequential (sampling) | max R-hat |",
+        f"# P1 chain methods ({ROWS:,} rows x {FEATURES} features, 4 chains x (500 + 500) draws, median "
+        f"(min–max) of {args.repeats})",
+        "",
+        "| chain method | NUTS s (compile + sampling) | sampling s | × sequential (NUTS) | × sequential "
+        "(sampling) | max R-hat |",
         "|---|---|---|---|---|---|",
         *[
             f"| {row['method']} | {cell(row['nuts_seconds'], 1)} | {cell(row['sampling_seconds'], 1)} | "
-            f"{row['speedup_vs_sequential']:.2f} | {row['sampling_speedup_vs_sequential']:.2f} | {row['max_r_hat']:.3f} |" for row in rows
+            f"{row['speedup_vs_sequential']:.2f} | {row['sampling_speedup_vs_sequential']:.2f} | "
+            f"{row['max_r_hat']:.3f} |"
+            for row in rows
         ],
     ]
-    write_results("sample_chains", {"benchmark": "P1 chain methods", "repeats": args.repeats, "rows": rows, "targets": targets}, table_lines)
+    write_results(
+        "sample_chains",
+        {"benchmark": "P1 chain methods", "repeats": args.repeats, "rows": rows, "targets": targets},
+        table_lines,
+    )
 
 
 if __name__ == "__main__":

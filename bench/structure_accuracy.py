@@ -32,11 +32,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cmcflow.align import align_to_reference, generalised_procrustes  # noqa: E402
-from cmcflow.superposition import align_kabsch, rmsd  # noqa: E402
 from cmcflow.combine import combine_draws  # noqa: E402
-from cmcflow.locate import distance_moments, locate_by_distances  # noqa: E402
 from cmcflow.featurize import load_features  # noqa: E402
+from cmcflow.locate import distance_moments, locate_by_distances  # noqa: E402
 from cmcflow.models import get_model  # noqa: E402
+from cmcflow.superposition import align_kabsch, rmsd  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SITE = "coords"
@@ -58,7 +58,9 @@ def combined_variants(analysis_dir: Path) -> dict[str, np.ndarray]:
     coordinates = combine_draws(subposteriors, "consensus", jax.random.PRNGKey(0), point_site=SITE)[SITE]
     features = sorted((analysis_dir / "features").glob("shard-*.npz"))
     pairs = np.unique(np.concatenate([spec.observed_pairs(load_features(path)) for path in features]), axis=0)
-    distances, _ = locate_by_distances(coordinates, [distance_moments(sub[SITE], pairs) for sub in subposteriors], pairs)
+    distances, _ = locate_by_distances(
+        coordinates, [distance_moments(sub[SITE], pairs) for sub in subposteriors], pairs
+    )
     return {"coordinates": coordinates, "distances": distances}
 
 
@@ -109,12 +111,14 @@ def main(analysis_dirs: list[Path]) -> None:
         "",
         "Per-point 3×3 covariance blocks; targets: RMSD ratio ≤ 1.15, sd ratio 0.9–1.1.",
         "",
-        "| noise scale (Å) | K | split | location | CMC mean RMSD (Å) | full-data RMSD (Å) | ratio | CMC sd (Å) | full sd (Å) | sd ratio |",
+        "| noise scale (Å) | K | split | location | CMC mean RMSD (Å) | full-data RMSD (Å) | ratio | CMC sd (Å) "
+        "| full sd (Å) | sd ratio |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(
-            f"| {r['noise_scale']} | {r['num_shards']} | {r['split']} | {r['location']} | {r['combined_mean_rmsd']:.3f} "
+            f"| {r['noise_scale']} | {r['num_shards']} | {r['split']} | {r['location']} | "
+            f"{r['combined_mean_rmsd']:.3f} "
             f"| {r['fulldata_mean_rmsd']:.3f} | {r['rmsd_ratio']:.3f} | {r['combined_sd_per_atom']:.3f} "
             f"| {r['fulldata_sd_per_atom']:.3f} | {r['sd_ratio']:.3f} |"
         )

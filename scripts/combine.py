@@ -41,6 +41,11 @@ with reported_errors():
         point_pairs=point_pairs,
     )
     write_combined(
-        combined, shards, moments, snakemake.output.posterior, snakemake.output.summary, snakemake.output.shards,
+        combined,
+        shards,
+        moments,
+        snakemake.output.posterior,
+        snakemake.output.summary,
+        snakemake.output.shards,
         snakemake.output.moments,
     )

@@ -68,12 +68,23 @@ class Workflow:
         config_path = self.workdir / ("config.yaml" if config is None else "config-edited.yaml")
         config_path.write_text(yaml.safe_dump(self.config if config is None else config, sort_keys=False))
         command = [
-            TIMEOUT, "-s", "INT", "-k", "30", str(int(timeout)),
-            sys.executable, "-m", "snakemake",
-            "--snakefile", str(REPO / "Snakefile"),
-            "--directory", str(self.workdir),
-            "--configfile", str(config_path),
-            "--cores", "2",
+            TIMEOUT,
+            "-s",
+            "INT",
+            "-k",
+            "30",
+            str(int(timeout)),
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(self.workdir),
+            "--configfile",
+            str(config_path),
+            "--cores",
+            "2",
             *args,
         ]
         # jobs must set up JAX themselves: nothing of this test process' JAX set-up leaks in
@@ -89,4 +100,3 @@ class Workflow:
     def planned_jobs(self, *targets: str, config: dict | None = None) -> dict[str, int]:
         """Rule -> job count of a dry run (empty when there is nothing to do)."""
         return job_counts(self.run("--dry-run", "--quiet", "rules", *targets, config=config).stdout)
-

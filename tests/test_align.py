@@ -42,7 +42,10 @@ def test_random_rigid_motion_is_recovered(mirrored):
     assert np.all(result.scores >= 0.999), result.scores
     linear = result.transforms[:, :3, :3]
     assert np.allclose(np.linalg.det(linear), -1.0 if mirrored else 1.0)
-    errors = [rotation_angle(linear[b] @ (MIRROR if mirrored else np.eye(3)), truth[b] @ (MIRROR if mirrored else np.eye(3))) for b in range(6)]
+    errors = [
+        rotation_angle(linear[b] @ (MIRROR if mirrored else np.eye(3)), truth[b] @ (MIRROR if mirrored else np.eye(3)))
+        for b in range(6)
+    ]
     assert max(errors) <= 1e-3, errors
     assert np.allclose(result.points, ref, atol=1e-3)
 

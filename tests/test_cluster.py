@@ -32,7 +32,9 @@ def slurm():
     if os.geteuid() != 0:
         pytest.skip("starting SLURM needs root" + ("" if shutil.which("sbatch") else "; sbatch is not installed"))
     already_running = (SLURM_PREFIX / "pids").exists()
-    started = subprocess.run(["bash", str(REPO / "scripts/start_slurm.sh")], capture_output=True, text=True, timeout=600)
+    started = subprocess.run(
+        ["bash", str(REPO / "scripts/start_slurm.sh")], capture_output=True, text=True, timeout=600
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     yield
     if not already_running:
@@ -41,9 +43,32 @@ def slurm():
 
 #: Commands of SLURM (slurm-client) and of PBS/Torque that a machine without a scheduler lacks.
 SCHEDULER_COMMANDS = {
-    "sbatch", "srun", "salloc", "squeue", "sacct", "sacctmgr", "sinfo", "scontrol", "scancel",
-    "sattach", "sbcast", "sdiag", "sprio", "sreport", "sshare", "sstat", "strigger", "sview",
-    "qsub", "qstat", "qdel", "qalter", "qhold", "qrls", "pbsnodes", "generate_pbs_nodefile",
+    "sbatch",
+    "srun",
+    "salloc",
+    "squeue",
+    "sacct",
+    "sacctmgr",
+    "sinfo",
+    "scontrol",
+    "scancel",
+    "sattach",
+    "sbcast",
+    "sdiag",
+    "sprio",
+    "sreport",
+    "sshare",
+    "sstat",
+    "strigger",
+    "sview",
+    "qsub",
+    "qstat",
+    "qdel",
+    "qalter",
+    "qhold",
+    "qrls",
+    "pbsnodes",
+    "generate_pbs_nodefile",
 }
 
 
@@ -111,16 +136,26 @@ def test_profiles_work_as_users_type_them(tmp_path):
     """`--profile profiles/slurm`, `--executor slurm --jobs N` and `--profile slurm` (ours installed
     as the user's site profile) plan the same jobs under the workflow profile
     (profiles/default), and the workflow profile leaves the site's own resources alone."""
-    site = {"default-resources": {"slurm_account": "'site_account'"}, "set-resources": {"sample": {"slurm_partition": "'long'"}}}
+    site = {
+        "default-resources": {"slurm_account": "'site_account'"},
+        "set-resources": {"sample": {"slurm_partition": "'long'"}},
+    }
     (tmp_path / "run").mkdir()
     workflow = Workflow(tmp_path / "run", tiny_config(), env=site_profiles(tmp_path / "config", site))
     bare_path = path_without_scheduler(tmp_path / "bin")
     expected = {"simulate": 1, "shard": 1, "featurize": 2, "sample": 2, "combine": 1, "report": 1, "all": 1}
-    for invocation in (["--profile", str(REPO / "profiles/slurm")], ["--executor", "slurm", "--jobs", "10"], ["--profile", "slurm"], ["--profile", "pbs"]):
+    for invocation in (
+        ["--profile", str(REPO / "profiles/slurm")],
+        ["--executor", "slurm", "--jobs", "10"],
+        ["--profile", "slurm"],
+        ["--profile", "pbs"],
+    ):
         result = workflow.run("--dry-run", *invocation, path=bare_path, timeout=120)
         assert "workflow specific profile profiles/default" in result.stderr, (invocation, result.stderr)
         assert job_counts(result.stdout) == expected, (invocation, result.stdout)
         if invocation == ["--profile", "slurm"]:
-            sample_resources = [line for line in result.stdout.splitlines() if "resources:" in line and "mem_mb=" in line]
+            sample_resources = [
+                line for line in result.stdout.splitlines() if "resources:" in line and "mem_mb=" in line
+            ]
             assert sum("slurm_partition=long" in line for line in sample_resources) == 2, result.stdout
             assert all("slurm_account=site_account" in line for line in sample_resources), result.stdout

@@ -6,15 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from numpyro.infer.hmc_util import consensus
+from test_align import random_rotation
 
 from cmcflow.align import generalised_procrustes
 from cmcflow.consensus import block_consensus, covariance_noise, flatten, point_blocks, unflatten
 from cmcflow.locate import distance_consensus, distance_moments, fit_to_distances, locate_by_distances, pair_distances
+from cmcflow.models.structure import SIMULATED_CUTOFF, read_structure
 from cmcflow.runs import failed_run, read_run, write_run
 from cmcflow.superposition import align_kabsch, rmsd, superpose
-from cmcflow.models.structure import SIMULATED_CUTOFF, read_structure
-
-from test_align import random_rotation
 
 
 def gaussian_subposteriors(rng, shards=4, draws=500, dimension=7):
@@ -30,7 +29,9 @@ def test_one_block_is_full_covariance_consensus_and_singletons_are_diagonal():
     dimension = subposteriors[0].shape[1]
     full = np.asarray(consensus([{"x": s} for s in subposteriors], diagonal=False)["x"])
     diagonal = np.asarray(consensus([{"x": s} for s in subposteriors], diagonal=True)["x"])
-    np.testing.assert_allclose(block_consensus(subposteriors, [np.arange(dimension)]).draws(), full, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(
+        block_consensus(subposteriors, [np.arange(dimension)]).draws(), full, rtol=1e-7, atol=1e-9
+    )
     singletons = [np.array([i]) for i in range(dimension)]
     np.testing.assert_allclose(block_consensus(subposteriors, singletons).draws(), diagonal, rtol=1e-7, atol=1e-9)
 
@@ -50,7 +51,10 @@ def test_generalised_procrustes_recovers_the_shape():
     rng = np.random.default_rng(2)
     shape = rng.normal(scale=5.0, size=(25, 3))
     clouds = np.stack(
-        [(shape + rng.normal(scale=0.05, size=shape.shape)) @ random_rotation(rng).T + rng.normal(size=3) for _ in range(40)]
+        [
+            (shape + rng.normal(scale=0.05, size=shape.shape)) @ random_rotation(rng).T + rng.normal(size=3)
+            for _ in range(40)
+        ]
     )
     mean, rounds = generalised_procrustes(clouds, allow_reflection=False)
     assert rounds < 100
@@ -123,10 +127,16 @@ def test_read_run_gives_what_arviz_reads_for_a_run_and_a_failure_record(tmp_path
     import xarray as xr
 
     rng = np.random.default_rng(0)
-    draws = {"beta": rng.normal(size=(4, 30, 3)), "sigma": rng.gamma(2.0, size=(4, 30)), "coords": rng.normal(size=(4, 30, 5, 3))}
+    draws = {
+        "beta": rng.normal(size=(4, 30, 3)),
+        "sigma": rng.gamma(2.0, size=(4, 30)),
+        "coords": rng.normal(size=(4, 30, 5, 3)),
+    }
     run = az.from_dict(
-        posterior=draws, sample_stats={"diverging": np.zeros((4, 30), dtype=bool)},
-        dims={"coords": ["point", "axis"]}, coords={"axis": ["x", "y", "z"]},
+        posterior=draws,
+        sample_stats={"diverging": np.zeros((4, 30), dtype=bool)},
+        dims={"coords": ["point", "axis"]},
+        coords={"axis": ["x", "y", "z"]},
         attrs={"shard": 3, "rows": 250, "compile_seconds": 1.5, "model": "structure"},
     )
     run.add_groups(unconstrained_posterior={"beta": draws["beta"], "sigma": np.log(draws["sigma"])})
@@ -200,7 +210,9 @@ def heterogeneous_gaussian_shards(rng, shards=6, dimension=7, draws=2000):
     and sd of their exact Gaussian product."""
     theta, subposteriors, precisions, weighted = rng.normal(size=dimension), [], [], []
     for _ in range(shards):
-        root = np.linalg.cholesky((factor := np.eye(dimension) + 0.5 * rng.normal(size=(dimension, dimension))) @ factor.T)
+        root = np.linalg.cholesky(
+            (factor := np.eye(dimension) + 0.5 * rng.normal(size=(dimension, dimension))) @ factor.T
+        )
         mean = theta + root @ rng.normal(size=dimension)
         subposteriors.append(mean + rng.normal(size=(draws, dimension)) @ root.T)
         precisions.append(np.linalg.inv(root @ root.T))

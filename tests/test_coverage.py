@@ -24,14 +24,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from test_statistics import unequal_parts
 
 from cmcflow.combine import combine_draws
+from cmcflow.config import schema_default
 from cmcflow.models.linear_gaussian import exact_posterior
 from cmcflow.models.rows import correlated_features
 from cmcflow.shard import split_rows
-
-from cmcflow.config import schema_default
-from test_statistics import unequal_parts
 
 REPEATS = 200
 ROWS, FEATURES, NUM_SHARDS, DRAWS = 400, 3, 8, 4000
@@ -60,9 +59,15 @@ def test_consensus_is_calibrated_over_200_repeats(shard_sizes):
         beta = rng.normal(scale=PRIOR_SD, size=FEATURES)
         X = correlated_features(rng, ROWS, FEATURES)
         y = X @ beta + rng.normal(scale=NOISE_SD, size=ROWS)
-        parts = split_rows(ROWS, NUM_SHARDS, seed=repeat) if shard_sizes == "equal" else unequal_parts(ROWS, NUM_SHARDS, repeat)
+        parts = (
+            split_rows(ROWS, NUM_SHARDS, seed=repeat)
+            if shard_sizes == "equal"
+            else unequal_parts(ROWS, NUM_SHARDS, repeat)
+        )
         subposteriors = [{"beta": exact_subposterior_draws(rng, X[rows], y[rows], NUM_SHARDS)} for rows in parts]
-        draws = combine_draws(subposteriors, "consensus", jax.random.PRNGKey(repeat), shrinkage=SHRINKAGE, chains=4)["beta"]
+        draws = combine_draws(subposteriors, "consensus", jax.random.PRNGKey(repeat), shrinkage=SHRINKAGE, chains=4)[
+            "beta"
+        ]
         mean, covariance = exact_posterior(X, y, PRIOR_SD, NOISE_SD)
         low, high = np.quantile(draws, [0.05, 0.95], axis=0)
         covered.append((low <= beta) & (beta <= high))

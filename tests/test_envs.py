@@ -106,7 +106,9 @@ def test_variables_agree_with_config_defaults():
         variables = env(name)["variables"]
         assert variables["JAX_PLATFORMS"] == "cpu" and variables["JAX_ENABLE_X64"] == str(int(x64))
     for name in ("light", "jax-devices", "jax-single"):
-        assert {env(name)["variables"][v] for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")} == {"1"}
+        assert {env(name)["variables"][v] for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")} == {
+            "1"
+        }
 
 
 def test_every_rule_with_a_script_names_an_env_that_holds_its_imports():
@@ -115,5 +117,7 @@ def test_every_rule_with_a_script_names_an_env_that_holds_its_imports():
     for rule, (env_name, script) in rules.items():
         assert env_name, f"rule {rule} has no conda: directive"
         available = {package.lower() for package in pip_pins(env_name)}
-        needed = {DISTRIBUTIONS.get(module, module) for module in third_party_imports(REPO / "scripts" / f"{script}.py")}
+        needed = {
+            DISTRIBUTIONS.get(module, module) for module in third_party_imports(REPO / "scripts" / f"{script}.py")
+        }
         assert needed <= available, (rule, env_name, needed - available)

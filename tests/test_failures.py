@@ -14,7 +14,7 @@ pytestmark = pytest.mark.workflow
 
 #: The logistic model, plus a ``flag`` column; a shard holding a flagged row fails in NUTS
 #: set-up (its init_values hook raises), as a real numerical failure would.
-FLAKY_MODEL = '''
+FLAKY_MODEL = """
 import dataclasses
 
 import numpy as np
@@ -44,7 +44,7 @@ FLAKY = dataclasses.replace(
     LOGISTIC, name="flaky", numpyro_model=flaky_model, featurize=featurize,
     roles=LOGISTIC.roles + (Role("flag", "real", default="flag"),), init_values=init_values,
 )
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,10 @@ def flaky(tmp_path_factory):
 def test_by_default_a_failed_shard_fails_the_run_naming_it(flaky):
     workflow, failing, result = flaky
     assert result.returncode != 0
-    message = f"1 of 3 sample jobs failed (set combine.on_failed_shard: skip to combine the others): " \
+    message = (
+        f"1 of 3 sample jobs failed (set combine.on_failed_shard: skip to combine the others): "
         f"shard {failing}: failed: RuntimeError: injected failure"
+    )
     assert message in (workflow.workdir / "results/tiny/logs/combine.log").read_text()
     assert message in result.stderr
     assert not (workflow.workdir / "results/tiny/combined").exists()

@@ -18,7 +18,9 @@ COLUMNS = resolve_columns(LOGISTIC, {"features": ["x0", "x1"], "label": "y"})
 def make_shards(directory, rows=101, num_shards=3, seed=0):
     rng = np.random.default_rng(1)
     source = directory.parent / f"{directory.name}.parquet"
-    pd.DataFrame({"x0": rng.normal(size=rows), "x1": rng.normal(size=rows), "y": rng.integers(0, 2, rows)}).to_parquet(source)
+    pd.DataFrame({"x0": rng.normal(size=rows), "x1": rng.normal(size=rows), "y": rng.integers(0, 2, rows)}).to_parquet(
+        source
+    )
     shard_table(source, directory, num_shards, LOGISTIC, COLUMNS, seed=seed)
     return directory
 

@@ -24,9 +24,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_configure_after_jax_import_fails_loudly():
-    result = run_python(
-        "import jax\nfrom cmcflow.jaxenv import configure_jax\nconfigure_jax(4, True, None)"
-    )
+    result = run_python("import jax\nfrom cmcflow.jaxenv import configure_jax\nconfigure_jax(4, True, None)")
     assert result.returncode != 0
     assert "jax was imported before" in result.stderr
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-
-import pytest
-
 import sys
 
+import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "profiles/pbs"))  # the helper travels with the PBS profile
@@ -17,18 +15,44 @@ import pbs_jobs as pbs  # noqa: E402
 
 
 def test_pbspro_qsub_line():
-    properties = {"rule": "sample", "threads": 4, "resources": {"mem_mb": 2500, "runtime": 90, "pbs_extra": "-q workq -A proj"}}
+    properties = {
+        "rule": "sample",
+        "threads": 4,
+        "resources": {"mem_mb": 2500, "runtime": 90, "pbs_extra": "-q workq -A proj"},
+    }
     assert pbs.qsub_command("pbspro", "/w/job.sh", properties, "/w/logs") == [
-        "qsub", "-N", "smk-sample", "-l", "select=1:ncpus=4:mem=2500mb", "-l", "walltime=01:30:00",
-        "-j", "oe", "-o", "/w/logs/smk-sample.log", "-q", "workq", "-A", "proj", "/w/job.sh",
+        "qsub",
+        "-N",
+        "smk-sample",
+        "-l",
+        "select=1:ncpus=4:mem=2500mb",
+        "-l",
+        "walltime=01:30:00",
+        "-j",
+        "oe",
+        "-o",
+        "/w/logs/smk-sample.log",
+        "-q",
+        "workq",
+        "-A",
+        "proj",
+        "/w/job.sh",
     ]
 
 
 def test_torque_qsub_line():
     properties = {"rule": "combine", "threads": 1, "resources": {"mem_mb": 1000, "runtime": 7.5}}
     assert pbs.qsub_command("torque", "/w/job.sh", properties, "/w/logs") == [
-        "qsub", "-N", "smk-combine", "-l", "nodes=1:ppn=1,mem=1000mb,walltime=00:07:30",
-        "-j", "oe", "-o", "/w/logs/smk-combine-%j.log", "/w/job.sh",
+        "qsub",
+        "-N",
+        "smk-combine",
+        "-l",
+        "nodes=1:ppn=1,mem=1000mb,walltime=00:07:30",
+        "-j",
+        "oe",
+        "-o",
+        "/w/logs/smk-combine-%j.log",
+        "/w/job.sh",
     ]
 
 
@@ -41,8 +65,16 @@ def pbspro_document(state: str, exit_status: int | None = None, job_id: str = "4
 
 @pytest.mark.parametrize(
     "state,exit_status,expected",
-    [("Q", None, "running"), ("R", None, "running"), ("E", None, "running"), ("H", None, "running"),
-     ("F", 0, "success"), ("F", 1, "failed"), ("F", 271, "failed"), ("X", 0, "success")],
+    [
+        ("Q", None, "running"),
+        ("R", None, "running"),
+        ("E", None, "running"),
+        ("H", None, "running"),
+        ("F", 0, "success"),
+        ("F", 1, "failed"),
+        ("F", 271, "failed"),
+        ("X", 0, "success"),
+    ],
 )
 def test_pbspro_states(state, exit_status, expected):
     assert pbs.pbspro_status(pbspro_document(state, exit_status), "42.server") == expected
@@ -58,8 +90,13 @@ TORQUE = """Job Id: 17.head
 
 @pytest.mark.parametrize(
     "state,extra,expected",
-    [("Q", "", "running"), ("R", "", "running"), ("C", "    exit_status = 0\n", "success"),
-     ("C", "    exit_status = 3\n", "failed"), ("C", "", None)],
+    [
+        ("Q", "", "running"),
+        ("R", "", "running"),
+        ("C", "    exit_status = 0\n", "success"),
+        ("C", "    exit_status = 3\n", "failed"),
+        ("C", "", None),
+    ],
 )
 def test_torque_states(state, extra, expected):
     assert pbs.torque_status(TORQUE.format(state=state, extra=extra)) == expected

@@ -17,7 +17,10 @@ HEALTHY = {"max_r_hat": 1.01, "min_ess_bulk": 800.0, "divergence_rate": 0.0}
 
 def exchangeable_shards(rng, shards=8, draws=2000, dimension=6, shard_sd=1.0):
     """Subposteriors as CMC sees them: shard s ~ N(μ_s, shard_sd²) with μ_s ~ N(0, shard_sd²)."""
-    return [rng.normal(scale=shard_sd, size=dimension) + rng.normal(scale=shard_sd, size=(draws, dimension)) for _ in range(shards)]
+    return [
+        rng.normal(scale=shard_sd, size=dimension) + rng.normal(scale=shard_sd, size=(draws, dimension))
+        for _ in range(shards)
+    ]
 
 
 def test_an_injected_outlier_shard_is_excluded_with_its_reason():
@@ -122,13 +125,17 @@ def test_combine_shards_streams_the_same_shrunk_consensus_without_the_screened_o
     def combined(streaming_above):
         monkeypatch.setattr(combine, "STREAMING_ABOVE", streaming_above)
         settings = CombineSettings("consensus", 0, "auto", THRESHOLDS, min_shards_fraction=0.5, on_failed_shard="fail")
-        return combine.combine_shards(runs.__getitem__, len(runs), model, {}, settings, diagnostics=[HEALTHY] * len(runs))
+        return combine.combine_shards(
+            runs.__getitem__, len(runs), model, {}, settings, diagnostics=[HEALTHY] * len(runs)
+        )
 
     (in_memory, record, _), (streamed, streamed_record, _) = combined(500), combined(5)
     assert record["excluded"][0]["shard"] == 4 and streamed_record["streaming"] and not record["streaming"]
     assert sorted(record["shrinkage_intensity"]) == sorted(str(shard) for shard in record["used"])
     assert record["shrinkage_intensity"] == pytest.approx(streamed_record["shrinkage_intensity"], rel=1e-9)
-    np.testing.assert_allclose(streamed.posterior["beta"].values, in_memory.posterior["beta"].values, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        streamed.posterior["beta"].values, in_memory.posterior["beta"].values, rtol=1e-9, atol=1e-12
+    )
     # the shapes were pooled over the kept shards only: the same as combining just those
     kept = block_consensus([shards[shard] for shard in record["used"]], [np.arange(6)], shrinkage="auto", chains=4)
     np.testing.assert_allclose(in_memory.posterior["beta"].values.reshape(400, 6), kept.draws(), rtol=1e-9, atol=1e-12)

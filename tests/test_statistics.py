@@ -21,14 +21,13 @@ import numpy as np
 import pytest
 
 from cmcflow.combine import combine_runs
+from cmcflow.config import schema_default
 from cmcflow.featurize import padded_size
 from cmcflow.models import get_model, resolve_options
 from cmcflow.models.linear_gaussian import exact_posterior
 from cmcflow.sample import NutsSettings, sample_features
-from cmcflow.transforms import model_kwargs
 from cmcflow.shard import split_rows
-
-from cmcflow.config import schema_default
+from cmcflow.transforms import model_kwargs
 
 DEVICES = 4
 SETTINGS = NutsSettings(num_warmup=500, num_samples=1000, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False)
@@ -49,13 +48,23 @@ def run_cmc(spec, options, X, y, parts, method="consensus", settings=SETTINGS, s
     for index, rows in enumerate(parts):
         features = spec.featurize({"features": X[rows], "label": y[rows]}, pad_to, {})
         idata, _ = sample_features(
-            spec, features, options, num_shards=len(parts), shard=index, seed=seed,
-            settings=settings, devices=DEVICES,
+            spec,
+            features,
+            options,
+            num_shards=len(parts),
+            shard=index,
+            seed=seed,
+            settings=settings,
+            devices=DEVICES,
         )
         runs.append(idata)
     # like the combine rule: the model is traced on one shard's features for its transforms
     return combine_runs(
-        runs, spec.numpyro_model, model_kwargs(features, options), method, seed=0,
+        runs,
+        spec.numpyro_model,
+        model_kwargs(features, options),
+        method,
+        seed=0,
         shrinkage=schema_default("combine", "covariance_shrinkage"),
     )
 
@@ -86,15 +95,19 @@ def test_linear_gaussian_matches_exact_posterior(shard_sizes):
     mean_error = np.abs(draws.mean(axis=0) - mean) / sd
     sd_ratio = draws.std(axis=0) / sd
     correlation_error = np.abs(np.corrcoef(draws.T) - covariance / np.outer(sd, sd)).max()
-    print(f"{shard_sizes}: mean error {np.round(mean_error, 3)} sd, sd ratio {np.round(sd_ratio, 3)}, "
-          f"correlation error {correlation_error:.3f}")
+    print(
+        f"{shard_sizes}: mean error {np.round(mean_error, 3)} sd, sd ratio {np.round(sd_ratio, 3)}, "
+        f"correlation error {correlation_error:.3f}"
+    )
     assert mean_error.max() <= 0.1, mean_error
     assert np.all((0.85 <= sd_ratio) & (sd_ratio <= 1.15)), sd_ratio
     assert correlation_error <= 0.1, correlation_error
 
 
 #: Ten repeats, kept cheap for CI: small data, 4 shards, 4 chains x (300 + 500) draws.
-REPEAT_SETTINGS = NutsSettings(num_warmup=300, num_samples=500, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False)
+REPEAT_SETTINGS = NutsSettings(
+    num_warmup=300, num_samples=500, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False
+)
 
 
 @pytest.mark.parametrize("shard_sizes", ["equal", "unequal"])
@@ -123,8 +136,14 @@ def test_logistic_cmc_matches_full_data_nuts():
     spec, options, X, y = simulated("logistic", rows=4000, features=3, seed=2)
     combined = run_cmc(spec, options, X, y, split_rows(len(y), 4, seed=0))
     full, _ = sample_features(
-        spec, spec.featurize({"features": X, "label": y}, padded_size([len(y)], 64), {}), options,
-        num_shards=1, shard=-1, seed=11, settings=SETTINGS, devices=DEVICES,
+        spec,
+        spec.featurize({"features": X, "label": y}, padded_size([len(y)], 64), {}),
+        options,
+        num_shards=1,
+        shard=-1,
+        seed=11,
+        settings=SETTINGS,
+        devices=DEVICES,
     )
     for name in ("intercept", "beta"):
         reference = flat_draws(full, name)

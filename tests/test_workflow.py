@@ -41,12 +41,24 @@ def edited(workflow: Workflow, section: str, key: str, value) -> dict:
 def test_every_output_is_produced(finished):
     results = finished.workdir / RESULTS
     expected = [
-        "input/simulated.parquet", "input/truth.json", "shards/manifest.json",
-        "shards/shard-0000.parquet", "shards/shard-0001.parquet",
-        "features/shard-0000.npz", "features/shard-0001.json",
-        "samples/shard-0000.nc", "samples/shard-0001.diagnostics.json",
-        "combined/posterior.nc", "combined/summary.csv", "combined/shards.json", "combined/shard_moments.csv",
-        "report/report.html", "report/shards.png", "report/posterior.png", "logs/sample/shard-0000.log", "benchmarks/sample/shard-0001.tsv",
+        "input/simulated.parquet",
+        "input/truth.json",
+        "shards/manifest.json",
+        "shards/shard-0000.parquet",
+        "shards/shard-0001.parquet",
+        "features/shard-0000.npz",
+        "features/shard-0001.json",
+        "samples/shard-0000.nc",
+        "samples/shard-0001.diagnostics.json",
+        "combined/posterior.nc",
+        "combined/summary.csv",
+        "combined/shards.json",
+        "combined/shard_moments.csv",
+        "report/report.html",
+        "report/shards.png",
+        "report/posterior.png",
+        "logs/sample/shard-0000.log",
+        "benchmarks/sample/shard-0001.tsv",
     ]
     assert [name for name in expected if not (results / name).is_file()] == []
     summary = pd.read_csv(results / "combined/summary.csv", index_col="parameter")
@@ -144,7 +156,10 @@ def test_bad_input_fails_with_one_line_and_leaves_no_outputs(tmp_path):
     [
         (lambda c: c["analyses"]["tiny"].update(sampl={}), "'sampl' was unexpected"),
         (lambda c: c["analyses"]["tiny"]["shard"].update(num_shards="two"), "'two' is not of type 'integer'"),
-        (lambda c: c["analyses"]["tiny"].update(model_options={"prior_scale": 1.0}), "has no option(s) ['prior_scale']"),
+        (
+            lambda c: c["analyses"]["tiny"].update(model_options={"prior_scale": 1.0}),
+            "has no option(s) ['prior_scale']",
+        ),
         (lambda c: c["analyses"]["tiny"].update(model="logit"), "unknown model 'logit'"),
         (
             lambda c: c["analyses"]["tiny"]["shard"].update(stratify_by=["feature"]),
@@ -165,9 +180,16 @@ def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, edit, message):
 def test_lint_reports_nothing():
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile")],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
-    lints = {line.strip()[2:].rstrip(":") for line in (result.stdout + result.stderr).splitlines() if line.strip().startswith("* ")}
+    lints = {
+        line.strip()[2:].rstrip(":")
+        for line in (result.stdout + result.stderr).splitlines()
+        if line.strip().startswith("* ")
+    }
     assert result.returncode == 0 and lints == set(), result.stdout + result.stderr
 
 
@@ -212,4 +234,6 @@ def test_memory_estimates_cover_measured_peaks(finished):
 def test_snakemake_report_holds_the_figures(finished, tmp_path):
     finished.run("--report", str(tmp_path / "report.zip"))
     names = zipfile.ZipFile(tmp_path / "report.zip").namelist()
-    assert any(name.endswith("/shards.png") for name in names) and any(name.endswith("/posterior.png") for name in names)
+    assert any(name.endswith("/shards.png") for name in names) and any(
+        name.endswith("/posterior.png") for name in names
+    )

@@ -64,9 +64,16 @@ def qsub_command(flavour: str, script: str, properties: dict, log_dir: str) -> l
     name = f"smk-{properties.get('rule', 'group')}"
     log = f"{log_dir}/{name}-%j.log" if flavour == "torque" else f"{log_dir}/{name}.log"
     return [
-        "qsub", "-N", name,
-        *resource_request(flavour, int(properties.get("threads", 1)), int(resources["mem_mb"]), float(resources["runtime"])),
-        "-j", "oe", "-o", log,
+        "qsub",
+        "-N",
+        name,
+        *resource_request(
+            flavour, int(properties.get("threads", 1)), int(resources["mem_mb"]), float(resources["runtime"])
+        ),
+        "-j",
+        "oe",
+        "-o",
+        log,
         *extra,
         script,
     ]
@@ -76,13 +83,13 @@ def wrap_jobscript(jobscript: str, state_dir: Path) -> tuple[Path, str]:
     """A wrapper that runs ``jobscript`` and writes its exit code to ``<token>.exit``."""
     token = uuid.uuid4().hex
     state_dir.mkdir(parents=True, exist_ok=True)
-    exit_file = (state_dir / f"{token}.exit").resolve()
+    exit_file = shlex.quote(str((state_dir / f"{token}.exit").resolve()))
     wrapper = state_dir / f"{token}.sh"
     wrapper.write_text(
         "#!/bin/bash\n"
         f"bash {shlex.quote(os.path.abspath(jobscript))}\n"
         "code=$?\n"
-        f"echo $code > {shlex.quote(str(exit_file))}.tmp && mv {shlex.quote(str(exit_file))}.tmp {shlex.quote(str(exit_file))}\n"
+        f"echo $code > {exit_file}.tmp && mv {exit_file}.tmp {exit_file}\n"
         "exit $code\n"
     )
     wrapper.chmod(0o755)
@@ -114,7 +121,9 @@ def exit_code(state_dir: Path, token: str) -> int | None:
 def pbspro_status(document: str, job_id: str) -> str | None:
     """Status from ``qstat -x -f -F json <id>``; ``None`` if the job is not in it."""
     jobs = json.loads(document).get("Jobs", {})
-    job = jobs.get(job_id) or next((value for key, value in jobs.items() if key.split(".")[0] == job_id.split(".")[0]), None)
+    job = jobs.get(job_id) or next(
+        (value for key, value in jobs.items() if key.split(".")[0] == job_id.split(".")[0]), None
+    )
     if job is None:
         return None
     if job.get("job_state") in ("F", "X"):  # finished; X: finished array subjob

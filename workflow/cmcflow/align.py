@@ -60,8 +60,10 @@ def build_reference(runs: Sequence[az.InferenceData], site: str, allow_reflectio
         shard_rounds.append(rounds)
     reference, rounds = generalised_procrustes(np.stack(shard_means), allow_reflection)
     aligned_means = align_kabsch(
-        np.broadcast_to(reference, (len(runs), *reference.shape)), np.stack(shard_means),
-        np.ones((len(runs), reference.shape[0]), dtype=bool), allow_reflection=allow_reflection,
+        np.broadcast_to(reference, (len(runs), *reference.shape)),
+        np.stack(shard_means),
+        np.ones((len(runs), reference.shape[0]), dtype=bool),
+        allow_reflection=allow_reflection,
     ).points
     record = {
         "shard_gpa_rounds": shard_rounds,

@@ -286,8 +286,12 @@ def combine_shards(
     plan = plan_consensus(settings.method, settings.shrinkage, point_site)
     streaming = num_shards > STREAMING_ABOVE
     scan = scan_shards(
-        load, num_shards, plan, streaming=streaming,
-        diagnostics=diagnostics if settings.screen is not None else None, point_pairs=point_pairs,
+        load,
+        num_shards,
+        plan,
+        streaming=streaming,
+        diagnostics=diagnostics if settings.screen is not None else None,
+        point_pairs=point_pairs,
     )
     kept, excluded = select_shards(scan, num_shards, settings)
 
@@ -295,8 +299,12 @@ def combine_shards(
         return unconstrained_draws(load(shard))[0] if streaming else scan.draws[shard]
 
     combined, intensities = stream_combine(
-        (draws_of(shard) for shard in kept), scan.like, plan, jax.random.PRNGKey(settings.seed),
-        shapes=pooled_shapes(scan, kept, plan, draws_of), chains=scan.layout[0],
+        (draws_of(shard) for shard in kept),
+        scan.like,
+        plan,
+        jax.random.PRNGKey(settings.seed),
+        shapes=pooled_shapes(scan, kept, plan, draws_of),
+        chains=scan.layout[0],
     )
     facts = {"streaming": streaming}
     if point_site is not None:
@@ -304,7 +312,10 @@ def combine_shards(
     if point_pairs is not None:
         moments = [scan.distance_moments[shard] for shard in kept]
         combined[point_site], shift = locate_by_distances(combined[point_site], moments, point_pairs)
-        facts |= {"location": f"distance consensus over {len(point_pairs)} observed pairs", "location_shift_rmsd": shift}
+        facts |= {
+            "location": f"distance consensus over {len(point_pairs)} observed pairs",
+            "location_shift_rmsd": shift,
+        }
         log.info("combined structure located by %s: its mean moved %.3f Å", facts["location"], shift)
     if plan.shrinkage != 0.0:
         facts["shrinkage_intensity"] = {str(shard): weight for shard, weight in zip(kept, intensities)}
@@ -317,7 +328,9 @@ def combine_shards(
     return idata, record, pd.concat(scan.moments, ignore_index=True)
 
 
-def combined_idata(combined: Mapping[str, np.ndarray], scan: ShardScan, model, model_kwargs: Mapping) -> az.InferenceData:
+def combined_idata(
+    combined: Mapping[str, np.ndarray], scan: ShardScan, model, model_kwargs: Mapping
+) -> az.InferenceData:
     """The combined unconstrained draws ``{site: (S, …)}`` in the shards' (chain, draw)
     layout, with the constrained ``posterior`` group beside them."""
     chains, draws = scan.layout

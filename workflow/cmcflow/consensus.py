@@ -78,7 +78,9 @@ BATCHES_PER_CHAIN = 5
 
 def group_blocks(blocks: Sequence[np.ndarray]) -> dict[int, np.ndarray]:
     """Index blocks grouped by size: ``{size: (B, size)}``."""
-    return {size: np.stack([block for block in blocks if len(block) == size]) for size in {len(block) for block in blocks}}
+    return {
+        size: np.stack([block for block in blocks if len(block) == size]) for size in {len(block) for block in blocks}
+    }
 
 
 def block_covariances(values: np.ndarray) -> np.ndarray:
@@ -212,7 +214,9 @@ class ConsensusAccumulator:
         """The combined draws ``(S, D)``."""
         combined = np.empty_like(self.weighted_draws)
         for size, index in self.groups.items():
-            combined[:, index] = np.linalg.solve(self.precision[size][None], self.weighted_draws[:, index][..., None])[..., 0]
+            combined[:, index] = np.linalg.solve(self.precision[size][None], self.weighted_draws[:, index][..., None])[
+                ..., 0
+            ]
         return combined
 
     def gaussian(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
@@ -247,7 +251,9 @@ def block_consensus(
     shapes = None
     if shrinkage != 0.0:
         shapes = mean_shapes([block_shapes(draws, groups) for draws in subposteriors])
-    accumulator = ConsensusAccumulator(blocks, *subposteriors[0].shape, shrinkage=shrinkage, shapes=shapes, chains=chains)
+    accumulator = ConsensusAccumulator(
+        blocks, *subposteriors[0].shape, shrinkage=shrinkage, shapes=shapes, chains=chains
+    )
     for draws in subposteriors:
         accumulator.add(draws)
     return accumulator
@@ -297,6 +303,8 @@ def plan_consensus(method: str, shrinkage: float | str, point_site: str | None) 
     if point_site is not None and method == "consensus":
         covariance = POINT_BLOCKS
     if point_site is not None and method == "parametric":
-        raise InputError(f"combine method {method!r} is not well posed for rigid models; use consensus or consensus_diag")
+        raise InputError(
+            f"combine method {method!r} is not well posed for rigid models; use consensus or consensus_diag"
+        )
     applies = shrinkage != 0.0 and method != "consensus_diag" and point_site is None
     return ConsensusPlan(method, covariance, shrinkage if applies else 0.0, point_site)

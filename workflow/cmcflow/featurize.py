@@ -140,6 +140,4 @@ def all_rows_features(
     manifest = read_json(Path(shard_dir) / MANIFEST_NAME)
     shards = [pd.read_parquet(Path(shard_dir) / shard_file_name(index)) for index in range(manifest["num_shards"])]
     table = pd.concat(shards).sort_values("row", kind="stable")
-    return spec.featurize(
-        role_arrays(table, columns, spec), padded_size([len(table)], pad_multiple), manifest["facts"]
-    )
+    return spec.featurize(role_arrays(table, columns, spec), padded_size([len(table)], pad_multiple), manifest["facts"])

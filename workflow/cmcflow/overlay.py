@@ -230,7 +230,7 @@ def width_groups(ref_w: np.ndarray, fit_w: np.ndarray, step: int) -> dict[tuple[
     return {(int(n), int(m)): np.flatnonzero((keys == (n, m)).all(axis=1)) for n, m in np.unique(keys, axis=0)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _overlay_function(settings: OverlaySettings, devices: int):
     """The distributed overlay, cached per (settings, devices); jit then keeps one
     executable per padded shape, so repeated batches of one shape never recompile."""
@@ -239,7 +239,14 @@ def _overlay_function(settings: OverlaySettings, devices: int):
 
 
 def align_overlay(
-    ref, fit, ref_mask, fit_mask, *, settings: OverlaySettings, ref_weights=None, fit_weights=None,
+    ref,
+    fit,
+    ref_mask,
+    fit_mask,
+    *,
+    settings: OverlaySettings,
+    ref_weights=None,
+    fit_weights=None,
     devices: int | None = None,
 ) -> Alignment:
     """Gaussian-overlay alignment of B pairs ``ref (B, N, 3)``, ``fit (B, M, 3)`` with masks
@@ -256,6 +263,9 @@ def align_overlay(
     for (n, m), pairs in width_groups(ref_w, fit_w, WIDTH_STEP).items():
         group = pad_batch([ref[pairs, :n], fit[pairs, :m], ref_w[pairs, :n], fit_w[pairs, :m]], devices)
         _, group_transforms, group_scores = function(*group)
-        transforms[pairs], scores[pairs] = np.asarray(group_transforms)[: len(pairs)], np.asarray(group_scores)[: len(pairs)]
+        transforms[pairs], scores[pairs] = (
+            np.asarray(group_transforms)[: len(pairs)],
+            np.asarray(group_scores)[: len(pairs)],
+        )
     points = fit @ np.swapaxes(transforms[:, :3, :3], 1, 2) + transforms[:, None, :3, 3]
     return Alignment(points, transforms, scores)

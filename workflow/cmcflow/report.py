@@ -88,7 +88,8 @@ def shards_figure(summary: pd.DataFrame, moments: pd.DataFrame, shards: dict) ->
     heterogeneity = axes[-1]
     scores = {int(shard): value for shard, value in shards.get("max_abs_z", {}).items()}
     heterogeneity.barh(
-        shard_ids, [scores.get(shard, np.nan) for shard in shard_ids],
+        shard_ids,
+        [scores.get(shard, np.nan) for shard in shard_ids],
         color=["tab:red" if shard in excluded else "tab:blue" for shard in shard_ids],
     )
     if "max_outlier_z" in shards:
@@ -97,7 +98,9 @@ def shards_figure(summary: pd.DataFrame, moments: pd.DataFrame, shards: dict) ->
     heterogeneity.tick_params(labelsize=8)
     axes[0].set_ylabel("shard")
     axes[0].invert_yaxis()
-    figure.suptitle("Shards (blue: kept, red: excluded; mean ± sd) against the combined posterior (orange)", fontsize=10, y=1.06)
+    figure.suptitle(
+        "Shards (blue: kept, red: excluded; mean ± sd) against the combined posterior (orange)", fontsize=10, y=1.06
+    )
     return png(figure)
 
 
@@ -130,7 +133,8 @@ def posterior_figure(summary: pd.DataFrame, point_site: str | None) -> bytes:
 
 
 def image_tag(data: bytes, alt: str) -> str:
-    return f"<img alt='{html.escape(alt)}' style='max-width:100%' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+    source = f"data:image/png;base64,{base64.b64encode(data).decode()}"
+    return f"<img alt='{html.escape(alt)}' style='max-width:100%' src='{source}'>"
 
 
 def stage_times(benchmark_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
@@ -159,6 +163,7 @@ def shrinkage_sentence(shards: dict) -> str:
         f"intensity λ {weights.min():.2f}–{weights.max():.2f}, median {np.median(weights):.2f} "
         "(0: the shard's own sample covariance; 1: the shared shape at the shard's scale).</p>"
     )
+
 
 def render_report(
     analysis: str,
@@ -206,8 +211,12 @@ def render_report(
         stage_times(benchmark_paths).to_html(float_format="{:.3g}".format),
         f"<p>Feature cache: {cache_hits} of {len(features_info_paths)} shards served from the cache.</p>",
     ]
-    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}" \
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
         "td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}"
-    page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cmcflow: {html.escape(analysis)}</title>" \
+    )
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cmcflow: {html.escape(analysis)}</title>"
         f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n"
+    )
     return page, shards_png, posterior_png

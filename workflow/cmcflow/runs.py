@@ -50,7 +50,11 @@ def failed_run(shard: int, error: str) -> tuple[az.InferenceData, dict]:
     import xarray as xr
 
     attrs = {"failed": 1, "shard": shard, "error": error}
-    return az.InferenceData(posterior=xr.Dataset({"failed": 1}, attrs=attrs)), {"failed": True, "shard": shard, "error": error}
+    return az.InferenceData(posterior=xr.Dataset({"failed": 1}, attrs=attrs)), {
+        "failed": True,
+        "shard": shard,
+        "error": error,
+    }
 
 
 def is_failed(idata: az.InferenceData) -> bool:
@@ -80,11 +84,15 @@ def constrained_moments(shard: int, posterior) -> pd.DataFrame:
     for name, values in posterior.data_vars.items():
         flat = values.values.reshape(-1, int(np.prod(values.shape[2:], dtype=int)))
         labels = element_labels(name, values.shape[2:])
-        rows.append(pd.DataFrame({"shard": shard, "parameter": labels, "mean": flat.mean(axis=0), "sd": flat.std(axis=0)}))
+        rows.append(
+            pd.DataFrame({"shard": shard, "parameter": labels, "mean": flat.mean(axis=0), "sd": flat.std(axis=0)})
+        )
     return pd.concat(rows, ignore_index=True)
 
 
-def read_run(path: str | os.PathLike, groups: tuple[str, ...] = ("posterior", "unconstrained_posterior")) -> az.InferenceData:
+def read_run(
+    path: str | os.PathLike, groups: tuple[str, ...] = ("posterior", "unconstrained_posterior")
+) -> az.InferenceData:
     """The ``groups`` of a run written by :func:`write_run`, read eagerly; a group the file
     lacks (a :func:`failed_run` record has only ``posterior``) is left out.
 
@@ -125,7 +133,9 @@ def read_run(path: str | os.PathLike, groups: tuple[str, ...] = ("posterior", "u
     return az.InferenceData(**datasets)
 
 
-def write_run(idata: az.InferenceData, report: dict, netcdf_path: str | os.PathLike, diagnostics_path: str | os.PathLike) -> None:
+def write_run(
+    idata: az.InferenceData, report: dict, netcdf_path: str | os.PathLike, diagnostics_path: str | os.PathLike
+) -> None:
     """Write the run's NetCDF and diagnostics JSON, each atomically."""
     with atomic_path(netcdf_path) as tmp:
         idata.to_netcdf(str(tmp), engine="h5netcdf")

@@ -146,14 +146,21 @@ def sample_features(
         "compile_seconds": compile_seconds,
         "sampling_seconds": sampling_seconds,
         "persistent_cache_hits": COMPILE_CLOCK.persistent_cache_hits,
-        **{f"nuts_{name}": int(value) if isinstance(value, bool) else value for name, value in asdict(settings).items()},
+        **{
+            f"nuts_{name}": int(value) if isinstance(value, bool) else value for name, value in asdict(settings).items()
+        },
     }
     idata.posterior.attrs.update(run_facts)
     report = {**run_facts, **diagnostics(idata, latents)}
     log.info(
         "%d chains x %d draws: compile %.1f s, sampling %.1f s, max R-hat %.3f, min bulk ESS %.0f, %d divergences",
-        devices, settings.num_samples, compile_seconds, sampling_seconds,
-        report["max_r_hat"], report["min_ess_bulk"], report["divergences"],
+        devices,
+        settings.num_samples,
+        compile_seconds,
+        sampling_seconds,
+        report["max_r_hat"],
+        report["min_ess_bulk"],
+        report["divergences"],
     )
     return idata, report
 

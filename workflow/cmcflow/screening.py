@@ -105,7 +105,10 @@ def screen(summaries: Sequence[ShardSummary], thresholds: Mapping[str, float]) -
         if scores[worst] <= thresholds["max_outlier_z"]:
             break
         excluded.append(
-            {"shard": kept[worst].shard, "reason": f"outlier: max |z| {scores[worst]:.1f} > {thresholds['max_outlier_z']}"}
+            {
+                "shard": kept[worst].shard,
+                "reason": f"outlier: max |z| {scores[worst]:.1f} > {thresholds['max_outlier_z']}",
+            }
         )
         kept.pop(worst)
     return [summary.shard for summary in kept], sorted(excluded, key=lambda entry: entry["shard"])

@@ -145,7 +145,12 @@ def shard_table(
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
     log.info(
         "%s: %d rows -> %d shards of %d-%d rows (%s); columns not used by the model: %s",
-        table_path, len(table), num_shards, min(manifest["shard_rows"]), max(manifest["shard_rows"]),
-        f"stratified by {', '.join(strata)}" if strata else "random split", manifest["ignored_columns"] or "none",
+        table_path,
+        len(table),
+        num_shards,
+        min(manifest["shard_rows"]),
+        max(manifest["shard_rows"]),
+        f"stratified by {', '.join(strata)}" if strata else "random split",
+        manifest["ignored_columns"] or "none",
     )
     return manifest

@@ -101,9 +101,7 @@ def distributed(batch_function, devices: int):
     mesh = Mesh(np.asarray(available[:devices]), (PAIRS,))
     # check_vma=False: optax's line search builds constants inside lax.cond that the
     # varying-axes check rejects; pairs are independent (no collectives), so nothing is lost.
-    return jax.jit(
-        jax.shard_map(batch_function, mesh=mesh, in_specs=P(PAIRS), out_specs=P(PAIRS), check_vma=False)
-    )
+    return jax.jit(jax.shard_map(batch_function, mesh=mesh, in_specs=P(PAIRS), out_specs=P(PAIRS), check_vma=False))
 
 
 def masked_weights(ref, fit, ref_mask, fit_mask, ref_weights, fit_weights):
@@ -122,9 +120,11 @@ def pad_batch(arrays, devices: int) -> list[np.ndarray]:
     return [np.concatenate([array, np.zeros((pad, *array.shape[1:]))]) for array in arrays]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kabsch_function(allow_reflection: bool, alpha: float, devices: int):
-    return distributed(jax.vmap(functools.partial(kabsch_pair, allow_reflection=allow_reflection, alpha=alpha)), devices)
+    return distributed(
+        jax.vmap(functools.partial(kabsch_pair, allow_reflection=allow_reflection, alpha=alpha)), devices
+    )
 
 
 def align_kabsch(

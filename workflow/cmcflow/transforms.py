@@ -41,12 +41,16 @@ def map_draws(function: Callable, draws: Mapping[str, np.ndarray], batch_ndims: 
     return {name: np.asarray(value).reshape(*lead, *value.shape[1:]) for name, value in mapped.items()}
 
 
-def unconstrain_draws(model: Callable, kwargs: Mapping, draws: Mapping[str, np.ndarray], batch_ndims: int) -> dict[str, np.ndarray]:
+def unconstrain_draws(
+    model: Callable, kwargs: Mapping, draws: Mapping[str, np.ndarray], batch_ndims: int
+) -> dict[str, np.ndarray]:
     """Constrained draws ``{site: (*batch, …)}`` -> the same draws in the unconstrained space."""
     return map_draws(lambda values: unconstrain_fn(model, (), kwargs, values), draws, batch_ndims)
 
 
-def constrain_draws(model: Callable, kwargs: Mapping, draws: Mapping[str, np.ndarray], batch_ndims: int) -> dict[str, np.ndarray]:
+def constrain_draws(
+    model: Callable, kwargs: Mapping, draws: Mapping[str, np.ndarray], batch_ndims: int
+) -> dict[str, np.ndarray]:
     """Unconstrained draws ``{site: (*batch, …)}`` -> every site of the model (latent sites
     constrained to their support, and deterministic sites)."""
     return map_draws(lambda position: constrain_fn(model, (), kwargs, position), draws, batch_ndims)

@@ -159,8 +159,7 @@ def resolve_columns(
     unknown = sorted(set(columns) - {role.name for role in spec.roles})
     if unknown:
         raise ConfigError(
-            f"model {spec.name!r} has no column role(s) {unknown}; "
-            f"its roles are {[role.name for role in spec.roles]}"
+            f"model {spec.name!r} has no column role(s) {unknown}; its roles are {[role.name for role in spec.roles]}"
         )
     resolved: dict[str, list[str]] = {}
     for role in spec.roles:
@@ -185,7 +184,5 @@ def resolve_options(spec: ModelSpec, options: Mapping[str, Any]) -> dict[str, fl
     """The model's hyperparameters: ``spec.options`` overridden by the config's ``model_options``."""
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        raise ConfigError(
-            f"model {spec.name!r} has no option(s) {unknown}; its options are {dict(spec.options)}"
-        )
+        raise ConfigError(f"model {spec.name!r} has no option(s) {unknown}; its options are {dict(spec.options)}")
     return {**spec.options, **options}

@@ -26,9 +26,7 @@ def linear_gaussian_model(X, y, mask, prior_sd, noise_sd):
         numpyro.sample("y", dist.Normal(X @ beta, noise_sd).mask(mask), obs=y)
 
 
-def exact_posterior(
-    X: np.ndarray, y: np.ndarray, prior_sd: float, noise_sd: float
-) -> tuple[np.ndarray, np.ndarray]:
+def exact_posterior(X: np.ndarray, y: np.ndarray, prior_sd: float, noise_sd: float) -> tuple[np.ndarray, np.ndarray]:
     """Exact posterior ``(mean (P,), covariance (P, P))`` given all rows ``X (N, P)``, ``y (N,)``."""
     precision = X.T @ X / noise_sd**2 + np.eye(X.shape[1]) / prior_sd**2
     covariance = np.linalg.inv(precision)

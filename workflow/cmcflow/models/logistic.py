@@ -1,7 +1,7 @@
 """Bayesian logistic regression: the canonical consensus Monte Carlo benchmark.
 
-    intercept ~ Normal(0, prior_sd),  beta_p ~ Normal(0, prior_sd)   (p = 1..P)
-    y_n | x_n ~ Bernoulli(sigmoid(intercept + x_n . beta))
+intercept ~ Normal(0, prior_sd),  beta_p ~ Normal(0, prior_sd)   (p = 1..P)
+y_n | x_n ~ Bernoulli(sigmoid(intercept + x_n . beta))
 """
 
 from __future__ import annotations
