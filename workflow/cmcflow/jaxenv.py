@@ -54,15 +54,11 @@ def xla_flags_with_devices(flags: str, devices: int) -> str:
 def configure_jax(devices: int, enable_x64: bool, compilation_cache_dir: str | None) -> None:
     """Set the XLA/JAX environment, import JAX, and check the device count.
 
-    Args:
-        devices: virtual CPU devices to create (one NUTS chain or alignment slice each).
-        enable_x64: run in float64.
-        compilation_cache_dir: persistent compilation cache shared by all jobs
-            (``None`` disables it). Every program is cached, however fast it compiled.
-
-    Raises:
-        RuntimeError: if JAX was imported earlier in this process (the flags would be
-            ignored), or if JAX does not see exactly ``devices`` devices.
+    ``devices``: virtual CPU devices to create (one NUTS chain or alignment slice each);
+    ``enable_x64``: run in float64; ``compilation_cache_dir``: the persistent compilation
+    cache shared by all jobs (``None`` disables it), which keeps every program however fast
+    it compiled. Raises ``RuntimeError`` if JAX was imported earlier in this process (the
+    flags would be ignored), or if JAX does not then see exactly ``devices`` devices.
     """
     if "jax" in sys.modules:
         raise RuntimeError(

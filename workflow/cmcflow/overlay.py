@@ -45,8 +45,8 @@ class OverlaySettings:
     """Settings of the overlay optimisation (hashable: they key the compiled function).
 
     ``iterations``: the most L-BFGS iterations; ``linesearch_steps``: the most zoom
-    line-search steps per iteration (optax's default of 20 made the batch 2.7× slower at
-    the same scores: under vmap every lane waits for the longest search); ``tolerance``:
+    line-search steps per iteration (under vmap every lane waits for the longest search,
+    so optax's default of 20 costs time and no score); ``tolerance``:
     a pair settles once its best score changes by no more than this in one iteration.
     """
 

@@ -5,11 +5,11 @@ one row); within a shard rows keep their input order. A *stratified* split (the 
 ``shard.stratify_by``, by default the model's own ``strata``) also deals the rows of every
 stratum (rows with equal values in the stratifying columns) evenly over the shards. That
 makes the shards representative of the whole table: every subposterior sees about the same
-share of every kind of observation, which is what consensus Monte Carlo assumes.
-Measured on the structure model (issue 3): a plain random split left 30 (pair, shard)
-cells with no observation at all and others with 13; the shards' posteriors then disagreed
-in shape, not only in noise. Each shard file holds the model's
-columns (validated, float64) and ``row``, the row's 0-based position in the input table.
+share of every kind of observation, which is what consensus Monte Carlo assumes (a plain
+random split of the structure demo leaves some atom pairs unobserved in some shards, whose
+posteriors then differ in shape: bench/results/structure_accuracy.md). Each shard file
+holds the model's columns (validated, float64) and ``row``, the row's 0-based position in
+the input table.
 
 Output: one directory per analysis holding ``shard-0000.parquet`` … and ``manifest.json``,
 published atomically (a failed job leaves no directory behind).

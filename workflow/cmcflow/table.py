@@ -86,18 +86,11 @@ def validate_table(
 ) -> dict[str, np.ndarray]:
     """Check ``table`` against the model's roles; return the role columns as float64 arrays.
 
-    Args:
-        table: the input rows.
-        path: where the table came from (for messages only).
-        spec: the model.
-        columns: role name -> column names (from :func:`cmcflow.models.resolve_columns`).
-
-    Returns:
-        Column name -> float64 array ``(rows,)`` for every declared column.
-
-    Raises:
-        InputError: one line listing every problem: no rows, missing columns,
-            non-numeric values, NaN/inf, values outside the model's support.
+    ``path``: where the table came from (for messages only); ``columns``: role name ->
+    column names (:func:`cmcflow.models.resolve_columns`). Returns column name -> float64
+    array ``(rows,)`` for every declared column. Raises :class:`InputError`, one line
+    listing every problem: no rows, missing columns, non-numeric values, NaN/inf, values
+    outside the model's support.
     """
     if len(table) == 0:
         raise InputError(f"{path}: the table has no rows")

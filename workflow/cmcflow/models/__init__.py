@@ -76,7 +76,7 @@ class ModelSpec:
         observed_pairs: ``observed_pairs(features) -> (P, 2)`` int array: for a rigid model
             whose data are distances between points, the pairs of points a shard's data
             observe. Combine then places the combined structure where it fits the consensus
-            of those distances (see :func:`cmcflow.combine.locate_by_distances`).
+            of those distances (see :func:`cmcflow.locate.locate_by_distances`).
         table_facts: ``table_facts(columns) -> dict`` of JSON values computed once from
             the whole validated table by the shard stage (e.g. the number of points, which
             every shard must share); may raise :class:`cmcflow.errors.InputError`.

@@ -27,9 +27,8 @@ from cmcflow.models.rows import pad_rows
 UBIQUITIN = Path(__file__).resolve().parents[1] / "data" / "ubiquitin_1ubq_ca.csv"
 #: Demo data observe every pair of atoms closer than this (Å) ...
 SIMULATED_CUTOFF = 12.0
-#: ... with Student-t noise of this scale (Å) and degrees of freedom. The default scale is
-#: chosen so that full-data NUTS on the demo (34,000 distances) has a posterior sd near
-#: the 0.18 Å per atom of the case measured in issue 3.
+#: ... with Student-t noise of this scale (Å) and degrees of freedom. The default scale
+#: gives full-data NUTS on the demo (34,000 distances) a posterior sd near 0.18 Å per atom.
 SIMULATED_NOISE_SCALE = 1.8
 SIMULATED_NU = 4.0
 #: Distances below this (Å) are clipped where positive distances are needed (MDS start).
