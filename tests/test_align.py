@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cmcflow.overlay import MIRROR, OverlaySettings, align_overlay, quaternion_matrix, width_groups
+from cmcflow.overlay import MIRROR, OverlaySettings, align_overlay, quaternion_matrix, spread_rotations, width_groups
 from cmcflow.superposition import align_kabsch
 
 SETTINGS = OverlaySettings(iterations=30, spread_starts=8, allow_reflection=True, use_correspondence=False)
@@ -111,3 +111,17 @@ def test_width_groups_hold_every_weighted_point_in_steps():
     ref_w[3, :8], fit_w[3, :3] = 1.0, 1.0  # 8, 3 -> 8, 8: grouped with pair 0
     groups = width_groups(ref_w, fit_w, step=8)
     assert {key: list(pairs) for key, pairs in groups.items()} == {(8, 8): [0, 3], (24, 8): [1], (30, 28): [2]}
+
+
+def test_overlay_without_spread_starts():
+    """``align.spread_starts: 0`` leaves the identity, principal-axes and Kabsch starts, and
+    still finds the exact superposition of a moved copy."""
+    rng = np.random.default_rng(9)
+    ref = rng.normal(scale=3.0, size=(2, 12, 3))
+    fit = ref @ random_rotation(rng).T + 1.5
+    mask = np.ones((2, 12), dtype=bool)
+    settings = OverlaySettings(iterations=50, spread_starts=0, allow_reflection=False, use_correspondence=True)
+    assert spread_rotations(0).shape == (0, 3, 3) and settings.starts_per_pair == 6
+    result = align_overlay(ref, fit, mask, mask, settings=settings, devices=2)
+    np.testing.assert_allclose(result.points, ref, atol=1e-5)
+    np.testing.assert_allclose(result.scores, 1.0, atol=1e-9)

@@ -101,13 +101,13 @@ def principal_axes_rotations(ref, ref_w, fit, fit_w) -> jax.Array:
 
 def spread_rotations(count: int) -> np.ndarray:
     """``(count, 3, 3)`` rotations spread evenly over SO(3) (super-Fibonacci quaternions,
-    Alexa 2022), deterministic."""
+    Alexa 2022), deterministic; ``(0, 3, 3)`` for none."""
     phi, psi = math.sqrt(2.0), 1.533751168755204288118041
     s = np.arange(count) + 0.5
     r, big_r = np.sqrt(s / count), np.sqrt(1.0 - s / count)
     alpha, beta = 2 * np.pi * s / phi, 2 * np.pi * s / psi
     quaternions = np.stack([r * np.sin(alpha), r * np.cos(alpha), big_r * np.sin(beta), big_r * np.cos(beta)], -1)
-    return np.stack([np.asarray(quaternion_matrix(jnp.asarray(q))) for q in quaternions]).reshape(count, 3, 3)
+    return np.asarray(jax.vmap(quaternion_matrix)(jnp.asarray(quaternions.reshape(count, 4))))
 
 
 def start_linear_maps(ref, ref_w, fit, fit_w, spread: jax.Array, settings: OverlaySettings) -> jax.Array:
