@@ -87,6 +87,7 @@ def test_every_output_is_produced(finished):
     assert list(moments.columns) == ["shard", "parameter", "mean", "sd"] and len(moments) == 2 * 4
     report = (results / "report/report.html").read_text()
     assert "Shard diagnostics" in report and "beta[2]" in report and "Time per stage" in report
+    assert "at max tree depth" in report
     assert report.count("src='data:image/png;base64,") == 2  # both figures embedded
     for figure in ("shards.png", "posterior.png"):
         assert (results / "report" / figure).read_bytes().startswith(b"\x89PNG")
@@ -100,6 +101,7 @@ def test_sample_job_runs_four_chains_on_four_devices(finished):
     assert {"diverging", "tree_depth", "energy"} <= set(idata.sample_stats.data_vars)
     diagnostics = json.loads((finished.workdir / RESULTS / "samples/shard-0000.diagnostics.json").read_text())
     assert diagnostics["max_r_hat"] < 1.05 and diagnostics["num_shards"] == 2
+    assert 0.0 <= diagnostics["tree_depth_saturation"] <= 1.0
 
 
 def test_compilation_cache_is_shared_by_jobs(finished):

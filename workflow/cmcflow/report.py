@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cmcflow.io import read_json
+from cmcflow.runs import TREE_DEPTH_WARNING
 
 #: Per-shard diagnostics shown in the report, with their column titles.
 DIAGNOSTIC_COLUMNS = {
@@ -27,14 +28,15 @@ DIAGNOSTIC_COLUMNS = {
     "min_ess_tail": "min tail ESS",
     "divergences": "divergences",
     "min_bfmi": "min BFMI",
+    "tree_depth_saturation": "at max tree depth",
     "compile_seconds": "compile s",
     "sampling_seconds": "sampling s",
 }
 
 
-def shard_diagnostics_table(diagnostics_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """One row per shard (index: shard number) with the columns of ``DIAGNOSTIC_COLUMNS``."""
-    records = [read_json(path) for path in diagnostics_paths]
+def shard_diagnostics_table(records: Sequence[dict]) -> pd.DataFrame:
+    """One row per shard's diagnostics record (index: shard number) with the columns of
+    ``DIAGNOSTIC_COLUMNS``."""
     table = pd.DataFrame(
         [{column: record.get(column, np.nan) for column in DIAGNOSTIC_COLUMNS} for record in records],  # failed: NaN
         index=pd.Index([record["shard"] for record in records], name="shard"),
@@ -154,6 +156,28 @@ def stage_times(benchmark_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     )
 
 
+def tree_depth_advice(diagnostics: Sequence[dict]) -> str:
+    """A paragraph for shards whose NUTS trajectories often reached the largest tree (more
+    than ``TREE_DEPTH_WARNING`` of iterations), with what to do; empty if none did."""
+    saturated = {
+        record["shard"]: record["tree_depth_saturation"]
+        for record in diagnostics
+        if record.get("tree_depth_saturation", 0.0) > TREE_DEPTH_WARNING
+    }
+    if not saturated:
+        return ""
+    low, high = min(saturated.values()), max(saturated.values())
+    shares = f"{low:.0%}" if f"{low:.0%}" == f"{high:.0%}" else f"{low:.0%}–{high:.0%}"
+    return (
+        f"<p><b>NUTS reached its largest tree (<code>sample.max_tree_depth</code>) on "
+        f"{shares} of iterations in {len(saturated)} of {len(diagnostics)} shards</b> "
+        f"(shards {', '.join(map(str, sorted(saturated)))}). Their trajectories were cut short: sampling was slow "
+        "and each draw moved less far than NUTS wanted. Strongly correlated or very differently scaled parameters "
+        "cause this; <code>sample.dense_mass: true</code> adapts a full mass matrix that removes both (raising "
+        "<code>sample.max_tree_depth</code> only buys longer, slower trajectories).</p>"
+    )
+
+
 def shrinkage_sentence(shards: dict) -> str:
     """One line on how far each shard's covariance was shrunk toward the shared shape."""
     weights = np.array(list(shards["shrinkage_intensity"].values()))
@@ -182,6 +206,7 @@ def render_report(
     shards = read_json(shards_path)
     shards_png = shards_figure(summary, pd.read_csv(moments_path), shards)
     posterior_png = posterior_figure(summary, point_site)
+    diagnostics = [read_json(path) for path in diagnostics_paths]
     cache_hits = sum(bool(read_json(path)["cache_hit"]) for path in features_info_paths)
     excluded = shards["excluded"]
     sections = [
@@ -206,7 +231,8 @@ def render_report(
         "<h2>Shard diagnostics</h2>",
         "<p>Computed on each shard's own draws (never on combined draws). "
         "R-hat above 1.01, ESS below 400 or any divergence deserve a look.</p>",
-        shard_diagnostics_table(diagnostics_paths).to_html(float_format="{:.4g}".format),
+        tree_depth_advice(diagnostics),
+        shard_diagnostics_table(diagnostics).to_html(float_format="{:.4g}".format),
         "<h2>Time per stage</h2>",
         stage_times(benchmark_paths).to_html(float_format="{:.3g}".format),
         f"<p>Feature cache: {cache_hits} of {len(features_info_paths)} shards served from the cache.</p>",

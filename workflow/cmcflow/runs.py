@@ -19,13 +19,24 @@ import pandas as pd
 
 from cmcflow.io import atomic_path, write_json_atomic
 
+#: A run whose trajectories reach NUTS' largest tree on more than this share of its
+#: iterations is flagged (sample log, report): sampling it is slow and its exploration short.
+TREE_DEPTH_WARNING = 0.1
+
 
 def diagnostics(idata: az.InferenceData, var_names: list[str]) -> dict:
-    """ArviZ diagnostics of one run: rank-normalised split R-hat, bulk/tail ESS, divergences, BFMI."""
+    """ArviZ diagnostics of one run: rank-normalised split R-hat, bulk/tail ESS, divergences,
+    BFMI, and the share of iterations whose trajectory reached NUTS' largest tree
+    (``tree_depth_saturation``; the limit is the run's ``nuts_max_tree_depth`` attribute)."""
     table = az.summary(idata, var_names=var_names, kind="diagnostics", round_to="none")
     diverging = idata.sample_stats["diverging"].values
     bfmi = az.bfmi(idata)
+    max_depth = idata.posterior.attrs.get("nuts_max_tree_depth")
+    saturation = {}
+    if max_depth is not None and "tree_depth" in idata.sample_stats:
+        saturation["tree_depth_saturation"] = float(np.mean(idata.sample_stats["tree_depth"].values >= max_depth))
     return {
+        **saturation,
         "max_r_hat": float(table["r_hat"].max()),
         "min_ess_bulk": float(table["ess_bulk"].min()),
         "min_ess_tail": float(table["ess_tail"].min()),

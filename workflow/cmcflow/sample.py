@@ -18,7 +18,7 @@ from numpyro.infer import MCMC, NUTS, init_to_uniform
 
 from cmcflow.jaxenv import COMPILE_CLOCK
 from cmcflow.models import ModelSpec
-from cmcflow.runs import diagnostics
+from cmcflow.runs import TREE_DEPTH_WARNING, diagnostics
 from cmcflow.tempering import temper_priors
 from cmcflow.transforms import latent_site_names, model_kwargs, unconstrain_draws
 
@@ -162,6 +162,12 @@ def sample_features(
         report["min_ess_bulk"],
         report["divergences"],
     )
+    if report.get("tree_depth_saturation", 0.0) > TREE_DEPTH_WARNING:
+        log.warning(
+            "%.0f%% of iterations reached the largest tree (sample.max_tree_depth = %d): try sample.dense_mass: true",
+            100 * report["tree_depth_saturation"],
+            settings.max_tree_depth,
+        )
     return idata, report
 
 
