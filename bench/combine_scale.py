@@ -67,7 +67,7 @@ def measure(directory: Path, num_shards: int) -> dict:
     features = spec.featurize({"features": np.zeros((8, FEATURES)), "label": np.zeros(8)}, 8, {})
     paths = sorted(directory.glob("shard-*.nc"))[:num_shards]
     started = time.perf_counter()
-    idata, record, _ = combine_shards(
+    idata, record, _, _ = combine_shards(
         lambda shard: read_run(paths[shard]),
         num_shards,
         spec.numpyro_model,

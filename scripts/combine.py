@@ -17,7 +17,7 @@ with reported_errors():
 
     from cmcflow.combine import CombineSettings, combine_shards
     from cmcflow.featurize import load_features
-    from cmcflow.io import read_json
+    from cmcflow.io import read_json, write_arrays
     from cmcflow.models import get_model
     from cmcflow.runs import read_run, write_combined
     from cmcflow.transforms import model_kwargs
@@ -30,7 +30,7 @@ with reported_errors():
         shard_pairs = [spec.observed_pairs(load_features(path)) for path in snakemake.input.pair_features]
         point_pairs = np.unique(np.concatenate(shard_pairs), axis=0)
     paths = list(snakemake.input.posteriors)
-    combined, shards, moments = combine_shards(
+    combination = combine_shards(
         lambda shard: read_run(paths[shard]),
         len(paths),
         spec.numpyro_model,
@@ -41,11 +41,12 @@ with reported_errors():
         point_pairs=point_pairs,
     )
     write_combined(
-        combined,
-        shards,
-        moments,
+        combination.idata,
+        combination.record,
+        combination.moments,
         snakemake.output.posterior,
         snakemake.output.summary,
         snakemake.output.shards,
         snakemake.output.moments,
     )
+    write_arrays(snakemake.output.gaussian, combination.gaussian)

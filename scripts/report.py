@@ -23,6 +23,7 @@ with reported_errors():
         snakemake.input.features_info,
         snakemake.input.benchmarks,
         point_site=get_model(snakemake.params.model).point_site,
+        importance_path=snakemake.input.importance or None,
     )
     write_bytes_atomic(snakemake.output.shards_figure, shards_png)
     write_bytes_atomic(snakemake.output.posterior_figure, posterior_png)

@@ -31,6 +31,11 @@ configure_jax(
 )
 
 
+def correction_jobs(num_shards: int) -> dict[str, int]:
+    """The importance correction's jobs for an analysis of ``num_shards`` shards."""
+    return {"propose": 1, "reweight": num_shards, "correct": 1}
+
+
 def tiny_config(**analysis_overrides) -> dict:
     """A logistic analysis small enough to run end to end in well under a minute."""
     analysis = {

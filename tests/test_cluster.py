@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, Workflow, job_counts, tiny_config
+from conftest import REPO, Workflow, correction_jobs, job_counts, tiny_config
 
 pytestmark = pytest.mark.workflow
 
@@ -106,16 +106,16 @@ def scheduled_run(tmp_path: Path, profile: str) -> Workflow:
 def test_tiny_workflow_through_slurm(slurm, tmp_path):
     scheduled_run(tmp_path, "slurm")
     # every cluster rule went through sbatch: its SLURM log is kept in the profile's logdir
-    for rule in ("sample", "combine"):
+    for rule in ("sample", "combine", "reweight", "correct"):
         assert list((tmp_path / "logs/slurm" / f"rule_{rule}").rglob("*.log")), rule
     # light rules are local: they never reach the scheduler
-    assert not (tmp_path / "logs/slurm/rule_featurize").exists()
+    assert not (tmp_path / "logs/slurm/rule_featurize").exists() and not (tmp_path / "logs/slurm/rule_propose").exists()
 
 
 def test_tiny_workflow_through_pbs_torque(slurm, tmp_path):
     scheduled_run(tmp_path, "pbs")
     jobs = list((tmp_path / ".snakemake/cmcflow-pbs/jobs").iterdir())
-    assert len(jobs) == 3  # two sample jobs and combine
+    assert len(jobs) == 6  # two sample jobs, combine, two reweight jobs and correct
     assert all(record.read_text().split()[1] == "torque" for record in jobs)
     logs = sorted(path.name for path in (tmp_path / "logs/pbs").iterdir())
     assert sum(name.startswith("smk-sample") for name in logs) == 2
@@ -144,6 +144,7 @@ def test_profiles_work_as_users_type_them(tmp_path):
     workflow = Workflow(tmp_path / "run", tiny_config(), env=site_profiles(tmp_path / "config", site))
     bare_path = path_without_scheduler(tmp_path / "bin")
     expected = {"simulate": 1, "shard": 1, "featurize": 2, "sample": 2, "combine": 1, "report": 1, "all": 1}
+    expected |= correction_jobs(2)
     for invocation in (
         ["--profile", str(REPO / "profiles/slurm")],
         ["--executor", "slurm", "--jobs", "10"],

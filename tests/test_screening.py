@@ -129,7 +129,7 @@ def test_combine_shards_streams_the_same_shrunk_consensus_without_the_screened_o
             runs.__getitem__, len(runs), model, {}, settings, diagnostics=[HEALTHY] * len(runs)
         )
 
-    (in_memory, record, _), (streamed, streamed_record, _) = combined(500), combined(5)
+    (in_memory, record, *_), (streamed, streamed_record, *_) = combined(500), combined(5)
     assert record["excluded"][0]["shard"] == 4 and streamed_record["streaming"] and not record["streaming"]
     assert sorted(record["shrinkage_intensity"]) == sorted(str(shard) for shard in record["used"])
     assert record["shrinkage_intensity"] == pytest.approx(streamed_record["shrinkage_intensity"], rel=1e-9)

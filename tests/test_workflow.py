@@ -16,7 +16,7 @@ import arviz as az
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, Workflow, tiny_config
+from conftest import REPO, Workflow, correction_jobs, tiny_config
 
 from cmcflow.resources import draws_mem_mb, light_mem_mb, sample_mem_mb
 
@@ -117,17 +117,17 @@ def test_second_run_executes_nothing(finished):
 
 def test_sampling_edit_reruns_sample_combine_report_only(finished):
     jobs = finished.planned_jobs(config=edited(finished, "sample", "num_samples", 160))
-    assert jobs == {"sample": 2, "combine": 1, "report": 1, "all": 1}
+    assert jobs == {"sample": 2, "combine": 1, **correction_jobs(2), "report": 1, "all": 1}
 
 
 def test_combine_edit_reruns_combine_and_report_only(finished):
     jobs = finished.planned_jobs(config=edited(finished, "combine", "method", "parametric"))
-    assert jobs == {"combine": 1, "report": 1, "all": 1}
+    assert jobs == {"combine": 1, **correction_jobs(2), "report": 1, "all": 1}
 
 
 def test_shard_edit_reruns_everything_downstream_of_shard(finished):
     jobs = finished.planned_jobs(config=edited(finished, "shard", "seed", 1))
-    assert jobs == {"shard": 1, "featurize": 2, "sample": 2, "combine": 1, "report": 1, "all": 1}
+    assert jobs == {"shard": 1, "featurize": 2, "sample": 2, "combine": 1, **correction_jobs(2), "report": 1, "all": 1}
 
 
 def test_fulldata_target_runs_nuts_on_all_rows(finished):
@@ -208,7 +208,13 @@ def test_parsing_imports_this_checkouts_package(tmp_path):
 def test_model_option_edit_reruns_sample_onwards_only(finished):
     config = copy.deepcopy(finished.config)
     config["analyses"]["tiny"]["model_options"] = {"prior_sd": 2.0}
-    assert finished.planned_jobs(config=config) == {"sample": 2, "combine": 1, "report": 1, "all": 1}
+    assert finished.planned_jobs(config=config) == {
+        "sample": 2,
+        "combine": 1,
+        **correction_jobs(2),
+        "report": 1,
+        "all": 1,
+    }
 
 
 def test_memory_estimates_cover_measured_peaks(finished):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import arviz as az
 import jax
@@ -38,6 +39,7 @@ from cmcflow.consensus import (
     group_blocks,
     mean_shapes,
     plan_consensus,
+    site_layout,
     unflatten,
 )
 from cmcflow.errors import InputError
@@ -86,14 +88,15 @@ def stream_combine(
     *,
     shapes: Mapping[int, np.ndarray] | None = None,
     chains: int = 1,
-) -> tuple[dict[str, np.ndarray], list[float]]:
+) -> tuple[dict[str, np.ndarray], ConsensusAccumulator]:
     """Combine shards given one ``{site: (S, …)}`` at a time by ``plan``
     (:class:`~cmcflow.consensus.ConsensusAccumulator`); ``like``: any shard's draws, for the
     layout; ``shapes``: the pooled :func:`~cmcflow.consensus.block_shapes` of the shards,
     needed when the plan shrinks; ``chains``: the chains in each S. ``parametric`` draws
     from the Gaussian product with standard normals from ``rng_key``.
 
-    Returns the combined draws ``{site: (S, …)}`` and each shard's shrinkage intensity λ.
+    Returns the combined draws ``{site: (S, …)}`` and the accumulator (the shards'
+    shrinkage intensities λ, their Gaussian product).
     """
     sites = list(like)
     flat_like = flatten(like, sites)
@@ -106,7 +109,7 @@ def stream_combine(
         combined = accumulator.parametric_draws(np.asarray(jax.random.normal(rng_key, flat_like.shape)))
     else:
         combined = accumulator.draws()
-    return unflatten(combined, like, sites), accumulator.intensities
+    return unflatten(combined, like, sites), accumulator
 
 
 def combine_draws(
@@ -130,6 +133,18 @@ def combine_draws(
         groups = group_blocks(plan.blocks(subposteriors[0], sites))
         shapes = mean_shapes([block_shapes(flatten(sub, sites), groups) for sub in subposteriors])
     return stream_combine(subposteriors, subposteriors[0], plan, rng_key, shapes=shapes, chains=chains)[0]
+
+
+class Combination(NamedTuple):
+    """What :func:`combine_shards` returns: the combined InferenceData, the shard record
+    (:func:`combined_record`), every shard's constrained means and sds, and the Gaussian
+    product of the kept shards (``mean (D,)``, ``covariance (D, D)``, the sites' ``layout``:
+    what the importance correction proposes from)."""
+
+    idata: az.InferenceData
+    record: dict
+    moments: pd.DataFrame
+    gaussian: dict
 
 
 @dataclass
@@ -270,14 +285,13 @@ def combine_shards(
     diagnostics: Sequence[Mapping] | None = None,
     point_site: str | None = None,
     point_pairs: np.ndarray | None = None,
-) -> tuple[az.InferenceData, dict, pd.DataFrame]:
+) -> Combination:
     """Screen and combine the shard runs ``load(0) … load(K − 1)`` of ``model(**model_kwargs)``.
 
     ``diagnostics``: the shards' own diagnostics, for screening (needed when
     ``settings.screen`` is given); ``point_site``: a rigid model's aligned point cloud;
     ``point_pairs (P, 2)``: the point pairs whose distances the data observe, given which
-    the combined structure is located by them. Returns the combined InferenceData, the
-    shard record (:func:`combined_record`) and every shard's constrained means and sds.
+    the combined structure is located by them. Returns the :class:`Combination`.
 
     Draws keep the shards' (chain, draw) layout: combined draw (c, j) merges draw (c, j) of
     every shard. The chains of a combined posterior are not independent MCMC chains, so
@@ -298,7 +312,7 @@ def combine_shards(
     def draws_of(shard: int) -> Mapping[str, np.ndarray]:
         return unconstrained_draws(load(shard))[0] if streaming else scan.draws[shard]
 
-    combined, intensities = stream_combine(
+    combined, accumulator = stream_combine(
         (draws_of(shard) for shard in kept),
         scan.like,
         plan,
@@ -318,14 +332,16 @@ def combine_shards(
         }
         log.info("combined structure located by %s: its mean moved %.3f Å", facts["location"], shift)
     if plan.shrinkage != 0.0:
-        facts["shrinkage_intensity"] = {str(shard): weight for shard, weight in zip(kept, intensities)}
+        facts["shrinkage_intensity"] = {str(shard): weight for shard, weight in zip(kept, accumulator.intensities)}
     if settings.screen is not None:
         facts["max_outlier_z"] = settings.screen["max_outlier_z"]
     record = combined_record(plan, scan, kept, excluded, num_shards, **facts)
     idata = combined_idata(combined, scan, model, model_kwargs)
     idata.posterior.attrs.update({key: value for key, value in record.items() if key not in RECORD_ONLY})
     idata.posterior.attrs["num_shards_used"] = len(kept)
-    return idata, record, pd.concat(scan.moments, ignore_index=True)
+    mean, covariance = accumulator.gaussian_product()
+    gaussian = {"mean": mean, "covariance": covariance, "layout": site_layout(scan.like)}
+    return Combination(idata, record, pd.concat(scan.moments, ignore_index=True), gaussian)
 
 
 def combined_idata(
@@ -355,7 +371,6 @@ def combine_runs(
 ) -> az.InferenceData:
     """:func:`combine_shards` of runs already in memory, without screening."""
     settings = CombineSettings(method, seed, shrinkage, screen=None, min_shards_fraction=1.0, on_failed_shard="fail")
-    idata, _, _ = combine_shards(
+    return combine_shards(
         runs.__getitem__, len(runs), model, model_kwargs, settings, point_site=point_site, point_pairs=point_pairs
-    )
-    return idata
+    ).idata

@@ -44,6 +44,11 @@ class Analysis:
         return "simulate" in self.settings["input"]
 
     @property
+    def corrected(self) -> bool:
+        """Whether the combination is importance-corrected (never for rigid models)."""
+        return self.settings["correct"]["enabled"] and not self.rigid
+
+    @property
     def shard_ids(self) -> list[str]:
         return [shard_id(index) for index in range(self.num_shards)]
 

@@ -24,6 +24,7 @@ shrinkage, so the combination is written here; tests hold it to NumPyro's where 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,19 @@ def unflatten(flat: np.ndarray, like: Mapping[str, np.ndarray], sites: Sequence[
         result[site] = flat[:, offset : offset + size].reshape(len(flat), *shape)
         offset += size
     return result
+
+
+def site_layout(like: Mapping[str, np.ndarray]) -> str:
+    """The sites and their per-draw shapes of ``{site: (S, …)}``, as JSON (kept with the
+    flat proposal draws so every job unflattens them alike)."""
+    return json.dumps({name: list(value.shape[1:]) for name, value in like.items()})
+
+
+def unflatten_draws(flat: np.ndarray, layout: str) -> dict[str, np.ndarray]:
+    """Flat draws ``(M, D)`` -> ``{site: (M, …)}`` by a :func:`site_layout`."""
+    shapes = json.loads(layout)
+    like = {name: np.empty((1, *shape)) for name, shape in shapes.items()}
+    return unflatten(flat, like, list(shapes))
 
 
 def point_blocks(draws: Mapping[str, np.ndarray], sites: Sequence[str], point_site: str) -> list[np.ndarray]:
@@ -227,6 +241,15 @@ class ConsensusAccumulator:
             covariances[size] = np.linalg.inv(self.precision[size])
             mean[index] = np.einsum("bij,bj->bi", covariances[size], self.weighted_mean[index])
         return mean, covariances
+
+    def gaussian_product(self) -> tuple[np.ndarray, np.ndarray]:
+        """The product of the shards' Gaussian approximations as one mean ``(D,)`` and one
+        covariance ``(D, D)`` (zero between blocks)."""
+        mean, covariances = self.gaussian()
+        covariance = np.zeros((len(mean), len(mean)))
+        for size, index in self.groups.items():
+            covariance[index[:, :, None], index[:, None, :]] = covariances[size]
+        return mean, covariance
 
     def parametric_draws(self, normal: np.ndarray) -> np.ndarray:
         """Draws ``(S, D)`` from the product of the shards' Gaussian approximations (one full

@@ -14,7 +14,6 @@ the check fails. Arrays are stored without pickling and loaded with ``allow_pick
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cmcflow.io import read_json, write_bytes_atomic, write_json_atomic
+from cmcflow.io import decode_arrays, encode_arrays, read_arrays, read_json, write_bytes_atomic, write_json_atomic
 from cmcflow.models import ModelSpec, role_arrays
 from cmcflow.shard import MANIFEST_NAME, shard_file_name
 
@@ -48,20 +47,9 @@ def cache_key(arrays: Mapping[str, np.ndarray], spec: ModelSpec, params: Mapping
     return digest.hexdigest()
 
 
-def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def decode_arrays(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {name: npz[name] for name in npz.files}
-
-
 def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of a featurize output (``.npz``), loaded without pickling."""
-    return decode_arrays(Path(path).read_bytes())
+    return read_arrays(path)
 
 
 class FeatureCache:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 
 def default_mode(base: int) -> int:
@@ -75,3 +78,24 @@ def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
 
 def read_json(path: str | os.PathLike) -> object:
     return json.loads(Path(path).read_text())
+
+
+def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    """NumPy arrays as the bytes of an ``.npz`` file (no pickled objects)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def decode_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of :func:`encode_arrays`' bytes, loaded without pickling."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def write_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    write_bytes_atomic(path, encode_arrays(arrays))
+
+
+def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    return decode_arrays(Path(path).read_bytes())

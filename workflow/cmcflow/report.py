@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cmcflow.io import read_json
-from cmcflow.runs import TREE_DEPTH_WARNING
+from cmcflow.screening import TREE_DEPTH_WARNING
 
 #: Per-shard diagnostics shown in the report, with their column titles.
 DIAGNOSTIC_COLUMNS = {
@@ -178,6 +178,32 @@ def tree_depth_advice(diagnostics: Sequence[dict]) -> str:
     )
 
 
+def exactness_section(importance: dict | None) -> str:
+    """ "How exact is this result?": the importance correction's verdict, k̂, effective
+    sample size, and how far the combination's means were from the corrected ones."""
+    if importance is None:
+        return (
+            "<h2>How exact is this result?</h2><p>Not measured: the importance correction is off "
+            "(<code>correct.enabled</code>) or, for rigid models, not available.</p>"
+        )
+    shifts = pd.Series(importance["combined_shift_sd"]).abs().sort_values(ascending=False)
+    worst = ", ".join(f"{html.escape(name)} {value:.2f}" for name, value in shifts.iloc[:5].items())
+    colour = "#1a7f37" if importance["reliable"] else "#b42318"
+    return (
+        "<h2>How exact is this result?</h2>"
+        f"<p style='color:{colour}'><b>{html.escape(importance['verdict'])}.</b></p>"
+        f"<p>{importance['proposal_draws']} draws from the kept shards' {html.escape(importance['proposal'])} "
+        "product, weighted against the exact posterior of their rows (Pareto-smoothed importance sampling): "
+        f"effective sample size {importance['effective_sample_size']:.0f}. The combination's means were up to "
+        f"{importance['largest_combined_shift_sd']:.2f} posterior sd from the corrected ones (largest: {worst})"
+        + (
+            "; the corrected posterior is in <code>corrected/</code>.</p>"
+            if importance["reliable"]
+            else "; neither the combination nor the correction can be trusted here.</p>"
+        )
+    )
+
+
 def shrinkage_sentence(shards: dict) -> str:
     """One line on how far each shard's covariance was shrunk toward the shared shape."""
     weights = np.array(list(shards["shrinkage_intensity"].values()))
@@ -199,6 +225,7 @@ def render_report(
     features_info_paths: Sequence[str | os.PathLike],
     benchmark_paths: Sequence[str | os.PathLike],
     point_site: str | None = None,
+    importance_path: str | os.PathLike | None = None,
 ) -> tuple[str, bytes, bytes]:
     """The analysis report as a self-contained HTML page, and its two figures (PNG): the
     shards against the combination, and the combined posterior."""
@@ -223,6 +250,7 @@ def render_report(
             if excluded
             else []
         ),
+        exactness_section(read_json(importance_path) if importance_path else None),
         "<h2>Shards and their combination</h2>",
         image_tag(shards_png, "per-shard against combined marginals; shard heterogeneity"),
         "<h2>Combined posterior</h2>",

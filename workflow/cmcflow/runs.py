@@ -19,10 +19,6 @@ import pandas as pd
 
 from cmcflow.io import atomic_path, write_json_atomic
 
-#: A run whose trajectories reach NUTS' largest tree on more than this share of its
-#: iterations is flagged (sample log, report): sampling it is slow and its exploration short.
-TREE_DEPTH_WARNING = 0.1
-
 
 def diagnostics(idata: az.InferenceData, var_names: list[str]) -> dict:
     """ArviZ diagnostics of one run: rank-normalised split R-hat, bulk/tail ESS, divergences,

@@ -18,7 +18,8 @@ from numpyro.infer import MCMC, NUTS, init_to_uniform
 
 from cmcflow.jaxenv import COMPILE_CLOCK
 from cmcflow.models import ModelSpec
-from cmcflow.runs import TREE_DEPTH_WARNING, diagnostics
+from cmcflow.runs import diagnostics
+from cmcflow.screening import TREE_DEPTH_WARNING
 from cmcflow.tempering import temper_priors
 from cmcflow.transforms import latent_site_names, model_kwargs, unconstrain_draws
 

@@ -29,6 +29,10 @@ import numpy as np
 
 from cmcflow.errors import InputError
 
+#: A shard whose NUTS trajectories reach the largest tree on more than this share of its
+#: iterations is flagged, not excluded (sample log, report): sampling it was slow and each
+#: draw moved less far than NUTS wanted.
+TREE_DEPTH_WARNING = 0.1
 #: σ²_s − σ² is floored at this fraction of σ²_s (a shard far more precise than the
 #: combination of all shards would otherwise divide by ~0).
 MIN_VARIANCE_EXCESS = 0.01

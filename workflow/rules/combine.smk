@@ -12,6 +12,7 @@ rule combine:
         summary=COMBINED_SUMMARY,
         shards=COMBINED_SHARDS,
         moments=COMBINED_MOMENTS,
+        gaussian=COMBINED_GAUSSIAN,
     params:
         model=model_params,
         combine=setting_param("combine"),

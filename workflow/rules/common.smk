@@ -43,6 +43,12 @@ COMBINED_POSTERIOR = f"{_A}/combined/posterior.nc"
 COMBINED_SUMMARY = f"{_A}/combined/summary.csv"
 COMBINED_SHARDS = f"{_A}/combined/shards.json"
 COMBINED_MOMENTS = f"{_A}/combined/shard_moments.csv"
+COMBINED_GAUSSIAN = f"{_A}/combined/gaussian.npz"
+PROPOSAL = f"{_A}/corrected/proposal.npz"
+SHARD_LOG_LIKELIHOOD = f"{_A}/corrected/loglik/shard-{{shard}}.npz"
+CORRECTED_POSTERIOR = f"{_A}/corrected/posterior.nc"
+CORRECTED_SUMMARY = f"{_A}/corrected/summary.csv"
+IMPORTANCE = f"{_A}/corrected/importance.json"
 REPORT = f"{_A}/report/report.html"
 REPORT_SHARDS_FIGURE = f"{_A}/report/shards.png"
 REPORT_POSTERIOR_FIGURE = f"{_A}/report/posterior.png"
@@ -143,14 +149,16 @@ def rigid_shard_features(wildcards):
 
 def stage_benchmarks(wildcards):
     """Benchmark files of every job of the analysis that precedes the report."""
+    analysis = ANALYSES[wildcards.analysis]
     benchmarks = BENCHMARKS.format(analysis=wildcards.analysis)
-    stages = ("featurize", "sample", "align") if ANALYSES[wildcards.analysis].rigid else ("featurize", "sample")
+    stages = ["featurize", "sample"] + ["align"] * analysis.rigid + ["reweight"] * analysis.corrected
     per_shard_stages = [
         path
         for stage in stages
         for path in shard_paths(wildcards.analysis, f"{BENCHMARKS}/{stage}/shard-{{shard}}.tsv")
     ]
-    return [f"{benchmarks}/shard.tsv", *per_shard_stages, f"{benchmarks}/combine.tsv"]
+    correction = [f"{benchmarks}/propose.tsv", f"{benchmarks}/correct.tsv"] if analysis.corrected else []
+    return [f"{benchmarks}/shard.tsv", *per_shard_stages, f"{benchmarks}/combine.tsv", *correction]
 
 
 def combine_inputs(wildcards):
@@ -158,6 +166,11 @@ def combine_inputs(wildcards):
     (the align stage exists in the DAG only for them), raw ones otherwise."""
     rigid = ANALYSES[wildcards.analysis].rigid
     return shard_paths(wildcards.analysis, ALIGNED_POSTERIOR if rigid else SHARD_POSTERIOR)
+
+
+def importance_input(wildcards):
+    """The importance correction's record, where the analysis is corrected (none otherwise)."""
+    return IMPORTANCE.format(analysis=wildcards.analysis) if ANALYSES[wildcards.analysis].corrected else []
 
 
 def shard_diagnostics_inputs(wildcards):

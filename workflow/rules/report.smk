@@ -7,6 +7,7 @@ rule report:
         diagnostics=shard_diagnostics_inputs,
         features_info=per_shard(FEATURES_INFO),
         benchmarks=stage_benchmarks,
+        importance=importance_input,
     output:
         report=REPORT,
         shards_figure=report(REPORT_SHARDS_FIGURE, caption="../report/shards.rst", category="{analysis}"),

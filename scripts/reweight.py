@@ -1,0 +1,32 @@
+"""Rule reweight: one shard's untempered log-likelihood at every proposal draw."""
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../workflow")  # this checkout's cmcflow (conda envs lack it)
+
+from cmcflow.script import open_log, reported_errors
+
+open_log(snakemake.log[0])
+
+with reported_errors():
+    from cmcflow.jaxenv import configure_jax
+
+    configure_jax(**snakemake.params.jax)
+
+    from cmcflow.consensus import unflatten_draws
+    from cmcflow.correct import shard_log_likelihood
+    from cmcflow.featurize import load_features
+    from cmcflow.io import read_arrays, write_arrays
+    from cmcflow.models import get_model
+    from cmcflow.transforms import model_kwargs
+
+    spec = get_model(snakemake.params.model["name"])
+    features = load_features(snakemake.input.features)
+    proposal = read_arrays(snakemake.input.proposal)
+    log_likelihood = shard_log_likelihood(
+        spec.numpyro_model,
+        model_kwargs(features, snakemake.params.model["options"]),
+        unflatten_draws(proposal["draws"], str(proposal["layout"])),
+        rows=len(features["mask"]),
+    )
+    write_arrays(snakemake.output.log_likelihood, {"log_likelihood": log_likelihood})

@@ -1,0 +1,124 @@
+"""The importance correction: its densities are the model's, PSIS recovers a known target
+and flags one it cannot reach, and the corrected posterior is calibrated.
+
+Calibration: the conjugate linear-Gaussian model with exact tempered subposterior draws
+(as in test_coverage.py), the workflow's own proposal (the Gaussian product of the shards
+with the default covariance shrinkage), log-likelihoods and prior evaluated through the
+model, PSIS and resampling. β is drawn from its prior, so a calibrated 90% interval covers
+it with probability 0.9: over 200 repeats × 3 parameters (600 trials, sd ≈ 0.012) the
+coverage must lie in 0.90 ± 0.03, and within 0.01 of the exact posterior's own 90%
+intervals on the same data (these seeds: 0.925 exact; corrected 0.927 with the Gaussian
+proposal, 0.925 with the Student-t). Every repeat is an easy case: k̂ < 0.5 (measured: at
+most 0.30 Gaussian, −0.25 Student-t).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpyro.infer.util import potential_energy
+from scipy import stats
+from test_coverage import FEATURES, NOISE_SD, NUM_SHARDS, PRIOR_SD, ROWS, exact_subposterior_draws
+
+from cmcflow import importance
+from cmcflow.config import schema_default
+from cmcflow.consensus import block_consensus
+from cmcflow.correct import correct_draws, log_prior, shard_log_likelihood
+from cmcflow.models import get_model
+from cmcflow.models.linear_gaussian import exact_posterior
+from cmcflow.models.rows import correlated_features
+from cmcflow.shard import split_rows
+from cmcflow.transforms import model_kwargs
+
+LINEAR = get_model("linear_gaussian")
+OPTIONS = {"prior_sd": PRIOR_SD, "noise_sd": NOISE_SD}
+
+
+def shard_kwargs(X, y, rows, pad_to):
+    return model_kwargs(LINEAR.featurize({"features": X[rows], "label": y[rows]}, pad_to, {}), OPTIONS)
+
+
+def test_prior_and_shard_likelihoods_add_up_to_the_full_log_density():
+    """λ = 1: log p(θ) + log|J| + Σ_s ℓ_s(θ) is the negative potential energy NUTS would use
+    on all rows, at any θ (here for a model with a constrained site too)."""
+    rng = np.random.default_rng(0)
+    spec = get_model("structure")
+    table, _ = spec.simulate(300, 0, points=6)
+    facts = spec.table_facts({name: table[name].to_numpy(float) for name in ("i", "j")})
+    columns = {name: table[name].to_numpy(float) for name in ("i", "j", "distance")}
+    options = spec.options
+
+    def kwargs(rows, pad_to):
+        return model_kwargs(spec.featurize({k: v[rows] for k, v in columns.items()}, pad_to, facts), options)
+
+    parts = split_rows(300, 2, seed=0)
+    draws = {"coords": rng.normal(scale=3.0, size=(20, 6, 3)), "sigma": rng.normal(size=20)}  # unconstrained
+    total = log_prior(spec.numpyro_model, kwargs(parts[0], 160), draws, power=1.0) + sum(
+        shard_log_likelihood(spec.numpyro_model, kwargs(rows, 160), draws, rows=160) for rows in parts
+    )
+    full = kwargs(np.arange(300), 320)
+    expected = [
+        -float(potential_energy(spec.numpyro_model, (), full, {name: value[j] for name, value in draws.items()}))
+        for j in range(20)
+    ]
+    np.testing.assert_allclose(total, expected, rtol=1e-10)
+
+
+def test_psis_recovers_a_known_target_and_flags_one_it_cannot_reach():
+    rng = np.random.default_rng(1)
+    mean, covariance = np.array([0.0, 1.0]), np.array([[1.0, 0.3], [0.3, 0.5]])
+    draws, log_q = importance.proposal_draws(mean, covariance, 8000, "student_t", 5.0, rng)
+    target_mean, target_sd = np.array([0.3, 0.8]), np.array([0.8, 0.6])
+    log_target = -0.5 * np.sum(((draws - target_mean) / target_sd) ** 2, axis=1)
+    log_weights, khat = importance.smoothed_weights(log_target, log_q)
+    weighted_mean, weighted_sd = importance.weighted_moments(draws, log_weights)
+    assert khat < 0.5
+    np.testing.assert_allclose(weighted_mean, target_mean, atol=0.05)
+    np.testing.assert_allclose(weighted_sd, target_sd, rtol=0.05)
+    assert importance.effective_sample_size(log_weights) > 2000
+    # a target three times as wide as the Gaussian proposal: its weights have no finite variance
+    gaussian, log_gaussian = importance.proposal_draws(mean, covariance, 8000, "gaussian", 5.0, rng)
+    wide = -0.5 * np.sum((gaussian - mean) ** 2 / (9.0 * np.diag(covariance)), axis=1)
+    assert importance.smoothed_weights(wide, log_gaussian)[1] >= importance.KHAT_RELIABLE
+    assert importance.verdict(0.8).startswith("k̂ = 0.80 ≥ 0.7: the combination is unreliable here")
+
+
+@pytest.mark.parametrize("proposal", ["gaussian", "student_t"])
+def test_corrected_posterior_is_calibrated_over_200_repeats(proposal):
+    repeats, proposal_draws = 200, 2000
+    covered, exact_covered, khats = [], [], []
+    pad_to = -(-ROWS // NUM_SHARDS // 64) * 64
+    for repeat in range(repeats):
+        rng = np.random.default_rng([13, repeat])
+        beta = rng.normal(scale=PRIOR_SD, size=FEATURES)
+        X = correlated_features(rng, ROWS, FEATURES)
+        y = X @ beta + rng.normal(scale=NOISE_SD, size=ROWS)
+        parts = split_rows(ROWS, NUM_SHARDS, seed=repeat)
+        subposteriors = [exact_subposterior_draws(rng, X[rows], y[rows], NUM_SHARDS) for rows in parts]
+        accumulator = block_consensus(
+            subposteriors, [np.arange(FEATURES)], shrinkage=schema_default("combine", "covariance_shrinkage"), chains=4
+        )
+        mean, covariance = accumulator.gaussian_product()
+        draws, log_q = importance.proposal_draws(mean, covariance, proposal_draws, proposal, 5.0, rng)
+        sites = {"beta": draws}
+        log_likelihoods = [
+            shard_log_likelihood(LINEAR.numpyro_model, shard_kwargs(X, y, rows, pad_to), sites, rows=pad_to)
+            for rows in parts
+        ]
+        priors = log_prior(LINEAR.numpyro_model, shard_kwargs(X, y, parts[0], pad_to), sites, power=1.0)
+        corrected, figures = correct_draws(
+            {"draws": draws, "log_density": log_q}, log_likelihoods, priors, 4000, repeat
+        )
+        low, high = np.quantile(corrected, [0.05, 0.95], axis=0)
+        covered.append((low <= beta) & (beta <= high))
+        khats.append(figures["khat"])
+        exact_mean, exact_covariance = exact_posterior(X, y, PRIOR_SD, NOISE_SD)
+        exact_sd = np.sqrt(np.diag(exact_covariance))
+        exact_covered.append(np.abs(beta - exact_mean) <= stats.norm.ppf(0.95) * exact_sd)
+        if repeat == 0:  # the weighted mean is the exact posterior's, within Monte Carlo error
+            assert np.all(np.abs((np.array(figures["unconstrained_mean"]) - exact_mean) / exact_sd) < 0.1)
+    coverage, exact_coverage = float(np.mean(covered)), float(np.mean(exact_covered))
+    print(f"{proposal}: coverage {coverage:.3f} (exact {exact_coverage:.3f}), k-hat max {max(khats):.2f}")
+    assert 0.87 <= coverage <= 0.93, coverage
+    assert abs(coverage - exact_coverage) <= 0.01, (coverage, exact_coverage)
+    assert max(khats) < 0.5, max(khats)
