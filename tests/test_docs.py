@@ -81,9 +81,11 @@ def test_readme_defaults_equal_the_schema():
 
 def test_readme_model_hyperparameters_equal_the_specs():
     """Each built-in model's bullet under "Built-in models:" names its options as `name`=value."""
-    text = (REPO / "README.md").read_text().split("Built-in models:", 1)[1].split("\n\n", 1)[0]
+    text = (REPO / "README.md").read_text().split("Built-in models", 1)[1].split("\n\n", 1)[0]
     bullets = re.findall(r"^- `([a-z_]+)`:(.*?)(?=^- |\Z)", text, flags=re.M | re.S)
-    assert [name for name, _ in bullets] == ["logistic", "linear_gaussian", "structure"]
+    assert [name for name, _ in bullets] == [
+        "linear", "logistic", "poisson", "negative_binomial", "linear_gaussian", "structure"
+    ]  # fmt: skip
     for name, bullet in bullets:
         documented = {option: float(value) for option, value in re.findall(r"`([a-z_]+)`=([0-9.]+)", bullet)}
         assert documented == get_model(name).options, name

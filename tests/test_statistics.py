@@ -41,10 +41,10 @@ def simulated(model_name: str, rows: int, features: int, seed: int):
     return spec, options, X, table["y"].to_numpy().astype(float)
 
 
-def run_cmc(spec, options, X, y, parts, method="consensus", settings=SETTINGS, seed=11):
-    """Sample every shard as the sample stage does, then combine as the combine stage does."""
+def shard_runs(spec, options, X, y, parts, settings=SETTINGS, seed=11):
+    """Sample every shard as the sample stage does: the runs, and each shard's model arguments."""
     pad_to = padded_size([len(rows) for rows in parts], 64)
-    runs = []
+    runs, kwargs = [], []
     for index, rows in enumerate(parts):
         features = spec.featurize({"features": X[rows], "label": y[rows]}, pad_to, {})
         idata, _ = sample_features(
@@ -58,11 +58,18 @@ def run_cmc(spec, options, X, y, parts, method="consensus", settings=SETTINGS, s
             devices=DEVICES,
         )
         runs.append(idata)
+        kwargs.append(model_kwargs(features, options))
+    return runs, kwargs
+
+
+def run_cmc(spec, options, X, y, parts, method="consensus", settings=SETTINGS, seed=11):
+    """Sample every shard as the sample stage does, then combine as the combine stage does."""
+    runs, kwargs = shard_runs(spec, options, X, y, parts, settings, seed)
     # like the combine rule: the model is traced on one shard's features for its transforms
     return combine_runs(
         runs,
         spec.numpyro_model,
-        model_kwargs(features, options),
+        kwargs[-1],
         method,
         seed=0,
         shrinkage=schema_default("combine", "covariance_shrinkage"),

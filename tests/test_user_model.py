@@ -9,6 +9,14 @@ import pandas as pd
 import pytest
 from conftest import REPO, Workflow, tiny_config
 
+from cmcflow.combine import combine_runs
+from cmcflow.correct import log_prior
+from cmcflow.models import ModelSpec, Role
+from cmcflow.models.rows import regression_features
+from cmcflow.sample import NutsSettings, sample_features
+from cmcflow.shard import split_rows
+from cmcflow.transforms import model_kwargs
+
 pytestmark = pytest.mark.workflow
 
 
@@ -37,3 +45,42 @@ def test_readme_poisson_model_runs_end_to_end(tmp_path):
     summary = pd.read_csv(tmp_path / "results/tiny/combined/summary.csv", index_col="parameter")
     z = (summary["mean"].to_numpy() - beta) / summary["sd"].to_numpy()
     assert np.all(np.abs(z) < 4), z
+
+
+def flat_prior_model(X, y, mask, noise_sd):
+    """Linear regression with a flat prior on the coefficients, as Stan users write it."""
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.distributions import constraints
+
+    beta = numpyro.sample("beta", dist.ImproperUniform(constraints.real, (), event_shape=(X.shape[1],)))
+    with numpyro.plate("rows", X.shape[0]):
+        numpyro.sample("y", dist.Normal(X @ beta, noise_sd).mask(mask), obs=y)
+
+
+def test_a_flat_prior_is_tempered_sampled_and_combined():
+    """A flat prior to any power is flat: the shards sample, combine and correct, and the
+    result is the exact posterior N(β̂_OLS, σ² (XᵀX)⁻¹) (4 shards, within 0.15 sd)."""
+    spec = ModelSpec(
+        "flat", flat_prior_model, regression_features, "1",
+        (Role("features", "real", multiple=True), Role("label", "real", default="y")), options={"noise_sd": 1.0},
+    )  # fmt: skip
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(2000, 3))
+    y = X @ np.array([0.5, -1.0, 0.2]) + rng.normal(size=2000)
+    settings = NutsSettings(
+        num_warmup=300, num_samples=500, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False
+    )
+    runs, kwargs = [], None
+    for shard, rows in enumerate(split_rows(2000, 4, seed=0)):
+        features = regression_features({"features": X[rows], "label": y[rows]}, 512, {})
+        kwargs = model_kwargs(features, spec.options)
+        runs.append(sample_features(spec, features, spec.options, num_shards=4, shard=shard, seed=0,
+                                    settings=settings, devices=4)[0])  # fmt: skip
+    combined = combine_runs(runs, flat_prior_model, kwargs, "consensus", 0, shrinkage="auto")
+    mean = np.linalg.solve(X.T @ X, X.T @ y)
+    sd = np.sqrt(np.diag(np.linalg.inv(X.T @ X)))
+    draws = combined.posterior["beta"].values.reshape(-1, 3)
+    assert np.all(np.abs(draws.mean(axis=0) - mean) / sd < 0.15)
+    np.testing.assert_allclose(draws.std(axis=0) / sd, 1.0, atol=0.1)
+    assert np.all(log_prior(flat_prior_model, kwargs, {"beta": draws[:5]}, power=0.25) == 0.0)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
+from numpyro.infer import init_to_uniform
 from numpyro.infer.util import constrain_fn, unconstrain_fn
 
 #: Draws pushed through the model at once by :func:`map_draws`.
@@ -24,8 +25,12 @@ def model_kwargs(features: Mapping[str, np.ndarray], options: Mapping[str, float
 
 
 def latent_site_names(model: Callable, kwargs: Mapping) -> list[str]:
-    """Names of the latent (unobserved) sample sites of ``model(**kwargs)``, in trace order."""
-    trace = handlers.trace(handlers.seed(model, 0)).get_trace(**kwargs)
+    """Names of the latent (unobserved) sample sites of ``model(**kwargs)``, in trace order.
+
+    The model is traced at NumPyro's uniform initial values rather than at prior draws, so
+    priors that cannot be sampled (a flat ``ImproperUniform``) trace too."""
+    seeded = handlers.substitute(handlers.seed(model, 0), substitute_fn=init_to_uniform)
+    trace = handlers.trace(seeded).get_trace(**kwargs)
     return [name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]]
 
 

@@ -30,7 +30,9 @@ class Role:
     """One input the model reads from the table.
 
     ``multiple`` roles take a list of columns (e.g. regression features), single roles one
-    column. ``default`` names the column(s) used when the config does not map the role.
+    column. ``default`` names the column(s) used when the config does not map the role. An
+    ``optional`` role without a default that the config does not map is left out: the
+    featurizer then sees no array for it (e.g. a regression without an offset).
     """
 
     name: str
@@ -38,6 +40,7 @@ class Role:
     multiple: bool = False
     default: str | tuple[str, ...] | None = None
     description: str = ""
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in COLUMN_KINDS:
@@ -116,15 +119,18 @@ def role_arrays(table: pd.DataFrame, columns: Mapping[str, list[str]], spec: Mod
     """Role name -> float64 ``(rows, n_columns)`` for multiple roles, ``(rows,)`` for single ones."""
     arrays = {}
     for role in spec.roles:
+        if not columns.get(role.name):  # an optional role the config leaves out
+            continue
         values = table[columns[role.name]].to_numpy(dtype=np.float64)
         arrays[role.name] = values if role.multiple else values[:, 0]
     return arrays
 
 
 def _builtin_models() -> dict[str, ModelSpec]:
-    from cmcflow.models import linear_gaussian, logistic, structure
+    from cmcflow.models import counts, linear, linear_gaussian, logistic, structure
 
-    return {spec.name: spec for spec in (linear_gaussian.SPEC, logistic.SPEC, structure.SPEC)}
+    specs = (linear.SPEC, linear_gaussian.SPEC, logistic.SPEC, counts.POISSON, counts.NEGATIVE_BINOMIAL, structure.SPEC)
+    return {spec.name: spec for spec in specs}
 
 
 def get_model(name: str) -> ModelSpec:
@@ -166,6 +172,9 @@ def resolve_columns(
         value = columns.get(role.name, role.default)
         if value is None and role.multiple and simulated_features is not None:
             value = [f"x{i}" for i in range(simulated_features)]
+        if value is None and role.optional:
+            resolved[role.name] = []
+            continue
         if value is None:
             raise ConfigError(f"model {spec.name!r} needs columns for role {role.name!r} ({role.description})")
         names = [value] if isinstance(value, str) else list(value)

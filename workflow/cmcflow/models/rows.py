@@ -30,3 +30,13 @@ def correlated_features(rng: np.random.Generator, rows: int, features: int, rho:
     lags = np.abs(np.subtract.outer(np.arange(features), np.arange(features)))
     cholesky = np.linalg.cholesky(rho**lags)
     return rng.standard_normal((rows, features)) @ cholesky.T
+
+
+def offset_regression_features(columns: dict[str, np.ndarray], pad_to: int, facts: dict) -> dict[str, np.ndarray]:
+    """:func:`regression_features` and ``offset (pad_to,)`` float64: each row's known
+    additive term on the linear predictor's scale (e.g. the log of an exposure time or a
+    population), 0 where the table has no offset column."""
+    arrays = regression_features(columns, pad_to, facts)
+    offset = columns.get("offset")
+    offset = np.zeros(len(columns["label"])) if offset is None else np.asarray(offset, dtype=np.float64).reshape(-1)
+    return arrays | {"offset": pad_rows(offset, pad_to)}

@@ -1,0 +1,86 @@
+"""The built-in models users bring (linear with unknown noise, Poisson and negative binomial
+counts with an optional offset): consensus Monte Carlo against full-data NUTS on the same
+rows, and the offset as an optional column."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_statistics import DEVICES, SETTINGS, flat_draws, shard_runs, simulated
+
+from cmcflow import importance
+from cmcflow.combine import CombineSettings, combine_shards
+from cmcflow.config import schema_default
+from cmcflow.consensus import unflatten_draws
+from cmcflow.correct import correct_draws, corrected_idata, log_prior, shard_log_likelihood
+from cmcflow.featurize import padded_size
+from cmcflow.models import get_model, resolve_columns
+from cmcflow.models.rows import offset_regression_features
+from cmcflow.sample import sample_features
+from cmcflow.shard import split_rows
+
+
+def full_data_run(spec, options, columns, seed=11):
+    features = spec.featurize(columns, padded_size([len(columns["label"])], 64), {})
+    return sample_features(
+        spec, features, options, num_shards=1, shard=-1, seed=seed, settings=SETTINGS, devices=DEVICES
+    )[0]
+
+
+def corrected(spec, kwargs, gaussian, prior_power=1.0):
+    """The correct stage in memory: PSIS-weighted draws from the Gaussian product of the
+    shards, resampled, as InferenceData, and the figures (k-hat …)."""
+    draws, log_q = importance.proposal_draws(
+        gaussian["mean"], gaussian["covariance"], 4000, "gaussian", 5.0, np.random.default_rng(0)
+    )
+    sites = unflatten_draws(draws, gaussian["layout"])
+    rows = len(kwargs[0]["mask"])
+    log_likelihoods = [shard_log_likelihood(spec.numpyro_model, shard, sites, rows=rows) for shard in kwargs]
+    priors = log_prior(spec.numpyro_model, kwargs[0], sites, prior_power)
+    resampled, figures = correct_draws({"draws": draws, "log_density": log_q}, log_likelihoods, priors, 4000, 0)
+    return corrected_idata(resampled, gaussian["layout"], spec.numpyro_model, kwargs[0], {}), figures
+
+
+@pytest.mark.parametrize("name", ["linear", "poisson", "negative_binomial"])
+def test_corrected_cmc_matches_full_data_nuts(name):
+    """4 shards of 1,000 rows against full-data NUTS on the same rows, in full-data sd.
+    Plain consensus: every mean within 0.2 sd except the negative binomial's skewed
+    concentration (measured 0.31 sd: its subposteriors are not Gaussian; the linear model's
+    sigma 0.14 sd). The importance correction (k-hat < 0.7) brings every parameter within
+    0.1 sd and every sd within 10% (measured: at most 0.06 sd; concentration 0.02, sigma
+    0.03)."""
+    spec, options, X, y = simulated(name, rows=4000, features=3, seed=2)
+    runs, kwargs = shard_runs(spec, options, X, y, split_rows(len(y), 4, seed=0))
+    settings = CombineSettings("consensus", 0, schema_default("combine", "covariance_shrinkage"), None, 1.0, "fail")
+    combination = combine_shards(runs.__getitem__, len(runs), spec.numpyro_model, kwargs[0], settings)
+    fixed, figures = corrected(spec, kwargs, combination.gaussian)
+    assert figures["khat"] < 0.7, figures["khat"]
+    full = full_data_run(spec, options, {"features": X, "label": y})
+    for site in full.posterior.data_vars:
+        reference = flat_draws(full, site)
+        for label, result in (("plain", combination.idata), ("corrected", fixed)):
+            draws = flat_draws(result, site)
+            error = np.abs(draws.mean(axis=0) - reference.mean(axis=0)) / reference.std(axis=0)
+            ratio = draws.std(axis=0) / reference.std(axis=0)
+            print(f"{name} {site} {label}: mean error {np.round(error, 3)} sd, sd ratio {np.round(ratio, 3)}")
+            if label == "corrected":
+                assert error.max() <= 0.1 and np.all(np.abs(ratio - 1) <= 0.1), (site, error, ratio)
+            elif site != "concentration":
+                assert error.max() <= 0.2, (site, error)
+
+
+def test_offset_is_an_optional_column_that_enters_the_linear_predictor():
+    spec = get_model("poisson")
+    assert resolve_columns(spec, {"features": ["a"]})["offset"] == []
+    assert resolve_columns(spec, {"features": ["a"], "offset": "log_exposure"})["offset"] == ["log_exposure"]
+    no_offset = offset_regression_features({"features": np.ones((3, 1)), "label": np.ones(3)}, 4, {})
+    np.testing.assert_array_equal(no_offset["offset"], np.zeros(4))
+    # counts over exposures from 0.1 to 10: the offset log(exposure) carries the scale
+    rng = np.random.default_rng(8)
+    X = rng.normal(0.0, 0.5, size=(2000, 2))
+    exposure = np.exp(rng.uniform(np.log(0.1), np.log(10.0), size=2000))
+    y = rng.poisson(exposure * np.exp(0.5 + X @ np.array([0.4, -0.3])))
+    full = full_data_run(spec, spec.options, {"features": X, "label": y, "offset": np.log(exposure)})
+    for site, truth in (("intercept", [0.5]), ("beta", [0.4, -0.3])):
+        draws = flat_draws(full, site)
+        assert np.all(np.abs(draws.mean(axis=0) - truth) / draws.std(axis=0) < 4), site

@@ -1,0 +1,103 @@
+"""Regression of counts, with an optional offset (the log of each row's exposure):
+
+    intercept ~ Normal(0, prior_sd),  beta_p ~ Normal(0, prior_sd)   (p = 1..P),
+    log μ_n = intercept + x_n . beta + offset_n,
+
+``poisson``:            y_n ~ Poisson(μ_n);
+``negative_binomial``:  y_n ~ NegativeBinomial(mean μ_n, concentration φ),
+                        φ ~ HalfNormal(concentration_scale)  (Var y_n = μ_n + μ_n² / φ).
+
+Features of order one suit the default ``prior_sd`` (a factor of e^2.5 ≈ 12 per unit).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cmcflow.models import ModelSpec, Role
+from cmcflow.models.rows import correlated_features, offset_regression_features
+
+#: Intercept, and the negative binomial's concentration, of simulated data.
+SIMULATED_INTERCEPT = 1.0
+SIMULATED_CONCENTRATION = 5.0
+
+ROLES = (
+    Role("features", "real", multiple=True, description="the regression's feature columns"),
+    Role("label", "count", default="y", description="the count outcome"),
+    Role("offset", "real", optional=True, description="log exposure of each row (none: 0)"),
+)
+
+
+def poisson_model(X, y, offset, mask, prior_sd):
+    """``X (R, P)``, ``y (R,)`` counts, ``offset (R,)``, ``mask (R,)`` bool (False on padding rows)."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
+    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
+    with numpyro.plate("rows", X.shape[0]):
+        numpyro.sample("y", dist.Poisson(rate=_mean(intercept, X, beta, offset)).mask(mask), obs=y)
+
+
+def negative_binomial_model(X, y, offset, mask, prior_sd, concentration_scale):
+    """As :func:`poisson_model`, with the overdispersion of a negative binomial."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
+    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
+    concentration = numpyro.sample("concentration", dist.HalfNormal(concentration_scale))
+    mean = _mean(intercept, X, beta, offset)
+    with numpyro.plate("rows", X.shape[0]):
+        numpyro.sample("y", dist.NegativeBinomial2(mean, concentration).mask(mask), obs=y)
+
+
+def _mean(intercept, X, beta, offset):
+    import jax.numpy as jnp
+
+    return jnp.exp(intercept + X @ beta + offset)
+
+
+def simulated_table(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Correlated features of sd 0.5, coefficients from Normal(0, 0.5), and each row's mean."""
+    rng = np.random.default_rng(seed)
+    beta = rng.normal(0.0, 0.5, size=features)
+    X = 0.5 * correlated_features(rng, rows, features)
+    table = pd.DataFrame(X, columns=[f"x{i}" for i in range(features)])
+    return table, beta, np.exp(SIMULATED_INTERCEPT + X @ beta)
+
+
+def simulate_poisson(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:
+    table, beta, mean = simulated_table(rows, seed, features)
+    table["y"] = np.random.default_rng([seed, 1]).poisson(mean)
+    return table, {"intercept": SIMULATED_INTERCEPT, "beta": beta.tolist()}
+
+
+def simulate_negative_binomial(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:
+    table, beta, mean = simulated_table(rows, seed, features)
+    rng = np.random.default_rng([seed, 1])
+    table["y"] = rng.poisson(rng.gamma(SIMULATED_CONCENTRATION, mean / SIMULATED_CONCENTRATION))
+    truth = {"intercept": SIMULATED_INTERCEPT, "beta": beta.tolist(), "concentration": SIMULATED_CONCENTRATION}
+    return table, truth
+
+
+POISSON = ModelSpec(
+    name="poisson",
+    numpyro_model=poisson_model,
+    featurize=offset_regression_features,
+    featurizer_version="1",
+    roles=ROLES,
+    options={"prior_sd": 2.5},
+    simulate=simulate_poisson,
+)
+
+NEGATIVE_BINOMIAL = ModelSpec(
+    name="negative_binomial",
+    numpyro_model=negative_binomial_model,
+    featurize=offset_regression_features,
+    featurizer_version="1",
+    roles=ROLES,
+    options={"prior_sd": 2.5, "concentration_scale": 10.0},
+    simulate=simulate_negative_binomial,
+)

@@ -1,0 +1,57 @@
+"""Linear regression with an unknown noise scale: the model users try first.
+
+    intercept ~ Normal(0, prior_sd),  beta_p ~ Normal(0, prior_sd)   (p = 1..P),
+    sigma ~ HalfNormal(noise_scale),
+    y_n | x_n ~ Normal(intercept + x_n . beta, sigma)
+
+The default scales suit features and outcome of order one; rescale your columns (or set
+``model_options``) otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cmcflow.models import ModelSpec, Role
+from cmcflow.models.rows import correlated_features, regression_features
+
+#: Noise sd and intercept of simulated data.
+SIMULATED_NOISE_SD = 1.5
+SIMULATED_INTERCEPT = 1.0
+
+
+def linear_model(X, y, mask, prior_sd, noise_scale):
+    """``X (R, P)``, ``y (R,)``, ``mask (R,)`` bool (False on padding rows)."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
+    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(noise_scale))
+    with numpyro.plate("rows", X.shape[0]):
+        numpyro.sample("y", dist.Normal(intercept + X @ beta, sigma).mask(mask), obs=y)
+
+
+def simulate(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:
+    """Correlated Gaussian features; coefficients drawn once from Normal(0, 0.5)."""
+    rng = np.random.default_rng(seed)
+    beta = rng.normal(0.0, 0.5, size=features)
+    X = correlated_features(rng, rows, features)
+    table = pd.DataFrame(X, columns=[f"x{i}" for i in range(features)])
+    table["y"] = SIMULATED_INTERCEPT + X @ beta + rng.normal(0.0, SIMULATED_NOISE_SD, size=rows)
+    return table, {"intercept": SIMULATED_INTERCEPT, "beta": beta.tolist(), "sigma": SIMULATED_NOISE_SD}
+
+
+SPEC = ModelSpec(
+    name="linear",
+    numpyro_model=linear_model,
+    featurize=regression_features,
+    featurizer_version="1",
+    roles=(
+        Role("features", "real", multiple=True, description="the regression's feature columns"),
+        Role("label", "real", default="y", description="the real-valued outcome"),
+    ),
+    options={"prior_sd": 10.0, "noise_scale": 10.0},
+    simulate=simulate,
+)
