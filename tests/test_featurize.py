@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 
 import numpy as np
 import pandas as pd
+import pytest
 
+from cmcflow import featurize as featurize_module
 from cmcflow.featurize import FeatureCache, featurize_shard, load_features
+from cmcflow.io import write_bytes_atomic
 from cmcflow.models import get_model, resolve_columns
 from cmcflow.shard import shard_table
 
@@ -76,3 +82,59 @@ def test_entry_without_digest_is_a_miss(tmp_path):
     info, _ = featurize(make_shards(tmp_path / "a"), 0, tmp_path / "out", cache_dir)
     next(cache_dir.rglob("*.sha256")).unlink()
     assert FeatureCache(cache_dir).get(info["cache_key"]) is None
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        OSError(errno.EROFS, "Read-only file system"),
+        OSError(errno.ENOSPC, "No space left on device"),
+        FileNotFoundError(errno.ENOENT, "cache deleted meanwhile"),
+    ],
+    ids=["read-only", "full", "deleted"],
+)
+def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path, monkeypatch, caplog, fault):
+    """Writing the entry fails (root ignores permissions, so the fault is injected where the
+    entry is written): the job warns, writes its features, and a later run recomputes."""
+
+    def failing_write(path, data, *, own_output=True):
+        if not own_output:  # the cache's entries, not the job's own outputs
+            raise fault
+        write_bytes_atomic(path, data)
+
+    shards = make_shards(tmp_path / "a")
+    monkeypatch.setattr(featurize_module, "write_bytes_atomic", failing_write)
+    with caplog.at_level(logging.WARNING, logger="cmcflow.featurize"):
+        info, features = featurize(shards, 0, tmp_path / "out1", tmp_path / "cache")
+    assert info["cache_hit"] is False and "could not be written" in caplog.text
+    monkeypatch.undo()
+    again, recomputed = featurize(shards, 0, tmp_path / "out2", tmp_path / "cache")
+    assert again["cache_hit"] is False
+    assert all(np.array_equal(features[name], recomputed[name]) for name in features)
+
+
+def test_a_malformed_entry_with_a_matching_digest_is_recomputed_and_replaced(tmp_path):
+    cache_dir = tmp_path / "cache"
+    shards = make_shards(tmp_path / "a")
+    info, good = featurize(shards, 0, tmp_path / "out1", cache_dir)
+    entry = next(cache_dir.rglob(f"{info['cache_key']}.npz"))
+    for garbage in (b"PK\x03\x04 not a zip archive", b""):  # BadZipFile, EOFError
+        entry.write_bytes(garbage)
+        entry.with_suffix(".sha256").write_text(hashlib.sha256(garbage).hexdigest())
+        assert FeatureCache(cache_dir).get(info["cache_key"]) is None
+        again, recomputed = featurize(shards, 0, tmp_path / "out2", cache_dir)
+        assert again["cache_hit"] is False
+        assert all(np.array_equal(good[name], recomputed[name]) for name in good)
+        assert FeatureCache(cache_dir).get(info["cache_key"]) is not None  # replaced
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_run(tmp_path):
+    target = tmp_path / "samples" / "shard-0000.nc"
+    target.parent.mkdir()
+    stale = target.parent / ".shard-0000.nc.abc123.tmp"
+    stale.write_bytes(b"half a file")
+    other = target.parent / ".shard-0001.nc.def456.tmp"  # another output's: left alone
+    other.write_bytes(b"")
+    write_bytes_atomic(target, b"done")
+    assert target.read_bytes() == b"done" and not stale.exists() and other.exists()
+    assert sorted(path.name for path in target.parent.iterdir()) == [".shard-0001.nc.def456.tmp", "shard-0000.nc"]

@@ -63,27 +63,40 @@ class FeatureCache:
         return folder / f"{key}.npz", folder / f"{key}.sha256"
 
     def get(self, key: str) -> bytes | None:
-        """The entry's bytes if present and intact; ``None`` on a miss or a corrupt entry."""
+        """The entry's bytes if present and intact; ``None`` on a miss, or on an entry that
+        cannot be read, fails its digest or does not decode (whatever the exception: the
+        cache only saves time, so any doubt is a miss and the features are recomputed)."""
         data_path, digest_path = self._paths(key)
         try:
             data, expected = data_path.read_bytes(), digest_path.read_text().strip()
         except FileNotFoundError:
+            return None
+        except Exception as error:  # noqa: BLE001 - unreadable for any reason: recompute
+            log.warning("feature cache entry %s cannot be read (%s); recomputing", data_path, error)
             return None
         if hashlib.sha256(data).hexdigest() != expected:
             log.warning("feature cache entry %s is corrupt (digest mismatch); recomputing", data_path)
             return None
         try:
             decode_arrays(data)
-        except (ValueError, OSError) as error:
-            log.warning("feature cache entry %s cannot be read (%s); recomputing", data_path, error)
+        except Exception as error:  # noqa: BLE001 - e.g. BadZipFile, EOFError with a matching digest
+            log.warning("feature cache entry %s cannot be decoded (%s); recomputing", data_path, error)
             return None
         return data
 
-    def put(self, key: str, data: bytes) -> None:
-        """Store ``data`` atomically; the digest is written last, so a half-written entry is a miss."""
+    def put(self, key: str, data: bytes) -> bool:
+        """Store ``data`` atomically, the digest last (a half-written entry is a miss), and
+        say whether it was stored. A cache that cannot be written (read-only, full, over
+        quota, deleted meanwhile) only costs time: the failure is logged, never raised."""
         data_path, digest_path = self._paths(key)
-        write_bytes_atomic(data_path, data)
-        write_bytes_atomic(digest_path, hashlib.sha256(data).hexdigest().encode())
+        try:
+            # other jobs may be writing the same entry: leave their temporary files alone
+            write_bytes_atomic(data_path, data, own_output=False)
+            write_bytes_atomic(digest_path, hashlib.sha256(data).hexdigest().encode(), own_output=False)
+        except OSError as error:
+            log.warning("feature cache entry %s could not be written (%s); carrying on without it", data_path, error)
+            return False
+        return True
 
 
 def featurize_shard(

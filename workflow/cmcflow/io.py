@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -23,15 +24,29 @@ def default_mode(base: int) -> int:
     return base & ~umask
 
 
+def remove_stale_temporaries(target: Path) -> None:
+    """Remove what an earlier, killed writer of ``target`` left behind (``.<name>.*.tmp``
+    beside it)."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, own_output: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     The temporary file lives in the same directory, so the final ``os.replace`` is atomic
-    on POSIX file systems (including the shared file systems of clusters).
+    on POSIX file systems (including the shared file systems of clusters). ``own_output``:
+    ``path`` is the job's own output, which no other process writes, so temporaries that a
+    killed earlier run left beside it are removed first (not so for a shared cache entry).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if own_output:
+        remove_stale_temporaries(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -51,6 +66,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
@@ -60,8 +76,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, own_output: bool = True) -> None:
+    with atomic_path(path, own_output=own_output) as tmp:
         tmp.write_bytes(data)
 
 
