@@ -79,6 +79,7 @@ def measure(directory: Path, num_shards: int) -> dict:
             screen=THRESHOLDS,
             min_shards_fraction=0.5,
             on_failed_shard="fail",
+            weights="draws",  # the synthetic runs have draws only
         ),
         diagnostics=[HEALTHY] * num_shards,
     )

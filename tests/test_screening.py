@@ -124,7 +124,9 @@ def test_combine_shards_streams_the_same_shrunk_consensus_without_the_screened_o
 
     def combined(streaming_above):
         monkeypatch.setattr(combine, "STREAMING_ABOVE", streaming_above)
-        settings = CombineSettings("consensus", 0, "auto", THRESHOLDS, min_shards_fraction=0.5, on_failed_shard="fail")
+        settings = CombineSettings(
+            "consensus", 0, "auto", THRESHOLDS, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws"
+        )
         return combine.combine_shards(
             runs.__getitem__, len(runs), model, {}, settings, diagnostics=[HEALTHY] * len(runs)
         )

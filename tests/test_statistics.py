@@ -20,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cmcflow.combine import combine_runs
+from cmcflow.combine import CombineSettings, combine_runs, combine_shards
 from cmcflow.config import schema_default
+from cmcflow.consensus import WEIGHTS as WEIGHTS_USED
 from cmcflow.featurize import padded_size
 from cmcflow.models import get_model, resolve_options
 from cmcflow.models.linear_gaussian import exact_posterior
@@ -62,7 +63,10 @@ def shard_runs(spec, options, X, y, parts, settings=SETTINGS, seed=11):
     return runs, kwargs
 
 
-def run_cmc(spec, options, X, y, parts, method="consensus", settings=SETTINGS, seed=11):
+WEIGHTS = schema_default("combine", "weights")
+
+
+def run_cmc(spec, options, X, y, parts, method="consensus", settings=SETTINGS, seed=11, weights=WEIGHTS):
     """Sample every shard as the sample stage does, then combine as the combine stage does."""
     runs, kwargs = shard_runs(spec, options, X, y, parts, settings, seed)
     # like the combine rule: the model is traced on one shard's features for its transforms
@@ -73,6 +77,7 @@ def run_cmc(spec, options, X, y, parts, method="consensus", settings=SETTINGS, s
         method,
         seed=0,
         shrinkage=schema_default("combine", "covariance_shrinkage"),
+        weights=weights,
     )
 
 
@@ -157,3 +162,30 @@ def test_logistic_cmc_matches_full_data_nuts():
         error = np.abs(flat_draws(combined, name).mean(axis=0) - reference.mean(axis=0)) / reference.std(axis=0)
         print(f"{name}: mean error {np.round(error, 3)} full-data sd")
         assert error.max() <= 0.2, (name, error)
+
+
+def test_hessian_weights_are_the_exact_shard_precisions_of_a_gaussian_model():
+    """For linear_gaussian a shard's tempered potential is quadratic: its Hessian is
+    I / (K prior_sd²) + X_sᵀX_s / noise_sd², wherever it is taken, and the product of the K
+    shards' Gaussians is the exact posterior. So with Hessian weights the combination's
+    Gaussian is the exact posterior's covariance to rounding, its mean is the exact mean up
+    to the Monte Carlo error of the shard means, and a shard without a usable Hessian is
+    weighed by its draws and named."""
+    spec, options, X, y = simulated("linear_gaussian", rows=1200, features=3, seed=7)
+    parts = split_rows(len(y), 4, seed=0)
+    runs, kwargs = shard_runs(spec, options, X, y, parts, settings=REPEAT_SETTINGS)
+    for run, rows in zip(runs, parts):
+        expected = np.eye(3) / (4 * options["prior_sd"] ** 2) + X[rows].T @ X[rows] / options["noise_sd"] ** 2
+        np.testing.assert_allclose(run.curvature["precision"].values, expected, rtol=1e-10)
+    settings = CombineSettings("consensus", 0, 0.0, None, 1.0, "fail", "hessian")
+    combination = combine_shards(runs.__getitem__, len(runs), spec.numpyro_model, kwargs[0], settings)
+    mean, covariance = exact_posterior(X, y, options["prior_sd"], options["noise_sd"])
+    np.testing.assert_allclose(combination.gaussian["covariance"], covariance, rtol=1e-8)
+    error = np.abs(combination.gaussian["mean"] - mean) / np.sqrt(np.diag(covariance))
+    assert error.max() <= 0.1, error
+    assert combination.record["weights"] == WEIGHTS_USED["hessian"] and combination.record["weighed_by_draws"] == []
+
+    runs[2].curvature["precision"] = (("flat_row", "flat_column"), -np.eye(3))  # not positive definite
+    combination = combine_shards(runs.__getitem__, len(runs), spec.numpyro_model, kwargs[0], settings)
+    assert combination.record["weighed_by_draws"] == [2]
+    assert not np.allclose(combination.gaussian["covariance"], covariance, rtol=1e-3)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat, tee
 from typing import NamedTuple
 
 import arviz as az
@@ -32,11 +33,13 @@ import pandas as pd
 
 from cmcflow import screening
 from cmcflow.consensus import (
+    WEIGHTS,
     ConsensusAccumulator,
     ConsensusPlan,
     block_shapes,
     flatten,
     group_blocks,
+    hessian_covariance,
     mean_shapes,
     plan_consensus,
     site_layout,
@@ -58,7 +61,8 @@ class CombineSettings:
     """The config's ``combine`` section, as the stage uses it.
 
     ``shrinkage``: ``covariance_shrinkage``; ``screen``: the screening thresholds, or
-    ``None`` to combine every shard that did not fail.
+    ``None`` to combine every shard that did not fail; ``weights``: ``hessian`` or ``draws``
+    (:data:`~cmcflow.consensus.WEIGHTS`).
     """
 
     method: str
@@ -67,10 +71,12 @@ class CombineSettings:
     screen: Mapping[str, float] | None
     min_shards_fraction: float
     on_failed_shard: str
+    weights: str
 
     @classmethod
     def from_config(cls, combine: Mapping) -> CombineSettings:
         return cls(
+            weights=combine["weights"],
             method=combine["method"],
             seed=combine["seed"],
             shrinkage=combine["covariance_shrinkage"],
@@ -88,12 +94,14 @@ def stream_combine(
     *,
     shapes: Mapping[int, np.ndarray] | None = None,
     chains: int = 1,
+    shard_covariances: Iterable[np.ndarray | None] | None = None,
 ) -> tuple[dict[str, np.ndarray], ConsensusAccumulator]:
     """Combine shards given one ``{site: (S, …)}`` at a time by ``plan``
     (:class:`~cmcflow.consensus.ConsensusAccumulator`); ``like``: any shard's draws, for the
     layout; ``shapes``: the pooled :func:`~cmcflow.consensus.block_shapes` of the shards,
-    needed when the plan shrinks; ``chains``: the chains in each S. ``parametric`` draws
-    from the Gaussian product with standard normals from ``rng_key``.
+    needed when the plan shrinks; ``chains``: the chains in each S; ``shard_covariances``:
+    for each shard a covariance ``(D, D)`` to weigh it by, or ``None`` (its draws' own).
+    ``parametric`` draws from the Gaussian product with standard normals from ``rng_key``.
 
     Returns the combined draws ``{site: (S, …)}`` and the accumulator (the shards'
     shrinkage intensities λ, their Gaussian product).
@@ -103,8 +111,9 @@ def stream_combine(
     accumulator = ConsensusAccumulator(
         plan.blocks(like, sites), *flat_like.shape, shrinkage=plan.shrinkage, shapes=shapes, chains=chains
     )
-    for draws in shard_draws:
-        accumulator.add(flatten(draws, sites))
+    covariances = repeat(None) if shard_covariances is None else shard_covariances
+    for draws, covariance in zip(shard_draws, covariances):
+        accumulator.add(flatten(draws, sites), covariance)
     if plan.method == "parametric":
         combined = accumulator.parametric_draws(np.asarray(jax.random.normal(rng_key, flat_like.shape)))
     else:
@@ -156,7 +165,9 @@ class ShardScan:
     means and sds per shard (for the report); ``shape_sums``, ``shaped``: the sum of the
     shards' :func:`~cmcflow.consensus.block_shapes` and the shards in it;
     ``distance_moments``: per shard, the mean and variance of each observed distance;
-    ``draws``: the unconstrained draws of every run, unless streaming.
+    ``draws``: the unconstrained draws of every run, unless streaming; ``covariances``: with
+    Hessian weights, every run's :func:`shard_covariance` unless streaming;
+    ``weighed_by_draws``: with Hessian weights, the runs without a usable one.
     """
 
     failed: list[dict] = field(default_factory=list)
@@ -170,6 +181,8 @@ class ShardScan:
     shaped: set[int] = field(default_factory=set)
     distance_moments: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     draws: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    covariances: dict[int, np.ndarray | None] = field(default_factory=dict)
+    weighed_by_draws: set[int] = field(default_factory=set)
 
 
 def scan_shards(
@@ -209,9 +222,23 @@ def scan_shards(
             scan.shaped.add(shard)
         if point_pairs is not None:
             scan.distance_moments[shard] = distance_moments(draws[plan.point_site], point_pairs)
+        if plan.weights == "hessian":
+            covariance = shard_covariance(run)
+            if covariance is None:
+                scan.weighed_by_draws.add(shard)
+            if not streaming:
+                scan.covariances[shard] = covariance
         if not streaming:
             scan.draws[shard] = draws
     return scan
+
+
+def shard_covariance(run: az.InferenceData) -> np.ndarray | None:
+    """The inverse of a run's potential Hessian ``(D, D)`` (its ``curvature`` group, written by
+    the sample stage), or ``None`` where the run has none or it is not positive definite."""
+    if "curvature" not in run.groups():
+        return None
+    return hessian_covariance(run.curvature["precision"].values)
 
 
 def select_shards(scan: ShardScan, num_shards: int, settings: CombineSettings) -> tuple[list[int], list[dict]]:
@@ -272,7 +299,7 @@ def combined_record(
 
 
 #: Entries of the shard record that are not copied into the combined posterior's attributes.
-RECORD_ONLY = ("used", "excluded", "streaming", "max_abs_z", "max_outlier_z", "shrinkage_intensity")
+RECORD_ONLY = ("used", "excluded", "streaming", "max_abs_z", "max_outlier_z", "shrinkage_intensity", "weighed_by_draws")
 
 
 def combine_shards(
@@ -297,7 +324,7 @@ def combine_shards(
     every shard. The chains of a combined posterior are not independent MCMC chains, so
     R-hat and ESS belong to the shards, never to the combined draws.
     """
-    plan = plan_consensus(settings.method, settings.shrinkage, point_site)
+    plan = plan_consensus(settings.method, settings.shrinkage, point_site, settings.weights)
     streaming = num_shards > STREAMING_ABOVE
     scan = scan_shards(
         load,
@@ -312,15 +339,33 @@ def combine_shards(
     def draws_of(shard: int) -> Mapping[str, np.ndarray]:
         return unconstrained_draws(load(shard))[0] if streaming else scan.draws[shard]
 
+    def weighed(shard: int) -> tuple[Mapping[str, np.ndarray], np.ndarray | None]:
+        """The shard's draws and the covariance that weighs it (``None``: its draws')."""
+        if not streaming:
+            return scan.draws[shard], scan.covariances.get(shard)
+        run = load(shard)
+        covariance = shard_covariance(run) if plan.weights == "hessian" else None
+        return unconstrained_draws(run)[0], covariance
+
+    for_draws, for_covariances = tee(weighed(shard) for shard in kept)
     combined, accumulator = stream_combine(
-        (draws_of(shard) for shard in kept),
+        (draws for draws, _ in for_draws),
         scan.like,
         plan,
         jax.random.PRNGKey(settings.seed),
         shapes=pooled_shapes(scan, kept, plan, draws_of),
         chains=scan.layout[0],
+        shard_covariances=(covariance for _, covariance in for_covariances),
     )
-    facts = {"streaming": streaming}
+    facts = {"streaming": streaming, "weights": WEIGHTS[plan.weights]}
+    if plan.weights == "hessian":
+        facts["weighed_by_draws"] = sorted(scan.weighed_by_draws & set(kept))
+        if facts["weighed_by_draws"]:
+            log.warning(
+                "shards %s: the Hessian at the posterior mean is not positive definite; their draws' covariance "
+                "weighs them",
+                facts["weighed_by_draws"],
+            )
     if point_site is not None:
         facts["location"] = "coordinate consensus"
     if point_pairs is not None:
@@ -366,11 +411,14 @@ def combine_runs(
     seed: int,
     *,
     shrinkage: float | str,
+    weights: str,
     point_site: str | None = None,
     point_pairs: np.ndarray | None = None,
 ) -> az.InferenceData:
     """:func:`combine_shards` of runs already in memory, without screening."""
-    settings = CombineSettings(method, seed, shrinkage, screen=None, min_shards_fraction=1.0, on_failed_shard="fail")
+    settings = CombineSettings(
+        method, seed, shrinkage, screen=None, min_shards_fraction=1.0, on_failed_shard="fail", weights=weights
+    )
     return combine_shards(
         runs.__getitem__, len(runs), model, model_kwargs, settings, point_site=point_site, point_pairs=point_pairs
     ).idata

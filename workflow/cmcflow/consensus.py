@@ -11,9 +11,13 @@ of their non-Gaussian shape otherwise. The weights can be block-diagonal
 diagonal, one 3×3 block per point suits an aligned point cloud), and ``parametric`` draws
 from the product of the shards' Gaussian approximations N(μ_s, Σ_s) instead.
 
-The weights come from each shard's draws, and with many parameters their sampling noise
-moves the combined mean. Random and stratified shards share one covariance *shape*, so
-each shard's covariance can be shrunk toward the pooled shape at the shard's own scale,
+The weights can come from the model: W_s = H_s, the Hessian of shard s's tempered potential
+−log p(θ)^(1/K) p(y_s | θ) in the unconstrained space at its posterior mean
+(:func:`hessian_covariance`; computed by the sample stage), the precision of its Laplace
+approximation, with no Monte Carlo noise. Or they come from each shard's draws, and with
+many parameters their sampling noise moves the combined mean. Random and stratified shards
+share one covariance *shape*, so each shard's covariance can be shrunk toward the pooled
+shape at the shard's own scale,
 Σ̃ = (1 − λ) Σ̂ + λ tr(Σ̂) Ψ, with a Ledoit–Wolf intensity λ estimated from the shard's draws
 (:func:`shrinkage_intensity`; measured effect: bench/results/cmc_vs_full.md). NumPyro's
 ``hmc_util.consensus`` estimates each covariance on its own and has neither blocks nor
@@ -37,6 +41,8 @@ METHODS = {
     "consensus_diag": "diagonal covariance",
     "parametric": "full covariance (Gaussian product)",
 }
+#: Where each shard's covariance comes from (``combine.weights``).
+WEIGHTS = {"hessian": "inverse Hessian at the shard's posterior mean", "draws": "sample covariance of the draws"}
 #: What ``consensus`` means for a rigid model.
 POINT_BLOCKS = "per-point 3x3 blocks (rigid model), other parameters full"
 
@@ -204,25 +210,34 @@ class ConsensusAccumulator:
         self.shrinkage, self.shapes, self.chains = shrinkage, shapes, chains
         self.intensities: list[float] = []
 
-    def add(self, draws: np.ndarray) -> None:
-        """Add one shard's draws ``(S, D)``."""
+    def add(self, draws: np.ndarray, covariance: np.ndarray | None = None) -> None:
+        """Add one shard's draws ``(S, D)``, weighted by the inverse of the given
+        ``covariance`` ``(D, D)`` restricted to each block (no shrinkage), or else by the
+        inverse of the draws' own (shrunk) covariance."""
         intensities = []
         for size, index in self.groups.items():
             values = draws[:, index]  # (S, B, size)
-            covariance = block_covariances(values)
+            if covariance is not None:
+                weights = np.linalg.inv(covariance[index[:, :, None], index[:, None, :]])
+                self._accumulate(size, index, weights, values)
+                continue
+            covariance_hat = block_covariances(values)
             if self.shrinkage != 0.0 and size > 1:  # Σ̃ = (1 − λ) Σ̂ + λ T
-                target = shrinkage_targets(covariance, self.shapes[size])
+                target = shrinkage_targets(covariance_hat, self.shapes[size])
                 if self.shrinkage == "auto":
-                    weight = shrinkage_intensity(values, covariance, target, self.chains)
+                    weight = shrinkage_intensity(values, covariance_hat, target, self.chains)
                 else:
-                    weight = np.full(len(covariance), float(self.shrinkage))
-                covariance = (1 - weight)[:, None, None] * covariance + weight[:, None, None] * target
+                    weight = np.full(len(covariance_hat), float(self.shrinkage))
+                covariance_hat = (1 - weight)[:, None, None] * covariance_hat + weight[:, None, None] * target
                 intensities.append(weight)
-            weights = np.linalg.inv(covariance)
-            self.precision[size] += weights
-            self.weighted_draws[:, index] += np.einsum("bij,sbj->sbi", weights, values)
-            self.weighted_mean[index] += np.einsum("bij,bj->bi", weights, values.mean(axis=0))
+            self._accumulate(size, index, np.linalg.inv(covariance_hat), values)
         self.intensities.append(float(np.concatenate(intensities).mean()) if intensities else 0.0)
+
+    def _accumulate(self, size: int, index: np.ndarray, weights: np.ndarray, values: np.ndarray) -> None:
+        """Add W_s,b ``(B, size, size)`` and W_s,b θ_s,j[b] for the blocks' ``values (S, B, size)``."""
+        self.precision[size] += weights
+        self.weighted_draws[:, index] += np.einsum("bij,sbj->sbi", weights, values)
+        self.weighted_mean[index] += np.einsum("bij,bj->bi", weights, values.mean(axis=0))
 
     def draws(self) -> np.ndarray:
         """The combined draws ``(S, D)``."""
@@ -259,6 +274,21 @@ class ConsensusAccumulator:
         return mean + normal @ np.linalg.cholesky(covariance).T
 
 
+def hessian_covariance(precision: np.ndarray) -> np.ndarray | None:
+    """Σ = H⁻¹ ``(D, D)`` for a shard's potential Hessian H ``(D, D)``
+    (:func:`cmcflow.transforms.potential_hessian`), or ``None`` where H is not finite and
+    positive definite (then its draws weigh it)."""
+    symmetric = (precision + precision.T) / 2
+    if not np.isfinite(symmetric).all():
+        return None
+    try:
+        root = np.linalg.cholesky(symmetric)
+    except np.linalg.LinAlgError:
+        return None
+    inverse_root = np.linalg.inv(root)
+    return inverse_root.T @ inverse_root
+
+
 def mean_shapes(shapes: Sequence[Mapping[int, np.ndarray]]) -> dict[int, np.ndarray]:
     """The mean of several :func:`block_shapes` results."""
     return {size: np.mean([shape[size] for shape in shapes], axis=0) for size in shapes[0]}
@@ -289,13 +319,16 @@ class ConsensusPlan:
     ``method``: ``consensus``, ``consensus_diag`` or ``parametric``; ``covariance``: what
     the weights are, in words (recorded with the result); ``shrinkage``: λ in [0, 1] or
     ``"auto"`` where shrinkage applies, else 0; ``point_site``: a rigid model's aligned
-    point cloud ``(N, 3)``, or ``None``.
+    point cloud ``(N, 3)``, or ``None``; ``weights``: ``"hessian"`` (each shard's covariance
+    is the inverse of its potential's Hessian, :func:`hessian_covariance`, where that is
+    positive definite) or ``"draws"`` (the sample covariance of its draws).
     """
 
     method: str
     covariance: str
     shrinkage: float | str
     point_site: str | None
+    weights: str = "draws"
 
     def blocks(self, like: Mapping[str, np.ndarray], sites: Sequence[str]) -> list[np.ndarray]:
         """The weight blocks over the flattened parameters of ``like`` ``{site: (S, …)}``:
@@ -309,17 +342,23 @@ class ConsensusPlan:
         return [np.arange(dimension)]
 
 
-def plan_consensus(method: str, shrinkage: float | str, point_site: str | None) -> ConsensusPlan:
-    """The :class:`ConsensusPlan` of ``method`` with covariance ``shrinkage`` for a model
-    whose aligned point cloud is ``point_site`` (``None``: not a rigid model).
+def plan_consensus(
+    method: str, shrinkage: float | str, point_site: str | None, weights: str = "draws"
+) -> ConsensusPlan:
+    """The :class:`ConsensusPlan` of ``method`` with covariance ``shrinkage`` and ``weights``
+    for a model whose aligned point cloud is ``point_site`` (``None``: not a rigid model).
 
     Aligned coordinates have a rank-deficient covariance (alignment removed the 6
     rigid-motion directions), so a rigid model's ``consensus`` weighs each point by its own
     3×3 block, and ``parametric`` (one full Gaussian) is refused. Shrinkage applies to
     neither ``consensus_diag`` (a diagonal has no shape to shrink) nor rigid models (their
     per-point blocks are estimated from thousands of draws each, and their accuracy was
-    measured without it: bench/results/structure_accuracy.md).
+    measured without it: bench/results/structure_accuracy.md). Hessian weights have no
+    sampling noise to shrink away, and a rigid model has none (its Hessian is singular
+    along the rigid motions, and its draws are aligned after sampling): it weighs by draws.
     """
+    if weights not in WEIGHTS:
+        raise InputError(f"unknown combine weights {weights!r}; choose one of {sorted(WEIGHTS)}")
     if method not in METHODS:
         raise InputError(f"unknown combine method {method!r}; choose one of {sorted(METHODS)}")
     covariance = METHODS[method]
@@ -329,5 +368,7 @@ def plan_consensus(method: str, shrinkage: float | str, point_site: str | None) 
         raise InputError(
             f"combine method {method!r} is not well posed for rigid models; use consensus or consensus_diag"
         )
-    applies = shrinkage != 0.0 and method != "consensus_diag" and point_site is None
-    return ConsensusPlan(method, covariance, shrinkage if applies else 0.0, point_site)
+    if point_site is not None:
+        weights = "draws"
+    applies = shrinkage != 0.0 and method != "consensus_diag" and point_site is None and weights == "draws"
+    return ConsensusPlan(method, covariance, shrinkage if applies else 0.0, point_site, weights)

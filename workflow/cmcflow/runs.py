@@ -98,7 +98,7 @@ def constrained_moments(shard: int, posterior) -> pd.DataFrame:
 
 
 def read_run(
-    path: str | os.PathLike, groups: tuple[str, ...] = ("posterior", "unconstrained_posterior")
+    path: str | os.PathLike, groups: tuple[str, ...] = ("posterior", "unconstrained_posterior", "curvature")
 ) -> az.InferenceData:
     """The ``groups`` of a run written by :func:`write_run`, read eagerly; a group the file
     lacks (a :func:`failed_run` record has only ``posterior``) is left out.

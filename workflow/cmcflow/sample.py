@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import arviz as az
 import jax
 import numpy as np
+import xarray as xr
 from numpyro.infer import MCMC, NUTS, init_to_uniform
 
 from cmcflow.jaxenv import COMPILE_CLOCK
@@ -21,7 +22,7 @@ from cmcflow.models import ModelSpec
 from cmcflow.runs import diagnostics
 from cmcflow.screening import TREE_DEPTH_WARNING
 from cmcflow.tempering import temper_priors
-from cmcflow.transforms import latent_site_names, model_kwargs, unconstrain_draws
+from cmcflow.transforms import latent_site_names, model_kwargs, potential_hessian, unconstrain_draws
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,10 @@ def sample_features(
 
     latents = latent_site_names(model, kwargs)
     idata = run_record(mcmc, model, kwargs, latents)
+    started = time.perf_counter()
+    if spec.symmetry != "rigid":  # a rigid model's frame is fixed by align, after sampling
+        idata.add_groups(curvature=curvature(temper_priors(model, power=1.0 / num_shards), kwargs, idata))
+    curvature_seconds = time.perf_counter() - started
     run_facts = {
         "num_shards": num_shards,
         "rows": int(np.sum(features["mask"])),
@@ -146,6 +151,7 @@ def sample_features(
         "shard": shard,
         "compile_seconds": compile_seconds,
         "sampling_seconds": sampling_seconds,
+        "curvature_seconds": curvature_seconds,
         "persistent_cache_hits": COMPILE_CLOCK.persistent_cache_hits,
         **{
             f"nuts_{name}": int(value) if isinstance(value, bool) else value for name, value in asdict(settings).items()
@@ -170,6 +176,17 @@ def sample_features(
             settings.max_tree_depth,
         )
     return idata, report
+
+
+def curvature(model, kwargs: Mapping, idata: az.InferenceData) -> xr.Dataset:
+    """The ``curvature`` group of a run: ``precision`` ``(D, D)``, the Hessian of ``model``'s
+    potential energy (:func:`~cmcflow.transforms.potential_hessian`) at the mean of the
+    run's unconstrained draws, sites in the order of ``unconstrained_posterior``. Combine
+    weighs the shard by it (``combine.weights: hessian``)."""
+    group = idata.unconstrained_posterior
+    mean = {name: group[name].values.mean(axis=(0, 1)) for name in group.data_vars}
+    precision = potential_hessian(model, kwargs, mean)
+    return xr.Dataset({"precision": (("flat_row", "flat_column"), precision)}, attrs={"at": "posterior mean"})
 
 
 def run_record(mcmc: MCMC, model, kwargs: Mapping, latents: list[str]) -> az.InferenceData:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 from numpyro.infer import init_to_uniform
-from numpyro.infer.util import constrain_fn, unconstrain_fn
+from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
 #: Draws pushed through the model at once by :func:`map_draws`.
 TRANSFORM_BATCH = 256
@@ -59,3 +59,24 @@ def constrain_draws(
     """Unconstrained draws ``{site: (*batch, …)}`` -> every site of the model (latent sites
     constrained to their support, and deterministic sites)."""
     return map_draws(lambda position: constrain_fn(model, (), kwargs, position), draws, batch_ndims)
+
+
+def potential_hessian(model: Callable, kwargs: Mapping, position: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The Hessian ``(D, D)`` of ``model(**kwargs)``'s potential energy U = −log p(θ, y) in the
+    unconstrained space (log-Jacobians of the support transforms included) at ``position``
+    ``{site: (…)}``, the sites flattened in the given order, each row-major (as
+    :func:`cmcflow.consensus.flatten`). At a posterior's centre it is the precision of the
+    posterior's Gaussian (Laplace) approximation: a weight computed from the model, without
+    the Monte Carlo noise of a covariance estimated from draws.
+    """
+    shapes = {name: np.shape(value) for name, value in position.items()}
+    sizes = [int(np.prod(shape, dtype=int)) for shape in shapes.values()]
+    splits = np.cumsum(sizes)[:-1].tolist()
+
+    def potential(flat):
+        parts = jnp.split(flat, splits)
+        params = {name: part.reshape(shape) for (name, shape), part in zip(shapes.items(), parts)}
+        return potential_energy(model, (), kwargs, params)
+
+    flat = jnp.concatenate([jnp.ravel(jnp.asarray(value)) for value in position.values()])
+    return np.asarray(jax.jit(jax.hessian(potential))(flat))
