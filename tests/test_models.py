@@ -18,6 +18,7 @@ from cmcflow.models import get_model, resolve_columns
 from cmcflow.models.rows import offset_regression_features
 from cmcflow.sample import sample_features
 from cmcflow.shard import split_rows
+from cmcflow.transforms import model_kwargs
 
 
 def full_data_run(spec, options, columns, seed=11):
@@ -51,7 +52,15 @@ def test_corrected_cmc_matches_full_data_nuts(name):
     0.03)."""
     spec, options, X, y = simulated(name, rows=4000, features=3, seed=2)
     runs, kwargs = shard_runs(spec, options, X, y, split_rows(len(y), 4, seed=0))
-    settings = CombineSettings("consensus", 0, schema_default("combine", "covariance_shrinkage"), None, 1.0, "fail")
+    settings = CombineSettings(
+        "consensus",
+        0,
+        schema_default("combine", "covariance_shrinkage"),
+        None,
+        1.0,
+        "fail",
+        schema_default("combine", "weights"),
+    )
     combination = combine_shards(runs.__getitem__, len(runs), spec.numpyro_model, kwargs[0], settings)
     fixed, figures = corrected(spec, kwargs, combination.gaussian)
     assert figures["khat"] < 0.7, figures["khat"]
@@ -84,3 +93,31 @@ def test_offset_is_an_optional_column_that_enters_the_linear_predictor():
     for site, truth in (("intercept", [0.5]), ("beta", [0.4, -0.3])):
         draws = flat_draws(full, site)
         assert np.all(np.abs(draws.mean(axis=0) - truth) / draws.std(axis=0) < 4), site
+
+
+def test_logistic_weight_counts_a_row_that_many_times_and_offset_shifts_the_log_odds():
+    """A row of weight 2 holds exactly the log-likelihood of the row twice; an offset c on
+    every row is an intercept moved by c; weights and offsets are optional columns."""
+    spec = get_model("logistic")
+    assert resolve_columns(spec, {"features": ["a"]})["weight"] == []
+    rng = np.random.default_rng(4)
+    X, y = rng.normal(size=(30, 2)), rng.integers(0, 2, size=30).astype(float)
+    weight = rng.integers(0, 3, size=30).astype(float)
+    repeated = np.repeat(np.arange(30), weight.astype(int))
+    weighted = spec.featurize({"features": X, "label": y, "weight": weight}, 32, {})
+    plain = spec.featurize({"features": X[repeated], "label": y[repeated]}, 64, {})
+    np.testing.assert_array_equal(plain["weight"], np.r_[np.ones(len(repeated)), np.zeros(64 - len(repeated))])
+    point = {"intercept": np.array([[0.3]]), "beta": np.array([[0.5, -1.2]])}
+    log_likelihood = [
+        shard_log_likelihood(spec.numpyro_model, model_kwargs(features, spec.options), point, rows=64)
+        for features in (weighted, plain)
+    ]
+    np.testing.assert_allclose(*log_likelihood, rtol=1e-12)
+    shifted = spec.featurize({"features": X, "label": y, "offset": np.full(30, 0.7)}, 32, {})
+    plain = spec.featurize({"features": X, "label": y}, 32, {})
+    moved = {"intercept": np.array([[1.0]]), "beta": point["beta"]}
+    np.testing.assert_allclose(
+        shard_log_likelihood(spec.numpyro_model, model_kwargs(shifted, spec.options), point, rows=32),
+        shard_log_likelihood(spec.numpyro_model, model_kwargs(plain, spec.options), moved, rows=32),
+        rtol=1e-12,
+    )

@@ -78,6 +78,10 @@ def _column_problems(values: pd.Series, kind: str) -> tuple[np.ndarray, list[str
         outside = int(np.sum((finite < 0) | (finite != np.round(finite))))
         if outside:
             problems.append(f"{outside} of {rows} rows are not non-negative integers")
+    elif kind == "weight":
+        outside = int(np.sum(finite < 0))
+        if outside:
+            problems.append(f"{outside} of {rows} rows are negative (a weight is >= 0)")
     return array, problems
 
 

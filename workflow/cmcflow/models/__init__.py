@@ -21,8 +21,9 @@ import pandas as pd
 from cmcflow.errors import ConfigError
 
 #: Value kinds a column can declare; :mod:`cmcflow.table` checks each row against them:
-#: real (finite), binary (0 or 1), count (non-negative integer: counts, point indices).
-COLUMN_KINDS = ("real", "binary", "count")
+#: real (finite), binary (0 or 1), count (non-negative integer: counts, point indices),
+#: weight (finite, non-negative).
+COLUMN_KINDS = ("real", "binary", "count", "weight")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,12 @@
 """Bayesian logistic regression: the canonical consensus Monte Carlo benchmark.
 
 intercept ~ Normal(0, prior_sd),  beta_p ~ Normal(0, prior_sd)   (p = 1..P)
-y_n | x_n ~ Bernoulli(sigmoid(intercept + x_n . beta))
+y_n | x_n ~ Bernoulli(sigmoid(intercept + x_n . beta + offset_n)),  each row's log-likelihood
+times its weight w_n
+
+``offset`` (default 0) is a known term on the log-odds scale (e.g. the log odds of a
+baseline risk); ``weight`` (default 1) counts a row w_n times (frequency weights, e.g. rows
+that stand for w_n identical observations).
 """
 
 from __future__ import annotations
@@ -10,18 +15,27 @@ import numpy as np
 import pandas as pd
 
 from cmcflow.models import ModelSpec, Role
-from cmcflow.models.rows import correlated_features, regression_features
+from cmcflow.models.rows import correlated_features, weighted_regression_features
 
 
-def logistic_model(X, y, mask, prior_sd):
-    """``X (R, P)``, ``y (R,)`` in {0, 1}, ``mask (R,)`` bool (False on padding rows)."""
+def logistic_model(X, y, offset, weight, mask, prior_sd):
+    """``X (R, P)``, ``y (R,)`` in {0, 1}, ``offset (R,)``, ``weight (R,)`` >= 0, ``mask (R,)``
+    bool (False on padding rows): :func:`~cmcflow.models.rows.weighted_regression_features`.
+
+    A row of weight w counts as w identical rows: w y events in w trials,
+    Binomial(w, sigmoid(η)).log_prob(w y) = w (y η − log(1 + e^η)) = w · Bernoulli(sigmoid(η)).log_prob(y)
+    for y in {0, 1} and any real w >= 0 (the binomial coefficient is 1). (NumPyro's
+    ``handlers.scale`` would put an array into the trace's metadata, which ArviZ's
+    ``from_numpyro`` cannot trace.) With every weight 1 this is the Bernoulli likelihood.
+    """
     import numpyro
     import numpyro.distributions as dist
 
     intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
     beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
+    logits = intercept + X @ beta + offset
     with numpyro.plate("rows", X.shape[0]):
-        numpyro.sample("y", dist.Bernoulli(logits=intercept + X @ beta).mask(mask), obs=y)
+        numpyro.sample("y", dist.Binomial(weight, logits=logits).mask(mask), obs=weight * y)
 
 
 def simulate(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:
@@ -39,11 +53,13 @@ def simulate(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:
 SPEC = ModelSpec(
     name="logistic",
     numpyro_model=logistic_model,
-    featurize=regression_features,
-    featurizer_version="1",
+    featurize=weighted_regression_features,
+    featurizer_version="2",
     roles=(
         Role("features", "real", multiple=True, description="the regression's feature columns"),
         Role("label", "binary", default="y", description="the 0/1 outcome"),
+        Role("offset", "real", optional=True, description="a known term on the log-odds scale (none: 0)"),
+        Role("weight", "weight", optional=True, description="each row's weight on the log-likelihood (none: 1)"),
     ),
     options={"prior_sd": 2.5},
     simulate=simulate,

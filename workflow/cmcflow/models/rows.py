@@ -37,6 +37,20 @@ def offset_regression_features(columns: dict[str, np.ndarray], pad_to: int, fact
     additive term on the linear predictor's scale (e.g. the log of an exposure time or a
     population), 0 where the table has no offset column."""
     arrays = regression_features(columns, pad_to, facts)
-    offset = columns.get("offset")
-    offset = np.zeros(len(columns["label"])) if offset is None else np.asarray(offset, dtype=np.float64).reshape(-1)
-    return arrays | {"offset": pad_rows(offset, pad_to)}
+    return arrays | {"offset": pad_rows(optional_column(columns, "offset", 0.0), pad_to)}
+
+
+def weighted_regression_features(columns: dict[str, np.ndarray], pad_to: int, facts: dict) -> dict[str, np.ndarray]:
+    """:func:`offset_regression_features` and ``weight (pad_to,)`` float64: each row's weight
+    on the log-likelihood (a row of weight w counts as w identical rows), 1 where the table
+    has no weight column, 0 on padding rows."""
+    arrays = offset_regression_features(columns, pad_to, facts)
+    return arrays | {"weight": pad_rows(optional_column(columns, "weight", 1.0), pad_to)}
+
+
+def optional_column(columns: dict[str, np.ndarray], role: str, default: float) -> np.ndarray:
+    """The ``role`` column as float64 ``(rows,)``, or ``default`` on every row without one."""
+    values = columns.get(role)
+    if values is None:
+        return np.full(len(columns["label"]), default)
+    return np.asarray(values, dtype=np.float64).reshape(-1)
