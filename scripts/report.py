@@ -24,6 +24,7 @@ with reported_errors():
         snakemake.input.benchmarks,
         point_site=get_model(snakemake.params.model).point_site,
         importance_path=snakemake.input.importance or None,
+        corrected_summary_path=snakemake.input.corrected_summary or None,
     )
     write_bytes_atomic(snakemake.output.shards_figure, shards_png)
     write_bytes_atomic(snakemake.output.posterior_figure, posterior_png)

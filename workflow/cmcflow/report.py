@@ -106,31 +106,93 @@ def shards_figure(summary: pd.DataFrame, moments: pd.DataFrame, shards: dict) ->
     return png(figure)
 
 
-def posterior_figure(summary: pd.DataFrame, point_site: str | None) -> bytes:
-    """The combined posterior: for a structure, its mean Cα trace coloured by each point's
-    sd (sqrt of the mean per-coordinate variance, Å); otherwise mean and 5–95% interval of
-    up to 40 parameters."""
-    if point_site is not None:
-        rows = summary[[site_of(label) == point_site for label in summary.index]]
-        mean = rows["mean"].to_numpy().reshape(-1, 3)
-        sd = np.sqrt((rows["sd"].to_numpy().reshape(-1, 3) ** 2).mean(axis=1))
-        figure = plt.figure(figsize=(6.5, 5.5))
-        axis = figure.add_subplot(projection="3d")
-        axis.plot(*mean.T, color="0.6", lw=1)
-        points = axis.scatter(*mean.T, c=sd, cmap="viridis", s=25, depthshade=False)
-        figure.colorbar(points, ax=axis, shrink=0.7, label="posterior sd per point (Å)")
-        axis.set_title(f"Combined structure: posterior mean of {point_site} ({len(mean)} points)", fontsize=10)
-        for setter in (axis.set_xlabel, axis.set_ylabel, axis.set_zlabel):
-            setter("Å", fontsize=8)
-        return png(figure)
-    shown = summary.iloc[:40]
-    figure, axis = plt.subplots(figsize=(6.5, 0.6 + 0.25 * len(shown)))
+def posterior_figure(
+    summary: pd.DataFrame,
+    point_site: str | None,
+    moments: pd.DataFrame | None = None,
+    corrected: pd.DataFrame | None = None,
+    importance: dict | None = None,
+) -> bytes:
+    """The combined posterior. For a structure: its mean Cα trace coloured by each point's sd
+    (sqrt of the mean per-coordinate variance, Å). Otherwise :func:`standardised_figure`."""
+    if point_site is None:
+        return standardised_figure(summary, moments, corrected, importance)
+    rows = summary[[site_of(label) == point_site for label in summary.index]]
+    mean = rows["mean"].to_numpy().reshape(-1, 3)
+    sd = np.sqrt((rows["sd"].to_numpy().reshape(-1, 3) ** 2).mean(axis=1))
+    figure = plt.figure(figsize=(6.5, 5.5))
+    axis = figure.add_subplot(projection="3d")
+    axis.plot(*mean.T, color="0.6", lw=1)
+    points = axis.scatter(*mean.T, c=sd, cmap="viridis", s=25, depthshade=False)
+    figure.colorbar(points, ax=axis, shrink=0.7, label="posterior sd per point (Å)")
+    axis.set_title(f"Combined structure: posterior mean of {point_site} ({len(mean)} points)", fontsize=10)
+    for setter in (axis.set_xlabel, axis.set_ylabel, axis.set_zlabel):
+        setter("Å", fontsize=8)
+    return png(figure)
+
+
+#: Parameters the standardised posterior figure shows at most (the first ones in the summary).
+FIGURE_PARAMETERS = 40
+#: k̂ zones of Pareto-smoothed importance sampling (Vehtari et al.): good, acceptable, unreliable.
+KHAT_ZONES = ((-0.5, 0.5, "#1a7f37"), (0.5, 0.7, "#d4a72c"), (0.7, 1.5, "#b42318"))
+
+
+def standardised_figure(
+    summary: pd.DataFrame,
+    moments: pd.DataFrame | None,
+    corrected: pd.DataFrame | None,
+    importance: dict | None,
+) -> bytes:
+    """Each parameter on its own scale: x = (value − combined mean) / combined sd, so every
+    row is readable whatever the parameters' magnitudes. Per row: the combined 5–95%
+    interval (orange), the corrected posterior's mean and interval where the importance
+    correction ran (green), and every shard's mean (grey); the labels give the combined
+    mean ± sd in the parameter's units. With a correction, a second panel places its k̂
+    among the zones of Pareto-smoothed importance sampling."""
+    shown = summary.iloc[:FIGURE_PARAMETERS]
+    centre, scale = shown["mean"], shown["sd"].where(shown["sd"] > 0, 1.0)
+    panels = 2 if importance is not None else 1
+    figure, axes = plt.subplots(
+        1,
+        panels,
+        figsize=(7.5 if panels == 2 else 6.5, 0.9 + 0.28 * len(shown)),
+        gridspec_kw={"width_ratios": [4, 1][:panels]},
+        squeeze=False,
+    )
+    axis = axes[0, 0]
     positions = np.arange(len(shown))
-    axis.hlines(positions, shown["5%"], shown["95%"], color="tab:orange", lw=2)
-    axis.scatter(shown["mean"], positions, color="k", s=12, zorder=3)
-    axis.set_yticks(positions, shown.index, fontsize=8)
+    if moments is not None:
+        for position, label in zip(positions, shown.index):
+            means = moments.loc[moments["parameter"] == label, "mean"].to_numpy()
+            axis.scatter((means - centre[label]) / scale[label], np.full(len(means), position), color="0.6", s=6)
+    axis.hlines(positions, (shown["5%"] - centre) / scale, (shown["95%"] - centre) / scale, color="tab:orange", lw=3)
+    axis.scatter(np.zeros(len(shown)), positions, color="k", s=12, zorder=3)
+    if corrected is not None:
+        fixed = corrected.reindex(shown.index)
+        offset = positions + 0.3
+        axis.hlines(offset, (fixed["5%"] - centre) / scale, (fixed["95%"] - centre) / scale, color="tab:green", lw=2)
+        axis.scatter((fixed["mean"] - centre) / scale, offset, color="tab:green", s=10, zorder=3)
+    axis.axvline(0, color="0.8", lw=0.8, zorder=0)
+    labels = [f"{label}  {centre[label]:.4g} ± {shown['sd'][label]:.2g}" for label in shown.index]
+    axis.set_yticks(positions, labels, fontsize=8)
     axis.invert_yaxis()
-    axis.set_title("Combined posterior: mean and 5–95% interval", fontsize=10)
+    axis.set_xlabel("(value − combined mean) / combined sd", fontsize=8)
+    legend = "orange: combined 5–95%; grey: shard means" + ("; green: corrected" if corrected is not None else "")
+    axis.set_title(f"Combined posterior, each parameter in its own sd\n{legend}", fontsize=9)
+    axis.tick_params(axis="x", labelsize=8)
+    if importance is not None:
+        gauge = axes[0, 1]
+        for low, high, colour in KHAT_ZONES:
+            gauge.axvspan(low, high, color=colour, alpha=0.25, lw=0)
+        khat = float(importance["khat"])
+        gauge.axvline(np.clip(khat, -0.5, 1.5), color="k", lw=2)
+        gauge.set_xlim(-0.5, 1.5)
+        gauge.set_yticks([])
+        gauge.set_xticks([0, 0.7, 1.0])
+        gauge.tick_params(axis="x", labelsize=8)
+        gauge.set_title(
+            f"importance weights\nk̂ = {khat:.2f}, ESS {importance['effective_sample_size']:.0f}", fontsize=9
+        )
     return png(figure)
 
 
@@ -226,13 +288,18 @@ def render_report(
     benchmark_paths: Sequence[str | os.PathLike],
     point_site: str | None = None,
     importance_path: str | os.PathLike | None = None,
+    corrected_summary_path: str | os.PathLike | None = None,
 ) -> tuple[str, bytes, bytes]:
     """The analysis report as a self-contained HTML page, and its two figures (PNG): the
-    shards against the combination, and the combined posterior."""
+    shards against the combination, and the combined posterior (with the corrected one and
+    k̂ where the importance correction ran: ``importance_path``, ``corrected_summary_path``)."""
     summary = pd.read_csv(summary_path, index_col="parameter")
     shards = read_json(shards_path)
-    shards_png = shards_figure(summary, pd.read_csv(moments_path), shards)
-    posterior_png = posterior_figure(summary, point_site)
+    moments = pd.read_csv(moments_path)
+    importance = read_json(importance_path) if importance_path else None
+    corrected = pd.read_csv(corrected_summary_path, index_col="parameter") if corrected_summary_path else None
+    shards_png = shards_figure(summary, moments, shards)
+    posterior_png = posterior_figure(summary, point_site, moments, corrected, importance)
     diagnostics = [read_json(path) for path in diagnostics_paths]
     cache_hits = sum(bool(read_json(path)["cache_hit"]) for path in features_info_paths)
     excluded = shards["excluded"]
@@ -250,7 +317,7 @@ def render_report(
             if excluded
             else []
         ),
-        exactness_section(read_json(importance_path) if importance_path else None),
+        exactness_section(importance),
         "<h2>Shards and their combination</h2>",
         image_tag(shards_png, "per-shard against combined marginals; shard heterogeneity"),
         "<h2>Combined posterior</h2>",

@@ -173,6 +173,11 @@ def importance_input(wildcards):
     return IMPORTANCE.format(analysis=wildcards.analysis) if ANALYSES[wildcards.analysis].corrected else []
 
 
+def corrected_summary_input(wildcards):
+    """The corrected posterior's summary, where the analysis is corrected (none otherwise)."""
+    return CORRECTED_SUMMARY.format(analysis=wildcards.analysis) if ANALYSES[wildcards.analysis].corrected else []
+
+
 def shard_diagnostics_inputs(wildcards):
     """Diagnostics the report shows: on aligned draws for rigid models."""
     rigid = ANALYSES[wildcards.analysis].rigid

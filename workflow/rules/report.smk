@@ -8,6 +8,7 @@ rule report:
         features_info=per_shard(FEATURES_INFO),
         benchmarks=stage_benchmarks,
         importance=importance_input,
+        corrected_summary=corrected_summary_input,
     output:
         report=REPORT,
         shards_figure=report(REPORT_SHARDS_FIGURE, caption="../report/shards.rst", category="{analysis}"),
