@@ -19,6 +19,7 @@ repeats of 8 shards and a 21-minute full-data run) about 115 minutes, the others
 | P5 | dry_run_scale.py, combine_scale.py | dry-run time with many shards; combine time and memory |
 | P6 | rerun_jobs.py | jobs executed after a sampling-only config edit |
 | I | importance_accuracy.py | importance correction vs full-data NUTS: k-hat, errors, an easy and two hard cases |
+| R | real_data.py | three public data sets (K = 8) vs full-data NUTS; needs ``pip install -e '.[bench]'`` |
 
 ``structure_accuracy.py`` (issue 3's accuracy of the combined structure) needs finished
 workflow runs and is run on its own.
@@ -44,6 +45,7 @@ SCRIPTS = {
     "P5": ["dry_run_scale.py", "combine_scale.py"],
     "P6": ["rerun_jobs.py"],
     "I": ["importance_accuracy.py"],
+    "R": ["real_data.py"],
 }
 
 
