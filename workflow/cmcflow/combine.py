@@ -33,6 +33,7 @@ import pandas as pd
 
 from cmcflow import screening
 from cmcflow.consensus import (
+    HESSIAN_MAX_PARAMETERS,
     WEIGHTS,
     ConsensusAccumulator,
     ConsensusPlan,
@@ -362,9 +363,10 @@ def combine_shards(
         facts["weighed_by_draws"] = sorted(scan.weighed_by_draws & set(kept))
         if facts["weighed_by_draws"]:
             log.warning(
-                "shards %s: the Hessian at the posterior mean is not positive definite; their draws' covariance "
-                "weighs them",
+                "shards %s have no usable Hessian (not positive definite at the posterior mean, or none computed: "
+                "more than %d parameters); their draws' covariance weighs them",
                 facts["weighed_by_draws"],
+                HESSIAN_MAX_PARAMETERS,
             )
     if point_site is not None:
         facts["location"] = "coordinate consensus"

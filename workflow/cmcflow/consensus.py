@@ -43,6 +43,9 @@ METHODS = {
 }
 #: Where each shard's covariance comes from (``combine.weights``).
 WEIGHTS = {"hessian": "inverse Hessian at the shard's posterior mean", "draws": "sample covariance of the draws"}
+#: Above this many unconstrained parameters the sample stage computes no Hessian (D forward
+#: passes of the gradient and D² numbers per shard): every shard is weighed by its draws.
+HESSIAN_MAX_PARAMETERS = 1000
 #: What ``consensus`` means for a rigid model.
 POINT_BLOCKS = "per-point 3x3 blocks (rigid model), other parameters full"
 

@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 from numpyro.infer import MCMC, NUTS, init_to_uniform
 
+from cmcflow.consensus import HESSIAN_MAX_PARAMETERS
 from cmcflow.jaxenv import COMPILE_CLOCK
 from cmcflow.models import ModelSpec
 from cmcflow.runs import diagnostics
@@ -138,7 +139,9 @@ def sample_features(
     latents = latent_site_names(model, kwargs)
     idata = run_record(mcmc, model, kwargs, latents)
     started = time.perf_counter()
-    if spec.symmetry != "rigid":  # a rigid model's frame is fixed by align, after sampling
+    dimension = sum(int(np.prod(value.shape[2:], dtype=int)) for value in idata.unconstrained_posterior.values())
+    # a rigid model's frame is fixed by align, after sampling: its draws weigh it
+    if spec.symmetry != "rigid" and dimension <= HESSIAN_MAX_PARAMETERS:
         idata.add_groups(curvature=curvature(temper_priors(model, power=1.0 / num_shards), kwargs, idata))
     curvature_seconds = time.perf_counter() - started
     run_facts = {
