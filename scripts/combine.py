@@ -39,6 +39,7 @@ with reported_errors():
         diagnostics=[read_json(path) for path in snakemake.input.diagnostics],
         point_site=spec.point_site,
         point_pairs=point_pairs,
+        sample_paths=snakemake.params.sample_paths,
     )
     write_combined(
         combination.idata,

@@ -17,7 +17,7 @@ with reported_errors():
 
     from cmcflow.featurize import load_features
     from cmcflow.models import get_model
-    from cmcflow.runs import failed_run, write_run
+    from cmcflow.runs import failed_run, is_transient, write_run
     from cmcflow.sample import NutsSettings, sample_features
 
     settings = dict(snakemake.params.sample)
@@ -36,6 +36,8 @@ with reported_errors():
             devices=snakemake.params.jax["devices"],
         )
     except Exception as error:  # recorded, not raised: combine applies combine.on_failed_shard
+        if is_transient(error):  # out of memory, I/O: fail the job, and the profile's retries resubmit it
+            raise
         logging.getLogger("cmcflow.sample").exception("NUTS failed on shard %d; writing a failure record", shard)
         idata, report = failed_run(shard, f"{type(error).__name__}: {error}")
     write_run(idata, report, snakemake.output.posterior, snakemake.output.diagnostics)

@@ -76,11 +76,13 @@ def test_by_default_a_failed_shard_fails_the_run_naming_it(flaky):
     workflow, failing, result = flaky
     assert result.returncode != 0
     message = (
-        f"1 of 3 sample jobs failed (set combine.on_failed_shard: skip to combine the others): "
-        f"shard {failing}: failed: RuntimeError: injected failure"
+        f"1 of 3 sample jobs failed: shard {failing}: failed: RuntimeError: injected failure. Once the cause is "
+        f"fixed, `snakemake --forcerun results/tiny/samples/shard-{failing:04d}.nc` samples them again; or set "
+        "combine.on_failed_shard: skip to combine the others"
     )
     assert message in (workflow.workdir / "results/tiny/logs/combine.log").read_text()
     assert message in result.stderr
+    assert result.stderr.count("Error in rule combine") == 1  # not retried: a retry cannot help
     assert not (workflow.workdir / "results/tiny/combined").exists()
     record = json.loads((workflow.workdir / f"results/tiny/samples/shard-{failing:04d}.diagnostics.json").read_text())
     assert record == {"failed": True, "shard": failing, "error": "RuntimeError: injected failure"}
@@ -99,3 +101,23 @@ def test_skip_combines_the_others_and_lists_the_failed_shard(flaky):
     assert shards["prior_power"] == pytest.approx(2 / 3)
     report = (workflow.workdir / "results/tiny/report/report.html").read_text()
     assert f"shard {failing}: failed: RuntimeError: injected failure" in report
+
+
+def test_only_errors_that_may_not_recur_fail_the_sample_job():
+    """Out of memory (Python's or XLA's) and I/O errors fail the job, so the profile's retries
+    resubmit it with more memory and time; the model's own errors are recorded."""
+    from cmcflow.runs import is_transient
+
+    assert is_transient(MemoryError())
+    assert is_transient(OSError(28, "No space left on device"))
+    assert is_transient(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.0GiB"))
+    assert not is_transient(ValueError("Normal distribution got invalid scale parameter"))
+    assert not is_transient(RuntimeError("injected failure"))
+
+
+def test_runtime_grows_with_the_retry_attempt_like_memory():
+    from cmcflow.resources import runtime_minutes, sample_mem_mb
+
+    runtime = runtime_minutes(120)
+    assert [runtime(None, attempt) for attempt in (1, 2, 3)] == [120, 240, 360]
+    assert sample_mem_mb(1.0, 2) == 2 * sample_mem_mb(1.0, 1)

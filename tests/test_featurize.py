@@ -138,3 +138,44 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_run(tmp_path):
     write_bytes_atomic(target, b"done")
     assert target.read_bytes() == b"done" and not stale.exists() and other.exists()
     assert sorted(path.name for path in target.parent.iterdir()) == [".shard-0001.nc.def456.tmp", "shard-0000.nc"]
+
+
+USER_FEATURIZER = '''
+import dataclasses
+
+from cmcflow.models.logistic import SPEC as LOGISTIC
+from cmcflow.models.rows import weighted_regression_features
+
+
+def featurize(columns, pad_to, facts):
+    return weighted_regression_features(columns, pad_to, facts)
+
+
+SPEC = dataclasses.replace(LOGISTIC, name="mine", featurize=featurize)
+'''
+
+
+def test_an_edited_featurizer_never_gets_the_old_features(tmp_path, monkeypatch):
+    """Editing a user's featurizer module without bumping its featurizer_version changes
+    the cache key (a miss, features computed again) and the analysis' featurizer digest (the
+    rule's params: Snakemake reruns featurize)."""
+    from cmcflow.config import resolve_analysis
+    from cmcflow.featurize import cache_key
+
+    module = tmp_path / "user_featurizer.py"
+    module.write_text(USER_FEATURIZER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    settings = {
+        "model": "user_featurizer:SPEC",
+        "input": {"path": "x.csv"},
+        "columns": {"features": ["x0"]},
+        "model_options": {},
+        "shard": {"num_shards": 2, "stratify_by": "model"},
+    }
+    arrays = {"features": np.ones((3, 1)), "label": np.ones(3)}
+    before = (cache_key(arrays, get_model("user_featurizer:SPEC"), {}), resolve_analysis("a", settings))
+    module.write_text(USER_FEATURIZER.replace("return weighted", "columns = dict(columns)\n    return weighted"))
+    after = (cache_key(arrays, get_model("user_featurizer:SPEC"), {}), resolve_analysis("a", settings))
+    assert before[0] != after[0]
+    assert before[1].featurizer_source != after[1].featurizer_source
+    assert before[1].model_source == after[1].model_source  # the NumPyro model lives in cmcflow.models.logistic

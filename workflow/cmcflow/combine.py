@@ -242,14 +242,22 @@ def shard_covariance(run: az.InferenceData) -> np.ndarray | None:
     return hessian_covariance(run.curvature["precision"].values)
 
 
-def select_shards(scan: ShardScan, num_shards: int, settings: CombineSettings) -> tuple[list[int], list[dict]]:
+def select_shards(
+    scan: ShardScan, num_shards: int, settings: CombineSettings, sample_paths: Sequence[str] | None = None
+) -> tuple[list[int], list[dict]]:
     """The shards to combine, and the excluded ones with their reasons: failed shards stop
-    the run (``on_failed_shard="fail"``) or are excluded (``"skip"``); the rest are
-    screened when ``settings.screen`` is given; too few kept shards stop the run."""
+    the run (``on_failed_shard="fail"``; the message names the command that resamples them,
+    given their ``sample_paths``, the sample jobs' outputs by shard) or are excluded
+    (``"skip"``); the rest are screened when ``settings.screen`` is given; too few kept
+    shards stop the run."""
     if scan.failed and settings.on_failed_shard == "fail":
+        failed = [entry["shard"] for entry in scan.failed]
+        targets = " ".join(sample_paths[shard] for shard in failed) if sample_paths else "<their sample outputs>"
         raise InputError(
-            f"{len(scan.failed)} of {num_shards} sample jobs failed (set combine.on_failed_shard: skip to combine the "
-            "others): " + "; ".join(f"shard {entry['shard']}: {entry['reason']}" for entry in scan.failed)
+            f"{len(failed)} of {num_shards} sample jobs failed: "
+            + "; ".join(f"shard {entry['shard']}: {entry['reason']}" for entry in scan.failed)
+            + f". Once the cause is fixed, `snakemake --forcerun {targets}` samples them again"
+            + ("; or set combine.on_failed_shard: skip to combine the others" if len(failed) < num_shards else "")
         )
     if settings.screen is not None:
         kept, excluded = screening.screen(scan.summaries, settings.screen)
@@ -313,13 +321,16 @@ def combine_shards(
     diagnostics: Sequence[Mapping] | None = None,
     point_site: str | None = None,
     point_pairs: np.ndarray | None = None,
+    sample_paths: Sequence[str] | None = None,
 ) -> Combination:
     """Screen and combine the shard runs ``load(0) … load(K − 1)`` of ``model(**model_kwargs)``.
 
     ``diagnostics``: the shards' own diagnostics, for screening (needed when
     ``settings.screen`` is given); ``point_site``: a rigid model's aligned point cloud;
     ``point_pairs (P, 2)``: the point pairs whose distances the data observe, given which
-    the combined structure is located by them. Returns the :class:`Combination`.
+    the combined structure is located by them; ``sample_paths``: the sample jobs' outputs by
+    shard, named in the message when failed shards stop the run. Returns the
+    :class:`Combination`.
 
     Draws keep the shards' (chain, draw) layout: combined draw (c, j) merges draw (c, j) of
     every shard. The chains of a combined posterior are not independent MCMC chains, so
@@ -335,7 +346,7 @@ def combine_shards(
         diagnostics=diagnostics if settings.screen is not None else None,
         point_pairs=point_pairs,
     )
-    kept, excluded = select_shards(scan, num_shards, settings)
+    kept, excluded = select_shards(scan, num_shards, settings, sample_paths)
 
     def draws_of(shard: int) -> Mapping[str, np.ndarray]:
         return unconstrained_draws(load(shard))[0] if streaming else scan.draws[shard]

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from cmcflow.errors import ConfigError
-from cmcflow.models import ModelSpec, get_model, resolve_columns, resolve_options
+from cmcflow.models import ModelSpec, get_model, resolve_columns, resolve_options, source_digest
 from cmcflow.shard import resolve_num_shards, resolve_strata, shard_id
 from cmcflow.table import count_rows
 
@@ -38,6 +38,9 @@ class Analysis:
     num_shards: int
     strata: tuple
     rigid: bool
+    #: digests of the source of the model's and the featurizer's modules (:func:`source_digest`)
+    model_source: str = ""
+    featurizer_source: str = ""
 
     @property
     def simulated(self) -> bool:
@@ -67,7 +70,17 @@ def resolve_analysis(name: str, settings: Mapping) -> Analysis:
     if simulate:
         check_simulate_settings(spec, simulate)
     strata = resolve_strata(shard["stratify_by"], spec)
-    return Analysis(name, dict(settings), columns, options, num_shards, strata, rigid=spec.symmetry == "rigid")
+    return Analysis(
+        name,
+        dict(settings),
+        columns,
+        options,
+        num_shards,
+        strata,
+        rigid=spec.symmetry == "rigid",
+        model_source=source_digest(spec.numpyro_model),
+        featurizer_source=source_digest(spec.featurize),
+    )
 
 
 def resolve_analyses(config: Mapping) -> dict[str, Analysis]:

@@ -5,8 +5,8 @@ shard rounded up to ``pad_multiple``), with a boolean ``mask``, so every shard c
 the same XLA program (and analyses of similar size share compiled programs).
 
 Cache: an entry is ``<cache_dir>/<key[:2]>/<key>.npz`` with ``<key>.sha256`` beside it.
-``key = sha256(model name, featurizer version, featurize params, shard content by role)``,
-so identical shards of different analyses share an entry. Entries are written atomically
+``key = sha256(model name, featurizer version and source, featurize params, shard content
+by role)``, so identical shards of different analyses share an entry. Entries are written atomically
 (temporary file + rename), checked against their digest on every read, and recomputed if
 the check fails. Arrays are stored without pickling and loaded with ``allow_pickle=False``.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from cmcflow.io import decode_arrays, encode_arrays, read_arrays, read_json, write_bytes_atomic, write_json_atomic
-from cmcflow.models import ModelSpec, role_arrays
+from cmcflow.models import ModelSpec, role_arrays, source_digest
 from cmcflow.shard import MANIFEST_NAME, shard_file_name
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,15 @@ def padded_size(shard_rows: list[int], pad_multiple: int) -> int:
 
 
 def cache_key(arrays: Mapping[str, np.ndarray], spec: ModelSpec, params: Mapping[str, object]) -> str:
-    """sha256 hex digest of the model, featurizer version, featurize params and shard content."""
+    """sha256 hex digest of the model, the featurizer (version and its module's source),
+    featurize params and shard content."""
     digest = hashlib.sha256()
-    header = {"model": spec.name, "featurizer_version": spec.featurizer_version, "params": dict(params)}
+    header = {
+        "model": spec.name,
+        "featurizer_version": spec.featurizer_version,
+        "featurizer_source": source_digest(spec.featurize),
+        "params": dict(params),
+    }
     digest.update(json.dumps(header, sort_keys=True).encode())
     for role in sorted(arrays):
         array = np.ascontiguousarray(arrays[role])

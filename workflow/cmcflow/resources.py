@@ -1,4 +1,5 @@
-"""Memory requests of the jobs (``mem_mb``), from the sizes of their inputs.
+"""Resource requests of the jobs: memory (``mem_mb``) from the sizes of their inputs, and
+wall time (``runtime``); both grow with the retry attempt.
 
 Measured peak RSS (Snakemake ``benchmark:`` files, 2 cores, x64):
 - sample, logistic shard of 25,000 x 10 (2.2 MB of features): 892 MB;
@@ -46,3 +47,13 @@ def draws_mem_mb(draws_mb: float, attempt: int = 1) -> int:
 def light_mem_mb(input_mb: float, attempt: int = 1) -> int:
     """simulate, shard, featurize, report over ``input_mb`` MB of input."""
     return _scaled(LIGHT_BASE_MB, LIGHT_MB_PER_INPUT_MB, input_mb, attempt)
+
+
+def runtime_minutes(minutes: int):
+    """A ``runtime`` resource of ``minutes`` × the retry attempt: a job killed at its time
+    limit is resubmitted with more time, as a job killed for memory gets more memory."""
+
+    def runtime(wildcards, attempt):
+        return minutes * attempt
+
+    return runtime

@@ -64,6 +64,18 @@ def failed_run(shard: int, error: str) -> tuple[az.InferenceData, dict]:
     }
 
 
+#: What an XLA error says when the device ran out of memory.
+XLA_OUT_OF_MEMORY = "RESOURCE_EXHAUSTED"
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether an error raised while sampling may not recur on a retry: out of memory
+    (Python's or XLA's) or input/output. Such errors fail the job, so that the profile's
+    ``retries`` resubmit it (with more memory and time); any other error is the model's on
+    this shard and is recorded by :func:`failed_run`."""
+    return isinstance(error, (MemoryError, OSError)) or XLA_OUT_OF_MEMORY in str(error)
+
+
 def is_failed(idata: az.InferenceData) -> bool:
     """Whether the run is a :func:`failed_run` record."""
     return bool(idata.posterior.attrs.get("failed", 0))

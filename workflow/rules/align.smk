@@ -18,7 +18,7 @@ rule align_reference:
     threads: config["jax"]["devices"]
     resources:
         mem_mb=draws_mem,
-        runtime=30,
+        runtime=runtime_minutes(30),
     conda:
         "../../envs/jax-devices.yaml"
     script:
@@ -45,7 +45,7 @@ rule align:
     threads: config["jax"]["devices"]
     resources:
         mem_mb=draws_mem,
-        runtime=60,
+        runtime=runtime_minutes(60),
     conda:
         "../../envs/jax-devices.yaml"
     script:

@@ -16,15 +16,19 @@ rule combine:
     params:
         model=model_params,
         combine=setting_param("combine"),
+        # named in the message that stops the run on failed shards (to sample them again)
+        sample_paths=lambda wildcards: shard_paths(wildcards.analysis, SHARD_POSTERIOR),
         jax=jax_param(1),
     log:
         f"{LOGS}/combine.log",
     benchmark:
         f"{BENCHMARKS}/combine.tsv"
     threads: 1
+    # its errors are the input's or the shards' (validation, screening): a retry cannot help
+    retries: 0
     resources:
         mem_mb=draws_mem,
-        runtime=60,
+        runtime=runtime_minutes(60),
     conda:
         "../../envs/jax-single.yaml"
     script:

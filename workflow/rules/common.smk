@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 from cmcflow.config import resolve_analyses
 from cmcflow.errors import InputError
-from cmcflow.resources import draws_mem_mb, light_mem_mb, sample_mem_mb
+from cmcflow.resources import draws_mem_mb, light_mem_mb, runtime_minutes, sample_mem_mb
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -85,14 +85,22 @@ def all_fulldata_summaries():
 
 
 def model_params(wildcards):
-    """The model's name and its resolved hyperparameters (for stages that run the model)."""
+    """The model's name, its resolved hyperparameters, and a digest of its module's source
+    (an edit of the model reruns the stages that run it)."""
     analysis = ANALYSES[wildcards.analysis]
-    return {"name": analysis.settings["model"], "options": analysis.options}
+    return {"name": analysis.settings["model"], "options": analysis.options, "source": analysis.model_source}
 
 
 def model_name_param(wildcards):
-    """The model's name only: shard and featurize do not depend on its hyperparameters."""
+    """The model's name only: shard does not depend on its hyperparameters."""
     return ANALYSES[wildcards.analysis].settings["model"]
+
+
+def featurizer_param(wildcards):
+    """The model's name and a digest of its featurizer's module source (an edit of the
+    featurizer reruns featurize and what follows)."""
+    analysis = ANALYSES[wildcards.analysis]
+    return {"name": analysis.settings["model"], "source": analysis.featurizer_source}
 
 
 def columns_param(wildcards):

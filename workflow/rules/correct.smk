@@ -18,7 +18,7 @@ rule propose:
     threads: 1
     resources:
         mem_mb=light_mem,
-        runtime=10,
+        runtime=runtime_minutes(10),
     conda:
         "../../envs/jax-single.yaml"
     script:
@@ -42,7 +42,7 @@ rule reweight:
     threads: 1
     resources:
         mem_mb=sample_mem,
-        runtime=60,
+        runtime=runtime_minutes(60),
     conda:
         "../../envs/jax-single.yaml"
     script:
@@ -73,7 +73,7 @@ rule correct:
     threads: 1
     resources:
         mem_mb=draws_mem,
-        runtime=30,
+        runtime=runtime_minutes(30),
     conda:
         "../../envs/jax-single.yaml"
     script:

@@ -7,6 +7,7 @@ rule featurize:
         info=FEATURES_INFO,
     params:
         model=model_name_param,
+        featurizer=featurizer_param,
         columns=columns_param,
         featurize=setting_param("featurize"),
         cache_dir=config["feature_cache_dir"],
@@ -17,7 +18,7 @@ rule featurize:
     threads: 1
     resources:
         mem_mb=light_base_mem,
-        runtime=10,
+        runtime=runtime_minutes(10),
     conda:
         "../../envs/light.yaml"
     script:

@@ -22,7 +22,7 @@ rule sample_fulldata:
     threads: config["jax"]["devices"]
     resources:
         mem_mb=fulldata_mem,
-        runtime=600,
+        runtime=runtime_minutes(600),
     conda:
         "../../envs/jax-devices.yaml"
     script:

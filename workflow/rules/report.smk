@@ -22,7 +22,7 @@ rule report:
     threads: 1
     resources:
         mem_mb=light_base_mem,
-        runtime=10,
+        runtime=runtime_minutes(10),
     conda:
         "../../envs/light.yaml"
     script:

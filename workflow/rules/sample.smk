@@ -17,7 +17,7 @@ rule sample:
     threads: config["jax"]["devices"]
     resources:
         mem_mb=sample_mem,
-        runtime=120,
+        runtime=runtime_minutes(120),
     conda:
         "../../envs/jax-devices.yaml"
     script:

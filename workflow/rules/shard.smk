@@ -15,9 +15,11 @@ rule shard:
     benchmark:
         f"{BENCHMARKS}/shard.tsv"
     threads: 1
+    # its errors are the input's or the shards' (validation, screening): a retry cannot help
+    retries: 0
     resources:
         mem_mb=light_mem,
-        runtime=30,
+        runtime=runtime_minutes(30),
     conda:
         "../../envs/light.yaml"
     script:

@@ -13,7 +13,7 @@ rule simulate:
     threads: 1
     resources:
         mem_mb=light_mem,
-        runtime=10,
+        runtime=runtime_minutes(10),
     conda:
         "../../envs/light.yaml"
     script:

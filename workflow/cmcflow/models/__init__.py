@@ -10,7 +10,9 @@ column declaration without importing JAX.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,6 +116,18 @@ class ModelSpec:
         unknown = set(self.strata) - {role.name for role in self.roles}
         if unknown:
             raise ValueError(f"model {self.name!r}: strata {sorted(unknown)} are not roles of the model")
+
+
+def source_digest(function: Callable) -> str:
+    """A digest (16 hex digits) of the source of the module that defines ``function``; empty
+    where Python has no source for it. Snakemake does not see edits to a model's module:
+    this digest, in the rules' ``params`` and in the feature-cache key, makes an edit rerun
+    what it touches and never serve features of an older featurizer."""
+    try:
+        source = inspect.getsource(inspect.getmodule(function))
+    except (OSError, TypeError):
+        return ""
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
 def role_arrays(table: pd.DataFrame, columns: Mapping[str, list[str]], spec: ModelSpec) -> dict[str, np.ndarray]:
