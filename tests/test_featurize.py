@@ -140,7 +140,7 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_run(tmp_path):
     assert sorted(path.name for path in target.parent.iterdir()) == [".shard-0001.nc.def456.tmp", "shard-0000.nc"]
 
 
-USER_FEATURIZER = '''
+USER_FEATURIZER = """
 import dataclasses
 
 from cmcflow.models.logistic import SPEC as LOGISTIC
@@ -152,7 +152,7 @@ def featurize(columns, pad_to, facts):
 
 
 SPEC = dataclasses.replace(LOGISTIC, name="mine", featurize=featurize)
-'''
+"""
 
 
 def test_an_edited_featurizer_never_gets_the_old_features(tmp_path, monkeypatch):
