@@ -36,3 +36,17 @@ def test_wrong_device_count_fails_loudly():
     )
     assert result.returncode != 0
     assert "this job needs 4 JAX devices but JAX sees 3" in result.stderr
+
+
+def test_nodes_of_different_cpu_types_never_share_compiled_programs(tmp_path):
+    """The persistent compilation cache is split by CPU signature (model and instruction-set
+    flags): two faked CPU types get two directories, the same type one."""
+    from cmcflow.jaxenv import host_cache_dir
+
+    skylake = "processor\t: 0\nmodel name\t: Intel Xeon Gold 6130\nflags\t\t: fpu sse2 avx2 avx512f\n\nprocessor\t: 1\n"
+    zen = "processor\t: 0\nmodel name\t: AMD EPYC 7742\nflags\t\t: fpu sse2 avx2\n"
+    shared = str(tmp_path / "jax")
+    first, second = host_cache_dir(shared, skylake), host_cache_dir(shared, zen)
+    assert first != second and first.startswith(shared) and second.startswith(shared)
+    assert host_cache_dir(shared, skylake) == first
+    assert host_cache_dir(shared, skylake.replace("avx512f", "")) != first  # same model, other features

@@ -8,10 +8,13 @@ fails loudly if JAX does not then see exactly the requested devices.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -72,13 +75,37 @@ def configure_jax(devices: int, enable_x64: bool, compilation_cache_dir: str | N
 
     jax.config.update("jax_enable_x64", enable_x64)
     if compilation_cache_dir is not None:
-        os.makedirs(compilation_cache_dir, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(compilation_cache_dir))
+        host_cache = host_cache_dir(compilation_cache_dir)
+        os.makedirs(host_cache, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(host_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.monitoring.register_event_duration_secs_listener(COMPILE_CLOCK.on_duration)
     jax.monitoring.register_event_listener(COMPILE_CLOCK.on_event)
     require_device_count(devices)
+
+
+def cpu_signature(cpuinfo: str | None = None) -> str:
+    """A digest (12 hex digits) of this host's CPU: architecture, model name and instruction-
+    set flags (from ``cpuinfo``, by default ``/proc/cpuinfo``; the platform's processor
+    string where there is none). JAX's persistent-cache key does not include the CPU's
+    features, and a program compiled for one CPU type can die with an illegal instruction
+    on another."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
+    first = cpuinfo.split("\n\n", 1)[0]  # the first processor's block
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    described = {key.strip(): value.strip() for key, value in fields.items()}
+    parts = [platform.machine(), described.get("model name", platform.processor()), described.get("flags", "")]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def host_cache_dir(compilation_cache_dir: str, cpuinfo: str | None = None) -> str:
+    """The persistent compilation cache of this host's CPU type: a subdirectory of the
+    shared ``compilation_cache_dir`` per :func:`cpu_signature`, so nodes of different CPU
+    types never load each other's programs, while nodes of one type share theirs."""
+    return os.path.join(compilation_cache_dir, f"cpu-{cpu_signature(cpuinfo)}")
 
 
 def require_device_count(devices: int) -> None:
