@@ -162,13 +162,17 @@ def test_bad_input_fails_with_one_line_and_leaves_no_outputs(tmp_path):
             lambda c: c["analyses"]["tiny"].update(model_options={"prior_scale": 1.0}),
             "has no option(s) ['prior_scale']",
         ),
+        (
+            lambda c: c["analyses"]["tiny"].update(model_options={"prior_sd": -1}),
+            "model_options.prior_sd = -1: model 'logistic' needs it > 0",
+        ),
         (lambda c: c["analyses"]["tiny"].update(model="logit"), "unknown model 'logit'"),
         (
             lambda c: c["analyses"]["tiny"]["shard"].update(stratify_by=["feature"]),
             "shard.stratify_by: ['feature'] are not single-column roles of model 'logistic'",
         ),
     ],
-    ids=["typo", "type", "model option", "model", "strata"],
+    ids=["typo", "type", "model option", "option range", "model", "strata"],
 )
 def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, edit, message):
     config = tiny_config()

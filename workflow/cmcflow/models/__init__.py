@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,10 @@ class Role:
             raise ValueError(f"role {self.name!r}: kind must be one of {COLUMN_KINDS}")
 
 
+#: The range of a scale, a standard deviation or degrees of freedom: (0, ∞).
+POSITIVE = (0.0, math.inf)
+
+
 def no_table_facts(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """The default ``table_facts``: a model that needs nothing about the whole table."""
     return {}
@@ -69,6 +74,8 @@ class ModelSpec:
             ``pad_to`` rows and a boolean ``mask`` marks real rows.
         featurizer_version: bump when ``featurize`` changes its output; part of the cache key.
         roles: the input columns by role.
+        option_ranges: option name -> the open interval (low, high) its value must lie in
+            (e.g. :data:`POSITIVE` for a scale), checked when Snakemake starts.
         options: the model's own hyperparameters with their defaults (``model_options``
             in the config overrides them).
         strata: roles whose rows the shard stage deals evenly over the shards when the
@@ -98,6 +105,7 @@ class ModelSpec:
     featurizer_version: str
     roles: tuple[Role, ...]
     options: Mapping[str, float] = field(default_factory=dict)
+    option_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     strata: tuple[str, ...] = ()
     symmetry: str = "none"
     point_site: str | None = None
@@ -113,6 +121,9 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: a rigid model names its point_site, and only a rigid one")
         if self.observed_pairs is not None and self.point_site is None:
             raise ValueError(f"model {self.name!r}: observed_pairs needs a point_site")
+        unranged = set(self.option_ranges) - set(self.options)
+        if unranged:
+            raise ValueError(f"model {self.name!r}: option_ranges {sorted(unranged)} are not options of the model")
         unknown = set(self.strata) - {role.name for role in self.roles}
         if unknown:
             raise ValueError(f"model {self.name!r}: strata {sorted(unknown)} are not roles of the model")
@@ -205,8 +216,15 @@ def resolve_columns(
 
 
 def resolve_options(spec: ModelSpec, options: Mapping[str, Any]) -> dict[str, float]:
-    """The model's hyperparameters: ``spec.options`` overridden by the config's ``model_options``."""
+    """The model's hyperparameters: ``spec.options`` overridden by the config's
+    ``model_options``, each inside its ``spec.option_ranges`` interval."""
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         raise ConfigError(f"model {spec.name!r} has no option(s) {unknown}; its options are {dict(spec.options)}")
-    return {**spec.options, **options}
+    resolved = {**spec.options, **options}
+    for name, (low, high) in spec.option_ranges.items():
+        value = resolved[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+            interval = f"> {low:g}" if high == math.inf else f"in ({low:g}, {high:g})"
+            raise ConfigError(f"model_options.{name} = {value!r}: model {spec.name!r} needs it {interval}")
+    return resolved

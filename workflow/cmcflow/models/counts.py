@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cmcflow.models import ModelSpec, Role
+from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import correlated_features, offset_regression_features
 
 #: Intercept, and the negative binomial's concentration, of simulated data.
@@ -89,6 +89,7 @@ POISSON = ModelSpec(
     featurizer_version="1",
     roles=ROLES,
     options={"prior_sd": 2.5},
+    option_ranges={"prior_sd": POSITIVE},
     simulate=simulate_poisson,
 )
 
@@ -99,5 +100,6 @@ NEGATIVE_BINOMIAL = ModelSpec(
     featurizer_version="1",
     roles=ROLES,
     options={"prior_sd": 2.5, "concentration_scale": 10.0},
+    option_ranges={"prior_sd": POSITIVE, "concentration_scale": POSITIVE},
     simulate=simulate_negative_binomial,
 )

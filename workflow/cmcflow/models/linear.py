@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cmcflow.models import ModelSpec, Role
+from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import correlated_features, regression_features
 
 #: Noise sd and intercept of simulated data.
@@ -53,5 +53,6 @@ SPEC = ModelSpec(
         Role("label", "real", default="y", description="the real-valued outcome"),
     ),
     options={"prior_sd": 10.0, "noise_scale": 10.0},
+    option_ranges={"prior_sd": POSITIVE, "noise_scale": POSITIVE},
     simulate=simulate,
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cmcflow.models import ModelSpec, Role
+from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import correlated_features, regression_features
 
 
@@ -59,5 +59,6 @@ SPEC = ModelSpec(
         Role("label", "real", default="y", description="the real-valued outcome"),
     ),
     options={"prior_sd": 1.0, "noise_sd": SIMULATED_NOISE_SD},
+    option_ranges={"prior_sd": POSITIVE, "noise_sd": POSITIVE},
     simulate=simulate,
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cmcflow.models import ModelSpec, Role
+from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import correlated_features, weighted_regression_features
 
 
@@ -62,5 +62,6 @@ SPEC = ModelSpec(
         Role("weight", "weight", optional=True, description="each row's weight on the log-likelihood (none: 1)"),
     ),
     options={"prior_sd": 2.5},
+    option_ranges={"prior_sd": POSITIVE},
     simulate=simulate,
 )

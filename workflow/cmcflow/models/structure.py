@@ -20,7 +20,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import shortest_path
 
 from cmcflow.errors import InputError
-from cmcflow.models import ModelSpec, Role
+from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import pad_rows
 
 #: Cα coordinates of human ubiquitin (PDB 1UBQ, public domain): the demo structure.
@@ -142,6 +142,7 @@ SPEC = ModelSpec(
         Role("distance", "real", default="distance", description="observed distance"),
     ),
     options={"prior_sd": 20.0, "noise_scale": 1.0, "nu": 4.0},
+    option_ranges={"prior_sd": POSITIVE, "noise_scale": POSITIVE, "nu": POSITIVE},
     strata=("i", "j"),
     symmetry="rigid",
     point_site="coords",
