@@ -1,10 +1,11 @@
 """The workflow's configuration, resolved once when Snakemake starts: for every analysis its
 model, columns, hyperparameters, shard count and strata.
 
-The config file is validated against ``workflow/schemas/config.schema.yaml`` first (the
-one place for defaults, which validation fills in); what the schema cannot check (a model's
-own columns and options, a shard count that needs the table's row count) is checked here
-and raised as :class:`~cmcflow.errors.ConfigError`. JAX-free, so it is testable without
+The config file is checked against ``workflow/schemas/config.schema.yaml`` first (the
+one place for defaults, which Snakemake's validation then fills in; :func:`check_config`
+words a violation as one line naming the key); what the schema cannot check (a model's own
+columns and options, a shard count that needs the table's row count) is checked here too.
+Both raise :class:`~cmcflow.errors.ConfigError`. JAX-free, so it is testable without
 Snakemake and cheap at parse time.
 """
 
@@ -111,3 +112,30 @@ def schema_default(*keys: str):
     for key in keys:
         node = node["properties"][key]
     return node["default"]
+
+
+def check_config(config: Mapping) -> None:
+    """Raise :class:`ConfigError` with one line naming the key path and the rule broken where
+    ``config`` does not match the schema (jsonschema's most relevant error, reworded), so
+    that a user never reads a dump of the schema. Snakemake's ``validate`` runs after it
+    and fills in the defaults."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    error = best_match(Draft202012Validator(schema()).iter_errors(dict(config)))
+    if error is None:
+        return
+    where = ".".join(str(part) for part in error.absolute_path) or "the config's top level"
+    node, value = error.schema, error.instance
+    if error.validator == "additionalProperties":
+        unknown = sorted(set(value) - set(node.get("properties", {})))
+        known = ", ".join(sorted(node.get("properties", {})))
+        message = f"unknown key(s) {', '.join(map(repr, unknown))} (known here: {known})"
+    elif error.validator == "required":
+        missing = [name for name in error.validator_value if name not in value]
+        message = f"missing required key(s) {', '.join(map(repr, missing))}"
+    elif error.validator in ("oneOf", "anyOf", "minProperties", "maxProperties") and "description" in node:
+        message = f"give {node['description']} (got {value!r})"
+    else:
+        message = error.message
+    raise ConfigError(f"{where}: {message}")

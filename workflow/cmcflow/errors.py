@@ -6,4 +6,5 @@ class InputError(Exception):
 
 
 class ConfigError(InputError):
-    """A configuration value that the JSON schema cannot check (e.g. a model's own options)."""
+    """A configuration value that breaks the schema or what the schema cannot check (e.g. a
+    model's own options); the message names the key path and the rule."""

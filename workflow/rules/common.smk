@@ -6,11 +6,15 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from cmcflow.config import resolve_analyses
+from cmcflow.config import check_config, resolve_analyses
 from cmcflow.errors import InputError
 from cmcflow.resources import draws_mem_mb, light_mem_mb, runtime_minutes, sample_mem_mb
 
 
+try:
+    check_config(config)  # one line naming the key, before Snakemake's own check
+except InputError as error:
+    raise WorkflowError(f"cmcflow config error: {error}") from None
 validate(config, schema="../schemas/config.schema.yaml")
 
 RESULTS = config["results_dir"]
