@@ -150,3 +150,30 @@ import cmcflow.featurize, cmcflow.report
 assert "jax" not in sys.modules, sorted(m for m in sys.modules if m.startswith("jax"))
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+CSV_LAYOUT_FAULTS = {
+    "repeated header": ("x0,x0,y\n1,2,0\n3,4,1\n", r"column name\(s\) 'x0' appear more than once in the header"),
+    "a row too long": ("x0,x1,y\n1,2,0,7\n3,4,1\n", r"data row 1 \(line 2\) has 4 fields, the header has 3"),
+    "a row too short": ("x0,x1,y\n1,2,0\n3,4\n", r"data row 2 \(line 3\) has 2 fields, the header has 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CSV_LAYOUT_FAULTS))
+def test_a_misshapen_csv_is_named_for_what_is_wrong(tmp_path, case):
+    """pandas reads a repeated header as 'x0.1' (then 'x1' is reported missing), shifts a
+    first row with one field too many into other columns, pads a short row with NaN."""
+    text, message = CSV_LAYOUT_FAULTS[case]
+    source = tmp_path / "bad.csv"
+    source.write_text(text)
+    with pytest.raises(InputError, match=message):
+        shard_table(source, tmp_path / "shards", 2, LOGISTIC, COLUMNS, seed=0)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_rows_are_counted_as_records_not_lines(tmp_path):
+    from cmcflow.table import count_rows
+
+    source = tmp_path / "quoted.csv"
+    source.write_text('x0,x1,y,note\n1,2,0,"two\nlines"\n3,4,1,plain\n\n')
+    assert count_rows(source) == 2 == len(pd.read_csv(source))

@@ -6,6 +6,7 @@ bad, so a scientist can fix the table without reading a traceback.
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,28 +31,60 @@ def _table_format(path: Path) -> str:
     raise InputError(f"{path}: unsupported table format {suffix!r}; use Parquet (.parquet) or CSV (.csv)")
 
 
+def csv_records(path: Path) -> int:
+    """Check a CSV file's layout and count its data records (a quoted field may span lines):
+    raise :class:`InputError` naming a repeated header name, or the first record whose
+    number of fields differs from the header's (pandas would shift such a row's values into
+    other columns, or pad it with NaN)."""
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return 0
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise InputError(
+                f"{path}: column name(s) {', '.join(map(repr, repeated))} appear more than once in the header"
+            )
+        records = 0
+        for record in reader:
+            if not record:  # a blank line
+                continue
+            records += 1
+            if len(record) != len(header):
+                raise InputError(
+                    f"{path}: data row {records} (line {reader.line_num}) has {len(record)} fields, "
+                    f"the header has {len(header)}"
+                )
+    return records
+
+
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a Parquet or CSV table (format chosen by file suffix)."""
+    """Read a Parquet or CSV table (format chosen by file suffix); a CSV file's layout is
+    checked first (:func:`csv_records`)."""
     path = Path(path)
     table_format = _table_format(path)
     try:
         if table_format == "parquet":
             return pd.read_parquet(path)
+        csv_records(path)
         return pd.read_csv(path)
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
-    except (OSError, ValueError, pd.errors.ParserError) as error:
+    except (OSError, ValueError, csv.Error, pd.errors.ParserError) as error:
         raise InputError(f"{path}: cannot read the table: {error}") from error
 
 
 def count_rows(path: str | os.PathLike) -> int:
-    """Number of data rows, cheaply: Parquet metadata, or CSV lines after the header."""
+    """Number of data rows: Parquet metadata, or the CSV file's records (:func:`csv_records`:
+    records, not lines, so quoted line breaks count once)."""
     path = Path(path)
     if _table_format(path) == "parquet":
         return pq.ParquetFile(path).metadata.num_rows
-    with path.open("rb") as handle:
-        lines = sum(1 for line in handle if line.strip())
-    return max(lines - 1, 0)
+    try:
+        return csv_records(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{path}: cannot read the table: {error}") from error
 
 
 def _column_problems(values: pd.Series, kind: str) -> tuple[np.ndarray, list[str]]:
