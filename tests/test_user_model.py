@@ -84,3 +84,22 @@ def test_a_flat_prior_is_tempered_sampled_and_combined():
     assert np.all(np.abs(draws.mean(axis=0) - mean) / sd < 0.15)
     np.testing.assert_allclose(draws.std(axis=0) / sd, 1.0, atol=0.1)
     assert np.all(log_prior(flat_prior_model, kwargs, {"beta": draws[:5]}, power=0.25) == 0.0)
+
+
+@pytest.mark.parametrize(
+    "source,message",
+    [
+        ("def broken(:\n", r"its module raised SyntaxError: invalid syntax \(broken_model\.py, line 1\)"),
+        ("raise RuntimeError('no licence server')\n", r"its module raised RuntimeError: no licence server \(at .*"),
+    ],
+    ids=["syntax", "raises"],
+)
+def test_a_user_model_that_cannot_be_imported_is_one_line(tmp_path, monkeypatch, source, message):
+    from cmcflow.errors import ConfigError
+    from cmcflow.models import get_model
+
+    (tmp_path / "broken_model.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=message) as error:
+        get_model("broken_model:SPEC")
+    assert "\n" not in str(error.value)

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import inspect
 import math
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,7 +167,13 @@ def get_model(name: str) -> ModelSpec:
         try:
             spec = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as error:
-            raise ConfigError(f"model {name!r} cannot be loaded: {error}") from error
+            raise ConfigError(f"model {name!r} cannot be loaded: {error}") from None
+        except Exception as error:  # the module itself raised (a syntax error, a bad ModelSpec …)
+            frame = traceback.extract_tb(error.__traceback__)[-1]
+            where = f" (at {frame.filename}:{frame.lineno})" if not isinstance(error, SyntaxError) else ""
+            raise ConfigError(
+                f"model {name!r} cannot be loaded: its module raised {type(error).__name__}: {error}{where}"
+            ) from None
         if not isinstance(spec, ModelSpec):
             raise ConfigError(f"model {name!r} is a {type(spec).__name__}, not a cmcflow ModelSpec")
         return spec
