@@ -116,6 +116,7 @@ BAD_TABLES = {
     "infinite": (with_values("x1", [9], np.inf), r"column 'x1': 1 of 50 rows are NaN or infinite"),
     "non-numeric": (with_values("x1", [5], "abc"), r"column 'x1': 1 of 50 rows are not numeric \(e.g. 'abc'\)"),
     "empty": (logistic_table().iloc[:0], r"the table has no rows"),
+    "huge": (with_values("x1", [7], 1e308), r"column 'x1': 1 of 50 rows exceed 1e\+15 in magnitude \(rescale"),
     "label outside support": (
         with_values("y", [0, 1, 2], 2),
         r"column 'y': 3 of 50 rows are outside the model's support \{0, 1\}",
@@ -177,3 +178,39 @@ def test_rows_are_counted_as_records_not_lines(tmp_path):
     source = tmp_path / "quoted.csv"
     source.write_text('x0,x1,y,note\n1,2,0,"two\nlines"\n3,4,1,plain\n\n')
     assert count_rows(source) == 2 == len(pd.read_csv(source))
+
+
+def ring_with_chords(points: int) -> list[tuple[int, int]]:
+    """Every point observed against its 3 next neighbours along a ring: connected, and 6
+    distinct partners each."""
+    return [(a, (a + step) % points) for a in range(points) for step in (1, 2, 3)]
+
+
+STRUCTURE_FAULTS = {
+    "a stray huge index": (
+        ring_with_chords(10) + [(0, 10**9)],
+        r"the largest index is 1000000000, so 1000000001 points, but 999999990 of them are never observed "
+        r"\(the first: 10\)",
+    ),
+    "a gap": ([(a, b) for a, b in ring_with_chords(12) if 5 not in (a, b)], r"never observed \(the first: 5\)"),
+    "two groups": (
+        ring_with_chords(8) + [(a + 8, b + 8) for a, b in ring_with_chords(8)],
+        r"split the 16 points into 2 groups that no distance connects \(point 0 and point 8",
+    ),
+    "a single pair": ([(0, 1)] * 5, r"2 of 2 points have fewer than 3 distinct partners \(point 0: 1\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRUCTURE_FAULTS))
+def test_structure_tables_that_distances_cannot_place_are_refused(tmp_path, case):
+    pairs, message = STRUCTURE_FAULTS[case]
+    spec = get_model("structure")
+    table = pd.DataFrame(pairs, columns=["i", "j"]).assign(distance=3.8)
+    source = tmp_path / "pairs.parquet"
+    table.to_parquet(source)
+    with pytest.raises(InputError, match=message):
+        shard_table(source, tmp_path / "shards", 2, spec, resolve_columns(spec, {}), seed=0)
+    assert not (tmp_path / "shards").exists()
+    spec.table_facts(
+        {"i": np.array([a for a, _ in ring_with_chords(9)]), "j": np.array([b for _, b in ring_with_chords(9)])}
+    )

@@ -18,6 +18,9 @@ import pyarrow.parquet as pq
 from cmcflow.errors import InputError
 from cmcflow.models import ModelSpec
 
+#: Largest magnitude a column value may have: sums, products and squares of values beyond it
+#: lose every digit of precision (doubles hold integers exactly only to about 9e15) or overflow.
+LARGEST_VALUE = 1e15
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv",)
 
@@ -103,6 +106,12 @@ def _column_problems(values: pd.Series, kind: str) -> tuple[np.ndarray, list[str
     if non_finite.any():
         problems.append(f"{int(non_finite.sum())} of {rows} rows are NaN or infinite")
     finite = array[~non_finite]
+    huge = int(np.sum(np.abs(finite) > LARGEST_VALUE))
+    if huge:
+        problems.append(
+            f"{huge} of {rows} rows exceed {LARGEST_VALUE:.0e} in magnitude (rescale the column: products and "
+            "squares of such values overflow or lose all precision)"
+        )
     if kind == "binary":
         outside = int(np.sum((finite != 0) & (finite != 1)))
         if outside:

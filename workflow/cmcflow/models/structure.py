@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import shortest_path
+from scipy.sparse.csgraph import connected_components, shortest_path
 
 from cmcflow.errors import InputError
 from cmcflow.models import POSITIVE, ModelSpec, Role
@@ -52,12 +52,47 @@ def structure_model(i, j, distance, mask, start_coords, prior_sd, noise_scale, n
         numpyro.sample("distance", dist.StudentT(nu, modelled, sigma).mask(mask), obs=distance)
 
 
+#: Distinct partners a point needs: in 3-D a point observed against fewer can turn about
+#: them without changing any observed distance, so the data cannot place it.
+MIN_PARTNERS = 3
+
+
 def table_facts(columns: dict[str, np.ndarray]) -> dict:
-    """``num_points`` = largest index + 1 over the whole table; rows with ``i == j`` are errors."""
-    same = int(np.sum(columns["i"] == columns["j"]))
+    """``num_points`` N = largest index + 1 over the whole table, after checking that the
+    distances can place the points: no row pairs a point with itself; every index 0 … N − 1
+    is observed (so a stray huge index is named, never allocated); the pairs connect all
+    points; every point has at least ``MIN_PARTNERS`` distinct partners."""
+    i, j = columns["i"].astype(np.int64), columns["j"].astype(np.int64)
+    where = "columns 'i' and 'j'"
+    same = int(np.sum(i == j))
     if same:
-        raise InputError(f"columns 'i' and 'j': {same} of {len(columns['i'])} rows pair a point with itself")
-    return {"num_points": int(max(columns["i"].max(), columns["j"].max())) + 1}
+        raise InputError(f"{where}: {same} of {len(i)} rows pair a point with itself")
+    observed = np.unique(np.concatenate([i, j]))
+    num_points = int(observed[-1]) + 1
+    if len(observed) < num_points:
+        unobserved = num_points - len(observed)
+        first = int(np.setdiff1d(np.arange(min(num_points, len(observed) + 1)), observed)[0])
+        raise InputError(
+            f"{where}: the largest index is {num_points - 1}, so {num_points} points, but {unobserved} of them "
+            f"are never observed (the first: {first}); number the points 0 … N − 1"
+        )
+    pairs = np.unique(np.sort(np.stack([i, j], axis=1), axis=1), axis=0)
+    partners = np.bincount(pairs.ravel(), minlength=num_points)
+    few = np.flatnonzero(partners < MIN_PARTNERS)
+    if len(few):
+        raise InputError(
+            f"{where}: {len(few)} of {num_points} points have fewer than {MIN_PARTNERS} distinct partners (point "
+            f"{few[0]}: {partners[few[0]]}); distances to fewer points cannot place a point in 3-D"
+        )
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(num_points, num_points))
+    groups, labels = connected_components(graph, directed=False)
+    if groups > 1:
+        apart = int(np.flatnonzero(labels != labels[0])[0])
+        raise InputError(
+            f"{where}: the observed pairs split the {num_points} points into {groups} groups that no distance "
+            f"connects (point 0 and point {apart} are in different ones); their relative placement is unknowable"
+        )
+    return {"num_points": num_points}
 
 
 def mds_coordinates(i: np.ndarray, j: np.ndarray, distance: np.ndarray, num_points: int) -> np.ndarray:
