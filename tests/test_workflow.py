@@ -195,6 +195,34 @@ def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, edit, message):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            "analyses:\n  tiny:\n    model: logistic\n    shard: {num_shards: 2}\n    shard: {num_shards: 3}\n",
+            "config.yaml, line 5, column 5: key 'shard' appears twice in one mapping (lines 4 and 5)",
+        ),
+        ("analyses:\n  tiny:\n    model: logistic\n   shard: {num_shards: 2\n", "config.yaml, line 4, column 4: "),
+    ],
+    ids=["repeated key", "invalid YAML"],
+)
+def test_a_config_file_yaml_cannot_read_as_written_is_named_with_its_line(tmp_path, text, message):
+    """The workflow's config/config.yaml, as a user edits it (a file given by --configfile
+    with invalid YAML is refused by Snakemake itself first, without its line)."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(REPO / "Snakefile")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "cmcflow config error: " in output and message in output, output
+
+
 def test_lint_reports_nothing():
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile")],
