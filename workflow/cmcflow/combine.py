@@ -308,7 +308,16 @@ def combined_record(
 
 
 #: Entries of the shard record that are not copied into the combined posterior's attributes.
-RECORD_ONLY = ("used", "excluded", "streaming", "max_abs_z", "max_outlier_z", "shrinkage_intensity", "weighed_by_draws")
+RECORD_ONLY = (
+    "used",
+    "excluded",
+    "failed",
+    "streaming",
+    "max_abs_z",
+    "max_outlier_z",
+    "shrinkage_intensity",
+    "weighed_by_draws",
+)
 
 
 def combine_shards(
@@ -369,7 +378,11 @@ def combine_shards(
         chains=scan.layout[0],
         shard_covariances=(covariance for _, covariance in for_covariances),
     )
-    facts = {"streaming": streaming, "weights": WEIGHTS[plan.weights]}
+    facts = {
+        "streaming": streaming,
+        "weights": WEIGHTS[plan.weights],
+        "failed": sorted(entry["shard"] for entry in scan.failed),
+    }
     if plan.weights == "hessian":
         facts["weighed_by_draws"] = sorted(scan.weighed_by_draws & set(kept))
         if facts["weighed_by_draws"]:

@@ -6,9 +6,9 @@ the exact posterior by importance sampling (:mod:`cmcflow.importance`).
    the same location and scale, with their proposal log densities.
 2. ``reweight``, one job per shard (:func:`shard_log_likelihood`): the shard's own,
    untempered log-likelihood at every proposal draw, a bounded batch at a time.
-3. ``correct`` (:func:`correct_draws`): log weights from the prior (to the power the
-   combination holds), the Jacobian of the support transforms and the kept shards'
-   log-likelihoods; Pareto-smoothed importance sampling; k̂, the effective sample size,
+3. ``correct`` (:func:`correct_draws`): log weights from the prior, the Jacobian of the
+   support transforms and the log-likelihoods of every shard that did not fail (screened-
+   out ones included: :func:`write_correction`); Pareto-smoothed importance sampling; k̂, the effective sample size,
    the corrected posterior (resampled draws) and how far the combination was from it.
 
 Not for rigid models: their aligned coordinates have a rank-deficient covariance, so the
@@ -146,13 +146,18 @@ def write_correction(model: Callable, kwargs: Mapping, inputs, outputs, settings
     shard record; write the corrected posterior (NetCDF), its summary (CSV) and the
     importance record (JSON: k̂, ESS, verdict, and how far the combination's mean was from
     the corrected one, per parameter, in corrected sd). ``inputs``/``outputs``: the rule's
-    named paths. Returns the importance record."""
+    named paths. Returns the importance record.
+
+    The target is the exact posterior (the whole prior) of the rows of every shard whose
+    NUTS run did not fail: shards that screening left out of the combination are in it, so
+    an exclusion can never quietly change what the result is about; where their rows
+    disagree with the others, the proposal misses the target and k̂ says so."""
     proposal = read_arrays(inputs.proposal)
     layout = str(proposal["layout"])
     shards = read_json(inputs.shards)
-    used = shards["used"]
-    log_likelihoods = [read_arrays(inputs.log_likelihoods[shard])["log_likelihood"] for shard in used]
-    priors = log_prior(model, kwargs, unflatten_draws(proposal["draws"], layout), shards["prior_power"])
+    target = [shard for shard in range(shards["num_shards"]) if shard not in shards["failed"]]
+    log_likelihoods = [read_arrays(inputs.log_likelihoods[shard])["log_likelihood"] for shard in target]
+    priors = log_prior(model, kwargs, unflatten_draws(proposal["draws"], layout), 1.0)
     resampled, figures = correct_draws(proposal, log_likelihoods, priors, len(priors), settings["seed"])
     combined = read_run(inputs.combined, groups=("posterior",))
     dims = {name: list(combined.posterior[name].dims[2:]) for name in combined.posterior.data_vars}
@@ -163,8 +168,9 @@ def write_correction(model: Callable, kwargs: Mapping, inputs, outputs, settings
         **{key: value for key, value in figures.items() if not key.startswith("unconstrained_")},
         "proposal": settings["proposal"],
         **({"df": settings["df"]} if settings["proposal"] == "student_t" else {}),
-        "shards_used": used,
-        "prior_power": shards["prior_power"],
+        "target_shards": target,
+        # screened out of the combination (the proposal), but their rows are in the target
+        "screened_out": sorted(set(target) - set(shards["used"])),
         "largest_combined_shift_sd": float(shifts.abs().max()),
         "combined_shift_sd": {name: float(value) for name, value in shifts.items()},
     }

@@ -255,7 +255,8 @@ def exactness_section(importance: dict | None) -> str:
         "<h2>How exact is this result?</h2>"
         f"<p style='color:{colour}'><b>{html.escape(importance['verdict'])}.</b></p>"
         f"<p>{importance['proposal_draws']} draws from the kept shards' {html.escape(importance['proposal'])} "
-        "product, weighted against the exact posterior of their rows (Pareto-smoothed importance sampling): "
+        f"product, weighted against the exact posterior of the rows of {len(importance['target_shards'])} shards "
+        "(every shard whose sampling did not fail; Pareto-smoothed importance sampling): "
         f"effective sample size {importance['effective_sample_size']:.0f}. The combination's means were up to "
         f"{importance['largest_combined_shift_sd']:.2f} posterior sd from the corrected ones (largest: {worst})"
         + (
@@ -263,6 +264,19 @@ def exactness_section(importance: dict | None) -> str:
             if importance["reliable"]
             else "; neither the combination nor the correction can be trusted here.</p>"
         )
+        + screened_out_sentence(importance["screened_out"])
+    )
+
+
+def screened_out_sentence(screened_out: list[int]) -> str:
+    """Why the exact posterior may sit away from the combination: shards left out of it."""
+    if not screened_out:
+        return ""
+    return (
+        f"<p>Shards {', '.join(map(str, screened_out))} were screened out of the combination but their rows are "
+        "in the exact posterior: where they disagree with the other shards (influential rows, a different "
+        "subpopulation), the combination answers for less than all your data, and k̂ says whether the "
+        "correction could make up for it.</p>"
     )
 
 
