@@ -69,12 +69,13 @@ def test_every_output_is_produced(finished):
     assert np.all(np.abs(z) < 4), z
     shards = json.loads((results / "combined/shards.json").read_text())
     assert set(shards.pop("max_abs_z")) == {"0", "1"}
-    intensities = shards.pop("shrinkage_intensity")
-    assert set(intensities) == {"0", "1"} and all(0.0 <= value <= 1.0 for value in intensities.values()), intensities
     assert shards == {
         "method": "consensus",
         "covariance": "full covariance",
-        "covariance_shrinkage": "auto",
+        "covariance_shrinkage": 0.0,  # Hessian weights (the default) have no sampling noise to shrink
+        "weights": "inverse Hessian at the shard's posterior mean",
+        "weighed_by_draws": [],
+        "failed": [],
         "space": "unconstrained",
         "streaming": False,
         "num_shards": 2,
@@ -97,7 +98,8 @@ def test_sample_job_runs_four_chains_on_four_devices(finished):
     idata = az.from_netcdf(finished.workdir / RESULTS / "samples/shard-0000.nc")
     assert idata.posterior.attrs["devices"] == 4
     assert idata.posterior.sizes["chain"] == 4
-    assert {"unconstrained_posterior", "sample_stats"} <= set(idata.groups())
+    assert {"unconstrained_posterior", "sample_stats", "curvature"} <= set(idata.groups())
+    assert idata.curvature["precision"].shape == (4, 4)  # intercept and 3 coefficients
     assert {"diverging", "tree_depth", "energy"} <= set(idata.sample_stats.data_vars)
     diagnostics = json.loads((finished.workdir / RESULTS / "samples/shard-0000.diagnostics.json").read_text())
     assert diagnostics["max_r_hat"] < 1.05 and diagnostics["num_shards"] == 2
