@@ -188,7 +188,7 @@ def standardised_figure(
         gauge.axvline(np.clip(khat, -0.5, 1.5), color="k", lw=2)
         gauge.set_xlim(-0.5, 1.5)
         gauge.set_yticks([])
-        gauge.set_xticks([0, 0.7, 1.0])
+        gauge.set_xticks([0, 0.7])
         gauge.tick_params(axis="x", labelsize=8)
         gauge.set_title(
             f"importance weights\nk̂ = {khat:.2f}, ESS {importance['effective_sample_size']:.0f}", fontsize=9
