@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_models import corrected, full_data_run
-from test_statistics import flat_draws, shard_runs
+from test_models import against_full_data, corrected, full_data_run
+from test_statistics import shard_runs
 
 from cmcflow.combine import CombineSettings, combine_shards
 from cmcflow.config import schema_default
@@ -46,14 +46,8 @@ def test_corrected_consensus_matches_full_data_nuts_on_real_data(name):
     print(f"{name}: k-hat {figures['khat']:.2f}, ESS {figures['effective_sample_size']:.0f}")
     assert figures["khat"] < 0.7, figures["khat"]
     full = full_data_run(spec, options, {"features": X, "label": y})
-    for site in full.posterior.data_vars:
-        reference = flat_draws(full, site)
-        for label, result in (("plain", combination.idata), ("corrected", fixed)):
-            draws = flat_draws(result, site)
-            error = np.abs(draws.mean(axis=0) - reference.mean(axis=0)) / reference.std(axis=0)
-            ratio = draws.std(axis=0) / reference.std(axis=0)
-            print(f"{name} {site} {label}: mean error {np.round(error, 3)} sd, sd ratio {np.round(ratio, 3)}")
-            if label == "corrected":
-                assert error.max() <= 0.1 and np.all(np.abs(ratio - 1) <= 0.1), (site, error, ratio)
-            elif name not in SKEWED:
-                assert error.max() <= 0.2, (site, error)
+    for site, label, error, ratio in against_full_data(full, {"plain": combination.idata, "corrected": fixed}, name):
+        if label == "corrected":
+            assert error.max() <= 0.1 and np.all(np.abs(ratio - 1) <= 0.1), (site, error, ratio)
+        elif name not in SKEWED:
+            assert error.max() <= 0.2, (site, error)
