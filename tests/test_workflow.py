@@ -213,26 +213,20 @@ def test_a_config_file_yaml_cannot_read_as_written_is_named_with_its_line(tmp_pa
     with invalid YAML is refused by Snakemake itself first, without its line)."""
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text(text)
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(REPO / "Snakefile")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
+    result = snakemake_in(tmp_path, "-n")
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "cmcflow config error: " in output and message in output, output
 
 
+def snakemake_in(directory, *args: str) -> subprocess.CompletedProcess:
+    """Snakemake on this checkout's Snakefile, run in ``directory`` with ``args``."""
+    command = [sys.executable, "-m", "snakemake", *args, "--snakefile", str(REPO / "Snakefile")]
+    return subprocess.run(command, capture_output=True, text=True, cwd=directory, timeout=120)
+
+
 def test_lint_reports_nothing():
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    result = snakemake_in(REPO, "--lint")
     lints = {
         line.strip()[2:].rstrip(":")
         for line in (result.stdout + result.stderr).splitlines()
