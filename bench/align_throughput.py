@@ -26,7 +26,7 @@ from common import REPO, cell, machine, spread, target, timed, write_results
 sys.path.insert(0, str(REPO / "workflow"))
 from cmcflow.jaxenv import configure_jax  # noqa: E402
 
-configure_jax(devices=4, enable_x64=True, compilation_cache_dir=None)
+configure_jax(devices=4, precision="float64", compilation_cache_dir=None)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

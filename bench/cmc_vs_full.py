@@ -115,7 +115,7 @@ def recombined(results: Path, weights: str):
     process, as the combine job would with ``combine.weights`` edited)."""
     from cmcflow.jaxenv import configure_jax
 
-    configure_jax(devices=1, enable_x64=True, compilation_cache_dir=None)
+    configure_jax(devices=1, precision="float64", compilation_cache_dir=None)
     from cmcflow.combine import CombineSettings, combine_shards
     from cmcflow.featurize import load_features
     from cmcflow.models import get_model, resolve_options

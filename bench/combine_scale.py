@@ -55,7 +55,7 @@ def measure(directory: Path, num_shards: int) -> dict:
     """In this (fresh) process: combine the K shards; wall seconds and peak RSS."""
     from cmcflow.jaxenv import configure_jax
 
-    configure_jax(devices=1, enable_x64=True, compilation_cache_dir=None)
+    configure_jax(devices=1, precision="float64", compilation_cache_dir=None)
     import numpy as np
 
     from cmcflow.combine import CombineSettings, combine_shards

@@ -33,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    configure_jax(devices=DEVICES, enable_x64=True, compilation_cache_dir=None)
+    configure_jax(devices=DEVICES, precision="float64", compilation_cache_dir=None)
     from cmcflow.featurize import padded_size
     from cmcflow.models import get_model, resolve_options
     from cmcflow.sample import NutsSettings, sample_features

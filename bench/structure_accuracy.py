@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cmcflow.jaxenv import configure_jax
 
-configure_jax(devices=4, enable_x64=True, compilation_cache_dir=None)
+configure_jax(devices=4, precision="float64", compilation_cache_dir=None)
 
 import arviz as az  # noqa: E402
 import jax  # noqa: E402

@@ -13,6 +13,8 @@ with reported_errors():
 
     configure_jax(**snakemake.params.jax)
 
+    import numpy as np
+
     from cmcflow.consensus import unflatten_draws
     from cmcflow.correct import shard_log_likelihood
     from cmcflow.featurize import load_features
@@ -29,4 +31,7 @@ with reported_errors():
         unflatten_draws(proposal["draws"], str(proposal["layout"])),
         rows=len(features["mask"]),
     )
-    write_arrays(snakemake.output.log_likelihood, {"log_likelihood": log_likelihood})
+    write_arrays(
+        snakemake.output.log_likelihood,
+        {"log_likelihood": log_likelihood, "precision": np.asarray(snakemake.params.jax["precision"])},
+    )

@@ -1,7 +1,9 @@
 """Test session set-up.
 
 JAX is configured here, before any test module imports it: 4 virtual CPU devices (one
-NUTS chain each, as in a sample job), float64, and a persistent compilation cache in a
+NUTS chain each, as in a sample job), the config's default ``jax.precision`` (or
+``$CMCFLOW_TEST_PRECISION``: ``bench/precision.py`` runs the statistical tests in each
+precision), and a persistent compilation cache in a
 temporary directory so that programs of one shape compile once per session. After each
 test module every compiled program is released (:func:`release_compiled_programs`).
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cmcflow.config import schema
 from cmcflow.dryrun import job_counts
 from cmcflow.jaxenv import configure_jax
 
@@ -27,9 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = shutil.which("timeout")  # coreutils; absolute, so that a test may replace PATH
 DEVICES = 4
 
+JAX_DEFAULTS = schema()["properties"]["jax"]["properties"]
+PRECISION = os.environ.get("CMCFLOW_TEST_PRECISION") or JAX_DEFAULTS["precision"]["default"]
 configure_jax(
     devices=DEVICES,
-    enable_x64=True,
+    precision=PRECISION,
     compilation_cache_dir=tempfile.mkdtemp(prefix="cmcflow-test-jax-cache-"),
 )
 
@@ -67,7 +72,7 @@ def tiny_config(**analysis_overrides) -> dict:
     return {
         "results_dir": "results",
         "feature_cache_dir": "cache/features",
-        "jax": {"compilation_cache_dir": "cache/jax"},
+        "jax": {"compilation_cache_dir": "cache/jax", "precision": PRECISION},
         "analyses": {"tiny": analysis},
     }
 

@@ -99,7 +99,7 @@ def test_env_pins_equal_pyproject(name):
 
 def test_variables_agree_with_config_defaults():
     jax_defaults = SCHEMA["properties"]["jax"]["properties"]
-    devices, x64 = jax_defaults["devices"]["default"], jax_defaults["enable_x64"]["default"]
+    devices, x64 = jax_defaults["devices"]["default"], jax_defaults["precision"]["default"] != "float32"
     assert env("jax-devices")["variables"]["XLA_FLAGS"] == f"--xla_force_host_platform_device_count={devices}"
     assert env("jax-single")["variables"]["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
     for name in ("jax-devices", "jax-single"):

@@ -24,14 +24,14 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_configure_after_jax_import_fails_loudly():
-    result = run_python("import jax\nfrom cmcflow.jaxenv import configure_jax\nconfigure_jax(4, True, None)")
+    result = run_python("import jax\nfrom cmcflow.jaxenv import configure_jax\nconfigure_jax(4, 'float64', None)")
     assert result.returncode != 0
     assert "jax was imported before" in result.stderr
 
 
 def test_wrong_device_count_fails_loudly():
     result = run_python(
-        "from cmcflow.jaxenv import configure_jax\nconfigure_jax(3, True, None)\n"
+        "from cmcflow.jaxenv import configure_jax\nconfigure_jax(3, 'float64', None)\n"
         "from cmcflow.jaxenv import require_device_count\nrequire_device_count(4)"
     )
     assert result.returncode != 0
@@ -50,3 +50,20 @@ def test_nodes_of_different_cpu_types_never_share_compiled_programs(tmp_path):
     assert first != second and first.startswith(shared) and second.startswith(shared)
     assert host_cache_dir(shared, skylake) == first
     assert host_cache_dir(shared, skylake.replace("avx512f", "")) != first  # same model, other features
+
+
+def test_float32_precision_turns_x64_off_and_stores_data_in_float32():
+    result = run_python(
+        "from cmcflow.jaxenv import configure_jax\nconfigure_jax(1, 'float32', None)\n"
+        "import numpy as np, jax.numpy as jnp\nfrom cmcflow.transforms import model_kwargs\n"
+        "kwargs = model_kwargs({'X': np.ones((2, 2)), 'i': np.arange(2)}, {'prior_sd': 1.0})\n"
+        "print(jnp.zeros(1).dtype, kwargs['X'].dtype, kwargs['i'].dtype)"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["float32", "float32", "int32"]
+
+
+def test_an_unknown_precision_is_refused_before_jax_is_imported():
+    result = run_python("from cmcflow.jaxenv import configure_jax\nconfigure_jax(1, 'float16', None)")
+    assert result.returncode != 0
+    assert "jax.precision must be one of float64, float32, mixed, not 'float16'" in result.stderr

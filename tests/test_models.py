@@ -4,8 +4,10 @@ rows, and the offset as an optional column."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
+from numpyro.infer.util import initialize_model, potential_energy
 from test_statistics import DEVICES, SETTINGS, flat_draws, shard_runs, simulated
 
 from cmcflow import importance
@@ -14,7 +16,8 @@ from cmcflow.config import schema_default
 from cmcflow.consensus import unflatten_draws
 from cmcflow.correct import correct_draws, corrected_idata, log_prior, shard_log_likelihood
 from cmcflow.featurize import padded_size
-from cmcflow.models import get_model, resolve_columns
+from cmcflow.jaxenv import PRECISION
+from cmcflow.models import get_model, resolve_columns, resolve_options, role_arrays
 from cmcflow.models.rows import offset_regression_features
 from cmcflow.sample import sample_features
 from cmcflow.shard import split_rows
@@ -129,3 +132,34 @@ def test_logistic_weight_counts_a_row_that_many_times_and_offset_shifts_the_log_
         shard_log_likelihood(spec.numpyro_model, model_kwargs(plain, spec.options), moved, rows=32),
         rtol=1e-12,
     )
+
+
+@pytest.mark.skipif(not jax.config.jax_enable_x64, reason="mixed precision needs x64 mode")
+@pytest.mark.parametrize("name", ["linear", "logistic", "poisson", "negative_binomial", "linear_gaussian", "structure"])
+def test_mixed_precision_reads_the_data_in_float32_and_keeps_the_gradient_float64(name, monkeypatch):
+    """Under ``jax.precision: mixed`` the data are float32 and every matrix product that reads
+    them (forward and in the gradient) runs in float32 (the speed-up: half the bytes), while
+    the potential's gradient with respect to the float64 parameters stays float64 and
+    agrees with the float64 model's to float32 rounding (relative 1e-4)."""
+    spec = get_model(name)
+    options = resolve_options(spec, {})
+    table, _ = spec.simulate(300, 0, **({"points": 12} if name == "structure" else {"features": 3}))
+    arrays = role_arrays(table, resolve_columns(spec, {}, None if name == "structure" else 3), spec)
+    features = spec.featurize(arrays, padded_size([len(table)], 64), spec.table_facts(arrays))
+    start = initialize_model(jax.random.PRNGKey(0), spec.numpyro_model, model_kwargs=model_kwargs(features, options))
+    position = start.param_info.z  # unconstrained, float64
+    gradients, product_types = {}, {}
+    for precision in ("float64", "mixed"):
+        monkeypatch.setattr(PRECISION, "name", precision)
+        kwargs = model_kwargs(features, options)
+        gradient = jax.grad(lambda p, kwargs=kwargs: potential_energy(spec.numpyro_model, (), kwargs, p))
+        gradients[precision] = gradient(position)
+        equations = jax.make_jaxpr(gradient)(position).jaxpr.eqns
+        product_types[precision] = {
+            var.aval.dtype.name for eqn in equations if eqn.primitive.name == "dot_general" for var in eqn.invars
+        }
+    if name != "structure":  # the structure model gathers points: it has no matrix product
+        assert product_types == {"float64": {"float64"}, "mixed": {"float32"}}
+    for site, exact in gradients["float64"].items():
+        assert gradients["mixed"][site].dtype == np.float64
+        np.testing.assert_allclose(gradients["mixed"][site], exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())

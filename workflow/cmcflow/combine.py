@@ -47,6 +47,7 @@ from cmcflow.consensus import (
     unflatten,
 )
 from cmcflow.errors import InputError
+from cmcflow.jaxenv import PRECISION
 from cmcflow.locate import distance_moments, locate_by_distances
 from cmcflow.runs import constrained_moments, is_failed, unconstrained_draws
 from cmcflow.transforms import constrain_draws
@@ -381,6 +382,7 @@ def combine_shards(
     facts = {
         "streaming": streaming,
         "weights": WEIGHTS[plan.weights],
+        "precision": PRECISION.name,
         "failed": sorted(entry["shard"] for entry in scan.failed),
     }
     if plan.weights == "hessian":

@@ -114,6 +114,10 @@ def schema_default(*keys: str):
     return node["default"]
 
 
+#: Keys of earlier releases, and what replaced them.
+RENAMED_KEYS = {"enable_x64": "jax.enable_x64 became jax.precision (float64, float32 or mixed)"}
+
+
 def check_config(config: Mapping) -> None:
     """Raise :class:`ConfigError` with one line naming the key path and the rule broken where
     ``config`` does not match the schema (jsonschema's most relevant error, reworded), so
@@ -131,6 +135,7 @@ def check_config(config: Mapping) -> None:
         unknown = sorted(set(value) - set(node.get("properties", {})))
         known = ", ".join(sorted(node.get("properties", {})))
         message = f"unknown key(s) {', '.join(map(repr, unknown))} (known here: {known})"
+        message += "".join(f"; {RENAMED_KEYS[key]}" for key in unknown if key in RENAMED_KEYS)
     elif error.validator == "required":
         missing = [name for name in error.validator_value if name not in value]
         message = f"missing required key(s) {', '.join(map(repr, missing))}"

@@ -33,6 +33,7 @@ from numpyro.infer.util import log_density, potential_energy
 from cmcflow import importance
 from cmcflow.consensus import unflatten_draws
 from cmcflow.io import atomic_path, read_arrays, read_json, write_json_atomic
+from cmcflow.jaxenv import PRECISION
 from cmcflow.runs import read_run, summary_table
 from cmcflow.tempering import temper_priors
 from cmcflow.transforms import constrain_draws, latent_site_names
@@ -169,13 +170,16 @@ def write_correction(model: Callable, kwargs: Mapping, inputs, outputs, settings
         "proposal": settings["proposal"],
         **({"df": settings["df"]} if settings["proposal"] == "student_t" else {}),
         "target_shards": target,
+        "precision": PRECISION.name,
         # screened out of the combination (the proposal), but their rows are in the target
         "screened_out": sorted(set(target) - set(shards["used"])),
         "largest_combined_shift_sd": float(shifts.abs().max()),
         "combined_shift_sd": {name: float(value) for name, value in shifts.items()},
     }
     log.info("%s; ESS %.0f of %d draws", record["verdict"], record["effective_sample_size"], len(priors))
-    idata.posterior.attrs.update({key: record[key] for key in ("khat", "effective_sample_size", "verdict", "proposal")})
+    idata.posterior.attrs.update(
+        {key: record[key] for key in ("khat", "effective_sample_size", "verdict", "proposal", "precision")}
+    )
     with atomic_path(outputs.posterior) as tmp:
         idata.to_netcdf(str(tmp), engine="h5netcdf")
     with atomic_path(outputs.summary) as tmp:

@@ -18,6 +18,11 @@ from pathlib import Path
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
+#: ``jax.precision`` settings: the floating type of the model's data and per-row terms, and
+#: of everything else (parameters, the sampler's state, sums over rows).
+#: ``mixed``: data and per-row terms float32, the rest float64 (JAX's x64 mode).
+PRECISIONS = {"float64": ("float64", "float64"), "float32": ("float32", "float32"), "mixed": ("float32", "float64")}
+
 
 @dataclass
 class CompileClock:
@@ -54,15 +59,33 @@ def xla_flags_with_devices(flags: str, devices: int) -> str:
     return " ".join([*kept, f"{DEVICE_COUNT_FLAG}={devices}"])
 
 
-def configure_jax(devices: int, enable_x64: bool, compilation_cache_dir: str | None) -> None:
+@dataclass
+class ProcessPrecision:
+    """The ``jax.precision`` this process runs in (set by :func:`configure_jax`)."""
+
+    name: str = "float64"
+
+    @property
+    def data_dtype(self) -> str:
+        """The floating type that :func:`cmcflow.transforms.model_kwargs` gives data arrays."""
+        return PRECISIONS[self.name][0]
+
+
+PRECISION = ProcessPrecision()
+
+
+def configure_jax(devices: int, precision: str, compilation_cache_dir: str | None) -> None:
     """Set the XLA/JAX environment, import JAX, and check the device count.
 
     ``devices``: virtual CPU devices to create (one NUTS chain or alignment slice each);
-    ``enable_x64``: run in float64; ``compilation_cache_dir``: the persistent compilation
+    ``precision``: a key of :data:`PRECISIONS` (x64 mode unless ``float32``);
+    ``compilation_cache_dir``: the persistent compilation
     cache shared by all jobs (``None`` disables it), which keeps every program however fast
     it compiled. Raises ``RuntimeError`` if JAX was imported earlier in this process (the
     flags would be ignored), or if JAX does not then see exactly ``devices`` devices.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"jax.precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if "jax" in sys.modules:
         raise RuntimeError(
             "jax was imported before cmcflow.jaxenv.configure_jax(); the XLA device flags "
@@ -73,7 +96,8 @@ def configure_jax(devices: int, enable_x64: bool, compilation_cache_dir: str | N
     import jax
     import jax.monitoring
 
-    jax.config.update("jax_enable_x64", enable_x64)
+    PRECISION.name = precision
+    jax.config.update("jax_enable_x64", PRECISIONS[precision][1] == "float64")
     if compilation_cache_dir is not None:
         host_cache = host_cache_dir(compilation_cache_dir)
         os.makedirs(host_cache, exist_ok=True)

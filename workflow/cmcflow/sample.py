@@ -18,7 +18,7 @@ import xarray as xr
 from numpyro.infer import MCMC, NUTS, init_to_uniform
 
 from cmcflow.consensus import HESSIAN_MAX_PARAMETERS
-from cmcflow.jaxenv import COMPILE_CLOCK
+from cmcflow.jaxenv import COMPILE_CLOCK, PRECISION
 from cmcflow.models import ModelSpec
 from cmcflow.runs import diagnostics
 from cmcflow.screening import TREE_DEPTH_WARNING
@@ -149,6 +149,7 @@ def sample_features(
         "rows": int(np.sum(features["mask"])),
         "padded_rows": int(np.shape(features["mask"])[0]),
         "devices": len(jax.devices()),
+        "precision": PRECISION.name,
         "num_chains": devices,
         "seed": seed,
         "shard": shard,

@@ -15,13 +15,22 @@ from numpyro import handlers
 from numpyro.infer import init_to_uniform
 from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
+from cmcflow.jaxenv import PRECISION
+
 #: Draws pushed through the model at once by :func:`map_draws`.
 TRANSFORM_BATCH = 256
 
 
 def model_kwargs(features: Mapping[str, np.ndarray], options: Mapping[str, float]) -> dict:
-    """Keyword arguments of ``model(**features, **options)``: feature arrays on the device."""
-    return {**{name: jnp.asarray(value) for name, value in features.items()}, **options}
+    """Keyword arguments of ``model(**features, **options)``: feature arrays on the device,
+    floating ones in the data type of the process's ``jax.precision``
+    (:data:`cmcflow.jaxenv.PRECISION`)."""
+    return {**{name: device_array(value, PRECISION.data_dtype) for name, value in features.items()}, **options}
+
+
+def device_array(value: np.ndarray, data_dtype: str) -> jax.Array:
+    """``value`` on the device; in ``data_dtype`` if it is floating."""
+    return jnp.asarray(value, dtype=data_dtype if np.issubdtype(np.asarray(value).dtype, np.floating) else None)
 
 
 def latent_site_names(model: Callable, kwargs: Mapping) -> list[str]:

@@ -137,7 +137,7 @@ def jax_param(devices):
     """The JAX process settings of a job that runs on ``devices`` virtual devices."""
     return {
         "devices": devices,
-        "enable_x64": config["jax"]["enable_x64"],
+        "precision": config["jax"]["precision"],
         "compilation_cache_dir": config["jax"]["compilation_cache_dir"],
     }
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cmcflow.models import POSITIVE, ModelSpec, Role
-from cmcflow.models.rows import correlated_features, offset_regression_features
+from cmcflow.models.rows import correlated_features, in_data_precision, offset_regression_features
 
 #: Intercept, and the negative binomial's concentration, of simulated data.
 SIMULATED_INTERCEPT = 1.0
@@ -49,13 +49,16 @@ def negative_binomial_model(X, y, offset, mask, prior_sd, concentration_scale):
     beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
     concentration = numpyro.sample("concentration", dist.HalfNormal(concentration_scale))
     mean = _mean(intercept, X, beta, offset)
+    concentration = in_data_precision(X, concentration)
     with numpyro.plate("rows", X.shape[0]):
         numpyro.sample("y", dist.NegativeBinomial2(mean, concentration).mask(mask), obs=y)
 
 
 def _mean(intercept, X, beta, offset):
+    """exp(intercept + X beta + offset) ``(R,)``, in the data's precision."""
     import jax.numpy as jnp
 
+    intercept, beta = in_data_precision(X, intercept, beta)
     return jnp.exp(intercept + X @ beta + offset)
 
 

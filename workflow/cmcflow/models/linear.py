@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cmcflow.models import POSITIVE, ModelSpec, Role
-from cmcflow.models.rows import correlated_features, regression_features
+from cmcflow.models.rows import correlated_features, in_data_precision, regression_features
 
 #: Noise sd and intercept of simulated data.
 SIMULATED_NOISE_SD = 1.5
@@ -29,6 +29,7 @@ def linear_model(X, y, mask, prior_sd, noise_scale):
     intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
     beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
     sigma = numpyro.sample("sigma", dist.HalfNormal(noise_scale))
+    intercept, beta, sigma = in_data_precision(X, intercept, beta, sigma)
     with numpyro.plate("rows", X.shape[0]):
         numpyro.sample("y", dist.Normal(intercept + X @ beta, sigma).mask(mask), obs=y)
 

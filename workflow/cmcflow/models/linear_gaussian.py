@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cmcflow.models import POSITIVE, ModelSpec, Role
-from cmcflow.models.rows import correlated_features, regression_features
+from cmcflow.models.rows import correlated_features, in_data_precision, regression_features
 
 
 def linear_gaussian_model(X, y, mask, prior_sd, noise_sd):
@@ -23,7 +23,7 @@ def linear_gaussian_model(X, y, mask, prior_sd, noise_sd):
 
     beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
     with numpyro.plate("rows", X.shape[0]):
-        numpyro.sample("y", dist.Normal(X @ beta, noise_sd).mask(mask), obs=y)
+        numpyro.sample("y", dist.Normal(X @ in_data_precision(X, beta), noise_sd).mask(mask), obs=y)
 
 
 def exact_posterior(X: np.ndarray, y: np.ndarray, prior_sd: float, noise_sd: float) -> tuple[np.ndarray, np.ndarray]:

@@ -15,27 +15,29 @@ import numpy as np
 import pandas as pd
 
 from cmcflow.models import POSITIVE, ModelSpec, Role
-from cmcflow.models.rows import correlated_features, weighted_regression_features
+from cmcflow.models.rows import correlated_features, in_data_precision, weighted_regression_features
 
 
 def logistic_model(X, y, offset, weight, mask, prior_sd):
     """``X (R, P)``, ``y (R,)`` in {0, 1}, ``offset (R,)``, ``weight (R,)`` >= 0, ``mask (R,)``
     bool (False on padding rows): :func:`~cmcflow.models.rows.weighted_regression_features`.
 
-    A row of weight w counts as w identical rows: w y events in w trials,
-    Binomial(w, sigmoid(η)).log_prob(w y) = w (y η − log(1 + e^η)) = w · Bernoulli(sigmoid(η)).log_prob(y)
-    for y in {0, 1} and any real w >= 0 (the binomial coefficient is 1). (NumPyro's
-    ``handlers.scale`` would put an array into the trace's metadata, which ArviZ's
-    ``from_numpyro`` cannot trace.) With every weight 1 this is the Bernoulli likelihood.
+    Each row's Bernoulli log-likelihood is scaled by its weight (NumPyro's ``scale``
+    handler), so a row of weight w counts as w identical rows; with every weight 1 this is
+    the plain Bernoulli likelihood. The handler takes positive scales only: a row of weight
+    0 is masked instead.
     """
+    import jax.numpy as jnp
     import numpyro
     import numpyro.distributions as dist
 
     intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
     beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
+    intercept, beta = in_data_precision(X, intercept, beta)
     logits = intercept + X @ beta + offset
-    with numpyro.plate("rows", X.shape[0]):
-        numpyro.sample("y", dist.Binomial(weight, logits=logits).mask(mask), obs=weight * y)
+    counted = mask & (weight > 0)
+    with numpyro.plate("rows", X.shape[0]), numpyro.handlers.scale(scale=jnp.where(counted, weight, 1)):
+        numpyro.sample("y", dist.Bernoulli(logits=logits).mask(counted), obs=y)
 
 
 def simulate(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:

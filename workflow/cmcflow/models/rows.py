@@ -1,4 +1,5 @@
-"""Row helpers for featurizers: padding, and the regression layout (X, y, mask)."""
+"""Row helpers: padding and the regression layout (X, y, mask) for featurizers, and the
+data precision for models."""
 
 from __future__ import annotations
 
@@ -23,6 +24,19 @@ def regression_features(columns: dict[str, np.ndarray], pad_to: int, facts: dict
     label = np.asarray(columns["label"], dtype=np.float64).reshape(-1)
     mask = np.ones(label.shape[0], dtype=bool)
     return {"X": pad_rows(features, pad_to), "y": pad_rows(label, pad_to), "mask": pad_rows(mask, pad_to)}
+
+
+def in_data_precision(data, *parameters):
+    """``parameters`` cast to the floating type of the array ``data`` (one value, or a tuple).
+
+    A model computes its per-row terms from parameters cast this way, so they are computed
+    in the data's type: float32 under ``jax.precision: mixed`` (float32 data, float64
+    parameters), where the matrix-vector products that read the data then stream half the
+    bytes; a no-op under ``float64`` and ``float32``. The gradient flows back through the
+    cast to the float64 parameters.
+    """
+    cast = tuple(parameter.astype(data.dtype) for parameter in parameters)
+    return cast[0] if len(cast) == 1 else cast
 
 
 def correlated_features(rng: np.random.Generator, rows: int, features: int, rho: float = 0.5) -> np.ndarray:

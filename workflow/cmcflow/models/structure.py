@@ -21,7 +21,7 @@ from scipy.sparse.csgraph import connected_components, shortest_path
 
 from cmcflow.errors import InputError
 from cmcflow.models import POSITIVE, ModelSpec, Role
-from cmcflow.models.rows import pad_rows
+from cmcflow.models.rows import in_data_precision, pad_rows
 
 #: Cα coordinates of human ubiquitin (PDB 1UBQ, public domain): the demo structure.
 UBIQUITIN = Path(__file__).resolve().parents[1] / "data" / "ubiquitin_1ubq_ca.csv"
@@ -46,6 +46,7 @@ def structure_model(i, j, distance, mask, start_coords, prior_sd, noise_scale, n
 
     coords = numpyro.sample("coords", dist.Normal(0.0, prior_sd).expand([start_coords.shape[0], 3]).to_event(2))
     sigma = numpyro.sample("sigma", dist.HalfNormal(noise_scale))
+    coords, sigma = in_data_precision(distance, coords, sigma)
     # the tiny constant keeps the gradient finite where two points coincide (padded rows: i = j = 0)
     modelled = jnp.sqrt(jnp.sum((coords[i] - coords[j]) ** 2, axis=-1) + 1e-12)
     with numpyro.plate("rows", i.shape[0]):

@@ -1,0 +1,232 @@
+"""Roofline of the logistic model's gradient and of NUTS (issue 13 b).
+
+For 10^4, 10^5 and 10^6 rows of 20 features, in each ``jax.precision``, on one JAX device:
+
+* **gradient**: the median time of one jitted value-and-gradient of the potential energy,
+  against the memory-bandwidth bound: the bytes of every data array the gradient must read
+  once (X, y, offset, weight, mask) ÷ this machine's bandwidth. The bandwidth is measured
+  here with a STREAM-style copy (``numpy.copyto`` of 512 MiB, read + write bytes counted,
+  with 1 and with all cores; the larger is the machine's);
+* **NUTS**: the wall time of one chain (warmup and sampling, compilation excluded) against
+  the leapfrog steps it took × the gradient time: what NUTS adds to the gradients.
+
+Each precision runs in its own process (JAX's x64 mode is fixed at start-up), repeated.
+
+    python bench/roofline.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from common import cell, spread, target, write_results
+
+ROWS = (10_000, 100_000, 1_000_000)
+FEATURES = 20
+PRECISIONS = ("float64", "float32", "mixed")
+#: One NUTS chain per size: few iterations, enough to weigh NUTS' own work against its gradients.
+NUTS_ITERATIONS = 150
+COPY_BYTES = 512 * 2**20
+#: Targets (issue 13 b).
+GRADIENT_TARGET = 1.5
+NUTS_TARGET = 1.3
+
+
+def copy_bandwidth(threads: int, repeats: int = 5) -> float:
+    """Bytes per second of a STREAM-style copy of ``COPY_BYTES`` (read + write counted),
+    split over ``threads`` threads (NumPy releases the GIL while copying); best of ``repeats``."""
+    source = np.ones(COPY_BYTES // 8)
+    target_array = np.empty_like(source)
+    parts = np.array_split(np.arange(source.size), threads)
+    slices = [slice(part[0], part[-1] + 1) for part in parts]
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            list(pool.map(lambda part: np.copyto(target_array[part], source[part]), slices))
+            best = min(best, time.perf_counter() - started)
+    return 2 * COPY_BYTES / best
+
+
+def worker(precision: str) -> dict:
+    """One process: gradient and NUTS timings of every size in ``precision``."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "workflow"))
+    from cmcflow.jaxenv import COMPILE_CLOCK, configure_jax
+
+    configure_jax(devices=1, precision=precision, compilation_cache_dir=None)
+    import jax
+    from numpyro.infer import MCMC, NUTS
+    from numpyro.infer.util import initialize_model
+
+    from cmcflow.models import get_model
+    from cmcflow.models.rows import correlated_features
+    from cmcflow.transforms import model_kwargs
+
+    spec = get_model("logistic")
+    results = {}
+    for rows in ROWS:
+        rng = np.random.default_rng(0)
+        X = correlated_features(rng, rows, FEATURES)
+        y = (rng.random(rows) < 1 / (1 + np.exp(-(X @ rng.normal(0, 0.5, FEATURES))))).astype(float)
+        features = spec.featurize({"features": X, "label": y}, rows, {})
+        kwargs = model_kwargs(features, {"prior_sd": 2.5})
+        data_bytes = sum(int(value.nbytes) for value in kwargs.values() if hasattr(value, "nbytes"))
+        setup = initialize_model(jax.random.PRNGKey(0), spec.numpyro_model, model_kwargs=kwargs)
+        gradient = jax.jit(jax.value_and_grad(setup.potential_fn))
+        position = setup.param_info.z
+        jax.block_until_ready(gradient(position))
+        times = []
+        deadline = time.perf_counter() + 2.0
+        while len(times) < 20 or (time.perf_counter() < deadline and len(times) < 2000):
+            started = time.perf_counter()
+            jax.block_until_ready(gradient(position))
+            times.append(time.perf_counter() - started)
+
+        mcmc = MCMC(
+            NUTS(spec.numpyro_model),
+            num_warmup=NUTS_ITERATIONS,
+            num_samples=NUTS_ITERATIONS,
+            progress_bar=False,
+        )
+        compiled_before = COMPILE_CLOCK.seconds
+        started = time.perf_counter()
+        mcmc.warmup(jax.random.PRNGKey(1), collect_warmup=True, extra_fields=("num_steps",), **kwargs)
+        warmup_steps = int(np.sum(mcmc.get_extra_fields()["num_steps"]))
+        mcmc.run(mcmc.post_warmup_state.rng_key, extra_fields=("num_steps",), **kwargs)
+        jax.block_until_ready(mcmc.get_samples())
+        steps = warmup_steps + int(np.sum(mcmc.get_extra_fields()["num_steps"]))
+        nuts_seconds = time.perf_counter() - started - (COMPILE_CLOCK.seconds - compiled_before)
+        results[str(rows)] = {
+            "data_bytes": data_bytes,
+            "gradient_seconds": float(np.median(times)),
+            "gradient_calls": len(times),
+            "leapfrog_steps": steps,
+            "nuts_seconds": nuts_seconds,
+        }
+    return results
+
+
+def main(repeats: int) -> None:
+    bandwidths = {"1 thread": [], f"{os.cpu_count()} threads": []}
+    runs = {precision: [] for precision in PRECISIONS}
+    for _ in range(repeats):
+        bandwidths["1 thread"].append(copy_bandwidth(1))
+        bandwidths[f"{os.cpu_count()} threads"].append(copy_bandwidth(os.cpu_count()))
+        for precision in PRECISIONS:
+            output = subprocess.run(
+                [sys.executable, __file__, "--worker", precision], capture_output=True, text=True, check=True
+            ).stdout
+            runs[precision].append(json.loads(output.strip().splitlines()[-1]))
+    bandwidth = {name: spread(values) for name, values in bandwidths.items()}
+    machine_bandwidth = max(entry["median"] for entry in bandwidth.values())
+
+    sizes = {}
+    for precision in PRECISIONS:
+        for rows in map(str, ROWS):
+            entries = [run[rows] for run in runs[precision]]
+            data_bytes = entries[0]["data_bytes"]
+            gradient = spread([entry["gradient_seconds"] for entry in entries])
+            bound = data_bytes / machine_bandwidth
+            sizes[f"{precision} {rows}"] = {
+                "precision": precision,
+                "rows": int(rows),
+                "data_bytes": data_bytes,
+                "bandwidth_bound_seconds": bound,
+                "gradient_seconds": gradient,
+                "gradient_over_bound": spread([entry["gradient_seconds"] / bound for entry in entries]),
+                "leapfrog_steps": spread([entry["leapfrog_steps"] for entry in entries]),
+                "nuts_seconds": spread([entry["nuts_seconds"] for entry in entries]),
+                "nuts_over_steps_times_gradient": spread(
+                    [entry["nuts_seconds"] / (entry["leapfrog_steps"] * entry["gradient_seconds"]) for entry in entries]
+                ),
+            }
+
+    targets = []
+    for precision in PRECISIONS:
+        large = [sizes[f"{precision} {rows}"] for rows in ROWS if rows >= 100_000]
+        worst = max(entry["gradient_over_bound"]["median"] for entry in large)
+        targets.append(
+            target(
+                "13b",
+                f"logistic gradient / bandwidth bound, >= 10^5 rows, {precision} (largest)",
+                f"{worst:.2f}x",
+                f"<= {GRADIENT_TARGET}x",
+                worst <= GRADIENT_TARGET,
+                bound=gradient_bound(sizes, precision),
+            )
+        )
+        nuts = max(sizes[f"{precision} {rows}"]["nuts_over_steps_times_gradient"]["median"] for rows in ROWS)
+        targets.append(
+            target(
+                "13b",
+                f"NUTS wall / (leapfrog steps x gradient), {precision} (largest over sizes)",
+                f"{nuts:.2f}x",
+                f"<= {NUTS_TARGET}x",
+                nuts <= NUTS_TARGET,
+                bound="NUTS' own work per step (tree building, momentum, energy) on small shards: see the table",
+            )
+        )
+    measured = ", ".join(
+        f"{name} {cell({k: v / 1e9 for k, v in entry.items() if k != 'runs'}, 1)} GB/s"
+        for name, entry in bandwidth.items()
+    )
+    table = [
+        "# Roofline: logistic gradient and NUTS against the memory-bandwidth bound (issue 13 b)",
+        "",
+        f"Bandwidth (STREAM-style copy of 512 MiB, read + write): {measured}"
+        f"; bound uses {machine_bandwidth / 1e9:.1f} GB/s. {repeats} runs per row; one JAX device, one chain;"
+        f" {FEATURES} features; NUTS {NUTS_ITERATIONS} warmup + {NUTS_ITERATIONS} draws.",
+        "",
+        "| precision | rows | data read (MB) | bound (ms) | gradient (ms) | gradient / bound | leapfrog steps "
+        "| NUTS (s) | NUTS / (steps x gradient) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in sizes.values():
+        ms = {k: v * 1e3 for k, v in entry["gradient_seconds"].items() if k != "runs"}
+        table.append(
+            f"| {entry['precision']} | {entry['rows']:,} | {entry['data_bytes'] / 1e6:.1f} | "
+            f"{entry['bandwidth_bound_seconds'] * 1e3:.3f} | {cell(ms, 3)} | {cell(entry['gradient_over_bound'])} | "
+            f"{entry['leapfrog_steps']['median']:.0f} | {cell(entry['nuts_seconds'])} | "
+            f"{cell(entry['nuts_over_steps_times_gradient'])} |"
+        )
+    write_results(
+        "roofline",
+        {
+            "benchmark": "13b roofline",
+            "repeats": repeats,
+            "bandwidth": bandwidth,
+            "machine_bandwidth": machine_bandwidth,
+            "sizes": sizes,
+            "targets": targets,
+        },
+        table,
+    )
+
+
+def gradient_bound(sizes: dict, precision: str) -> str:
+    """What bounds the gradient, from the table: the bytes of two passes over X (XLA's
+    forward product X β and the gradient's Xᵀ r are separate loops)."""
+    large = sizes[f"{precision} {ROWS[-1]}"]
+    return (
+        f"at 10^6 rows the gradient takes {large['gradient_over_bound']['median']:.2f}x the one-pass bound; "
+        "reverse-mode differentiation reads X twice (X beta, then X^T r: two separate XLA loops), so 2x is the "
+        "floor of this program, and the per-row terms (log1p(exp), their derivative) add compute"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.worker:
+        print(json.dumps(worker(arguments.worker)))
+    else:
+        main(arguments.repeats)
