@@ -3,7 +3,7 @@ median and spread, and results written as JSON plus a markdown table under
 ``bench/results/``.
 
 A benchmark's JSON holds ``benchmark``, ``machine``, its own measurements, and
-``targets``: one entry per issue-6 target it measures (``id``, ``measure``, ``figure``,
+``targets``: one entry per issue target it measures (``id``, ``measure``, ``figure``,
 ``target``, ``met``), which ``bench/run.py`` gathers into ``bench/results/summary.md``.
 """
 
@@ -84,7 +84,7 @@ def write_results(name: str, record: dict, table: Sequence[str], measured: str |
 
 
 def target(identifier: str, measure: str, figure: str, goal: str, met: bool, bound: str | None = None) -> dict:
-    """One issue-6 target's outcome, for the summary table; ``bound``: for a missed target,
+    """One issue target's outcome, for the summary table; ``bound``: for a missed target,
     what bounds the figure, stated from the benchmark's own measurements."""
     outcome = {"id": identifier, "measure": measure, "figure": figure, "target": goal, "met": bool(met)}
     return outcome | ({"bound": bound} if bound and not met else {})

@@ -57,7 +57,7 @@ def worker(precision: str) -> dict:
     return {
         "sampling_seconds": report["sampling_seconds"],
         "compile_seconds": report["compile_seconds"],
-        "steps_per_draw": float(idata.sample_stats["num_steps"].mean()),
+        "steps_per_draw": float(idata.sample_stats["n_steps"].mean()),
         "min_ess_bulk": report["min_ess_bulk"],
         "beta_mean": beta.mean(axis=0).tolist(),
         "beta_sd": beta.std(axis=0).tolist(),
@@ -66,7 +66,8 @@ def worker(precision: str) -> dict:
 
 def run_tests(precision: str) -> dict:
     """The statistical tests in ``precision``: outcome counts, failures, printed errors, wall."""
-    env = {**os.environ, "CMCFLOW_TEST_PRECISION": precision}
+    # this checkout's package first, ahead of any editable install of another checkout
+    env = {**os.environ, "CMCFLOW_TEST_PRECISION": precision, "PYTHONPATH": str(REPO / "workflow")}
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *TESTS],

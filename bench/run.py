@@ -20,6 +20,9 @@ repeats of 8 shards and a 21-minute full-data run) about 115 minutes, the others
 | P6 | rerun_jobs.py | jobs executed after a sampling-only config edit |
 | I | importance_accuracy.py | importance correction vs full-data NUTS: k-hat, errors, an easy and two hard cases |
 | R | real_data.py | three public data sets (K = 8) vs full-data NUTS; needs ``pip install -e '.[bench]'`` |
+| 13a | precision.py | float64 / float32 / mixed: a P4 shard's sampling time, and the statistical tests in each |
+| 13b | roofline.py | the logistic gradient against the memory-bandwidth bound; NUTS against steps x gradient |
+| 13c | shards_per_job.py | several shards per sample job: CPU seconds and jobs; a 10,000-shard dry run |
 
 ``structure_accuracy.py`` (issue 3's accuracy of the combined structure) needs finished
 workflow runs and is run on its own.
@@ -46,6 +49,9 @@ SCRIPTS = {
     "P6": ["rerun_jobs.py"],
     "I": ["importance_accuracy.py"],
     "R": ["real_data.py"],
+    "13a": ["precision.py"],
+    "13b": ["roofline.py"],
+    "13c": ["shards_per_job.py"],
 }
 
 
@@ -72,7 +78,7 @@ def write_summary() -> str:
                 bounds.append(f"- **{entry['id']}** ({entry['measure']}): {entry['bound']}")
     facts = machine()
     lines = [
-        "# Benchmarks: targets of issue 6",
+        "# Benchmarks: the issues' targets",
         "",
         f"Machine: {facts['cores']} cores, {facts['memory_gib']} GiB. Each figure is the median of >= 3 runs "
         f"unless its table says "

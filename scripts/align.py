@@ -24,9 +24,10 @@ with reported_errors():
 
     spec = get_model(snakemake.params.model)
     settings = snakemake.params.align
-    run = az.from_netcdf(snakemake.input.posterior)
+    run = az.from_netcdf(snakemake.params.posterior)
     if is_failed(run):  # a failure record passes through to combine
-        write_run(run, read_json(snakemake.input.diagnostics), snakemake.output.posterior, snakemake.output.diagnostics)
+        diagnostics = read_json(snakemake.params.diagnostics)
+        write_run(run, diagnostics, snakemake.output.posterior, snakemake.output.diagnostics)
         sys.exit(0)
     aligned = align_run(
         run,

@@ -21,6 +21,6 @@ with reported_errors():
     from cmcflow.runs import is_failed
 
     spec = get_model(snakemake.params.model)
-    runs = [run for run in map(az.from_netcdf, snakemake.input.posteriors) if not is_failed(run)]
+    runs = [run for run in map(az.from_netcdf, snakemake.params.posteriors) if not is_failed(run)]
     reference, record = build_reference(runs, spec.point_site, snakemake.params.align["allow_reflection"])
     write_json_atomic(snakemake.output.reference, {"site": spec.point_site, "coords": reference.tolist(), **record})

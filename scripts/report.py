@@ -19,7 +19,7 @@ with reported_errors():
         snakemake.input.summary,
         snakemake.input.shards,
         snakemake.input.moments,
-        snakemake.input.diagnostics,
+        snakemake.params.diagnostics,
         snakemake.input.features_info,
         snakemake.input.benchmarks,
         point_site=get_model(snakemake.params.model).point_site,

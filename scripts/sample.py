@@ -1,4 +1,5 @@
-"""Rule sample: NUTS on one shard. The XLA/JAX environment is set before JAX is imported."""
+"""Rules sample and sample_batch: NUTS on one shard, or on the consecutive shards of a batch
+one after another in this one process. The XLA/JAX environment is set before JAX is imported."""
 
 import sys
 
@@ -14,30 +15,38 @@ with reported_errors():
     configure_jax(**snakemake.params.jax)
 
     import logging
+    import os
 
     from cmcflow.featurize import load_features
     from cmcflow.models import get_model
-    from cmcflow.runs import failed_run, is_transient, write_run
-    from cmcflow.sample import NutsSettings, sample_features
+    from cmcflow.sample import NutsSettings, sample_shard_files
 
     settings = dict(snakemake.params.sample)
     seed = settings.pop("seed")
-    shard = int(snakemake.wildcards.shard)
-    features = load_features(snakemake.input.features)
-    try:
-        idata, report = sample_features(
-            get_model(snakemake.params.model["name"]),
-            features,
+    if snakemake.rule == "sample_batch":
+        os.makedirs(snakemake.output.batch, exist_ok=True)
+        outputs = [
+            (f"{snakemake.output.batch}/shard-{shard}.nc", f"{snakemake.output.batch}/shard-{shard}.diagnostics.json")
+            for shard in snakemake.params.shards
+        ]
+        shards = [int(shard) for shard in snakemake.params.shards]
+        feature_paths = list(snakemake.input.features)
+    else:
+        outputs = [(snakemake.output.posterior, snakemake.output.diagnostics)]
+        shards = [int(snakemake.wildcards.shard)]
+        feature_paths = [snakemake.input.features]
+    spec = get_model(snakemake.params.model["name"])
+    for shard, features_path, (posterior_path, diagnostics_path) in zip(shards, feature_paths, outputs):
+        logging.getLogger("cmcflow.sample").info("shard %d", shard)
+        sample_shard_files(
+            spec,
+            load_features(features_path),
             snakemake.params.model["options"],
+            posterior_path,
+            diagnostics_path,
             num_shards=snakemake.params.num_shards,
             shard=shard,
             seed=seed,
             settings=NutsSettings(**settings),
             devices=snakemake.params.jax["devices"],
         )
-    except Exception as error:  # recorded, not raised: combine applies combine.on_failed_shard
-        if is_transient(error):  # out of memory, I/O: fail the job, and the profile's retries resubmit it
-            raise
-        logging.getLogger("cmcflow.sample").exception("NUTS failed on shard %d; writing a failure record", shard)
-        idata, report = failed_run(shard, f"{type(error).__name__}: {error}")
-    write_run(idata, report, snakemake.output.posterior, snakemake.output.diagnostics)

@@ -40,6 +40,18 @@ configure_jax(
 
 import jax  # noqa: E402  (after configure_jax: the XLA flags must come first)
 
+from cmcflow.jaxenv import PRECISION as PROCESS_PRECISION  # noqa: E402
+
+#: Relative rounding of sums over float32 data: float32's machine epsilon (1.2e-7) times
+#: sqrt(rows) for the few thousand rows of a test shard, with room.
+FLOAT32_DATA_RTOL = 1e-5
+
+
+def data_rtol(rtol: float) -> float:
+    """``rtol`` of a check of exact arithmetic on model data, widened to float32 rounding
+    where the suite runs with float32 data (``jax.precision`` float32 or mixed)."""
+    return rtol if PROCESS_PRECISION.data_dtype == "float64" else max(rtol, FLOAT32_DATA_RTOL)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def release_compiled_programs():

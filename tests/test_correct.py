@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import data_rtol
 from numpyro.infer.util import potential_energy
 from scipy import stats
 from test_coverage import FEATURES, NOISE_SD, NUM_SHARDS, PRIOR_SD, ROWS, exact_subposterior_draws
@@ -61,7 +62,7 @@ def test_prior_and_shard_likelihoods_add_up_to_the_full_log_density():
         -float(potential_energy(spec.numpyro_model, (), full, {name: value[j] for name, value in draws.items()}))
         for j in range(20)
     ]
-    np.testing.assert_allclose(total, expected, rtol=1e-10)
+    np.testing.assert_allclose(total, expected, rtol=data_rtol(1e-10))
 
 
 def test_psis_recovers_a_known_target_and_flags_one_it_cannot_reach():

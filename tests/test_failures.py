@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 from conftest import Workflow, correction_jobs, tiny_config
 
+from cmcflow.runs import read_run
+
 pytestmark = pytest.mark.workflow
 
 #: The logistic model, plus a ``flag`` column; a shard holding a flagged row fails in NUTS
@@ -121,3 +123,32 @@ def test_runtime_grows_with_the_retry_attempt_like_memory():
     runtime = runtime_minutes(120)
     assert [runtime(None, attempt) for attempt in (1, 2, 3)] == [120, 240, 360]
     assert sample_mem_mb(1.0, 2) == 2 * sample_mem_mb(1.0, 1)
+
+
+def test_a_batch_job_keeps_the_draws_of_one_job_per_shard_and_records_its_failed_shard(flaky):
+    """``sample.shards_per_job``: 2 over 3 shards plans 2 sample jobs (shards 0-1, shard 2);
+    3 runs all of them in one job, one process: each shard's files in the batch's
+    directory, the draws identical to those of one job per shard, and the failing shard
+    recorded as failed without losing the shards beside it."""
+    workflow, failing, _ = flaky
+    config = json.loads(json.dumps(workflow.config))
+    config["results_dir"] = "batched"
+    config["analyses"]["tiny"]["sample"]["shards_per_job"] = 2
+    assert workflow.planned_jobs(config=config)["sample_batch"] == 2
+    config["analyses"]["tiny"]["sample"]["shards_per_job"] = 3
+    assert workflow.planned_jobs(config=config)["sample_batch"] == 1
+    result = workflow.run(config=config, check=False)
+    assert result.returncode != 0  # the failed shard stops the run at combine, as with one job per shard
+    assert "`snakemake --forcerun batched/tiny/samples/batch-0000` samples them again" in result.stderr
+    for shard in range(3):
+        batched = workflow.workdir / f"batched/tiny/samples/batch-0000/shard-{shard:04d}"
+        alone = workflow.workdir / f"results/tiny/samples/shard-{shard:04d}"
+        if shard == failing:
+            record = json.loads(batched.with_suffix(".diagnostics.json").read_text())
+            assert record == {"failed": True, "shard": failing, "error": "RuntimeError: injected failure"}
+            continue
+        for site in ("intercept", "beta"):
+            np.testing.assert_array_equal(
+                read_run(batched.with_suffix(".nc")).posterior[site].values,
+                read_run(alone.with_suffix(".nc")).posterior[site].values,
+            )

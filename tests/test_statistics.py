@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import data_rtol
 
 from cmcflow.combine import CombineSettings, combine_runs, combine_shards
 from cmcflow.config import schema_default
@@ -176,11 +177,11 @@ def test_hessian_weights_are_the_exact_shard_precisions_of_a_gaussian_model():
     runs, kwargs = shard_runs(spec, options, X, y, parts, settings=REPEAT_SETTINGS)
     for run, rows in zip(runs, parts):
         expected = np.eye(3) / (4 * options["prior_sd"] ** 2) + X[rows].T @ X[rows] / options["noise_sd"] ** 2
-        np.testing.assert_allclose(run.curvature["precision"].values, expected, rtol=1e-10)
+        np.testing.assert_allclose(run.curvature["precision"].values, expected, rtol=data_rtol(1e-10))
     settings = CombineSettings("consensus", 0, 0.0, None, 1.0, "fail", "hessian")
     combination = combine_shards(runs.__getitem__, len(runs), spec.numpyro_model, kwargs[0], settings)
     mean, covariance = exact_posterior(X, y, options["prior_sd"], options["noise_sd"])
-    np.testing.assert_allclose(combination.gaussian["covariance"], covariance, rtol=1e-8)
+    np.testing.assert_allclose(combination.gaussian["covariance"], covariance, rtol=data_rtol(1e-8))
     error = np.abs(combination.gaussian["mean"] - mean) / np.sqrt(np.diag(covariance))
     assert error.max() <= 0.1, error
     assert combination.record["weights"] == WEIGHTS_USED["hessian"] and combination.record["weighed_by_draws"] == []

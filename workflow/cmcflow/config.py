@@ -56,6 +56,22 @@ class Analysis:
     def shard_ids(self) -> list[str]:
         return [shard_id(index) for index in range(self.num_shards)]
 
+    @property
+    def shards_per_job(self) -> int:
+        return self.settings["sample"]["shards_per_job"]
+
+    @property
+    def batches(self) -> dict[str, list[str]]:
+        """Batch id -> the shard ids one sample job runs (consecutive shards,
+        ``sample.shards_per_job`` of them, fewer in the last batch)."""
+        size = self.shards_per_job
+        ids = self.shard_ids
+        return {shard_id(start // size): ids[start : start + size] for start in range(0, len(ids), size)}
+
+    def batch_of(self, shard: str) -> str:
+        """The id of the batch that samples shard ``shard``."""
+        return shard_id(int(shard) // self.shards_per_job)
+
 
 def resolve_analysis(name: str, settings: Mapping) -> Analysis:
     """One analysis' settings (validated, defaults filled in) -> :class:`Analysis`."""

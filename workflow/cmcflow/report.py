@@ -202,11 +202,12 @@ def image_tag(data: bytes, alt: str) -> str:
 
 
 def stage_times(benchmark_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """Wall seconds per stage from Snakemake ``benchmark:`` files (``<stage>.tsv`` or
-    ``<stage>/shard-*.tsv``): jobs, total and slowest job, and peak memory."""
+    """Wall seconds per stage from Snakemake ``benchmark:`` files (``<stage>.tsv``, or one per
+    job: ``<stage>/shard-*.tsv``, ``<stage>/batch-*.tsv``): jobs, total and slowest job, and
+    peak memory."""
     rows = []
     for path in map(Path, benchmark_paths):
-        stage = path.parent.name if path.name.startswith("shard-") else path.stem
+        stage = path.parent.name if path.name.startswith(("shard-", "batch-")) else path.stem
         record = pd.read_csv(path, sep="\t").iloc[0]
         rows.append({"stage": stage, "seconds": float(record["s"]), "max_rss_mb": float(record["max_rss"])})
     frame = pd.DataFrame(rows)

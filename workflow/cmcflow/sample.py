@@ -20,7 +20,7 @@ from numpyro.infer import MCMC, NUTS, init_to_uniform
 from cmcflow.consensus import HESSIAN_MAX_PARAMETERS
 from cmcflow.jaxenv import COMPILE_CLOCK, PRECISION
 from cmcflow.models import ModelSpec
-from cmcflow.runs import diagnostics
+from cmcflow.runs import diagnostics, failed_run, is_transient, write_run
 from cmcflow.screening import TREE_DEPTH_WARNING
 from cmcflow.tempering import temper_priors
 from cmcflow.transforms import latent_site_names, model_kwargs, potential_hessian, unconstrain_draws
@@ -180,6 +180,40 @@ def sample_features(
             settings.max_tree_depth,
         )
     return idata, report
+
+
+def sample_shard_files(
+    spec: ModelSpec,
+    features: Mapping[str, np.ndarray],
+    options: Mapping[str, float],
+    posterior_path: str,
+    diagnostics_path: str,
+    *,
+    num_shards: int,
+    shard: int,
+    seed: int,
+    settings: NutsSettings,
+    devices: int,
+) -> dict:
+    """:func:`sample_features` on shard ``shard``, written to its posterior (NetCDF) and
+    diagnostics (JSON) files; returns the diagnostics.
+
+    A NUTS failure that would recur (numerical, the model's own) is written as the shard's
+    failure record, for combine to apply ``combine.on_failed_shard``; a transient one (out
+    of memory, I/O: :func:`~cmcflow.runs.is_transient`) is raised, so the job fails and the
+    profile's retries run it again.
+    """
+    try:
+        idata, report = sample_features(
+            spec, features, options, num_shards=num_shards, shard=shard, seed=seed, settings=settings, devices=devices
+        )
+    except Exception as error:
+        if is_transient(error):
+            raise
+        log.exception("NUTS failed on shard %d; writing a failure record", shard)
+        idata, report = failed_run(shard, f"{type(error).__name__}: {error}")
+    write_run(idata, report, posterior_path, diagnostics_path)
+    return report
 
 
 def curvature(model, kwargs: Mapping, idata: az.InferenceData) -> xr.Dataset:

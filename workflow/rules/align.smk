@@ -4,10 +4,11 @@
 rule align_reference:
     """One reference structure for the analysis: GPA within shards, then over shard means."""
     input:
-        posteriors=per_shard(SHARD_POSTERIOR),
+        runs=sample_targets,
     output:
         reference=ALIGN_REFERENCE,
     params:
+        posteriors=sample_files("posterior"),
         model=model_name_param,
         align=setting_param("align"),
         jax=jax_param(config["jax"]["devices"]),
@@ -28,13 +29,14 @@ rule align_reference:
 rule align:
     """Every draw of one shard aligned to the reference, distributed over the JAX devices."""
     input:
-        posterior=SHARD_POSTERIOR,
-        diagnostics=SHARD_DIAGNOSTICS,
+        run=lambda wildcards: sample_target(wildcards.analysis, wildcards.shard),
         reference=ALIGN_REFERENCE,
     output:
         posterior=ALIGNED_POSTERIOR,
         diagnostics=ALIGNED_DIAGNOSTICS,
     params:
+        posterior=lambda wildcards: sample_file(wildcards.analysis, wildcards.shard, "posterior"),
+        diagnostics=lambda wildcards: sample_file(wildcards.analysis, wildcards.shard, "diagnostics"),
         model=model_name_param,
         align=setting_param("align"),
         jax=jax_param(config["jax"]["devices"]),

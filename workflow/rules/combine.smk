@@ -1,9 +1,8 @@
 rule combine:
     """Screen the shards, then consensus Monte Carlo over the kept ones, in the unconstrained space, all sites jointly."""
     input:
-        posteriors=combine_inputs,
-        # the shards' own diagnostics (on aligned draws for rigid models), for screening
-        diagnostics=shard_diagnostics_inputs,
+        # each shard's run and its diagnostics (on aligned draws for rigid models, for screening)
+        runs=run_targets,
         # any shard's features: combine traces the model once to learn its support transforms
         features=first_shard_features,
         pair_features=rigid_shard_features,
@@ -16,8 +15,10 @@ rule combine:
     params:
         model=model_params,
         combine=setting_param("combine"),
+        posteriors=run_files("posterior"),
+        diagnostics=run_files("diagnostics"),
         # named in the message that stops the run on failed shards (to sample them again)
-        sample_paths=lambda wildcards: shard_paths(wildcards.analysis, SHARD_POSTERIOR),
+        sample_paths=sample_rerun_targets,
         jax=jax_param(1),
     log:
         f"{LOGS}/combine.log",

@@ -23,6 +23,7 @@ RESULTS = config["results_dir"]
 wildcard_constraints:
     analysis=r"[A-Za-z0-9][A-Za-z0-9_-]*",
     shard=r"\d+",
+    batch=r"\d+",
 
 
 try:
@@ -40,6 +41,12 @@ FEATURES = f"{_A}/features/shard-{{shard}}.npz"
 FEATURES_INFO = f"{_A}/features/shard-{{shard}}.json"
 SHARD_POSTERIOR = f"{_A}/samples/shard-{{shard}}.nc"
 SHARD_DIAGNOSTICS = f"{_A}/samples/shard-{{shard}}.diagnostics.json"
+# sample.shards_per_job > 1: one directory per sample job, the same two files per shard in it
+SAMPLE_BATCH = f"{_A}/samples/batch-{{batch}}"
+BATCH_SHARD_FILES = {
+    "posterior": f"{SAMPLE_BATCH}/shard-{{shard}}.nc",
+    "diagnostics": f"{SAMPLE_BATCH}/shard-{{shard}}.diagnostics.json",
+}
 ALIGN_REFERENCE = f"{_A}/aligned/reference.json"
 ALIGNED_POSTERIOR = f"{_A}/aligned/shard-{{shard}}.nc"
 ALIGNED_DIAGNOSTICS = f"{_A}/aligned/shard-{{shard}}.diagnostics.json"
@@ -75,6 +82,49 @@ def per_shard(pattern):
         return shard_paths(wildcards.analysis, pattern)
 
     return paths
+
+
+# --- a shard's sample outputs: its own files (sample.shards_per_job = 1), or files in the
+# directory of its batch, which Snakemake tracks as the batch job's one output ---
+
+
+def sample_file(analysis, shard, kind):
+    """Shard ``shard``'s sample output ``kind`` ("posterior" or "diagnostics")."""
+    settings = ANALYSES[analysis]
+    if settings.shards_per_job == 1:
+        return (SHARD_POSTERIOR if kind == "posterior" else SHARD_DIAGNOSTICS).format(analysis=analysis, shard=shard)
+    return BATCH_SHARD_FILES[kind].format(analysis=analysis, batch=settings.batch_of(shard), shard=shard)
+
+
+def sample_target(analysis, shard):
+    """What a rule that reads shard ``shard``'s sample outputs must wait for."""
+    settings = ANALYSES[analysis]
+    if settings.shards_per_job == 1:
+        return [sample_file(analysis, shard, kind) for kind in ("posterior", "diagnostics")]
+    return [SAMPLE_BATCH.format(analysis=analysis, batch=settings.batch_of(shard))]
+
+
+def sample_targets(wildcards):
+    """Input function: every sample output of the analysis, as Snakemake tracks them."""
+    settings = ANALYSES[wildcards.analysis]
+    if settings.shards_per_job == 1:
+        return shard_paths(wildcards.analysis, SHARD_POSTERIOR) + shard_paths(wildcards.analysis, SHARD_DIAGNOSTICS)
+    return expand(SAMPLE_BATCH, analysis=wildcards.analysis, batch=list(settings.batches))
+
+
+def sample_files(kind):
+    """Params function: every shard's sample output ``kind``, in shard order."""
+
+    def paths(wildcards):
+        return [sample_file(wildcards.analysis, shard, kind) for shard in ANALYSES[wildcards.analysis].shard_ids]
+
+    return paths
+
+
+def batch_features(wildcards):
+    """Input function: the features of every shard of a sample batch."""
+    shards = ANALYSES[wildcards.analysis].batches[wildcards.batch]
+    return expand(FEATURES, analysis=wildcards.analysis, shard=shards)
 
 
 def all_reports():
@@ -124,6 +174,20 @@ def setting_param(*keys):
     return param
 
 
+def nuts_param(wildcards):
+    """The NUTS settings and seed: the config's ``sample`` section without
+    ``shards_per_job``, which lays out the jobs and changes no draw."""
+    settings = dict(ANALYSES[wildcards.analysis].settings["sample"])
+    settings.pop("shards_per_job")
+    return settings
+
+
+def sample_rerun_targets(wildcards):
+    """Per shard, what ``snakemake --forcerun`` takes to sample it again: its posterior
+    file, or its batch directory (named in combine's message about failed shards)."""
+    return [sample_target(wildcards.analysis, shard)[0] for shard in ANALYSES[wildcards.analysis].shard_ids]
+
+
 def num_shards_param(wildcards):
     return ANALYSES[wildcards.analysis].num_shards
 
@@ -163,21 +227,40 @@ def stage_benchmarks(wildcards):
     """Benchmark files of every job of the analysis that precedes the report."""
     analysis = ANALYSES[wildcards.analysis]
     benchmarks = BENCHMARKS.format(analysis=wildcards.analysis)
-    stages = ["featurize", "sample"] + ["align"] * analysis.rigid + ["reweight"] * analysis.corrected
+    stages = ["featurize"] + ["sample"] * (analysis.shards_per_job == 1)  # else one file per batch
+    stages += ["align"] * analysis.rigid + ["reweight"] * analysis.corrected
     per_shard_stages = [
         path
         for stage in stages
         for path in shard_paths(wildcards.analysis, f"{BENCHMARKS}/{stage}/shard-{{shard}}.tsv")
     ]
+    if analysis.shards_per_job > 1:
+        batches = list(analysis.batches)
+        per_shard_stages += expand(f"{BENCHMARKS}/sample/batch-{{batch}}.tsv", analysis=wildcards.analysis, batch=batches)
     correction = [f"{benchmarks}/propose.tsv", f"{benchmarks}/correct.tsv"] if analysis.corrected else []
     return [f"{benchmarks}/shard.tsv", *per_shard_stages, f"{benchmarks}/combine.tsv", *correction]
 
 
-def combine_inputs(wildcards):
-    """The per-shard posterior draws that combine merges: aligned ones for rigid models
-    (the align stage exists in the DAG only for them), raw ones otherwise."""
-    rigid = ANALYSES[wildcards.analysis].rigid
-    return shard_paths(wildcards.analysis, ALIGNED_POSTERIOR if rigid else SHARD_POSTERIOR)
+def run_targets(wildcards):
+    """Input function: the per-shard runs that combine merges and the report shows, as
+    Snakemake tracks them: aligned runs for rigid models (the align stage exists in the DAG
+    only for them), sampled ones otherwise."""
+    if ANALYSES[wildcards.analysis].rigid:
+        return shard_paths(wildcards.analysis, ALIGNED_POSTERIOR) + shard_paths(wildcards.analysis, ALIGNED_DIAGNOSTICS)
+    return sample_targets(wildcards)
+
+
+def run_files(kind):
+    """Params function: the per-shard run files (``kind`` "posterior" or "diagnostics") of
+    :func:`run_targets`, in shard order."""
+    aligned = ALIGNED_POSTERIOR if kind == "posterior" else ALIGNED_DIAGNOSTICS
+
+    def paths(wildcards):
+        if ANALYSES[wildcards.analysis].rigid:
+            return shard_paths(wildcards.analysis, aligned)
+        return sample_files(kind)(wildcards)
+
+    return paths
 
 
 def importance_input(wildcards):
@@ -188,12 +271,6 @@ def importance_input(wildcards):
 def corrected_summary_input(wildcards):
     """The corrected posterior's summary, where the analysis is corrected (none otherwise)."""
     return CORRECTED_SUMMARY.format(analysis=wildcards.analysis) if ANALYSES[wildcards.analysis].corrected else []
-
-
-def shard_diagnostics_inputs(wildcards):
-    """Diagnostics the report shows: on aligned draws for rigid models."""
-    rigid = ANALYSES[wildcards.analysis].rigid
-    return shard_paths(wildcards.analysis, ALIGNED_DIAGNOSTICS if rigid else SHARD_DIAGNOSTICS)
 
 
 # --- resources: memory from the inputs' sizes, scaled by the retry attempt ---
@@ -214,6 +291,11 @@ def light_base_mem(wildcards, attempt):
 
 def sample_mem(wildcards, input, attempt):
     return sample_mem_mb(input.size_mb, attempt)
+
+
+def batch_mem(wildcards, input, attempt):
+    # the shards run one after another, each padded to the same size: one shard's memory
+    return sample_mem_mb(input.size_mb / len(input.features), attempt)
 
 
 def fulldata_mem(wildcards, input, attempt):

@@ -13,7 +13,7 @@ rule sample_fulldata:
         model=model_params,
         columns=columns_param,
         featurize=setting_param("featurize"),
-        sample=setting_param("sample"),
+        sample=nuts_param,
         jax=jax_param(config["jax"]["devices"]),
     log:
         f"{LOGS}/sample_fulldata.log",

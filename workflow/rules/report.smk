@@ -4,7 +4,7 @@ rule report:
         summary=COMBINED_SUMMARY,
         shards=COMBINED_SHARDS,
         moments=COMBINED_MOMENTS,
-        diagnostics=shard_diagnostics_inputs,
+        runs=run_targets,
         features_info=per_shard(FEATURES_INFO),
         benchmarks=stage_benchmarks,
         importance=importance_input,
@@ -15,6 +15,7 @@ rule report:
         posterior_figure=report(REPORT_POSTERIOR_FIGURE, caption="../report/posterior.rst", category="{analysis}"),
     params:
         model=model_name_param,
+        diagnostics=run_files("diagnostics"),
     log:
         f"{LOGS}/report.log",
     benchmark:

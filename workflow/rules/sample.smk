@@ -8,7 +8,7 @@ rule sample:
     params:
         model=model_params,
         num_shards=num_shards_param,
-        sample=setting_param("sample"),
+        sample=nuts_param,
         jax=jax_param(config["jax"]["devices"]),
     log:
         f"{LOGS}/sample/shard-{{shard}}.log",
@@ -17,6 +17,34 @@ rule sample:
     threads: config["jax"]["devices"]
     resources:
         mem_mb=sample_mem,
+        runtime=runtime_minutes(120),
+    conda:
+        "../../envs/jax-devices.yaml"
+    script:
+        "../../scripts/sample.py"
+
+
+rule sample_batch:
+    """sample.shards_per_job > 1: NUTS on consecutive shards one after another in one process
+    (JAX imported once, each program compiled once), each shard's files in the batch's
+    directory, the same draws as one job per shard."""
+    input:
+        features=batch_features,
+    output:
+        batch=directory(SAMPLE_BATCH),
+    params:
+        shards=lambda wildcards: ANALYSES[wildcards.analysis].batches[wildcards.batch],
+        model=model_params,
+        num_shards=num_shards_param,
+        sample=nuts_param,
+        jax=jax_param(config["jax"]["devices"]),
+    log:
+        f"{LOGS}/sample/batch-{{batch}}.log",
+    benchmark:
+        f"{BENCHMARKS}/sample/batch-{{batch}}.tsv"
+    threads: config["jax"]["devices"]
+    resources:
+        mem_mb=batch_mem,
         runtime=runtime_minutes(120),
     conda:
         "../../envs/jax-devices.yaml"

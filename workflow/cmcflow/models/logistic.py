@@ -18,16 +18,19 @@ from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import correlated_features, in_data_precision, weighted_regression_features
 
 
-def logistic_model(X, y, offset, weight, mask, prior_sd):
-    """``X (R, P)``, ``y (R,)`` in {0, 1}, ``offset (R,)``, ``weight (R,)`` >= 0, ``mask (R,)``
-    bool (False on padding rows): :func:`~cmcflow.models.rows.weighted_regression_features`.
+def logistic_model(X, y, offset, mask, prior_sd, weight=None):
+    """``X (R, P)``, ``y (R,)`` in {0, 1}, ``offset (R,)``, ``mask (R,)`` bool (False on
+    padding rows), and ``weight (R,)`` >= 0 where the table has a weight column
+    (:func:`~cmcflow.models.rows.weighted_regression_features`).
 
-    Each row's Bernoulli log-likelihood is scaled by its weight (NumPyro's ``scale``
-    handler), so a row of weight w counts as w identical rows; with every weight 1 this is
-    the plain Bernoulli likelihood. The handler takes positive scales only: a row of weight
-    0 is masked instead.
+    Without weights each row is a Bernoulli observation. A row of weight w counts as w
+    identical rows: w y events in w trials, Binomial(w, sigmoid(η)).log_prob(w y) =
+    w (y η − log(1 + e^η)) = w · Bernoulli(sigmoid(η)).log_prob(y) for y in {0, 1} and any
+    real w >= 0 (the binomial coefficient is 1). (NumPyro's ``scale`` handler would put the
+    weights into the trace's metadata, which ArviZ's ``from_numpyro`` cannot compare from
+    one run to the next in one process.) The binomial form costs three log-gamma functions
+    per row, in float64 under x64, so the Bernoulli form serves tables without weights.
     """
-    import jax.numpy as jnp
     import numpyro
     import numpyro.distributions as dist
 
@@ -35,9 +38,11 @@ def logistic_model(X, y, offset, weight, mask, prior_sd):
     beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
     intercept, beta = in_data_precision(X, intercept, beta)
     logits = intercept + X @ beta + offset
-    counted = mask & (weight > 0)
-    with numpyro.plate("rows", X.shape[0]), numpyro.handlers.scale(scale=jnp.where(counted, weight, 1)):
-        numpyro.sample("y", dist.Bernoulli(logits=logits).mask(counted), obs=y)
+    with numpyro.plate("rows", X.shape[0]):
+        if weight is None:
+            numpyro.sample("y", dist.Bernoulli(logits=logits).mask(mask), obs=y)
+        else:
+            numpyro.sample("y", dist.Binomial(weight, logits=logits).mask(mask), obs=weight * y)
 
 
 def simulate(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:
@@ -56,7 +61,7 @@ SPEC = ModelSpec(
     name="logistic",
     numpyro_model=logistic_model,
     featurize=weighted_regression_features,
-    featurizer_version="2",
+    featurizer_version="3",
     roles=(
         Role("features", "real", multiple=True, description="the regression's feature columns"),
         Role("label", "binary", default="y", description="the 0/1 outcome"),

@@ -55,10 +55,13 @@ def offset_regression_features(columns: dict[str, np.ndarray], pad_to: int, fact
 
 
 def weighted_regression_features(columns: dict[str, np.ndarray], pad_to: int, facts: dict) -> dict[str, np.ndarray]:
-    """:func:`offset_regression_features` and ``weight (pad_to,)`` float64: each row's weight
-    on the log-likelihood (a row of weight w counts as w identical rows), 1 where the table
-    has no weight column, 0 on padding rows."""
+    """:func:`offset_regression_features` and, where the table has a weight column,
+    ``weight (pad_to,)`` float64: each row's weight on the log-likelihood (a row of weight w
+    counts as w identical rows), 0 on padding rows. Without one there is no ``weight``
+    array: the model then counts every row once."""
     arrays = offset_regression_features(columns, pad_to, facts)
+    if columns.get("weight") is None:
+        return arrays
     return arrays | {"weight": pad_rows(optional_column(columns, "weight", 1.0), pad_to)}
 
 
