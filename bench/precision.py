@@ -9,9 +9,12 @@
    they print, in posterior sd.
 
 The default (``jax.precision`` in the config schema) is the fastest precision whose
-statistical tests all pass. P4 itself (``cmc_vs_full.py``) runs in the default.
+statistical tests all pass; precisions within ``EQUALLY_FAST`` of the fastest count as
+equally fast, and of those the one with the most float64 wins (float64, then mixed, then
+float32). P4 itself (``cmc_vs_full.py``) runs in the default.
 
     python bench/precision.py [--repeats 3] [--skip-tests]
+    python bench/precision.py --tables-only   # rewrite the table from the JSON
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import sys
 import time
 
 import numpy as np
-from common import REPO, cell, spread, target, write_results
+from common import REPO, RESULTS, cell, spread, target, write_results
 
 PRECISIONS = ("float64", "float32", "mixed")
 ROWS, FEATURES = 125_000, 20
+#: Sampling times within this factor of the fastest count as equally fast.
+EQUALLY_FAST = 1.05
 TESTS = ["tests/test_statistics.py", "tests/test_models.py", "tests/test_structure.py", "tests/test_real_data.py"]
 
 
@@ -108,7 +113,18 @@ def main(repeats: int, skip_tests: bool) -> None:
             ).stdout
             runs[precision].append(json.loads(output.strip().splitlines()[-1]))
     tests = {} if skip_tests else {precision: run_tests(precision) for precision in PRECISIONS}
+    write_report(runs, tests, repeats)
 
+
+def choose(speed: dict, tests: dict) -> str:
+    """The default: of the precisions whose tests pass, those within ``EQUALLY_FAST`` of the
+    fastest; of these the one with the most float64 (float64, mixed, float32)."""
+    passing = [p for p in ("float64", "mixed", "float32") if not tests or tests[p]["returncode"] == 0]
+    fastest = min(speed[p]["sampling_seconds"]["median"] for p in passing)
+    return next(p for p in passing if speed[p]["sampling_seconds"]["median"] <= EQUALLY_FAST * fastest)
+
+
+def write_report(runs: dict, tests: dict, repeats: int, measured: str | None = None) -> None:
     reference = np.mean([run["beta_mean"] for run in runs["float64"]], axis=0)
     reference_sd = np.mean([run["beta_sd"] for run in runs["float64"]], axis=0)
     speed = {}
@@ -124,8 +140,7 @@ def main(repeats: int, skip_tests: bool) -> None:
                 [float(np.max(np.abs(np.asarray(entry["beta_mean"]) - reference) / reference_sd)) for entry in entries]
             ),
         }
-    passing = [p for p in PRECISIONS if skip_tests or tests[p]["returncode"] == 0]
-    chosen = min(passing, key=lambda p: speed[p]["sampling_seconds"]["median"])
+    chosen = choose(speed, tests)
     base = speed["float64"]["sampling_seconds"]["median"]
     targets = [
         target(
@@ -133,7 +148,7 @@ def main(repeats: int, skip_tests: bool) -> None:
             "default precision: fastest whose statistical tests pass (sampling s of a P4 shard vs float64)",
             f"{chosen} ({speed[chosen]['sampling_seconds']['median']:.1f} s vs {base:.1f} s, "
             f"{speed[chosen]['sampling_seconds']['median'] / base:.2f}x)",
-            "fastest within today's tolerances",
+            f"fastest (within {EQUALLY_FAST:.2f}x) whose statistical tests pass",
             True,
         )
     ]
@@ -173,12 +188,14 @@ def main(repeats: int, skip_tests: bool) -> None:
         {
             "benchmark": "13a precision",
             "repeats": repeats,
+            "runs": runs,
             "speed": speed,
             "tests": tests,
             "chosen": chosen,
             "targets": targets,
         },
         table,
+        measured,
     )
 
 
@@ -186,9 +203,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-tests", action="store_true", help="speed only")
+    parser.add_argument("--tables-only", action="store_true", help="rewrite the table from the JSON")
     parser.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.worker:
         print(json.dumps(worker(arguments.worker)))
+    elif arguments.tables_only:
+        record = json.loads((RESULTS / "precision.json").read_text())
+        write_report(record["runs"], record["tests"], record["repeats"], record["written"])
     else:
         main(arguments.repeats, arguments.skip_tests)

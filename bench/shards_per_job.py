@@ -5,7 +5,8 @@ stage's CPU seconds (Snakemake's ``benchmark:`` files, every sample job summed),
 and the CPU seconds per job that are not per shard (what a job spends once: imports, JAX
 set-up, the first compile), for n = 1, 8 and 64. Every run starts from the same features
 and a warm compilation cache (one run beforehand warms it), as on a cluster after the
-first job; the runs differ only in ``shards_per_job``. Then the dry run of 10,000 shards.
+first job; the runs differ only in ``shards_per_job``, the sizes interleaved in each
+repeat. Then the dry run of 10,000 shards.
 
     python bench/shards_per_job.py [--repeats 3] [--workdir /tmp/cmcflow-bench/shards-per-job]
 """
@@ -55,8 +56,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cmcflow-bench/shards-per-job"))
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
-    sample_stage(args.workdir, 1)  # builds the features and warms the compilation cache
-    runs = {size: [sample_stage(args.workdir, size) for _ in range(args.repeats)] for size in SIZES}
+    sample_stage(args.workdir, max(SIZES))  # builds the features and warms the compilation cache
+    runs = {size: [] for size in SIZES}
+    for _ in range(args.repeats):
+        for size in SIZES:
+            runs[size].append(sample_stage(args.workdir, size))
     by_size = {
         size: {
             "jobs": entries[0]["jobs"],

@@ -18,9 +18,10 @@ from pathlib import Path
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
-#: ``jax.precision`` settings: the floating type of the model's data and per-row terms, and
-#: of everything else (parameters, the sampler's state, sums over rows).
-#: ``mixed``: data and per-row terms float32, the rest float64 (JAX's x64 mode).
+#: ``jax.precision`` settings: the floating type of the model's data (and of the products
+#: that read them: :func:`cmcflow.models.rows.in_data_precision`), and of everything else
+#: (parameters, the sampler's state, NumPyro's distributions). ``mixed``: data float32, the
+#: rest float64 (JAX's x64 mode).
 PRECISIONS = {"float64": ("float64", "float64"), "float32": ("float32", "float32"), "mixed": ("float32", "float64")}
 
 

@@ -1,4 +1,4 @@
-# The align stage exists in the DAG only for rigid models (see combine_inputs).
+# The align stage exists in the DAG only for rigid models (see run_targets).
 
 
 rule align_reference:
