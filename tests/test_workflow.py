@@ -16,7 +16,7 @@ import arviz as az
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, Workflow, correction_jobs, tiny_config
+from conftest import PRECISION, REPO, Workflow, correction_jobs, tiny_config
 
 from cmcflow.resources import draws_mem_mb, light_mem_mb, sample_mem_mb
 
@@ -75,6 +75,7 @@ def test_every_output_is_produced(finished):
         "covariance_shrinkage": 0.0,  # Hessian weights (the default) have no sampling noise to shrink
         "weights": "inverse Hessian at the shard's posterior mean",
         "weighed_by_draws": [],
+        "precision": PRECISION,  # jax.precision, as every output records it
         "failed": [],
         "space": "unconstrained",
         "streaming": False,
