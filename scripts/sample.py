@@ -20,6 +20,7 @@ with reported_errors():
     from cmcflow.featurize import load_features
     from cmcflow.models import get_model
     from cmcflow.sample import NutsSettings, sample_shard_files
+    from cmcflow.shard import shard_id
 
     settings = dict(snakemake.params.sample)
     seed = settings.pop("seed")
@@ -49,4 +50,5 @@ with reported_errors():
             seed=seed,
             settings=NutsSettings(**settings),
             devices=snakemake.params.jax["devices"],
+            checkpoint_path=f"{snakemake.params.checkpoints}/shard-{shard_id(shard)}.pkl",
         )

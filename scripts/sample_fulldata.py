@@ -13,6 +13,8 @@ with reported_errors():
 
     configure_jax(**snakemake.params.jax)
 
+    from pathlib import Path
+
     from cmcflow.featurize import all_rows_features
     from cmcflow.io import atomic_path
     from cmcflow.models import get_model
@@ -20,6 +22,7 @@ with reported_errors():
     from cmcflow.sample import NutsSettings, sample_features
 
     spec = get_model(snakemake.params.model["name"])
+    checkpoint = Path(snakemake.params.checkpoints) / "fulldata.pkl"
     settings = dict(snakemake.params.sample)
     seed = settings.pop("seed")
     idata, report = sample_features(
@@ -33,7 +36,9 @@ with reported_errors():
         seed=seed,
         settings=NutsSettings(**settings),
         devices=snakemake.params.jax["devices"],
+        checkpoint_path=checkpoint,
     )
     write_run(idata, report, snakemake.output.posterior, snakemake.output.diagnostics)
     with atomic_path(snakemake.output.summary) as tmp:
         summary_table(idata).to_csv(tmp, index_label="parameter")
+    checkpoint.unlink(missing_ok=True)

@@ -97,14 +97,10 @@ class Workflow:
         self.config = config
         self.env = env or {}
 
-    def run(
-        self, *args: str, config: dict | None = None, timeout: float = 600, check: bool = True, path: str | None = None
-    ) -> subprocess.CompletedProcess:
-        """Run snakemake with ``config`` (default: this workflow's) as its config file.
-
-        Past ``timeout`` seconds snakemake gets SIGINT (a hanging snakemake has been seen to
-        ignore SIGTERM), then SIGKILL 30 s later. ``path`` replaces PATH.
-        """
+    def command(
+        self, *args: str, config: dict | None = None, timeout: float = 600, path: str | None = None
+    ) -> tuple[list[str], dict[str, str]]:
+        """The snakemake command line and environment of :meth:`run` (which see)."""
         config_path = self.workdir / ("config.yaml" if config is None else "config-edited.yaml")
         config_path.write_text(yaml.safe_dump(self.config if config is None else config, sort_keys=False))
         command = [
@@ -132,6 +128,17 @@ class Workflow:
         env.update(self.env)
         if path is not None:
             env["PATH"] = path
+        return command, env
+
+    def run(
+        self, *args: str, config: dict | None = None, timeout: float = 600, check: bool = True, path: str | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run snakemake with ``config`` (default: this workflow's) as its config file.
+
+        Past ``timeout`` seconds snakemake gets SIGINT (a hanging snakemake has been seen to
+        ignore SIGTERM), then SIGKILL 30 s later. ``path`` replaces PATH.
+        """
+        command, env = self.command(*args, config=config, timeout=timeout, path=path)
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout + 60, env=env)
         if check and result.returncode != 0:
             raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")

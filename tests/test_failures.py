@@ -4,12 +4,18 @@ combine goes on without it (``combine.on_failed_shard: skip``); never silently d
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import Workflow, correction_jobs, tiny_config
 
+from cmcflow.checkpoint import SavedRun
 from cmcflow.runs import read_run
 
 pytestmark = pytest.mark.workflow
@@ -152,3 +158,48 @@ def test_a_batch_job_keeps_the_draws_of_one_job_per_shard_and_records_its_failed
                 read_run(batched.with_suffix(".nc")).posterior[site].values,
                 read_run(alone.with_suffix(".nc")).posterior[site].values,
             )
+
+
+def test_a_sample_job_killed_mid_sampling_resumes_from_its_checkpoint(tmp_path):
+    """``sample.checkpoint_every``: SIGKILL the whole run once a checkpoint holds draws; the
+    rerun goes on from the checkpoint (it says so, and records how many draws it read) and
+    writes exactly the draws of a run that was never interrupted and kept no checkpoint."""
+    target = "results/tiny/samples/shard-0000.nc"
+    sample = {"num_warmup": 150, "num_samples": 1500, "checkpoint_every": 100}
+    killed = Workflow(tmp_path / "killed", tiny_config(sample=sample))
+    killed.workdir.mkdir()
+    command, env = killed.command(target)
+    process = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    checkpoint = killed.workdir / "results/tiny/checkpoints/shard-0000.pkl"
+    deadline = time.monotonic() + 300
+    saved = None
+    while time.monotonic() < deadline and process.poll() is None:
+        if checkpoint.exists():
+            saved = pickle.loads(checkpoint.read_bytes())
+            if saved.draws >= 200:
+                break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert isinstance(saved, SavedRun) and 200 <= saved.draws < 1500, "the run ended before a checkpoint with draws"
+    assert not (killed.workdir / target).exists()
+
+    killed.run("--unlock")
+    killed.run(target)
+    log = (killed.workdir / "results/tiny/logs/sample/shard-0000.log").read_text()
+    assert "resuming from" in log
+    resumed = read_run(killed.workdir / target)
+    assert resumed.posterior.attrs["resumed_draws"] >= saved.draws
+    assert not checkpoint.exists()
+
+    sample["checkpoint_every"] = 0
+    uninterrupted = Workflow(tmp_path / "uninterrupted", tiny_config(sample=sample))
+    uninterrupted.workdir.mkdir()
+    uninterrupted.run(target)
+    reference = read_run(uninterrupted.workdir / target)
+    assert reference.posterior.attrs["resumed_draws"] == 0
+    for group in ("posterior", "unconstrained_posterior"):
+        for name, values in reference[group].data_vars.items():
+            np.testing.assert_array_equal(resumed[group][name].values, values.values, err_msg=f"{group}.{name}")

@@ -7,19 +7,23 @@ One chain per JAX device (``chain_method="parallel"``); the caller must have run
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import arviz as az
 import jax
 import numpy as np
+import numpyro
 import xarray as xr
 from numpyro.infer import MCMC, NUTS, init_to_uniform
 
+from cmcflow.checkpoint import Checkpoint, SavedRun, run_key
 from cmcflow.consensus import HESSIAN_MAX_PARAMETERS
 from cmcflow.jaxenv import COMPILE_CLOCK, PRECISION
-from cmcflow.models import ModelSpec
+from cmcflow.models import ModelSpec, source_digest
 from cmcflow.runs import diagnostics, failed_run, is_transient, write_run
 from cmcflow.screening import TREE_DEPTH_WARNING
 from cmcflow.tempering import temper_priors
@@ -43,6 +47,8 @@ class NutsSettings:
     target_accept_prob: float
     max_tree_depth: int
     dense_mass: bool
+    #: draws per chain between checkpoints (0: no checkpoint); changes no draw
+    checkpoint_every: int = 0
 
 
 def sampling_key(seed: int, shard: int) -> jax.Array:
@@ -51,6 +57,18 @@ def sampling_key(seed: int, shard: int) -> jax.Array:
     The full-data run uses ``shard = -1`` (folded as 2**32 - 1), distinct from every shard.
     """
     return jax.random.fold_in(jax.random.PRNGKey(seed), shard % 2**32)
+
+
+@dataclass
+class NutsDraws:
+    """The draws of a NUTS run: ``samples`` ``{site: (chains, draws, …)}`` (latent and
+    deterministic sites, constrained), ``stats`` ``{field: (chains, draws)}`` (the
+    :data:`EXTRA_FIELDS`), and ``resumed_draws``, the draws per chain read from a checkpoint
+    (0: the run started afresh)."""
+
+    samples: dict[str, np.ndarray]
+    stats: dict[str, np.ndarray]
+    resumed_draws: int = 0
 
 
 def run_nuts(
@@ -63,13 +81,20 @@ def run_nuts(
     rng_key: jax.Array,
     init_params: Mapping[str, jax.Array] | None = None,
     chain_method: str = "parallel",
-) -> MCMC:
+    checkpoint: Checkpoint | None = None,
+) -> NutsDraws:
     """NUTS on ``temper_priors(model, prior_power)(**kwargs)``, ``num_chains`` chains.
 
     ``init_params``: unconstrained initial values ``{site: (num_chains, …)}``; without them
     every chain starts from its own uniform draw in (-2, 2) in the unconstrained space.
     ``chain_method``: NumPyro's; the stage always runs ``"parallel"`` (one chain per
     device), ``bench/sample_chains.py`` compares it with ``"sequential"`` and ``"vectorized"``.
+
+    Warmup runs first, then the draws in blocks of ``settings.checkpoint_every`` (all at
+    once where it is 0), each block continuing the chains from the state the last one left.
+    With a ``checkpoint``, the state and the draws so far are saved after warmup and after
+    every block but the last, and a run that finds its checkpoint goes on from there. The
+    draws are identical whatever the blocks, and whether or not the run was resumed.
     """
     kernel = NUTS(
         temper_priors(model, power=prior_power),
@@ -78,18 +103,40 @@ def run_nuts(
         dense_mass=settings.dense_mass,
         init_strategy=init_to_uniform(radius=INIT_RADIUS),
     )
+    block = settings.checkpoint_every or settings.num_samples
     mcmc = MCMC(
         kernel,
         num_warmup=settings.num_warmup,
-        num_samples=settings.num_samples,
+        num_samples=min(block, settings.num_samples),
         num_chains=num_chains,
         chain_method=chain_method,
         progress_bar=False,
     )
-    mcmc.run(rng_key, init_params=init_params, extra_fields=EXTRA_FIELDS, **kwargs)
-    # JAX dispatches asynchronously: wait for the draws so that timings mean something.
-    jax.block_until_ready(mcmc.get_samples())
-    return mcmc
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is None:
+        mcmc.warmup(rng_key, init_params=init_params, extra_fields=EXTRA_FIELDS, collect_warmup=False, **kwargs)
+        saved = SavedRun(key=checkpoint.key if checkpoint else "", state=jax.device_get(mcmc.post_warmup_state))
+        if checkpoint is not None:
+            checkpoint.save(saved)
+    else:
+        log.info("resuming from %s: %d of %d draws per chain done", checkpoint.path, saved.draws, settings.num_samples)
+    resumed_draws = saved.draws
+    while saved.draws < settings.num_samples:
+        mcmc.num_samples = min(block, settings.num_samples - saved.draws)
+        mcmc.post_warmup_state = saved.state
+        mcmc.run(saved.state.rng_key, extra_fields=EXTRA_FIELDS, **kwargs)
+        # device_get waits for the draws, so that timings mean something (JAX is asynchronous)
+        saved.samples.append(jax.device_get(mcmc.get_samples(group_by_chain=True)))
+        saved.stats.append(jax.device_get(mcmc.get_extra_fields(group_by_chain=True)))
+        saved.state = jax.device_get(mcmc.last_state)
+        if checkpoint is not None and saved.draws < settings.num_samples:
+            checkpoint.save(saved)
+            log.info("checkpoint: %d of %d draws per chain", saved.draws, settings.num_samples)
+
+    def joined(blocks):
+        return {name: np.concatenate([block[name] for block in blocks], axis=1) for name in blocks[0]}
+
+    return NutsDraws(joined(saved.samples), joined(saved.stats), resumed_draws)
 
 
 def initial_values(spec: ModelSpec, features, options, kwargs, num_chains: int, seed: int, shard: int):
@@ -112,18 +159,39 @@ def sample_features(
     settings: NutsSettings,
     devices: int,
     chain_method: str = "parallel",
+    checkpoint_path: str | os.PathLike | None = None,
 ) -> tuple[az.InferenceData, dict]:
     """NUTS on shard ``shard`` (or on all rows: ``num_shards=1``, ``shard=-1``), one chain
     per device (``chain_method`` as in :func:`run_nuts`).
 
+    ``checkpoint_path``: where the run keeps its checkpoint (``settings.checkpoint_every``
+    > 0); a checkpoint there of this same run (features, options, settings, versions) is
+    resumed. The caller removes it once the run is written.
     Returns the InferenceData (``posterior``, ``unconstrained_posterior``, ``sample_stats``;
     run facts in ``posterior.attrs``) and its diagnostics dict.
     """
     model = spec.numpyro_model
     kwargs = model_kwargs(features, options)
+    checkpoint = None
+    if checkpoint_path is not None and settings.checkpoint_every:
+        checkpoint = Checkpoint(
+            checkpoint_path,
+            run_key(
+                features=dict(features),
+                options=dict(options),
+                model=source_digest(model),
+                num_shards=num_shards,
+                shard=shard,
+                seed=seed,
+                settings={**asdict(settings), "checkpoint_every": None},
+                chains=[devices, chain_method],
+                precision=PRECISION.name,
+                versions=[jax.__version__, numpyro.__version__],
+            ),
+        )
     compile_before = COMPILE_CLOCK.seconds
     started = time.perf_counter()
-    mcmc = run_nuts(
+    draws = run_nuts(
         model,
         kwargs,
         prior_power=1.0 / num_shards,
@@ -132,12 +200,13 @@ def sample_features(
         rng_key=sampling_key(seed, shard),
         init_params=initial_values(spec, features, options, kwargs, devices, seed, shard),
         chain_method=chain_method,
+        checkpoint=checkpoint,
     )
     compile_seconds = COMPILE_CLOCK.seconds - compile_before
     sampling_seconds = time.perf_counter() - started - compile_seconds
 
     latents = latent_site_names(model, kwargs)
-    idata = run_record(mcmc, model, kwargs, latents)
+    idata = run_record(draws, model, kwargs, latents)
     started = time.perf_counter()
     dimension = sum(int(np.prod(value.shape[2:], dtype=int)) for value in idata.unconstrained_posterior.values())
     # a rigid model's frame is fixed by align, after sampling: its draws weigh it
@@ -157,6 +226,7 @@ def sample_features(
         "sampling_seconds": sampling_seconds,
         "curvature_seconds": curvature_seconds,
         "persistent_cache_hits": COMPILE_CLOCK.persistent_cache_hits,
+        "resumed_draws": draws.resumed_draws,
         **{
             f"nuts_{name}": int(value) if isinstance(value, bool) else value for name, value in asdict(settings).items()
         },
@@ -194,6 +264,7 @@ def sample_shard_files(
     seed: int,
     settings: NutsSettings,
     devices: int,
+    checkpoint_path: str | os.PathLike | None = None,
 ) -> dict:
     """:func:`sample_features` on shard ``shard``, written to its posterior (NetCDF) and
     diagnostics (JSON) files; returns the diagnostics.
@@ -201,11 +272,20 @@ def sample_shard_files(
     A NUTS failure that would recur (numerical, the model's own) is written as the shard's
     failure record, for combine to apply ``combine.on_failed_shard``; a transient one (out
     of memory, I/O: :func:`~cmcflow.runs.is_transient`) is raised, so the job fails and the
-    profile's retries run it again.
+    profile's retries run it again, resuming from ``checkpoint_path`` where the run keeps
+    one. The checkpoint is removed once the shard's files are written.
     """
     try:
         idata, report = sample_features(
-            spec, features, options, num_shards=num_shards, shard=shard, seed=seed, settings=settings, devices=devices
+            spec,
+            features,
+            options,
+            num_shards=num_shards,
+            shard=shard,
+            seed=seed,
+            settings=settings,
+            devices=devices,
+            checkpoint_path=checkpoint_path,
         )
     except Exception as error:
         if is_transient(error):
@@ -213,6 +293,8 @@ def sample_shard_files(
         log.exception("NUTS failed on shard %d; writing a failure record", shard)
         idata, report = failed_run(shard, f"{type(error).__name__}: {error}")
     write_run(idata, report, posterior_path, diagnostics_path)
+    if checkpoint_path is not None:
+        Path(checkpoint_path).unlink(missing_ok=True)
     return report
 
 
@@ -227,15 +309,20 @@ def curvature(model, kwargs: Mapping, idata: az.InferenceData) -> xr.Dataset:
     return xr.Dataset({"precision": (("flat_row", "flat_column"), precision)}, attrs={"at": "posterior mean"})
 
 
-def run_record(mcmc: MCMC, model, kwargs: Mapping, latents: list[str]) -> az.InferenceData:
-    """The run as ArviZ InferenceData: ``posterior`` and ``sample_stats`` (ArviZ's
-    ``from_numpyro``) and ``unconstrained_posterior`` (the ``latents`` mapped back to the
-    unconstrained space, where combine works)."""
-    idata = az.from_numpyro(mcmc, log_likelihood=False)
-    samples = mcmc.get_samples(group_by_chain=True)
-    unconstrained = unconstrain_draws(model, kwargs, {name: samples[name] for name in latents}, batch_ndims=2)
+def run_record(draws: NutsDraws, model, kwargs: Mapping, latents: list[str]) -> az.InferenceData:
+    """The run as ArviZ InferenceData: ``posterior`` (every site's draws), ``sample_stats``
+    (named as ArviZ's ``from_numpyro`` names them: ``diverging``, ``energy``, ``n_steps``
+    and ``tree_depth`` = floor(log2 n_steps) + 1) and ``unconstrained_posterior`` (the
+    ``latents`` mapped back to the unconstrained space, where combine works)."""
+    stats = {
+        "diverging": draws.stats["diverging"],
+        "energy": draws.stats["energy"],
+        "n_steps": draws.stats["num_steps"],
+    }
+    stats["tree_depth"] = np.log2(stats["n_steps"]).astype(int) + 1
+    unconstrained = unconstrain_draws(model, kwargs, {name: draws.samples[name] for name in latents}, batch_ndims=2)
     return az.InferenceData(
-        posterior=idata.posterior,
+        posterior=az.dict_to_dataset(draws.samples, library=numpyro),
         unconstrained_posterior=az.dict_to_dataset(unconstrained, library=None),
-        sample_stats=idata.sample_stats,
+        sample_stats=az.dict_to_dataset(stats, library=numpyro),
     )

@@ -67,6 +67,10 @@ FULLDATA_POSTERIOR = f"{_A}/fulldata/posterior.nc"
 FULLDATA_DIAGNOSTICS = f"{_A}/fulldata/diagnostics.json"
 FULLDATA_SUMMARY = f"{_A}/fulldata/summary.csv"
 LOGS = f"{_A}/logs"
+# sample.checkpoint_every > 0: a sample job's NUTS state and draws so far, kept where a failed
+# job's outputs are not removed, read by its rerun, removed when the job finishes
+CHECKPOINTS = f"{_A}/checkpoints"
+PREFLIGHT = f"{_A}/preflight.json"
 BENCHMARKS = f"{_A}/benchmarks"
 
 
@@ -180,6 +184,10 @@ def nuts_param(wildcards):
     settings = dict(ANALYSES[wildcards.analysis].settings["sample"])
     settings.pop("shards_per_job")
     return settings
+
+
+def checkpoints_param(wildcards):
+    return CHECKPOINTS.format(analysis=wildcards.analysis)
 
 
 def sample_rerun_targets(wildcards):

@@ -14,6 +14,7 @@ rule sample_fulldata:
         columns=columns_param,
         featurize=setting_param("featurize"),
         sample=nuts_param,
+        checkpoints=checkpoints_param,
         jax=jax_param(config["jax"]["devices"]),
     log:
         f"{LOGS}/sample_fulldata.log",

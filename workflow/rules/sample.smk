@@ -9,6 +9,7 @@ rule sample:
         model=model_params,
         num_shards=num_shards_param,
         sample=nuts_param,
+        checkpoints=checkpoints_param,
         jax=jax_param(config["jax"]["devices"]),
     log:
         f"{LOGS}/sample/shard-{{shard}}.log",
@@ -37,6 +38,7 @@ rule sample_batch:
         model=model_params,
         num_shards=num_shards_param,
         sample=nuts_param,
+        checkpoints=checkpoints_param,
         jax=jax_param(config["jax"]["devices"]),
     log:
         f"{LOGS}/sample/batch-{{batch}}.log",
