@@ -143,7 +143,8 @@ def test_profiles_work_as_users_type_them(tmp_path):
     (tmp_path / "run").mkdir()
     workflow = Workflow(tmp_path / "run", tiny_config(), env=site_profiles(tmp_path / "config", site))
     bare_path = path_without_scheduler(tmp_path / "bin")
-    expected = {"simulate": 1, "shard": 1, "featurize": 2, "sample": 2, "combine": 1, "report": 1, "all": 1}
+    expected = {"simulate": 1, "shard": 1, "featurize": 2, "preflight": 1, "sample": 2, "combine": 1, "report": 1}
+    expected["all"] = 1
     expected |= correction_jobs(2)
     for invocation in (
         ["--profile", str(REPO / "profiles/slurm")],

@@ -130,7 +130,8 @@ def test_combine_edit_reruns_combine_and_report_only(finished):
 
 def test_shard_edit_reruns_everything_downstream_of_shard(finished):
     jobs = finished.planned_jobs(config=edited(finished, "shard", "seed", 1))
-    assert jobs == {"shard": 1, "featurize": 2, "sample": 2, "combine": 1, **correction_jobs(2), "report": 1, "all": 1}
+    expected = {"shard": 1, "featurize": 2, "preflight": 1, "sample": 2, "combine": 1, "report": 1, "all": 1}
+    assert jobs == expected | correction_jobs(2)
 
 
 def test_fulldata_target_runs_nuts_on_all_rows(finished):
@@ -250,6 +251,7 @@ def test_model_option_edit_reruns_sample_onwards_only(finished):
     config = copy.deepcopy(finished.config)
     config["analyses"]["tiny"]["model_options"] = {"prior_sd": 2.0}
     assert finished.planned_jobs(config=config) == {
+        "preflight": 1,
         "sample": 2,
         "combine": 1,
         **correction_jobs(2),

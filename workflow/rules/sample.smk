@@ -1,7 +1,35 @@
+rule preflight:
+    """The model on the first shard's features, once, before any sample job: its initial
+    point, and the log density and gradient there. A model that raises or is not finite
+    there stops the run with one line naming the site."""
+    input:
+        features=first_shard_features,
+    output:
+        PREFLIGHT,
+    params:
+        model=model_params,
+        num_shards=num_shards_param,
+        seed=setting_param("sample", "seed"),
+        jax=jax_param(1),
+    log:
+        f"{LOGS}/preflight.log",
+    benchmark:
+        f"{BENCHMARKS}/preflight.tsv"
+    threads: 1
+    resources:
+        mem_mb=sample_mem,
+        runtime=runtime_minutes(10),
+    conda:
+        "../../envs/jax-devices.yaml"
+    script:
+        "../../scripts/preflight.py"
+
+
 rule sample:
     """NUTS on one shard: one chain per virtual JAX device, priors tempered to the power 1/K."""
     input:
         features=FEATURES,
+        preflight=PREFLIGHT,
     output:
         posterior=SHARD_POSTERIOR,
         diagnostics=SHARD_DIAGNOSTICS,
@@ -31,6 +59,7 @@ rule sample_batch:
     directory, the same draws as one job per shard."""
     input:
         features=batch_features,
+        preflight=PREFLIGHT,
     output:
         batch=directory(SAMPLE_BATCH),
     params:
