@@ -8,6 +8,7 @@ the scheduler runs are skipped with the reason. The dry runs need no scheduler a
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,11 +106,17 @@ def scheduled_run(tmp_path: Path, profile: str) -> Workflow:
 
 def test_tiny_workflow_through_slurm(slurm, tmp_path):
     scheduled_run(tmp_path, "slurm")
+    # the 2 jobs of each per-shard rule went as one job array: logs <array id>_<task id>.log
+    for rule in ("sample", "reweight"):
+        array_logs = [path.name for path in (tmp_path / "logs/slurm" / f"rule_{rule}").glob("*.log")]
+        assert len(array_logs) == 2 and all(re.fullmatch(r"\d+_\d+\.log", name) for name in array_logs), array_logs
+        assert len({name.split("_")[0] for name in array_logs}) == 1, (rule, array_logs)
     # every cluster rule went through sbatch: its SLURM log is kept in the profile's logdir
     for rule in ("sample", "combine", "reweight", "correct"):
         assert list((tmp_path / "logs/slurm" / f"rule_{rule}").rglob("*.log")), rule
     # light rules are local: they never reach the scheduler
-    assert not (tmp_path / "logs/slurm/rule_featurize").exists() and not (tmp_path / "logs/slurm/rule_propose").exists()
+    for rule in ("featurize", "preflight", "propose"):
+        assert not (tmp_path / "logs/slurm" / f"rule_{rule}").exists(), rule
 
 
 def test_tiny_workflow_through_pbs_torque(slurm, tmp_path):

@@ -67,10 +67,12 @@ def run_key(**facts) -> str:
 
 
 class Checkpoint:
-    """The checkpoint file ``path`` of the run identified by ``key``."""
+    """The checkpoint file ``path`` of the run identified by ``key``, saved every ``every``
+    draws per chain."""
 
-    def __init__(self, path: str | os.PathLike, key: str):
+    def __init__(self, path: str | os.PathLike, every: int, key: str):
         self.path = Path(path)
+        self.every = every
         self.key = key
 
     def load(self) -> SavedRun | None:

@@ -90,11 +90,11 @@ def run_nuts(
     ``chain_method``: NumPyro's; the stage always runs ``"parallel"`` (one chain per
     device), ``bench/sample_chains.py`` compares it with ``"sequential"`` and ``"vectorized"``.
 
-    Warmup runs first, then the draws in blocks of ``settings.checkpoint_every`` (all at
-    once where it is 0), each block continuing the chains from the state the last one left.
-    With a ``checkpoint``, the state and the draws so far are saved after warmup and after
-    every block but the last, and a run that finds its checkpoint goes on from there. The
-    draws are identical whatever the blocks, and whether or not the run was resumed.
+    Without a ``checkpoint``, warmup and draws are one program. With one, warmup runs
+    first, then the draws in blocks of ``checkpoint.every``, each block continuing the
+    chains from the state the last one left; the state and the draws so far are saved after
+    warmup and after every block but the last, and a run that finds its checkpoint goes on
+    from there. The draws are the same in every case, bit for bit.
     """
     kernel = NUTS(
         temper_priors(model, power=prior_power),
@@ -103,21 +103,35 @@ def run_nuts(
         dense_mass=settings.dense_mass,
         init_strategy=init_to_uniform(radius=INIT_RADIUS),
     )
-    block = settings.checkpoint_every or settings.num_samples
+    if checkpoint is None:  # one program for warmup and draws
+        mcmc = MCMC(
+            kernel,
+            num_warmup=settings.num_warmup,
+            num_samples=settings.num_samples,
+            num_chains=num_chains,
+            chain_method=chain_method,
+            progress_bar=False,
+        )
+        mcmc.run(rng_key, init_params=init_params, extra_fields=EXTRA_FIELDS, **kwargs)
+        # device_get waits for the draws, so that timings mean something (JAX is asynchronous)
+        return NutsDraws(
+            jax.device_get(mcmc.get_samples(group_by_chain=True)),
+            jax.device_get(mcmc.get_extra_fields(group_by_chain=True)),
+        )
+    block = min(checkpoint.every, settings.num_samples)
     mcmc = MCMC(
         kernel,
         num_warmup=settings.num_warmup,
-        num_samples=min(block, settings.num_samples),
+        num_samples=block,
         num_chains=num_chains,
         chain_method=chain_method,
         progress_bar=False,
     )
-    saved = checkpoint.load() if checkpoint is not None else None
+    saved = checkpoint.load()
     if saved is None:
         mcmc.warmup(rng_key, init_params=init_params, extra_fields=EXTRA_FIELDS, collect_warmup=False, **kwargs)
-        saved = SavedRun(key=checkpoint.key if checkpoint else "", state=jax.device_get(mcmc.post_warmup_state))
-        if checkpoint is not None:
-            checkpoint.save(saved)
+        saved = SavedRun(key=checkpoint.key, state=jax.device_get(mcmc.post_warmup_state))
+        checkpoint.save(saved)
     else:
         log.info("resuming from %s: %d of %d draws per chain done", checkpoint.path, saved.draws, settings.num_samples)
     resumed_draws = saved.draws
@@ -125,11 +139,10 @@ def run_nuts(
         mcmc.num_samples = min(block, settings.num_samples - saved.draws)
         mcmc.post_warmup_state = saved.state
         mcmc.run(saved.state.rng_key, extra_fields=EXTRA_FIELDS, **kwargs)
-        # device_get waits for the draws, so that timings mean something (JAX is asynchronous)
         saved.samples.append(jax.device_get(mcmc.get_samples(group_by_chain=True)))
         saved.stats.append(jax.device_get(mcmc.get_extra_fields(group_by_chain=True)))
         saved.state = jax.device_get(mcmc.last_state)
-        if checkpoint is not None and saved.draws < settings.num_samples:
+        if saved.draws < settings.num_samples:
             checkpoint.save(saved)
             log.info("checkpoint: %d of %d draws per chain", saved.draws, settings.num_samples)
 
@@ -176,6 +189,7 @@ def sample_features(
     if checkpoint_path is not None and settings.checkpoint_every:
         checkpoint = Checkpoint(
             checkpoint_path,
+            settings.checkpoint_every,
             run_key(
                 features=dict(features),
                 options=dict(options),
