@@ -72,8 +72,8 @@ COLD_TARGET, WARM_TARGET = 10.0, 4.0  # seconds, issue 13 (d)
 REFERENCE_SPREAD_STARTS = 45  # 1 + 4 principal axes + 45 = 50 starts
 
 
-def conformers() -> dict[str, "np.ndarray"]:  # noqa: F821
-    """Heavy-atom coordinates (atoms, 3) in Å of one ETKDG + MMFF conformer per drug."""
+def conformers() -> dict:
+    """Name -> heavy-atom coordinates (atoms, 3) in Å of one ETKDG + MMFF conformer per drug."""
     import numpy as np
     from rdkit import Chem
     from rdkit.Chem import AllChem
@@ -119,10 +119,9 @@ def child(pairs_path: str, cache: str | None, spread_starts: int | None) -> None
     from cmcflow.config import schema_default
     from cmcflow.overlay import OverlaySettings, align_overlay
 
-    align = schema_default("align")
     settings = OverlaySettings(
-        iterations=align["iterations"],
-        spread_starts=align["spread_starts"] if spread_starts is None else spread_starts,
+        iterations=schema_default("align", "iterations"),
+        spread_starts=schema_default("align", "spread_starts") if spread_starts is None else spread_starts,
         allow_reflection=False,
         use_correspondence=False,
     )

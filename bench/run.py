@@ -23,7 +23,7 @@ repeats of 8 shards and a 21-minute full-data run) about 115 minutes, the others
 | 13a | precision.py | float64 / float32 / mixed: a P4 shard's sampling time, and the statistical tests in each |
 | 13b | roofline.py | the logistic gradient against the memory-bandwidth bound; NUTS against steps x gradient |
 | 13c | shards_per_job.py | several shards per sample job: CPU seconds and jobs; a 10,000-shard dry run |
-| 13d | align_drugs.py | 256 pairs of approved drugs (RDKit conformers) aligned in a fresh process, cold and warm cache; needs the ``bench`` extra |
+| 13d | align_drugs.py | 256 pairs of drugs (RDKit) aligned in a fresh process, cold and warm cache; ``bench`` extra |
 
 ``structure_accuracy.py`` (issue 3's accuracy of the combined structure) needs finished
 workflow runs and is run on its own.

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cmcflow.overlay import MIRROR, OverlaySettings, align_overlay, quaternion_matrix, spread_rotations, width_groups
+from cmcflow.overlay import (
+    MIRROR,
+    OverlaySettings,
+    align_overlay,
+    occupied_widths,
+    quaternion_matrix,
+    spread_rotations,
+    width_plan,
+)
 from cmcflow.superposition import align_kabsch
 
 SETTINGS = OverlaySettings(iterations=30, spread_starts=8, allow_reflection=True, use_correspondence=False)
@@ -103,14 +111,57 @@ def test_overlay_and_kabsch_agree_on_noise_free_labelled_clouds():
     np.testing.assert_allclose(kabsch.scores, 1.0, atol=1e-10)
 
 
-def test_width_groups_hold_every_weighted_point_in_steps():
+def test_occupied_widths_hold_every_weighted_point_of_either_side_in_steps():
     ref_w, fit_w = np.zeros((4, 30)), np.zeros((4, 28))
-    ref_w[0, :5], fit_w[0, :5] = 1.0, 1.0  # 5, 5 -> 8, 8
-    ref_w[1, [2, 20]], fit_w[1, :7] = 1.0, 1.0  # last weighted point 20 -> 24; 7 -> 8
-    ref_w[2, :30], fit_w[2, :28] = 1.0, 1.0  # full widths (not rounded past them)
-    ref_w[3, :8], fit_w[3, :3] = 1.0, 1.0  # 8, 3 -> 8, 8: grouped with pair 0
-    groups = width_groups(ref_w, fit_w, step=8)
-    assert {key: list(pairs) for key, pairs in groups.items()} == {(8, 8): [0, 3], (24, 8): [1], (30, 28): [2]}
+    ref_w[0, :5], fit_w[0, :5] = 1.0, 1.0  # 5, 5 -> 8
+    ref_w[1, [2, 20]], fit_w[1, :7] = 1.0, 1.0  # last weighted point 20 -> 24
+    ref_w[2, :30], fit_w[2, :28] = 1.0, 1.0  # 30 (not rounded past the arrays)
+    ref_w[3, :8], fit_w[3, :3] = 1.0, 1.0  # 8
+    assert list(occupied_widths(ref_w, fit_w, step=8)) == [8, 24, 30, 8]
+
+
+def test_width_plan_compiles_a_width_only_where_the_padding_it_saves_pays_for_it():
+    widths = np.array([16] * 100 + [24] * 3 + [48] * 50)
+    # free programs: every width its own; dear programs: one width for all
+    np.testing.assert_array_equal(width_plan(widths, program_cost=0.0), widths)
+    np.testing.assert_array_equal(width_plan(widths, program_cost=1e6), np.full(len(widths), 48))
+    # in between (a program costs 50): padding the 100 pairs of 16 to 48 would cost
+    # 100 x (2.25 - 0.25) = 200 > 50, so 16 keeps its program; padding the 3 pairs of 24 to 48
+    # costs 3 x (2.25 - 0.5625) = 5 < 50, so 24 has none
+    plan = width_plan(widths, program_cost=50.0)
+    np.testing.assert_array_equal(plan, [16] * 100 + [48] * 53)
+
+    # the plan minimises programs x cost + sum (width / 32)^2 over every choice of widths
+    def cost(padded):
+        return len(np.unique(padded)) * 50.0 + np.sum((padded / 32) ** 2)
+
+    alternatives = [[16] * 100 + [24] * 3 + [48] * 50, [24] * 103 + [48] * 50, [48] * 153]
+    assert all(cost(plan) <= cost(np.array(other)) for other in alternatives)
+
+
+def test_a_large_mixed_batch_compiles_one_program_per_planned_width(monkeypatch):
+    """More pairs than one call holds, of two planned widths (programs made cheap, so that
+    40 pairs get two): one program each, and every pair's score as when aligned alone."""
+    import jax
+
+    from cmcflow import overlay
+
+    monkeypatch.setattr(overlay, "PROGRAM_COST_PAIRS", 1.0)
+
+    rng = np.random.default_rng(8)
+    sizes = np.where(np.arange(40) < 36, 10, 30)  # 36 small pairs (more than one call holds), 4 large
+    ref, fit = np.zeros((40, 30, 3)), np.zeros((40, 30, 3))
+    mask = np.arange(30) < sizes[:, None]
+    for b, n in enumerate(sizes):
+        r, f, _ = moved_clouds(rng, batch=1, points=int(n), mirrored=False)
+        ref[b, :n], fit[b, :n] = r[0], f[0]
+    assert sorted(set(width_plan(occupied_widths(mask * 1.0, mask * 1.0, 8), 1.0))) == [16, 30]
+    jax.clear_caches()
+    result = align_overlay(ref, fit, mask, mask, settings=SETTINGS, devices=2)
+    assert overlay._overlay_function(SETTINGS, 2)._cache_size() == 2  # 16: 18 calls of 2 pairs; 30: 2 of 2
+    alone = align_overlay(ref[[0, 39]], fit[[0, 39]], mask[[0, 39]], mask[[0, 39]], settings=SETTINGS, devices=2)
+    np.testing.assert_allclose(result.scores[[0, 39]], alone.scores, atol=1e-8)
+    np.testing.assert_allclose(result.scores, 1.0, atol=1e-6)
 
 
 def test_overlay_without_spread_starts():

@@ -29,15 +29,20 @@ from cmcflow.superposition import (
     kabsch_linear,
     masked_weights,
     overlap_volume,
-    pad_batch,
     tanimoto,
     weighted_centroid,
 )
 
 #: Mirror through the y-z plane: composed with a proper rotation it gives det −1.
 MIRROR = np.diag([-1.0, 1.0, 1.0])
-#: Pairs are grouped by width in steps of this many points (:func:`width_groups`).
+#: Widths that programs are compiled for are multiples of this many points.
 WIDTH_STEP = 8
+#: Pairs per device in one distributed call; a width's last call is padded with empty pairs.
+#: One is fastest on CPU devices: a call runs until its slowest pair settles.
+PAIRS_PER_DEVICE = 1
+#: What one more program (tracing and compiling it) costs, in pairs aligned at 32 points:
+#: about 3 s against about 7.5 ms per such pair on 2 CPU cores (bench/results/align_drugs.md).
+PROGRAM_COST_PAIRS = 430
 
 
 @dataclass(frozen=True)
@@ -217,17 +222,41 @@ def overlay_batch(ref, fit, ref_w, fit_w, *, spread, settings: OverlaySettings):
     return jax.vmap(best_of_pair)(params, *pairs)
 
 
-def width_groups(ref_w: np.ndarray, fit_w: np.ndarray, step: int) -> dict[tuple[int, int], np.ndarray]:
-    """Pair indices grouped by the widths ``(n, m)`` that hold every weighted point of the
-    reference and of the fit: the last nonzero weight's position + 1, rounded up to a
-    multiple of ``step`` (at most the arrays' widths ``N``, ``M``). Weights ``(B, N)``, ``(B, M)``."""
+def occupied_widths(ref_w: np.ndarray, fit_w: np.ndarray, step: int) -> np.ndarray:
+    """Per pair, the width that holds every weighted point of its reference and of its fit:
+    the last nonzero weight's position + 1 on either side, rounded up to a multiple of
+    ``step`` but not past the arrays' widths. Weights ``(B, N)``, ``(B, M)``; returns ``(B,)``."""
 
-    def widths(weights):
-        last = weights.shape[1] - np.argmax(weights[:, ::-1] != 0, axis=1)  # 0 weights only: full width
-        return np.minimum(-(-last // step) * step, weights.shape[1])
+    def last(weights):
+        return weights.shape[1] - np.argmax(weights[:, ::-1] != 0, axis=1)  # 0 weights only: full width
 
-    keys = np.stack([widths(ref_w), widths(fit_w)], axis=1)
-    return {(int(n), int(m)): np.flatnonzero((keys == (n, m)).all(axis=1)) for n, m in np.unique(keys, axis=0)}
+    rounded = -(-np.maximum(last(ref_w), last(fit_w)) // step) * step
+    return np.minimum(rounded, max(ref_w.shape[1], fit_w.shape[1]))
+
+
+def width_plan(widths: np.ndarray, program_cost: float) -> np.ndarray:
+    """The width each pair is padded to, one program per distinct result: the subset of the
+    distinct ``widths`` that minimises
+
+        programs × program_cost + Σ_pairs (padded width / 32)²,
+
+    the cost of compiling against that of padding (a pair's work grows with the product of
+    its two widths), both in pairs aligned at 32 points. Exact, by dynamic programming over
+    the sorted distinct widths: a pair goes to the smallest chosen width that holds it, and
+    the largest width is always chosen. ``widths`` ``(B,)`` -> ``(B,)``."""
+    values, counts = np.unique(widths, return_counts=True)
+    below = np.concatenate([[0], np.cumsum(counts)])  # pairs of the first k distinct widths
+    best, cut = np.full(len(values) + 1, np.inf), np.zeros(len(values) + 1, dtype=int)
+    best[0] = 0.0
+    for j in range(1, len(values) + 1):  # the first j distinct widths, the j-th chosen
+        for i in range(j):  # widths i..j-1 padded to the j-th
+            cost = best[i] + program_cost + (below[j] - below[i]) * (values[j - 1] / 32) ** 2
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    padded, j = np.empty(len(values), dtype=int), len(values)
+    while j > 0:
+        padded[cut[j] : j], j = values[j - 1], cut[j]
+    return padded[np.searchsorted(values, widths)]
 
 
 @functools.cache
@@ -252,20 +281,31 @@ def align_overlay(
     """Gaussian-overlay alignment of B pairs ``ref (B, N, 3)``, ``fit (B, M, 3)`` with masks
     ``(B, N)``, ``(B, M)``, distributed over ``devices`` (default: all).
 
-    Pairs of mixed sizes are aligned in groups of like width (:func:`width_groups`, steps
-    of ``WIDTH_STEP`` points), one distributed call each, so that small pairs do not pay
-    for the padding of the largest; a pair's result does not depend on its group.
+    Pairs are padded to a few widths (:func:`width_plan`: a new width is compiled only where
+    the padding it saves outweighs a compilation) and aligned ``devices ×
+    PAIRS_PER_DEVICE`` at a time, so that a batch of any size and mix compiles one program
+    per chosen width; a pair's result does not depend on its width or call.
     """
     devices = devices or jax.device_count()
     ref, fit, ref_w, fit_w = masked_weights(ref, fit, ref_mask, fit_mask, ref_weights, fit_weights)
+    widths = width_plan(occupied_widths(ref_w, fit_w, WIDTH_STEP), PROGRAM_COST_PAIRS)
+    wide = int(widths.max())
+    padded = [
+        np.pad(a, [(0, 0), (0, max(wide - a.shape[1], 0))] + [(0, 0)] * (a.ndim - 2)) for a in (ref, fit, ref_w, fit_w)
+    ]
     transforms, scores = np.zeros((len(ref), 4, 4)), np.zeros(len(ref))
     function = _overlay_function(settings, devices)
-    for (n, m), pairs in width_groups(ref_w, fit_w, WIDTH_STEP).items():
-        group = pad_batch([ref[pairs, :n], fit[pairs, :m], ref_w[pairs, :n], fit_w[pairs, :m]], devices)
-        _, group_transforms, group_scores = function(*group)
-        transforms[pairs], scores[pairs] = (
-            np.asarray(group_transforms)[: len(pairs)],
-            np.asarray(group_scores)[: len(pairs)],
-        )
+    for width in np.unique(widths):
+        pairs = np.flatnonzero(widths == width)
+        per_call = min(devices * PAIRS_PER_DEVICE, len(pairs) + -len(pairs) % devices)
+        for start in range(0, len(pairs), per_call):
+            chunk = pairs[start : start + per_call]
+            group = [
+                np.concatenate([a[chunk, :width], np.zeros((per_call - len(chunk), width, *a.shape[2:]))])
+                for a in padded
+            ]
+            _, call_transforms, call_scores = function(*group)
+            transforms[chunk] = np.asarray(call_transforms)[: len(chunk)]
+            scores[chunk] = np.asarray(call_scores)[: len(chunk)]
     points = fit @ np.swapaxes(transforms[:, :3, :3], 1, 2) + transforms[:, None, :3, 3]
     return Alignment(points, transforms, scores)
