@@ -7,7 +7,8 @@ Molecules: the approved drugs of ``DRUGS`` (SMILES), one conformer each by RDKit
 drawn with a fixed seed, no reflection, 4 devices, Gaussian-overlay alignment
 (``align_overlay``) with the align stage's default starts. Each measurement is a fresh
 Python process (``--child``) that imports cmcflow and JAX, aligns the 256 pairs and
-reports its wall seconds from before the imports: with an empty compilation cache
+reports its wall seconds from before the imports (then aligns them again, to time the
+compiled programs alone): with an empty compilation cache
 directory (cold) and then with the one that run filled (warm). The score to hold is the
 mean Tanimoto of a 50-start run (spread starts 45, once).
 
@@ -130,10 +131,12 @@ def child(pairs_path: str, cache: str | None, spread_starts: int | None) -> None
         pairs = {name: data[name] for name in data.files}
     result = align_overlay(pairs["ref"], pairs["fit"], pairs["ref_mask"], pairs["fit_mask"], settings=settings)
     done = time.perf_counter()
+    align_overlay(pairs["ref"], pairs["fit"], pairs["ref_mask"], pairs["fit_mask"], settings=settings)
     facts = {
         "seconds": done - STARTED,
         "import_seconds": imported - STARTED,
         "align_seconds": done - imported,
+        "compiled_align_seconds": time.perf_counter() - done,
         "compile_seconds": COMPILE_CLOCK.seconds,
         "persistent_cache_hits": COMPILE_CLOCK.persistent_cache_hits,
         "starts_per_pair": settings.starts_per_pair,
@@ -164,7 +167,7 @@ def main() -> None:
         return
 
     import numpy as np
-    from common import cell, spread, target, write_results
+    from common import cell, machine, spread, target, write_results
 
     molecules = conformers()
     sizes = sorted(len(points) for points in molecules.values())
@@ -183,7 +186,14 @@ def main() -> None:
     summary = {
         kind: {
             key: spread([run[key] for run in kind_runs])
-            for key in ("seconds", "import_seconds", "align_seconds", "compile_seconds", "process_seconds")
+            for key in (
+                "seconds",
+                "import_seconds",
+                "align_seconds",
+                "compile_seconds",
+                "compiled_align_seconds",
+                "process_seconds",
+            )
         }
         | {"mean_score": kind_runs[0]["mean_score"], "starts_per_pair": kind_runs[0]["starts_per_pair"]}
         for kind, kind_runs in runs.items()
@@ -197,8 +207,8 @@ def main() -> None:
             f"{cold:.1f} s",
             f"<= {COLD_TARGET:.0f} s",
             cold <= COLD_TARGET,
-            f"compiling: {summary['cold']['compile_seconds']['median']:.1f} s of it; aligning once compiled "
-            f"{summary['warm']['align_seconds']['median'] - summary['warm']['compile_seconds']['median']:.1f} s",
+            f"compiling {summary['cold']['compile_seconds']['median']:.1f} s of it; aligning once compiled "
+            f"{summary['cold']['compiled_align_seconds']['median']:.1f} s",
         ),
         target(
             "13d",
@@ -206,8 +216,11 @@ def main() -> None:
             f"{warm:.1f} s",
             f"<= {WARM_TARGET:.0f} s",
             warm <= WARM_TARGET,
-            f"imports {summary['warm']['import_seconds']['median']:.1f} s, loading and tracing programs "
-            f"{summary['warm']['compile_seconds']['median']:.1f} s",
+            f"imports {summary['warm']['import_seconds']['median']:.1f} s; aligning with compiled programs "
+            f"{summary['warm']['compiled_align_seconds']['median']:.1f} s (13 L-BFGS starts per pair, 4 virtual "
+            f"devices on {machine()['cores']} cores); the rest of the first call (tracing the program, loading it "
+            f"from the cache: {summary['warm']['compile_seconds']['median']:.1f} s, dispatch) "
+            f"{summary['warm']['align_seconds']['median'] - summary['warm']['compiled_align_seconds']['median']:.1f} s",
         ),
         target(
             "13d",
@@ -215,17 +228,22 @@ def main() -> None:
             f"{summary['cold']['mean_score']:.4f} vs {reference['mean_score']:.4f}",
             ">= the 50-start score (within 0.001)",
             score_held,
+            f"the score is the starts': 50 starts cost {reference['compiled_align_seconds']:.1f} s once compiled "
+            f"against {summary['cold']['compiled_align_seconds']['median']:.1f} s for "
+            f"{summary['cold']['starts_per_pair']}",
         ),
     ]
     table = [
         f"# 13d align {PAIRS} pairs of {len(molecules)} approved drugs ({sizes[0]}–{sizes[-1]} heavy atoms), "
         f"fresh process, median (min–max) of {args.repeats}",
         "",
-        "| cache | end to end s | imports s | align s | of which compiling s | process s | mean score |",
-        "|---|---|---|---|---|---|---|",
+        "| cache | end to end s | imports s | align s | of which compiling s | again, compiled s | process s "
+        "| mean score |",
+        "|---|---|---|---|---|---|---|---|",
         *[
             f"| {kind} | {cell(s['seconds'])} | {cell(s['import_seconds'])} | {cell(s['align_seconds'])} | "
-            f"{cell(s['compile_seconds'])} | {cell(s['process_seconds'])} | {s['mean_score']:.4f} |"
+            f"{cell(s['compile_seconds'])} | {cell(s['compiled_align_seconds'])} | {cell(s['process_seconds'])} | "
+            f"{s['mean_score']:.4f} |"
             for kind, s in summary.items()
         ],
         "",

@@ -5,8 +5,8 @@ Molecules: contiguous fragments of 20, 30, 40, 50 or 60 Cα atoms of ubiquitin (
 protein geometry; five sizes, so the per-size baseline compiles five programs),
 each paired with a randomly rotated, translated, noisy (0.3 Å) copy of itself; one in
 four copies is mirrored (reflection allowed). The pairs come padded to 60 points with
-masks; ``align_overlay`` groups them by width (steps of 8 points) and makes one
-distributed call per group. The baseline runs the same optimiser (same starts, per-start L-BFGS,
+masks; ``align_overlay`` pads them to the widths it plans (``width_plan``) and aligns one
+pair per device per call. The baseline runs the same optimiser (same starts, per-start L-BFGS,
 a pair stops as soon as its best score settles) pair by pair, each at its own size, on
 one device with no padding (one compilation per size, done before timing); its scores
 equal the batched path's, so the comparison is at equal mean score by construction.
