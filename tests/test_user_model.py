@@ -103,3 +103,24 @@ def test_a_user_model_that_cannot_be_imported_is_one_line(tmp_path, monkeypatch,
     with pytest.raises(ConfigError, match=message) as error:
         get_model("broken_model:SPEC")
     assert "\n" not in str(error.value)
+
+
+def test_a_user_model_that_raises_is_one_line_and_its_traceback_in_a_log(tmp_path):
+    (tmp_path / "broken_model.py").write_text(
+        "def helper():\n    raise RuntimeError('no licence server')\n\nhelper()\n"
+    )
+    workflow = Workflow(tmp_path, tiny_config(model="broken_model:SPEC"), env={"PYTHONPATH": str(tmp_path)})
+    result = workflow.run("--dry-run", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    lines = [line for line in output.splitlines() if "cmcflow config error" in line]
+    assert len(lines) == 1, output
+    assert "its module raised RuntimeError: no licence server" in lines[0]
+    assert lines[0].endswith("(traceback in .snakemake/log/cmcflow-config-error.log)")
+    logged = (tmp_path / ".snakemake/log/cmcflow-config-error.log").read_text()
+    assert (
+        lines[0]
+        .split("cmcflow config error: ")[1]
+        .startswith(logged.splitlines()[0].split("cmcflow config error: ")[1][:40])
+    )
+    assert "Traceback (most recent call last)" in logged and "in helper" in logged

@@ -7,4 +7,9 @@ class InputError(Exception):
 
 class ConfigError(InputError):
     """A configuration value that breaks the schema or what the schema cannot check (e.g. a
-    model's own options); the message names the key path and the rule."""
+    model's own options); the message names the key path and the rule. ``details``: more
+    than the line can hold (a user module's traceback), for a log file."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details

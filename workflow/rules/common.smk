@@ -11,10 +11,24 @@ from cmcflow.errors import InputError
 from cmcflow.resources import draws_mem_mb, light_mem_mb, runtime_minutes, sample_mem_mb
 
 
+#: Where a config error's details (a user module's traceback) go; its one line names the file.
+CONFIG_ERROR_LOG = Path(".snakemake/log/cmcflow-config-error.log")
+
+
+def config_error(error):
+    """Snakemake's error for a cmcflow config error: one line, and its details in a log."""
+    line = f"cmcflow config error: {error}"
+    if getattr(error, "details", ""):
+        CONFIG_ERROR_LOG.parent.mkdir(parents=True, exist_ok=True)
+        CONFIG_ERROR_LOG.write_text(f"{line}\n\n{error.details}")
+        line += f" (traceback in {CONFIG_ERROR_LOG})"
+    return WorkflowError(line)
+
+
 try:
     check_config(config)  # one line naming the key, before Snakemake's own check
 except InputError as error:
-    raise WorkflowError(f"cmcflow config error: {error}") from None
+    raise config_error(error) from None
 validate(config, schema="../schemas/config.schema.yaml")
 
 RESULTS = config["results_dir"]
@@ -29,7 +43,7 @@ wildcard_constraints:
 try:
     ANALYSES = resolve_analyses(config)
 except (InputError, OSError) as error:
-    raise WorkflowError(f"cmcflow config error: {error}") from None
+    raise config_error(error) from None
 
 
 # --- paths: every file of an analysis, as wildcard patterns ---

@@ -167,12 +167,14 @@ def get_model(name: str) -> ModelSpec:
         try:
             spec = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as error:
-            raise ConfigError(f"model {name!r} cannot be loaded: {error}") from None
+            details = "".join(traceback.format_exception(error))
+            raise ConfigError(f"model {name!r} cannot be loaded: {error}", details) from None
         except Exception as error:  # the module itself raised (a syntax error, a bad ModelSpec …)
             frame = traceback.extract_tb(error.__traceback__)[-1]
             where = f" (at {frame.filename}:{frame.lineno})" if not isinstance(error, SyntaxError) else ""
             raise ConfigError(
-                f"model {name!r} cannot be loaded: its module raised {type(error).__name__}: {error}{where}"
+                f"model {name!r} cannot be loaded: its module raised {type(error).__name__}: {error}{where}",
+                "".join(traceback.format_exception(error)),
             ) from None
         if not isinstance(spec, ModelSpec):
             raise ConfigError(f"model {name!r} is a {type(spec).__name__}, not a cmcflow ModelSpec")
