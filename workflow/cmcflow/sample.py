@@ -103,15 +103,19 @@ def run_nuts(
         dense_mass=settings.dense_mass,
         init_strategy=init_to_uniform(radius=INIT_RADIUS),
     )
-    if checkpoint is None:  # one program for warmup and draws
-        mcmc = MCMC(
+
+    def sampler(num_samples: int) -> MCMC:
+        return MCMC(
             kernel,
             num_warmup=settings.num_warmup,
-            num_samples=settings.num_samples,
+            num_samples=num_samples,
             num_chains=num_chains,
             chain_method=chain_method,
             progress_bar=False,
         )
+
+    if checkpoint is None:  # one program for warmup and draws
+        mcmc = sampler(settings.num_samples)
         mcmc.run(rng_key, init_params=init_params, extra_fields=EXTRA_FIELDS, **kwargs)
         # device_get waits for the draws, so that timings mean something (JAX is asynchronous)
         return NutsDraws(
@@ -119,14 +123,7 @@ def run_nuts(
             jax.device_get(mcmc.get_extra_fields(group_by_chain=True)),
         )
     block = min(checkpoint.every, settings.num_samples)
-    mcmc = MCMC(
-        kernel,
-        num_warmup=settings.num_warmup,
-        num_samples=block,
-        num_chains=num_chains,
-        chain_method=chain_method,
-        progress_bar=False,
-    )
+    mcmc = sampler(block)
     saved = checkpoint.load()
     if saved is None:
         mcmc.warmup(rng_key, init_params=init_params, extra_fields=EXTRA_FIELDS, collect_warmup=False, **kwargs)
