@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import yaml
 from cmcflow.errors import ConfigError
 from cmcflow.models import ModelSpec, get_model, resolve_columns, resolve_options, source_digest
 from cmcflow.shard import resolve_num_shards, resolve_strata, shard_id
+from cmcflow.sweep import Sweep, expand_sweep, stage_owners
 from cmcflow.table import count_rows
 
 #: The config schema of the workflow this package belongs to.
@@ -42,6 +43,15 @@ class Analysis:
     #: digests of the source of the model's and the featurizer's modules (:func:`source_digest`)
     model_source: str = ""
     featurizer_source: str = ""
+    #: a grid point of a sweep: the swept analysis' name, and the point's {dotted key: value}
+    sweep: str | None = None
+    point: dict = field(default_factory=dict)
+    #: stage -> the analysis whose outputs of that stage this one reads (itself, or the
+    #: first grid point of its sweep that agrees on every setting the stage reads)
+    owners: dict = field(default_factory=dict)
+
+    def owner(self, stage: str) -> str:
+        return self.owners.get(stage, self.name)
 
     @property
     def simulated(self) -> bool:
@@ -100,9 +110,27 @@ def resolve_analysis(name: str, settings: Mapping) -> Analysis:
     )
 
 
-def resolve_analyses(config: Mapping) -> dict[str, Analysis]:
-    """Every analysis of a validated config, by name."""
-    return {name: resolve_analysis(name, settings) for name, settings in config["analyses"].items()}
+def resolve_analyses(config: Mapping) -> tuple[dict[str, Analysis], dict[str, Sweep]]:
+    """Every analysis of a validated config by name, each grid point of a swept analysis
+    (:mod:`cmcflow.sweep`) as an analysis of its own with the stages it shares pointed to
+    their owners; and the sweeps, by the swept analysis' name."""
+    analyses, sweeps = {}, {}
+    for name, settings in config["analyses"].items():
+        if "sweep" not in settings:
+            analyses[name] = resolve_analysis(name, settings)
+            continue
+        sweep, points = expand_sweep(name, settings, schema()["$defs"]["analysis"])
+        for point, point_settings in points.items():
+            check_analysis(f"analyses.{point}", point_settings)
+        owners = stage_owners(points)
+        for point, point_settings in points.items():
+            try:
+                resolved = resolve_analysis(point, point_settings)
+            except ConfigError as error:  # e.g. a swept model option the model lacks
+                raise ConfigError(f"analyses.{point}: {error}", error.details) from None
+            analyses[point] = replace(resolved, sweep=name, point=sweep.points[point], owners=owners[point])
+        sweeps[name] = sweep
+    return analyses, sweeps
 
 
 def check_simulate_settings(spec: ModelSpec, simulate: Mapping) -> None:
@@ -139,13 +167,26 @@ def check_config(config: Mapping) -> None:
     ``config`` does not match the schema (jsonschema's most relevant error, reworded), so
     that a user never reads a dump of the schema. Snakemake's ``validate`` runs after it
     and fills in the defaults."""
+    check_against(schema(), config, "")
+
+
+def check_analysis(where: str, settings: Mapping) -> None:
+    """:func:`check_config` for one analysis' settings (a sweep's grid point), the key path
+    in the message starting with ``where``."""
+    check_against({"$ref": "#/$defs/analysis", "$defs": schema()["$defs"]}, settings, where)
+
+
+def check_against(rules: Mapping, value: Mapping, where: str) -> None:
+    """Raise :class:`ConfigError`, one line naming the key path (``where`` first) and the
+    rule broken, where ``value`` breaks the JSON schema ``rules``."""
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import best_match
 
-    error = best_match(Draft202012Validator(schema()).iter_errors(dict(config)))
+    error = best_match(Draft202012Validator(rules).iter_errors(dict(value)))
     if error is None:
         return
-    where = ".".join(str(part) for part in error.absolute_path) or "the config's top level"
+    path = ".".join([where] * bool(where) + [str(part) for part in error.absolute_path])
+    path = path or "the config's top level"
     node, value = error.schema, error.instance
     if error.validator == "additionalProperties":
         unknown = sorted(set(value) - set(node.get("properties", {})))
@@ -159,7 +200,7 @@ def check_config(config: Mapping) -> None:
         message = f"give {node['description']} (got {value!r})"
     else:
         message = error.message
-    raise ConfigError(f"{where}: {message}")
+    raise ConfigError(f"{path}: {message}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -347,12 +347,16 @@ def render_report(
         stage_times(benchmark_paths).to_html(float_format="{:.3g}".format),
         f"<p>Feature cache: {cache_hits} of {len(features_info_paths)} shards served from the cache.</p>",
     ]
+    return html_page(analysis, sections), shards_png, posterior_png
+
+
+def html_page(title: str, sections: Sequence[str]) -> str:
+    """A self-contained HTML page of cmcflow's style holding ``sections``."""
     style = (
         "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
         "td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}"
     )
-    page = (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cmcflow: {html.escape(analysis)}</title>"
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cmcflow: {html.escape(title)}</title>"
         f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n"
     )
-    return page, shards_png, posterior_png

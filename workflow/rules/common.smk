@@ -34,14 +34,16 @@ validate(config, schema="../schemas/config.schema.yaml")
 RESULTS = config["results_dir"]
 
 
+# an analysis, or a sweep's grid point: <analysis>/<key>=<value>,… (cmcflow.sweep.point_name)
 wildcard_constraints:
-    analysis=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+    analysis=r"[A-Za-z0-9][A-Za-z0-9_-]*(/[A-Za-z0-9_.]+=[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.]+=[A-Za-z0-9_.+-]+)*)?",
     shard=r"\d+",
     batch=r"\d+",
+    sweep=r"[A-Za-z0-9][A-Za-z0-9_-]*",
 
 
 try:
-    ANALYSES = resolve_analyses(config)
+    ANALYSES, SWEEPS = resolve_analyses(config)
 except (InputError, OSError) as error:
     raise config_error(error) from None
 
@@ -86,11 +88,51 @@ LOGS = f"{_A}/logs"
 CHECKPOINTS = f"{_A}/checkpoints"
 PREFLIGHT = f"{_A}/preflight.json"
 BENCHMARKS = f"{_A}/benchmarks"
+# a swept analysis: the page that puts its grid points side by side
+_S = f"{RESULTS}/{{sweep}}/sweep"
+SWEEP_REPORT = f"{_S}/report.html"
+SWEEP_SUMMARY = f"{_S}/summary.csv"
+SWEEP_COMPARISON = f"{_S}/comparison.json"
+SWEEP_FIGURE = f"{_S}/posterior.png"
+
+#: The stage whose settings decide each file: a sweep's grid points that agree on them
+#: read one analysis' file (the stage's owner, cmcflow.sweep.stage_owners).
+STAGE_OF = {
+    **dict.fromkeys([SIMULATED_TABLE, SIMULATED_TRUTH], "simulate"),
+    SHARD_DIR: "shard",
+    **dict.fromkeys([FEATURES, FEATURES_INFO], "featurize"),
+    **dict.fromkeys([PREFLIGHT, SHARD_POSTERIOR, SHARD_DIAGNOSTICS, SAMPLE_BATCH, *BATCH_SHARD_FILES.values()], "sample"),
+    **dict.fromkeys([ALIGN_REFERENCE, ALIGNED_POSTERIOR, ALIGNED_DIAGNOSTICS], "align"),
+    **dict.fromkeys(
+        [COMBINED_POSTERIOR, COMBINED_SUMMARY, COMBINED_SHARDS, COMBINED_MOMENTS, COMBINED_GAUSSIAN], "combine"
+    ),
+    **dict.fromkeys(
+        [PROPOSAL, SHARD_LOG_LIKELIHOOD, CORRECTED_POSTERIOR, CORRECTED_SUMMARY, IMPORTANCE], "correct"
+    ),
+    **dict.fromkeys([FULLDATA_POSTERIOR, FULLDATA_DIAGNOSTICS, FULLDATA_SUMMARY], "fulldata"),
+}
+
+
+def path_of(pattern, analysis, **wildcards):
+    """``pattern`` (a pattern of this file, or a benchmark of ``stage``) filled in for
+    ``analysis``: the file of the analysis that owns its stage (itself, outside sweeps)."""
+    stage = STAGE_OF.get(pattern)
+    owner = ANALYSES[analysis].owner(stage) if stage else analysis
+    return pattern.format(analysis=owner, **wildcards)
+
+
+def owned(pattern):
+    """Input function: ``pattern`` for the job's analysis and wildcards (:func:`path_of`)."""
+
+    def path(wildcards):
+        return path_of(pattern, **dict(wildcards.items()))
+
+    return path
 
 
 def shard_paths(analysis, pattern):
-    """``pattern`` filled in for every shard of ``analysis``."""
-    return expand(pattern, analysis=analysis, shard=ANALYSES[analysis].shard_ids)
+    """``pattern`` filled in for every shard of ``analysis`` (:func:`path_of`)."""
+    return [path_of(pattern, analysis, shard=shard) for shard in ANALYSES[analysis].shard_ids]
 
 
 def per_shard(pattern):
@@ -110,8 +152,8 @@ def sample_file(analysis, shard, kind):
     """Shard ``shard``'s sample output ``kind`` ("posterior" or "diagnostics")."""
     settings = ANALYSES[analysis]
     if settings.shards_per_job == 1:
-        return (SHARD_POSTERIOR if kind == "posterior" else SHARD_DIAGNOSTICS).format(analysis=analysis, shard=shard)
-    return BATCH_SHARD_FILES[kind].format(analysis=analysis, batch=settings.batch_of(shard), shard=shard)
+        return path_of(SHARD_POSTERIOR if kind == "posterior" else SHARD_DIAGNOSTICS, analysis, shard=shard)
+    return path_of(BATCH_SHARD_FILES[kind], analysis, batch=settings.batch_of(shard), shard=shard)
 
 
 def sample_target(analysis, shard):
@@ -119,7 +161,7 @@ def sample_target(analysis, shard):
     settings = ANALYSES[analysis]
     if settings.shards_per_job == 1:
         return [sample_file(analysis, shard, kind) for kind in ("posterior", "diagnostics")]
-    return [SAMPLE_BATCH.format(analysis=analysis, batch=settings.batch_of(shard))]
+    return [path_of(SAMPLE_BATCH, analysis, batch=settings.batch_of(shard))]
 
 
 def sample_targets(wildcards):
@@ -127,7 +169,7 @@ def sample_targets(wildcards):
     settings = ANALYSES[wildcards.analysis]
     if settings.shards_per_job == 1:
         return shard_paths(wildcards.analysis, SHARD_POSTERIOR) + shard_paths(wildcards.analysis, SHARD_DIAGNOSTICS)
-    return expand(SAMPLE_BATCH, analysis=wildcards.analysis, batch=list(settings.batches))
+    return [path_of(SAMPLE_BATCH, wildcards.analysis, batch=batch) for batch in settings.batches]
 
 
 def sample_files(kind):
@@ -142,15 +184,17 @@ def sample_files(kind):
 def batch_features(wildcards):
     """Input function: the features of every shard of a sample batch."""
     shards = ANALYSES[wildcards.analysis].batches[wildcards.batch]
-    return expand(FEATURES, analysis=wildcards.analysis, shard=shards)
+    return [path_of(FEATURES, wildcards.analysis, shard=shard) for shard in shards]
 
 
 def all_reports():
-    return expand(REPORT, analysis=list(ANALYSES))
+    """Every analysis' (every grid point's) report, and every sweep's."""
+    return expand(REPORT, analysis=list(ANALYSES)) + expand(SWEEP_REPORT, sweep=list(SWEEPS))
 
 
 def all_fulldata_summaries():
-    return expand(FULLDATA_SUMMARY, analysis=list(ANALYSES))
+    """Every full-data run's summary, once per distinct run (grid points may share one)."""
+    return sorted({path_of(FULLDATA_SUMMARY, analysis) for analysis in ANALYSES})
 
 
 # --- params: one function per rule family, named, so each rule's provenance is explicit ---
@@ -232,7 +276,7 @@ def table_input(wildcards):
     """The analysis' input table: the simulated demo table or the user's file."""
     analysis = ANALYSES[wildcards.analysis]
     if analysis.simulated:
-        return SIMULATED_TABLE.format(analysis=analysis.name)
+        return path_of(SIMULATED_TABLE, analysis.name)
     return analysis.settings["input"]["path"]
 
 
@@ -246,21 +290,27 @@ def rigid_shard_features(wildcards):
 
 
 def stage_benchmarks(wildcards):
-    """Benchmark files of every job of the analysis that precedes the report."""
+    """Benchmark files of every job of the analysis that precedes the report (those of a
+    stage that a sweep's grid point shares: the owner's)."""
     analysis = ANALYSES[wildcards.analysis]
-    benchmarks = BENCHMARKS.format(analysis=wildcards.analysis)
-    stages = ["featurize"] + ["sample"] * (analysis.shards_per_job == 1)  # else one file per batch
-    stages += ["align"] * analysis.rigid + ["reweight"] * analysis.corrected
-    per_shard_stages = [
-        path
-        for stage in stages
-        for path in shard_paths(wildcards.analysis, f"{BENCHMARKS}/{stage}/shard-{{shard}}.tsv")
-    ]
-    if analysis.shards_per_job > 1:
-        batches = list(analysis.batches)
-        per_shard_stages += expand(f"{BENCHMARKS}/sample/batch-{{batch}}.tsv", analysis=wildcards.analysis, batch=batches)
-    correction = [f"{benchmarks}/propose.tsv", f"{benchmarks}/correct.tsv"] if analysis.corrected else []
-    return [f"{benchmarks}/shard.tsv", *per_shard_stages, f"{benchmarks}/combine.tsv", *correction]
+
+    def owner_benchmarks(stage):
+        return BENCHMARKS.format(analysis=analysis.owner(stage))
+
+    def per_shard(stage, directory):
+        return [f"{owner_benchmarks(stage)}/{directory}/shard-{shard}.tsv" for shard in analysis.shard_ids]
+
+    paths = [f"{owner_benchmarks('shard')}/shard.tsv", *per_shard("featurize", "featurize")]
+    if analysis.shards_per_job == 1:
+        paths += per_shard("sample", "sample")
+    else:
+        paths += [f"{owner_benchmarks('sample')}/sample/batch-{batch}.tsv" for batch in analysis.batches]
+    paths += per_shard("align", "align") if analysis.rigid else []
+    paths.append(f"{owner_benchmarks('combine')}/combine.tsv")
+    if analysis.corrected:
+        correct = owner_benchmarks("correct")
+        paths += [*per_shard("correct", "reweight"), f"{correct}/propose.tsv", f"{correct}/correct.tsv"]
+    return paths
 
 
 def run_targets(wildcards):
@@ -287,12 +337,48 @@ def run_files(kind):
 
 def importance_input(wildcards):
     """The importance correction's record, where the analysis is corrected (none otherwise)."""
-    return IMPORTANCE.format(analysis=wildcards.analysis) if ANALYSES[wildcards.analysis].corrected else []
+    return path_of(IMPORTANCE, wildcards.analysis) if ANALYSES[wildcards.analysis].corrected else []
 
 
 def corrected_summary_input(wildcards):
     """The corrected posterior's summary, where the analysis is corrected (none otherwise)."""
-    return CORRECTED_SUMMARY.format(analysis=wildcards.analysis) if ANALYSES[wildcards.analysis].corrected else []
+    return path_of(CORRECTED_SUMMARY, wildcards.analysis) if ANALYSES[wildcards.analysis].corrected else []
+
+
+# --- a sweep's grid points, for its report ---
+
+
+def sweep_points(wildcards):
+    """Params function: per grid point of the sweep, in grid order, its name, swept values,
+    combined summary and (``sweep.fulldata``) its full-data run's summary."""
+    sweep = SWEEPS[wildcards.sweep]
+    return [
+        {
+            "name": name,
+            "values": values,
+            "summary": path_of(COMBINED_SUMMARY, name),
+            "fulldata": path_of(FULLDATA_SUMMARY, name) if sweep.options["fulldata"] else None,
+        }
+        for name, values in sweep.points.items()
+    ]
+
+
+def sweep_inputs(kind):
+    """Input function: the sweep's combined summaries (``kind`` "summary") or its distinct
+    full-data summaries ("fulldata"; none unless ``sweep.fulldata``)."""
+
+    def paths(wildcards):
+        return list(dict.fromkeys(point[kind] for point in sweep_points(wildcards) if point[kind]))
+
+    return paths
+
+
+def sweep_setting(wildcards, *keys):
+    """A setting the sweep's grid points share (its first point's): e.g. "model"."""
+    value = ANALYSES[next(iter(SWEEPS[wildcards.sweep].points))].settings
+    for key in keys:
+        value = value[key]
+    return value
 
 
 # --- resources: memory from the inputs' sizes, scaled by the retry attempt ---

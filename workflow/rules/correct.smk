@@ -6,7 +6,7 @@
 rule propose:
     """Draws from the Gaussian product of the kept shards (or a Student-t of its location and scale)."""
     input:
-        gaussian=COMBINED_GAUSSIAN,
+        gaussian=owned(COMBINED_GAUSSIAN),
     output:
         proposal=PROPOSAL,
     params:
@@ -29,7 +29,7 @@ rule reweight:
     """One shard's own, untempered log-likelihood at every proposal draw."""
     input:
         proposal=PROPOSAL,
-        features=FEATURES,
+        features=owned(FEATURES),
     output:
         log_likelihood=SHARD_LOG_LIKELIHOOD,
     params:
@@ -54,9 +54,9 @@ rule correct:
     input:
         proposal=PROPOSAL,
         log_likelihoods=per_shard(SHARD_LOG_LIKELIHOOD),
-        shards=COMBINED_SHARDS,
-        combined=COMBINED_POSTERIOR,
-        combined_summary=COMBINED_SUMMARY,
+        shards=owned(COMBINED_SHARDS),
+        combined=owned(COMBINED_POSTERIOR),
+        combined_summary=owned(COMBINED_SUMMARY),
         features=first_shard_features,
     output:
         posterior=CORRECTED_POSTERIOR,

@@ -1,7 +1,7 @@
 rule featurize:
     """One shard -> the model's padded arrays, through the content-addressed feature cache."""
     input:
-        shards=SHARD_DIR,
+        shards=owned(SHARD_DIR),
     output:
         features=FEATURES,
         info=FEATURES_INFO,

@@ -4,7 +4,7 @@ rule sample_fulldata:
     Not part of the default target; run `snakemake fulldata`.
     """
     input:
-        shards=SHARD_DIR,
+        shards=owned(SHARD_DIR),
     output:
         posterior=FULLDATA_POSTERIOR,
         diagnostics=FULLDATA_DIAGNOSTICS,

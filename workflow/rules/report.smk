@@ -1,9 +1,9 @@
 rule report:
     """What the scientist reads: figures of shards and combination, diagnostics, exclusions, time per stage."""
     input:
-        summary=COMBINED_SUMMARY,
-        shards=COMBINED_SHARDS,
-        moments=COMBINED_MOMENTS,
+        summary=owned(COMBINED_SUMMARY),
+        shards=owned(COMBINED_SHARDS),
+        moments=owned(COMBINED_MOMENTS),
         runs=run_targets,
         features_info=per_shard(FEATURES_INFO),
         benchmarks=stage_benchmarks,

@@ -28,7 +28,7 @@ rule preflight:
 rule sample:
     """NUTS on one shard: one chain per virtual JAX device, priors tempered to the power 1/K."""
     input:
-        features=FEATURES,
+        features=owned(FEATURES),
         preflight=PREFLIGHT,
     output:
         posterior=SHARD_POSTERIOR,
