@@ -119,7 +119,9 @@ def without_correction(config: dict) -> dict:
 
 
 def test_grid_points_share_the_jobs_of_the_stages_they_agree_on(tmp_path):
-    config = tiny_config(shard={"num_shards": 4}, sweep={"combine.method": ["consensus", "parametric", "consensus_diag"]})
+    config = tiny_config(
+        shard={"num_shards": 4}, sweep={"combine.method": ["consensus", "parametric", "consensus_diag"]}
+    )
     workflow = Workflow(tmp_path, config)
     assert workflow.planned_jobs() == {
         "simulate": 1,
