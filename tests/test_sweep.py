@@ -8,13 +8,17 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, Workflow, correction_jobs, tiny_config
 from snakemake.utils import validate
 
+from cmcflow.compare import in_frame, k_stability, shift, verdict
 from cmcflow.config import SCHEMA, check_config, resolve_analyses
 from cmcflow.errors import ConfigError
+from cmcflow.runs import element_labels
 from cmcflow.sweep import grid, key_labels, point_name
 
 
@@ -245,3 +249,51 @@ def test_the_example_sweep_config_is_valid():
     validate(config, str(SCHEMA))
     _, sweeps = resolve_analyses(config)
     assert sweeps
+
+
+def cloud_summary(points: np.ndarray, sds: np.ndarray, sigma: float = 1.0) -> pd.DataFrame:
+    """A combined summary of a point cloud ``coords (n, 3)`` and a scalar ``sigma``."""
+    labels = element_labels("coords", points.shape) + ["sigma"]
+    means = np.append(points.ravel(), sigma)
+    sd = np.append(sds.ravel(), 0.1)
+    return pd.DataFrame(
+        {"mean": means, "sd": sd, "5%": means - 1.645 * sd, "95%": means + 1.645 * sd},
+        index=pd.Index(labels, name="parameter"),
+    )
+
+
+def test_point_clouds_are_compared_in_one_frame():
+    rng = np.random.default_rng(0)
+    points, sds = rng.normal(size=(12, 3)) * 5, np.full((12, 3), 0.2)
+    reference = cloud_summary(points, sds)
+    rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    rotation *= np.sign(np.linalg.det(rotation))  # proper
+    moved = cloud_summary(points @ rotation.T + [3.0, -1.0, 2.0], sds)
+    assert shift(moved, reference)["max_mean_shift"] > 10  # another frame: far apart as numbers
+    framed = in_frame(moved, reference, "coords", allow_reflection=False)
+    assert shift(framed, in_frame(reference, reference, "coords", False))["max_mean_shift"] < 1e-8
+    mirrored = cloud_summary(points * [1, 1, -1], sds)
+    assert shift(in_frame(mirrored, reference, "coords", False), reference)["max_mean_shift"] > 1
+    assert shift(in_frame(mirrored, reference, "coords", True), reference)["max_mean_shift"] < 1e-8
+    shifted = cloud_summary(points, sds, sigma=1.05)  # the scalar keeps its own frame: 0.05 / 0.1
+    assert shift(in_frame(shifted, reference, "coords", True), reference)["max_mean_shift"] == pytest.approx(0.5)
+
+
+def test_the_verdict_is_the_largest_k_below_which_every_k_held():
+    reference = pd.DataFrame({"mean": [0.0, 1.0], "sd": [1.0, 2.0]}, index=["a", "b"])
+
+    def moved(mean_shift, sd_ratio):
+        return pd.DataFrame({"mean": [mean_shift, 1.0], "sd": [sd_ratio, 2.0]}, index=["a", "b"])
+
+    series = [
+        (8, "k8", moved(0.3, 1.0)),
+        (2, "k2", moved(0.1, 1.05)),
+        (4, "k4", moved(0.1, 1.15)),
+        (16, "k16", moved(0.0, 1.0)),
+    ]
+    rows, stable_up_to = k_stability(series, (1, "full data", reference), max_mean_shift=0.2, max_sd_change=0.1)
+    assert [row["num_shards"] for row in rows] == [2, 4, 8, 16]
+    assert [row["stable"] for row in rows] == [True, False, False, True]
+    assert stable_up_to == 2 and verdict(stable_up_to, rows, "full data") == "stable up to K = 2"
+    _, none_stable = k_stability(series[:1], (1, "full data", reference), 0.2, 0.1)
+    assert none_stable is None

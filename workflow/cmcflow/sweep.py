@@ -67,10 +67,6 @@ class Sweep:
     #: the sweep's own settings: ``fulldata`` and ``stability`` (schema defaults filled in)
     options: dict
 
-    @property
-    def shard_counts_swept(self) -> bool:
-        return "shard.num_shards" in self.keys
-
 
 def grid(sweep: Mapping) -> list[dict]:
     """The grid points of a ``sweep`` section, in grid order (the last axis fastest): one
