@@ -54,6 +54,7 @@ SCRIPTS = {
     "13b": ["roofline.py"],
     "13c": ["shards_per_job.py"],
     "13d": ["align_drugs.py"],
+    "15": ["k_stability.py"],
 }
 
 
