@@ -56,7 +56,7 @@ def worker(precision: str) -> dict:
         num_warmup=500, num_samples=500, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False
     )
     idata, report = sample_features(
-        spec, features, {"prior_sd": 2.5}, num_shards=8, shard=0, seed=0, settings=settings, devices=4
+        spec, features, {"prior_sd": 2.5}, num_shards=8, shard=0, seed=0, settings=settings, chains=4
     )
     beta = idata.posterior["beta"].values.reshape(-1, FEATURES)
     return {

@@ -58,7 +58,7 @@ def main() -> None:
                 shard=0,
                 seed=0,
                 settings=settings,
-                devices=DEVICES,
+                chains=DEVICES,
                 chain_method=method,
             )
             walls.append(report["compile_seconds"] + report["sampling_seconds"])

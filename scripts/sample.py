@@ -10,7 +10,7 @@ from cmcflow.script import open_log, reported_errors
 open_log(snakemake.log[0])
 
 with reported_errors():
-    from cmcflow.jaxenv import configure_jax
+    from cmcflow.jaxenv import chain_layout, configure_jax
 
     configure_jax(**snakemake.params.jax)
 
@@ -37,6 +37,7 @@ with reported_errors():
         shards = [int(snakemake.wildcards.shard)]
         feature_paths = [snakemake.input.features]
     spec = get_model(snakemake.params.model["name"])
+    _, chain_method = chain_layout(snakemake.params.jax["platform"], snakemake.params.chains)
     for shard, features_path, (posterior_path, diagnostics_path) in zip(shards, feature_paths, outputs):
         logging.getLogger("cmcflow.sample").info("shard %d", shard)
         sample_shard_files(
@@ -49,6 +50,7 @@ with reported_errors():
             shard=shard,
             seed=seed,
             settings=NutsSettings(**settings),
-            devices=snakemake.params.jax["devices"],
+            chains=snakemake.params.chains,
+            chain_method=chain_method,
             checkpoint_path=f"{snakemake.params.checkpoints}/shard-{shard_id(shard)}.pkl",
         )

@@ -9,7 +9,7 @@ from cmcflow.script import open_log, reported_errors
 open_log(snakemake.log[0])
 
 with reported_errors():
-    from cmcflow.jaxenv import configure_jax
+    from cmcflow.jaxenv import chain_layout, configure_jax
 
     configure_jax(**snakemake.params.jax)
 
@@ -35,7 +35,8 @@ with reported_errors():
         shard=-1,
         seed=seed,
         settings=NutsSettings(**settings),
-        devices=snakemake.params.jax["devices"],
+        chains=snakemake.params.chains,
+        chain_method=chain_layout(snakemake.params.jax["platform"], snakemake.params.chains)[1],
         checkpoint_path=checkpoint,
     )
     write_run(idata, report, snakemake.output.posterior, snakemake.output.diagnostics)

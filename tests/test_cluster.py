@@ -168,3 +168,55 @@ def test_profiles_work_as_users_type_them(tmp_path):
             ]
             assert sum("slurm_partition=long" in line for line in sample_resources) == 2, result.stdout
             assert all("slurm_account=site_account" in line for line in sample_resources), result.stdout
+
+
+def recording_stand_in(directory: Path, command: str) -> Path:
+    """A ``command`` (sbatch, qsub) that records its arguments in ``<command>-calls.txt``
+    and refuses the job, as a scheduler without GPUs would; returns the record's path."""
+    directory.mkdir(exist_ok=True)
+    calls = directory.parent / f"{command}-calls.txt"
+    script = directory / command
+    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho "{command}: error: no GPU here" >&2\nexit 1\n')
+    script.chmod(0o755)
+    return calls
+
+
+def gpu_config() -> dict:
+    return tiny_config(platform={"sample": "gpu"})
+
+
+def test_a_gpu_analysis_asks_slurm_for_one_gpu_per_sample_job(slurm, tmp_path):
+    """``platform: {sample: gpu}``: the sample jobs' sbatch line asks for one GPU; this
+    machine has none, so sbatch is a stand-in that records the line and refuses."""
+    calls = recording_stand_in(tmp_path / "fake", "sbatch")
+    workflow = Workflow(tmp_path, gpu_config())
+    path = f"{tmp_path / 'fake'}:{os.environ['PATH']}"
+    result = workflow.run(*PROFILES["slurm"], "--retries", "0", path=path, check=False, timeout=300)
+    assert result.returncode != 0
+    (line,) = calls.read_text().splitlines()  # the two sample jobs: one job array
+    assert "--gpus=1" in line and "--array=1-2" in line, line
+
+
+def test_a_gpu_analysis_asks_pbs_for_one_gpu_per_sample_job(tmp_path):
+    """The same through profiles/pbs (both flavours' lines: tests/test_pbs.py): qsub is a
+    recording stand-in, so no scheduler is needed."""
+    calls = recording_stand_in(tmp_path / "fake", "qsub")
+    workflow = Workflow(tmp_path, gpu_config())
+    path = f"{tmp_path / 'fake'}:{os.environ['PATH']}"
+    result = workflow.run(*PROFILES["pbs"], "--retries", "0", path=path, check=False, timeout=300)
+    assert result.returncode != 0
+    lines = calls.read_text().splitlines()
+    # ppn: the test overlay's set-threads (tests/profiles/pbs-ci)
+    assert len(lines) == 2 and all(re.search(r" -l nodes=1:ppn=\d+:gpus=1,mem=", line) for line in lines), lines
+
+
+def test_dry_runs_show_which_jobs_ask_for_a_gpu(tmp_path):
+    bare_path = path_without_scheduler(tmp_path / "bin")
+    result = Workflow(tmp_path, gpu_config()).run("--dry-run", *PROFILES["slurm"], path=bare_path, timeout=120)
+    resources = {}
+    for block in result.stdout.split("rule ")[1:]:
+        rule = block.split(":", 1)[0]
+        line = next((line for line in block.splitlines() if "resources:" in line), "")
+        resources.setdefault(rule, set()).add("gpu=1" in line)
+    assert resources["sample"] == {True}
+    assert resources["combine"] == {False} and resources["reweight"] == {False}

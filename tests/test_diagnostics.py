@@ -26,7 +26,7 @@ def tiny_run(max_tree_depth: int) -> dict:
         shard=0,
         seed=0,
         settings=settings,
-        devices=4,
+        chains=4,
     )
     return report
 

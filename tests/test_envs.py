@@ -28,18 +28,22 @@ def env(name: str) -> dict:
 
 
 def pip_pins(name: str) -> dict[str, str]:
+    """Distribution -> pinned version (extras dropped: ``jax[cuda12]`` pins ``jax``)."""
     pip = next(item["pip"] for item in env(name)["dependencies"] if isinstance(item, dict))
-    return dict(line.split("==") for line in pip)
+    return {re.sub(r"\[.*\]", "", line.split("==")[0]): line.split("==")[1] for line in pip}
 
 
-def rule_envs() -> dict[str, str]:
-    """Rule name -> env name, read from the rule files."""
+def rule_envs() -> dict[str, tuple]:
+    """Rule name -> (its envs: the one it names, or for a rule that can run on a GPU
+    ``jax_env(stage, cpu_env)`` both its CPU env and jax-gpu; its script), from the rule files."""
     found = {}
     for path in (REPO / "workflow/rules").glob("*.smk"):
         for rule, body in re.findall(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", path.read_text(), flags=re.S | re.M):
             match = re.search(r'conda:\n\s+"\.\./\.\./envs/([\w-]+)\.yaml"', body)
+            either = re.search(r'conda:\n\s+jax_env\("\w+", "([\w-]+)"\)', body)
+            envs = [match.group(1)] if match else [either.group(1), "jax-gpu"] if either else []
             script = re.search(r'script:\n\s+"\.\./\.\./scripts/(\w+)\.py"', body)
-            found[rule] = (match and match.group(1), script and script.group(1))
+            found[rule] = (envs, script and script.group(1))
     return found
 
 
@@ -89,7 +93,7 @@ def third_party_imports(script: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("name", ["light", "jax-devices", "jax-single"])
+@pytest.mark.parametrize("name", ["light", "jax-devices", "jax-single", "jax-gpu"])
 def test_env_pins_equal_pyproject(name):
     pins = pip_pins(name)
     assert pins, name
@@ -105,7 +109,14 @@ def test_variables_agree_with_config_defaults():
     for name in ("jax-devices", "jax-single"):
         variables = env(name)["variables"]
         assert variables["JAX_PLATFORMS"] == "cpu" and variables["JAX_ENABLE_X64"] == str(int(x64))
-    for name in ("light", "jax-devices", "jax-single"):
+    gpu = env("jax-gpu")["variables"]
+    assert gpu["JAX_PLATFORMS"] == "cuda" and gpu["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and "XLA_FLAGS" not in gpu
+    assert gpu["JAX_ENABLE_X64"] == str(int(x64))
+    assert (
+        "jax[cuda12]==" + PYPROJECT_PINS["jax"]
+        in next(item for item in env("jax-gpu")["dependencies"] if isinstance(item, dict))["pip"]
+    )
+    for name in ("light", "jax-devices", "jax-single", "jax-gpu"):
         assert {env(name)["variables"][v] for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")} == {
             "1"
         }
@@ -114,10 +125,13 @@ def test_variables_agree_with_config_defaults():
 def test_every_rule_with_a_script_names_an_env_that_holds_its_imports():
     rules = {rule: found for rule, found in rule_envs().items() if found[1]}
     assert len(rules) >= 9, rules
-    for rule, (env_name, script) in rules.items():
-        assert env_name, f"rule {rule} has no conda: directive"
-        available = {package.lower() for package in pip_pins(env_name)}
+    on_gpu = {rule for rule, (envs, _) in rules.items() if "jax-gpu" in envs}
+    assert on_gpu == {"sample", "sample_batch", "sample_fulldata", "align_reference", "align"}
+    for rule, (envs, script) in rules.items():
+        assert envs, f"rule {rule} has no conda: directive"
         needed = {
             DISTRIBUTIONS.get(module, module) for module in third_party_imports(REPO / "scripts" / f"{script}.py")
         }
-        assert needed <= available, (rule, env_name, needed - available)
+        for env_name in envs:
+            available = {package.lower() for package in pip_pins(env_name)}
+            assert needed <= available, (rule, env_name, needed - available)

@@ -7,7 +7,7 @@ import sys
 
 import jax
 
-from cmcflow.jaxenv import xla_flags_with_devices
+from cmcflow.jaxenv import chain_layout, require_devices, xla_flags_with_devices
 
 
 def test_this_process_has_four_devices():
@@ -32,7 +32,7 @@ def test_configure_after_jax_import_fails_loudly():
 def test_wrong_device_count_fails_loudly():
     result = run_python(
         "from cmcflow.jaxenv import configure_jax\nconfigure_jax(3, 'float64', None)\n"
-        "from cmcflow.jaxenv import require_device_count\nrequire_device_count(4)"
+        "from cmcflow.jaxenv import require_devices\nrequire_devices(4)"
     )
     assert result.returncode != 0
     assert "this job needs 4 JAX devices but JAX sees 3" in result.stderr
@@ -67,3 +67,30 @@ def test_an_unknown_precision_is_refused_before_jax_is_imported():
     result = run_python("from cmcflow.jaxenv import configure_jax\nconfigure_jax(1, 'float16', None)")
     assert result.returncode != 0
     assert "jax.precision must be one of float64, float32, mixed, not 'float16'" in result.stderr
+
+
+def test_chains_run_one_per_virtual_cpu_device_or_all_on_the_one_gpu():
+    assert chain_layout("cpu", 4) == (4, "parallel")
+    assert chain_layout("gpu", 4) == (1, "vectorized")
+
+
+def test_a_gpu_job_that_sees_no_gpu_fails_loudly():
+    """The CPU devices of this process stand in for what a GPU job would see on a node
+    without one."""
+    try:
+        require_devices(1, "gpu", found=jax.devices())
+    except RuntimeError as error:
+        assert "this job runs on a GPU (platform: gpu) but JAX sees [CpuDevice" in str(error)
+        assert "envs/jax-gpu.yaml" in str(error)
+    else:
+        raise AssertionError("no error")
+    result = run_python("from cmcflow.jaxenv import configure_jax\nconfigure_jax(1, 'mixed', None, platform='gpu')")
+    assert result.returncode != 0
+    assert "RuntimeError: this job runs on a GPU (platform: gpu) but JAX found none (" in result.stderr, result.stderr
+
+
+def test_gpu_programs_have_a_cache_of_their_own(tmp_path):
+    from cmcflow.jaxenv import host_cache_dir
+
+    shared = str(tmp_path / "jax")
+    assert host_cache_dir(shared, "", platform="gpu") != host_cache_dir(shared, "")

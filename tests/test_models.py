@@ -28,7 +28,7 @@ from cmcflow.transforms import model_kwargs
 def full_data_run(spec, options, columns, seed=11):
     features = spec.featurize(columns, padded_size([len(columns["label"])], 64), {})
     return sample_features(
-        spec, features, options, num_shards=1, shard=-1, seed=seed, settings=SETTINGS, devices=DEVICES
+        spec, features, options, num_shards=1, shard=-1, seed=seed, settings=SETTINGS, chains=DEVICES
     )[0]
 
 

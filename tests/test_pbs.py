@@ -56,6 +56,20 @@ def test_torque_qsub_line():
     ]
 
 
+@pytest.mark.parametrize(
+    ("flavour", "resources"),
+    [
+        ("pbspro", ["-l", "select=1:ncpus=1:mem=3000mb:ngpus=1", "-l", "walltime=02:00:00"]),
+        ("torque", ["-l", "nodes=1:ppn=1:gpus=1,mem=3000mb,walltime=02:00:00"]),
+    ],
+)
+def test_a_gpu_job_asks_for_one_gpu(flavour, resources):
+    """A sample job of an analysis with ``platform: gpu`` (one thread, resource gpu=1)."""
+    properties = {"rule": "sample", "threads": 1, "resources": {"mem_mb": 3000, "runtime": 120, "gpu": 1}}
+    command = pbs.qsub_command(flavour, "/w/job.sh", properties, "/w/logs")
+    assert command[3 : 3 + len(resources)] == resources
+
+
 def pbspro_document(state: str, exit_status: int | None = None, job_id: str = "42.server") -> str:
     job = {"job_state": state, "Job_Name": "smk-sample"}
     if exit_status is not None:

@@ -76,7 +76,7 @@ def test_a_flat_prior_is_tempered_sampled_and_combined():
         features = regression_features({"features": X[rows], "label": y[rows]}, 512, {})
         kwargs = model_kwargs(features, spec.options)
         runs.append(sample_features(spec, features, spec.options, num_shards=4, shard=shard, seed=0,
-                                    settings=settings, devices=4)[0])  # fmt: skip
+                                    settings=settings, chains=4)[0])  # fmt: skip
     combined = combine_runs(runs, flat_prior_model, kwargs, "consensus", 0, shrinkage="auto", weights="hessian")
     mean = np.linalg.solve(X.T @ X, X.T @ y)
     sd = np.sqrt(np.diag(np.linalg.inv(X.T @ X)))

@@ -186,8 +186,19 @@ def test_bad_input_fails_with_one_line_and_leaves_no_outputs(tmp_path):
             lambda c: c["analyses"]["tiny"]["shard"].update(stratify_by=["feature"]),
             "shard.stratify_by: ['feature'] are not single-column roles of model 'logistic'",
         ),
+        (
+            lambda c: c["analyses"]["tiny"].update(platform="tpu"),
+            "analyses.tiny.platform: give 'cpu' or 'gpu' for the JAX stages that can run on a GPU",
+        ),
+        (
+            lambda c: c["analyses"]["tiny"].update(platform={"sampel": "gpu"}),
+            "analyses.tiny.platform: unknown key(s) 'sampel' (known here: align, fulldata, sample)",
+        ),
     ],
-    ids=["typo", "type", "no input", "both shard counts", "model option", "option range", "model", "strata"],
+    ids=[
+        *("typo", "type", "no input", "both shard counts", "model option", "option range", "model", "strata"),
+        *("platform", "platform stage"),
+    ],
 )
 def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, edit, message):
     config = tiny_config()

@@ -1,10 +1,10 @@
 """PBS for Snakemake's cluster-generic executor: submit, status and the two PBS flavours.
 
-Submission turns a job's ``threads``, ``resources.mem_mb`` and ``resources.runtime``
-(minutes) into a qsub request:
+Submission turns a job's ``threads``, ``resources.mem_mb``, ``resources.runtime``
+(minutes) and ``resources.gpu`` (GPUs; 0 or absent: none) into a qsub request:
 
-- PBS Pro / OpenPBS: ``-l select=1:ncpus=N:mem=Mmb -l walltime=HH:MM:SS``
-- Torque:            ``-l nodes=1:ppn=N,mem=Mmb,walltime=HH:MM:SS``
+- PBS Pro / OpenPBS: ``-l select=1:ncpus=N:mem=Mmb[:ngpus=G] -l walltime=HH:MM:SS``
+- Torque:            ``-l nodes=1:ppn=N[:gpus=G],mem=Mmb,walltime=HH:MM:SS``
 
 The flavour is the string resource ``pbs_flavour`` (set in the profile's
 ``default-resources``); extra qsub arguments (queue, account) the string resource
@@ -40,12 +40,15 @@ def walltime(minutes: float) -> str:
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def resource_request(flavour: str, threads: int, mem_mb: int, runtime_min: float) -> list[str]:
-    """qsub ``-l`` arguments for one node with ``threads`` cores, ``mem_mb`` MB, ``runtime_min`` minutes."""
+def resource_request(flavour: str, threads: int, mem_mb: int, runtime_min: float, gpus: int = 0) -> list[str]:
+    """qsub ``-l`` arguments for one node with ``threads`` cores, ``gpus`` GPUs, ``mem_mb``
+    MB, ``runtime_min`` minutes."""
     if flavour == "pbspro":
-        return ["-l", f"select=1:ncpus={threads}:mem={mem_mb}mb", "-l", f"walltime={walltime(runtime_min)}"]
+        gpu = f":ngpus={gpus}" if gpus else ""
+        return ["-l", f"select=1:ncpus={threads}:mem={mem_mb}mb{gpu}", "-l", f"walltime={walltime(runtime_min)}"]
     if flavour == "torque":
-        return ["-l", f"nodes=1:ppn={threads},mem={mem_mb}mb,walltime={walltime(runtime_min)}"]
+        gpu = f":gpus={gpus}" if gpus else ""
+        return ["-l", f"nodes=1:ppn={threads}{gpu},mem={mem_mb}mb,walltime={walltime(runtime_min)}"]
     raise ValueError(f"unknown PBS flavour {flavour!r}; choose one of {FLAVOURS}")
 
 
@@ -68,7 +71,11 @@ def qsub_command(flavour: str, script: str, properties: dict, log_dir: str) -> l
         "-N",
         name,
         *resource_request(
-            flavour, int(properties.get("threads", 1)), int(resources["mem_mb"]), float(resources["runtime"])
+            flavour,
+            int(properties.get("threads", 1)),
+            int(resources["mem_mb"]),
+            float(resources["runtime"]),
+            int(resources.get("gpu", 0)),
         ),
         "-j",
         "oe",

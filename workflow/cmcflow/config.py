@@ -53,6 +53,11 @@ class Analysis:
     def owner(self, stage: str) -> str:
         return self.owners.get(stage, self.name)
 
+    def platform(self, stage: str) -> str:
+        """Where the JAX stage ``stage`` (sample, align or fulldata) runs: "cpu" or "gpu"."""
+        platform = self.settings["platform"]
+        return platform if isinstance(platform, str) else platform.get(stage, "cpu")
+
     @property
     def simulated(self) -> bool:
         return "simulate" in self.settings["input"]

@@ -4,6 +4,14 @@ XLA reads ``XLA_FLAGS`` once, when JAX first initialises its backend, so the num
 virtual CPU devices must be in the environment before anything imports JAX. Every heavy
 rule script calls :func:`configure_jax` before importing a JAX-using module, and the job
 fails loudly if JAX does not then see exactly the requested devices.
+
+A job runs on one of two platforms (the analysis' ``platform`` setting):
+
+* ``cpu``: ``devices`` virtual CPU devices (``--xla_force_host_platform_device_count``),
+  one NUTS chain or alignment slice each;
+* ``gpu``: the one GPU the scheduler gave the job (CUDA), every chain on it
+  (:func:`chain_layout`), with XLA allocating GPU memory as it needs it rather than 75% of
+  it up front (``XLA_PYTHON_CLIENT_PREALLOCATE=false``), so that jobs can share a node.
 """
 
 from __future__ import annotations
@@ -17,6 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+#: The ``platform`` settings, and the JAX platform each runs on (``JAX_PLATFORMS``).
+PLATFORMS = {"cpu": "cpu", "gpu": "cuda"}
+
+
+def chain_layout(platform: str, chains: int) -> tuple[int, str]:
+    """(JAX devices a job needs, NumPyro ``chain_method``) to run ``chains`` chains on
+    ``platform``: on ``cpu`` one virtual device per chain, the chains in parallel
+    (``pmap``); on ``gpu`` the job's one device, the chains vectorised (``vmap``: one
+    program whose arrays carry a chain axis, which keeps a GPU busy where one chain
+    cannot)."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {', '.join(PLATFORMS)}, not {platform!r}")
+    return (chains, "parallel") if platform == "cpu" else (1, "vectorized")
+
 
 #: ``jax.precision`` settings: the floating type of the model's data (and of the products
 #: that read them: :func:`cmcflow.models.rows.in_data_precision`), and of everything else
@@ -75,39 +98,46 @@ class ProcessPrecision:
 PRECISION = ProcessPrecision()
 
 
-def configure_jax(devices: int, precision: str, compilation_cache_dir: str | None) -> None:
-    """Set the XLA/JAX environment, import JAX, and check the device count.
+def configure_jax(devices: int, precision: str, compilation_cache_dir: str | None, platform: str = "cpu") -> None:
+    """Set the XLA/JAX environment, import JAX, and check the devices.
 
-    ``devices``: virtual CPU devices to create (one NUTS chain or alignment slice each);
+    ``devices``: on ``platform`` ``cpu``, virtual CPU devices to create (one NUTS chain or
+    alignment slice each); on ``gpu``, 1 (the job's GPU);
     ``precision``: a key of :data:`PRECISIONS` (x64 mode unless ``float32``);
     ``compilation_cache_dir``: the persistent compilation
     cache shared by all jobs (``None`` disables it), which keeps every program however fast
     it compiled. Raises ``RuntimeError`` if JAX was imported earlier in this process (the
-    flags would be ignored), or if JAX does not then see exactly ``devices`` devices.
+    flags would be ignored), or if JAX does not then see the devices asked for (on ``gpu``:
+    no GPU at all, with what JAX said).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"jax.precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    chain_layout(platform, devices)  # checks the platform
     if "jax" in sys.modules:
         raise RuntimeError(
             "jax was imported before cmcflow.jaxenv.configure_jax(); the XLA device flags "
             "would be ignored. Call configure_jax() before importing any JAX-using module."
         )
-    os.environ["XLA_FLAGS"] = xla_flags_with_devices(os.environ.get("XLA_FLAGS", ""), devices)
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    if platform == "cpu":
+        os.environ["XLA_FLAGS"] = xla_flags_with_devices(os.environ.get("XLA_FLAGS", ""), devices)
+    else:  # a real device: no virtual ones, and memory taken as needed
+        os.environ["XLA_FLAGS"] = re.sub(rf"{DEVICE_COUNT_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", "")).strip()
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    os.environ["JAX_PLATFORMS"] = PLATFORMS[platform]
     import jax
     import jax.monitoring
 
     PRECISION.name = precision
     jax.config.update("jax_enable_x64", PRECISIONS[precision][1] == "float64")
     if compilation_cache_dir is not None:
-        host_cache = host_cache_dir(compilation_cache_dir)
+        host_cache = host_cache_dir(compilation_cache_dir, platform=platform)
         os.makedirs(host_cache, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(host_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.monitoring.register_event_duration_secs_listener(COMPILE_CLOCK.on_duration)
     jax.monitoring.register_event_listener(COMPILE_CLOCK.on_event)
-    require_device_count(devices)
+    require_devices(devices, platform)
 
 
 def cpu_signature(cpuinfo: str | None = None) -> str:
@@ -126,18 +156,38 @@ def cpu_signature(cpuinfo: str | None = None) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
-def host_cache_dir(compilation_cache_dir: str, cpuinfo: str | None = None) -> str:
+def host_cache_dir(compilation_cache_dir: str, cpuinfo: str | None = None, platform: str = "cpu") -> str:
     """The persistent compilation cache of this host's CPU type: a subdirectory of the
     shared ``compilation_cache_dir`` per :func:`cpu_signature`, so nodes of different CPU
-    types never load each other's programs, while nodes of one type share theirs."""
-    return os.path.join(compilation_cache_dir, f"cpu-{cpu_signature(cpuinfo)}")
+    types never load each other's programs, while nodes of one type share theirs. GPU
+    programs go to a ``gpu-`` subdirectory of the same signature (JAX's cache key holds the
+    GPU's model)."""
+    return os.path.join(compilation_cache_dir, f"{platform}-{cpu_signature(cpuinfo)}")
 
 
-def require_device_count(devices: int) -> None:
-    """Raise unless JAX sees exactly ``devices`` devices."""
+def require_devices(devices: int, platform: str = "cpu", found=None) -> None:
+    """Raise ``RuntimeError`` unless JAX sees what the job asked for (``found``: the devices
+    JAX sees, by default ``jax.devices()``): on ``cpu`` exactly ``devices`` devices; on
+    ``gpu`` at least one GPU (the job uses the first; a node that shows more than the job
+    was given is the scheduler's to fence)."""
     import jax
 
-    found = jax.devices()
+    if found is None:
+        try:
+            found = jax.devices()
+        except Exception as error:  # JAX could not start the backend (no CUDA plugin: an AssertionError)
+            raise RuntimeError(
+                f"this job runs on a GPU (platform: {platform}) but JAX found none "
+                f"({type(error).__name__}: {error}). Submit it to a "
+                "GPU partition (README, 'GPU nodes') with JAX's CUDA wheels installed (envs/jax-gpu.yaml)"
+            ) from None
+    if platform == "gpu":
+        if not found or any(device.platform != "gpu" for device in found):
+            raise RuntimeError(
+                f"this job runs on a GPU (platform: gpu) but JAX sees {found}; submit it to a GPU partition "
+                "(README, 'GPU nodes') with JAX's CUDA wheels installed (envs/jax-gpu.yaml)"
+            )
+        return
     if len(found) != devices:
         raise RuntimeError(
             f"this job needs {devices} JAX devices but JAX sees {len(found)} ({found}); "

@@ -1,7 +1,8 @@
 """The sample stage: NUTS on one shard's features, with the prior tempered to the power 1/K.
 
-One chain per JAX device (``chain_method="parallel"``); the caller must have run
-:func:`cmcflow.jaxenv.configure_jax` before importing this module.
+One chain per virtual CPU device (``chain_method="parallel"``), or every chain on the
+job's one GPU (``"vectorized"``: :func:`cmcflow.jaxenv.chain_layout`); the caller must have
+run :func:`cmcflow.jaxenv.configure_jax` before importing this module.
 """
 
 from __future__ import annotations
@@ -167,12 +168,13 @@ def sample_features(
     shard: int,
     seed: int,
     settings: NutsSettings,
-    devices: int,
+    chains: int,
     chain_method: str = "parallel",
     checkpoint_path: str | os.PathLike | None = None,
 ) -> tuple[az.InferenceData, dict]:
-    """NUTS on shard ``shard`` (or on all rows: ``num_shards=1``, ``shard=-1``), one chain
-    per device (``chain_method`` as in :func:`run_nuts`).
+    """NUTS on shard ``shard`` (or on all rows: ``num_shards=1``, ``shard=-1``), ``chains``
+    chains (``chain_method`` as in :func:`run_nuts`: "parallel", one per device, or
+    "vectorized", all on one).
 
     ``checkpoint_path``: where the run keeps its checkpoint (``settings.checkpoint_every``
     > 0); a checkpoint there of this same run (features, options, settings, versions) is
@@ -195,7 +197,7 @@ def sample_features(
                 shard=shard,
                 seed=seed,
                 settings={**asdict(settings), "checkpoint_every": None},
-                chains=[devices, chain_method],
+                chains=[chains, chain_method],
                 precision=PRECISION.name,
                 versions=[jax.__version__, numpyro.__version__],
             ),
@@ -207,9 +209,9 @@ def sample_features(
         kwargs,
         prior_power=1.0 / num_shards,
         settings=settings,
-        num_chains=devices,
+        num_chains=chains,
         rng_key=sampling_key(seed, shard),
-        init_params=initial_values(spec, features, options, kwargs, devices, seed, shard),
+        init_params=initial_values(spec, features, options, kwargs, chains, seed, shard),
         chain_method=chain_method,
         checkpoint=checkpoint,
     )
@@ -230,7 +232,8 @@ def sample_features(
         "padded_rows": int(np.shape(features["mask"])[0]),
         "devices": len(jax.devices()),
         "precision": PRECISION.name,
-        "num_chains": devices,
+        "num_chains": chains,
+        "chain_method": chain_method,
         "seed": seed,
         "shard": shard,
         "compile_seconds": compile_seconds,
@@ -246,7 +249,7 @@ def sample_features(
     report = {**run_facts, **diagnostics(idata, latents)}
     log.info(
         "%d chains x %d draws: compile %.1f s, sampling %.1f s, max R-hat %.3f, min bulk ESS %.0f, %d divergences",
-        devices,
+        chains,
         settings.num_samples,
         compile_seconds,
         sampling_seconds,
@@ -274,7 +277,8 @@ def sample_shard_files(
     shard: int,
     seed: int,
     settings: NutsSettings,
-    devices: int,
+    chains: int,
+    chain_method: str = "parallel",
     checkpoint_path: str | os.PathLike | None = None,
 ) -> dict:
     """:func:`sample_features` on shard ``shard``, written to its posterior (NetCDF) and
@@ -295,7 +299,8 @@ def sample_shard_files(
             shard=shard,
             seed=seed,
             settings=settings,
-            devices=devices,
+            chains=chains,
+            chain_method=chain_method,
             checkpoint_path=checkpoint_path,
         )
     except Exception as error:

@@ -40,18 +40,16 @@ VALUE_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
 #: Each stage, and the analysis settings its outputs depend on, those of the stages before
 #: it included. ``fulldata`` (NUTS on all rows) reads no shard setting: points that differ
 #: only in how the rows are split share it.
+_SAMPLE = ("model", "input", "columns", "shard", "featurize", "model_options", "sample", "platform")
 STAGE_SETTINGS = {
     "simulate": ("model", "input"),
     "shard": ("model", "input", "columns", "shard"),
     "featurize": ("model", "input", "columns", "shard", "featurize"),
-    "sample": ("model", "input", "columns", "shard", "featurize", "model_options", "sample"),
-    "align": ("model", "input", "columns", "shard", "featurize", "model_options", "sample", "align"),
-    "combine": ("model", "input", "columns", "shard", "featurize", "model_options", "sample", "align", "combine"),
-    "correct": (
-        *("model", "input", "columns", "shard", "featurize", "model_options", "sample", "align", "combine"),
-        "correct",
-    ),
-    "fulldata": ("model", "input", "columns", "featurize", "model_options", "sample"),
+    "sample": _SAMPLE,
+    "align": (*_SAMPLE, "align"),
+    "combine": (*_SAMPLE, "align", "combine"),
+    "correct": (*_SAMPLE, "align", "combine", "correct"),
+    "fulldata": ("model", "input", "columns", "featurize", "model_options", "sample", "platform"),
 }
 
 

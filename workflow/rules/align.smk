@@ -11,17 +11,18 @@ rule align_reference:
         posteriors=sample_files("posterior"),
         model=model_name_param,
         align=setting_param("align"),
-        jax=jax_param(config["jax"]["devices"]),
+        jax=jax_param(config["jax"]["devices"], "align"),
     log:
         f"{LOGS}/align_reference.log",
     benchmark:
         f"{BENCHMARKS}/align_reference.tsv"
-    threads: config["jax"]["devices"]
+    threads: job_threads("align")
     resources:
+        gpu=job_gpus("align"),
         mem_mb=draws_mem,
         runtime=runtime_minutes(30),
     conda:
-        "../../envs/jax-devices.yaml"
+        jax_env("align", "jax-devices")
     script:
         "../../scripts/align_reference.py"
 
@@ -39,16 +40,17 @@ rule align:
         diagnostics=lambda wildcards: sample_file(wildcards.analysis, wildcards.shard, "diagnostics"),
         model=model_name_param,
         align=setting_param("align"),
-        jax=jax_param(config["jax"]["devices"]),
+        jax=jax_param(config["jax"]["devices"], "align"),
     log:
         f"{LOGS}/align/shard-{{shard}}.log",
     benchmark:
         f"{BENCHMARKS}/align/shard-{{shard}}.tsv"
-    threads: config["jax"]["devices"]
+    threads: job_threads("align")
     resources:
+        gpu=job_gpus("align"),
         mem_mb=draws_mem,
         runtime=runtime_minutes(60),
     conda:
-        "../../envs/jax-devices.yaml"
+        jax_env("align", "jax-devices")
     script:
         "../../scripts/align.py"

@@ -8,6 +8,7 @@ from snakemake.utils import validate
 
 from cmcflow.config import check_config, resolve_analyses
 from cmcflow.errors import InputError
+from cmcflow.jaxenv import chain_layout
 from cmcflow.resources import draws_mem_mb, light_mem_mb, runtime_minutes, sample_mem_mb
 
 
@@ -263,13 +264,57 @@ def strata_param(wildcards):
     return list(ANALYSES[wildcards.analysis].strata)
 
 
-def jax_param(devices):
-    """The JAX process settings of a job that runs on ``devices`` virtual devices."""
-    return {
-        "devices": devices,
-        "precision": config["jax"]["precision"],
-        "compilation_cache_dir": config["jax"]["compilation_cache_dir"],
-    }
+def jax_param(devices, stage=None):
+    """Params function: the JAX process settings of a job of ``stage`` (sample, align or
+    fulldata: on the analysis' ``platform``; any other stage: cpu), which runs on
+    ``devices`` virtual CPU devices, or on the one GPU (cmcflow.jaxenv.chain_layout)."""
+
+    def param(wildcards):
+        platform = job_platform(wildcards, stage)
+        return {
+            "devices": chain_layout(platform, devices)[0],
+            "platform": platform,
+            "precision": config["jax"]["precision"],
+            "compilation_cache_dir": config["jax"]["compilation_cache_dir"],
+        }
+
+    return param
+
+
+def job_platform(wildcards, stage):
+    return ANALYSES[wildcards.analysis].platform(stage) if stage else "cpu"
+
+
+def job_threads(stage):
+    """Threads of a job of ``stage`` on ``jax.devices`` devices: one per virtual CPU device;
+    on a GPU, one (the host side of a GPU job is one Python thread)."""
+
+    def threads(wildcards):
+        return config["jax"]["devices"] if job_platform(wildcards, stage) == "cpu" else 1
+
+    return threads
+
+
+def job_gpus(stage):
+    """The ``gpu`` resource of a job of ``stage``: 1 on a GPU, else 0. The SLURM executor
+    turns it into ``--gpus=1``, profiles/pbs/submit into ``ngpus=1`` (PBS Pro) or
+    ``gpus=1`` (Torque)."""
+
+    def gpus(wildcards):
+        return int(job_platform(wildcards, stage) == "gpu")
+
+    return gpus
+
+
+def jax_env(stage, cpu_env):
+    """The conda environment of a job of ``stage``: ``envs/<cpu_env>.yaml``, or on a GPU
+    ``envs/jax-gpu.yaml`` (JAX with its CUDA 12 wheels)."""
+
+    def env(wildcards):
+        name = "jax-gpu" if job_platform(wildcards, stage) == "gpu" else cpu_env
+        return f"../../envs/{name}.yaml"
+
+    return env
 
 
 def table_input(wildcards):

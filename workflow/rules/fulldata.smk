@@ -15,16 +15,18 @@ rule sample_fulldata:
         featurize=setting_param("featurize"),
         sample=nuts_param,
         checkpoints=checkpoints_param,
-        jax=jax_param(config["jax"]["devices"]),
+        chains=config["jax"]["devices"],
+        jax=jax_param(config["jax"]["devices"], "fulldata"),
     log:
         f"{LOGS}/sample_fulldata.log",
     benchmark:
         f"{BENCHMARKS}/sample_fulldata.tsv"
-    threads: config["jax"]["devices"]
+    threads: job_threads("fulldata")
     resources:
+        gpu=job_gpus("fulldata"),
         mem_mb=fulldata_mem,
         runtime=runtime_minutes(600),
     conda:
-        "../../envs/jax-devices.yaml"
+        jax_env("fulldata", "jax-devices")
     script:
         "../../scripts/sample_fulldata.py"

@@ -38,17 +38,19 @@ rule sample:
         num_shards=num_shards_param,
         sample=nuts_param,
         checkpoints=checkpoints_param,
-        jax=jax_param(config["jax"]["devices"]),
+        chains=config["jax"]["devices"],
+        jax=jax_param(config["jax"]["devices"], "sample"),
     log:
         f"{LOGS}/sample/shard-{{shard}}.log",
     benchmark:
         f"{BENCHMARKS}/sample/shard-{{shard}}.tsv"
-    threads: config["jax"]["devices"]
+    threads: job_threads("sample")
     resources:
+        gpu=job_gpus("sample"),
         mem_mb=sample_mem,
         runtime=runtime_minutes(120),
     conda:
-        "../../envs/jax-devices.yaml"
+        jax_env("sample", "jax-devices")
     script:
         "../../scripts/sample.py"
 
@@ -68,16 +70,18 @@ rule sample_batch:
         num_shards=num_shards_param,
         sample=nuts_param,
         checkpoints=checkpoints_param,
-        jax=jax_param(config["jax"]["devices"]),
+        chains=config["jax"]["devices"],
+        jax=jax_param(config["jax"]["devices"], "sample"),
     log:
         f"{LOGS}/sample/batch-{{batch}}.log",
     benchmark:
         f"{BENCHMARKS}/sample/batch-{{batch}}.tsv"
-    threads: config["jax"]["devices"]
+    threads: job_threads("sample")
     resources:
+        gpu=job_gpus("sample"),
         mem_mb=batch_mem,
         runtime=runtime_minutes(120),
     conda:
-        "../../envs/jax-devices.yaml"
+        jax_env("sample", "jax-devices")
     script:
         "../../scripts/sample.py"
