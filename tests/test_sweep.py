@@ -297,3 +297,5 @@ def test_the_verdict_is_the_largest_k_below_which_every_k_held():
     assert stable_up_to == 2 and verdict(stable_up_to, rows, "full data") == "stable up to K = 2"
     _, none_stable = k_stability(series[:1], (1, "full data", reference), 0.2, 0.1)
     assert none_stable is None
+    warned = verdict(2, rows, "num_shards=2", reference_excluded=1)
+    assert warned.startswith("stable up to K = 2; but the reference (num_shards=2) left 1 shard(s) out")

@@ -139,11 +139,19 @@ def k_stability(
     return rows, stable_up_to
 
 
-def verdict(stable_up_to: int | None, rows: Sequence[dict], reference_name: str) -> str:
-    """The K-stability check's sentence."""
+def verdict(stable_up_to: int | None, rows: Sequence[dict], reference_name: str, reference_excluded: int = 0) -> str:
+    """The K-stability check's sentence (with a warning where the reference combination
+    left shards out: it is then a posterior of fewer rows than the others)."""
     largest = rows[-1]["num_shards"]
     if stable_up_to is None:
-        return f"not stable at any K swept (K = {rows[0]['num_shards']} already moved against {reference_name})"
-    if stable_up_to == largest:
-        return f"stable up to K = {largest}, the largest K swept"
-    return f"stable up to K = {stable_up_to}"
+        sentence = f"not stable at any K swept (K = {rows[0]['num_shards']} already moved against {reference_name})"
+    elif stable_up_to == largest:
+        sentence = f"stable up to K = {largest}, the largest K swept"
+    else:
+        sentence = f"stable up to K = {stable_up_to}"
+    if reference_excluded:
+        sentence += (
+            f"; but the reference ({reference_name}) left {reference_excluded} shard(s) out, so it is a "
+            "posterior of fewer rows: compare against full data (sweep.fulldata: true)"
+        )
+    return sentence

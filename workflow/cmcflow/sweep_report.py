@@ -25,6 +25,7 @@ from cmcflow.compare import (  # noqa: E402
     shift,
     verdict,
 )
+from cmcflow.io import read_json  # noqa: E402
 from cmcflow.report import html_page, image_tag, key_parameters, png  # noqa: E402
 
 #: The swept key whose K-stability is checked.
@@ -54,13 +55,16 @@ def long_summary(points: Sequence[Mapping], summaries: Mapping[str, pd.DataFrame
 def stability_series(
     points: Sequence[Mapping],
     summaries: Mapping[str, pd.DataFrame],
+    excluded: Mapping[str, int],
     fulldata: Mapping[str, pd.DataFrame],
     thresholds: Mapping,
     point_site: str | None,
     allow_reflection: bool,
 ) -> list[dict]:
     """The K-stability check per series of grid points that agree on every swept key but
-    K, against the series' full-data run (K = 1) where one ran, else its smallest K."""
+    K, against the series' full-data run (K = 1) where one ran, else its smallest K. Each
+    row also counts the shards its combination left out (``excluded``: by point name): a
+    combination of fewer shards is a posterior of fewer rows, and moves for that reason."""
     series: dict[tuple, list[Mapping]] = {}
     for point in points:
         fixed = tuple((key, value) for key, value in point["values"].items() if key != SHARD_COUNT)
@@ -83,14 +87,18 @@ def stability_series(
             thresholds["max_mean_shift"],
             thresholds["max_sd_change"],
         )
+        for row in rows:
+            row["excluded_shards"] = excluded[row["point"]]
+        reference_excluded = 0 if members[0]["fulldata"] else excluded[first["name"]]
         results.append(
             {
                 "fixed": dict(fixed),
+                "reference_excluded_shards": reference_excluded,
                 "reference": reference[1],
                 "reference_num_shards": reference[0],
                 "rows": rows,
                 "stable_up_to": stable_up_to,
-                "verdict": verdict(stable_up_to, rows, reference[1]),
+                "verdict": verdict(stable_up_to, rows, reference[1], reference_excluded),
             }
         )
     return results
@@ -157,9 +165,11 @@ def render_sweep_report(
     comparison record (distances, shifts against full data, K-stability).
 
     ``points``: per grid point in grid order, ``{"name", "values": {key: value},
-    "summary": combined summary.csv, "fulldata": the full-data run's summary.csv or None}``.
+    "summary": combined summary.csv, "shards": combine's shards.json, "fulldata": the
+    full-data run's summary.csv or None}``.
     """
     summaries = {point["name"]: read_summary(point["summary"]) for point in points}
+    excluded = {point["name"]: len(read_json(point["shards"])["excluded"]) for point in points}
     fulldata = {point["fulldata"]: read_summary(point["fulldata"]) for point in points if point["fulldata"]}
     first = summaries[points[0]["name"]]
     framed = common_frame(summaries, first, point_site, allow_reflection)
@@ -177,14 +187,17 @@ def render_sweep_report(
                 in_frame(summaries[point["name"]], reference, *frame), in_frame(reference, reference, *frame)
             )
     series = (
-        stability_series(points, summaries, fulldata, thresholds, point_site, allow_reflection)
+        stability_series(points, summaries, excluded, fulldata, thresholds, point_site, allow_reflection)
         if SHARD_COUNT in keys
         else []
     )
     record = {
         "sweep": sweep,
         "keys": list(keys),
-        "points": [{"name": point["name"], "values": point["values"]} for point in points],
+        "points": [
+            {"name": point["name"], "values": point["values"], "excluded_shards": excluded[point["name"]]}
+            for point in points
+        ],
         "distances": distances.to_dict(),
         "against_fulldata": against_full,
         "stability": {"thresholds": dict(thresholds), "series": series} if series else None,

@@ -395,13 +395,14 @@ def corrected_summary_input(wildcards):
 
 def sweep_points(wildcards):
     """Params function: per grid point of the sweep, in grid order, its name, swept values,
-    combined summary and (``sweep.fulldata``) its full-data run's summary."""
+    combined summary and shard record, and (``sweep.fulldata``) its full-data run's summary."""
     sweep = SWEEPS[wildcards.sweep]
     return [
         {
             "name": name,
             "values": values,
             "summary": path_of(COMBINED_SUMMARY, name),
+            "shards": path_of(COMBINED_SHARDS, name),
             "fulldata": path_of(FULLDATA_SUMMARY, name) if sweep.options["fulldata"] else None,
         }
         for name, values in sweep.points.items()
@@ -409,8 +410,8 @@ def sweep_points(wildcards):
 
 
 def sweep_inputs(kind):
-    """Input function: the sweep's combined summaries (``kind`` "summary") or its distinct
-    full-data summaries ("fulldata"; none unless ``sweep.fulldata``)."""
+    """Input function: the sweep's combined summaries (``kind`` "summary"), shard records
+    ("shards") or its distinct full-data summaries ("fulldata"; none unless ``sweep.fulldata``)."""
 
     def paths(wildcards):
         return list(dict.fromkeys(point[kind] for point in sweep_points(wildcards) if point[kind]))

@@ -6,6 +6,7 @@ rule sweep_report:
     """The grid points side by side: combined means and intervals, distances in posterior sd, K-stability."""
     input:
         summaries=sweep_inputs("summary"),
+        shards=sweep_inputs("shards"),
         fulldata=sweep_inputs("fulldata"),
     output:
         report=SWEEP_REPORT,
