@@ -49,7 +49,7 @@ STAGE_SETTINGS = {
     "align": (*_SAMPLE, "align"),
     "combine": (*_SAMPLE, "align", "combine"),
     "correct": (*_SAMPLE, "align", "combine", "correct"),
-    "fulldata": ("model", "input", "columns", "featurize", "model_options", "sample", "platform"),
+    "fulldata": ("model", "input", "columns", "featurize", "model_options", "sample", "platform", "align"),
 }
 
 

@@ -14,6 +14,8 @@ rule sample_fulldata:
         columns=columns_param,
         featurize=setting_param("featurize"),
         sample=nuts_param,
+        # rigid models: the draws are aligned into one frame, as the align stage does a shard's
+        align=setting_param("align"),
         checkpoints=checkpoints_param,
         chains=config["jax"]["devices"],
         jax=jax_param(config["jax"]["devices"], "fulldata"),
