@@ -87,13 +87,15 @@ def common_frame(
 
 def shift(summary: pd.DataFrame, reference: pd.DataFrame) -> dict:
     """Against ``reference``: the largest mean shift in reference sd and its parameter, the
-    largest sd change, and the sd ratios' range (the formulas of this module)."""
+    median shift (a few parameters can move while the rest hold), the largest sd change,
+    and the sd ratios' range (the formulas of this module)."""
     reference = reference.loc[summary.index]
     mean_shift = (summary["mean"] - reference["mean"]).abs() / reference["sd"]
     ratio = summary["sd"] / reference["sd"]
     return {
         "max_mean_shift": float(mean_shift.max()),
         "worst_parameter": str(mean_shift.idxmax()),
+        "median_mean_shift": float(mean_shift.median()),
         "max_sd_change": float((ratio - 1).abs().max()),
         "min_sd_ratio": float(ratio.min()),
         "max_sd_ratio": float(ratio.max()),
