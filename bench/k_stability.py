@@ -69,8 +69,9 @@ def table(record: dict) -> list[str]:
         "# K-stability of the demo's models (issue 15)",
         "",
         f"`snakemake --cores 2 --configfile {record['config']}`: {record['wall_seconds'] / 60:.0f} min wall on "
-        "2 cores, every grid point and the sweep pages. Shift: the largest |combined mean − reference mean| over all "
-        "parameters, in reference sd; sd change: the largest |sd / reference sd − 1|.",
+        "2 cores, every grid point, full-data run and sweep page. Shift: |combined mean − reference mean| in "
+        "reference sd, the largest and the median over all parameters (point clouds: in the reference's frame, "
+        "per-point isotropic sd); sd change: the largest |sd / reference sd − 1|.",
     ]
     for name, analysis in record["analyses"].items():
         limits = analysis["thresholds"]
