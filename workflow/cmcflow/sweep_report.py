@@ -104,11 +104,27 @@ def stability_series(
     return results
 
 
-def intervals_figure(framed: Mapping[str, pd.DataFrame], labels: Mapping[str, str]) -> bytes:
-    """Each key parameter's mean and 90% interval (5% to 95%, or mean ± 1.645 sd where the
-    summary has none) per grid point (and full-data run), one panel per parameter."""
+#: Parameters the intervals figure shows.
+FIGURE_PARAMETERS = 6
+
+
+def moving_parameters(framed: Mapping[str, pd.DataFrame], limit: int = FIGURE_PARAMETERS) -> list[str]:
+    """The parameters to show: scalar sites first (:func:`cmcflow.report.key_parameters`
+    orders by site size), then those whose means differ most between the posteriors, in sd
+    (max − min of the means over the mean sd), up to ``limit``."""
     first = next(iter(framed.values()))
-    keys = key_parameters(list(first.index))
+    scalars = [label for label in key_parameters(list(first.index), limit) if "[" not in label]
+    means = pd.DataFrame({name: frame["mean"] for name, frame in framed.items()})
+    sds = pd.DataFrame({name: frame["sd"] for name, frame in framed.items()}).mean(axis=1)
+    spread = ((means.max(axis=1) - means.min(axis=1)) / sds).drop(index=scalars)
+    return scalars + list(spread.sort_values(ascending=False).index[: limit - len(scalars)])
+
+
+def intervals_figure(framed: Mapping[str, pd.DataFrame], labels: Mapping[str, str]) -> bytes:
+    """The mean and 90% interval (5% to 95%, or mean ± 1.645 sd where the summary has none)
+    of the parameters :func:`moving_parameters` picks, per grid point (and full-data run),
+    one panel per parameter."""
+    keys = moving_parameters(framed)
     names = list(framed)
     figure, axes = plt.subplots(
         1, len(keys), figsize=(2.6 * len(keys), 0.8 + 0.3 * max(len(names), 3)), sharey=True, squeeze=False
@@ -126,7 +142,9 @@ def intervals_figure(framed: Mapping[str, pd.DataFrame], labels: Mapping[str, st
         axis.tick_params(labelsize=7)
     axes[0][0].set_yticks(range(len(names)), [labels[name] for name in names], fontsize=7)
     axes[0][0].invert_yaxis()
-    figure.suptitle("Combined posterior per grid point: mean and 90% interval", fontsize=10, y=1.04)
+    figure.suptitle(
+        "Combined posterior per grid point: mean and 90% interval (the parameters that moved most)", fontsize=10, y=1.06
+    )
     return png(figure)
 
 
