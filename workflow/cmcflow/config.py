@@ -43,9 +43,8 @@ class Analysis:
     #: digests of the source of the model's and the featurizer's modules (:func:`source_digest`)
     model_source: str = ""
     featurizer_source: str = ""
-    #: a grid point of a sweep: the swept analysis' name, and the point's {dotted key: value}
+    #: a grid point of a sweep: the swept analysis' name (its values: the Sweep's ``points``)
     sweep: str | None = None
-    point: dict = field(default_factory=dict)
     #: stage -> the analysis whose outputs of that stage this one reads (itself, or the
     #: first grid point of its sweep that agrees on every setting the stage reads)
     owners: dict = field(default_factory=dict)
@@ -133,7 +132,7 @@ def resolve_analyses(config: Mapping) -> tuple[dict[str, Analysis], dict[str, Sw
                 resolved = resolve_analysis(point, point_settings)
             except ConfigError as error:  # e.g. a swept model option the model lacks
                 raise ConfigError(f"analyses.{point}: {error}", error.details) from None
-            analyses[point] = replace(resolved, sweep=name, point=sweep.points[point], owners=owners[point])
+            analyses[point] = replace(resolved, sweep=name, owners=owners[point])
         sweeps[name] = sweep
     return analyses, sweeps
 

@@ -115,8 +115,9 @@ STAGE_OF = {
 
 
 def path_of(pattern, analysis, **wildcards):
-    """``pattern`` (a pattern of this file, or a benchmark of ``stage``) filled in for
-    ``analysis``: the file of the analysis that owns its stage (itself, outside sweeps)."""
+    """``pattern`` (one of the patterns above) filled in for ``analysis``: the file of the
+    analysis that owns the pattern's stage (:data:`STAGE_OF`; itself outside sweeps, and
+    for a pattern of no shared stage, such as the report's)."""
     stage = STAGE_OF.get(pattern)
     owner = ANALYSES[analysis].owner(stage) if stage else analysis
     return pattern.format(analysis=owner, **wildcards)
