@@ -29,7 +29,9 @@ PROFILES = {
 
 @pytest.fixture(scope="module")
 def slurm():
-    """A running single-node SLURM (stopped afterwards if this fixture started it)."""
+    """A running single-node SLURM; if this fixture started it, stopped afterwards and its
+    slurm.conf removed (left behind, it names a controller that is down, and every later
+    Snakemake start waits 9 s on the SLURM plugin's ``scontrol show config``)."""
     if os.geteuid() != 0:
         pytest.skip("starting SLURM needs root" + ("" if shutil.which("sbatch") else "; sbatch is not installed"))
     already_running = (SLURM_PREFIX / "pids").exists()
@@ -39,7 +41,7 @@ def slurm():
     assert started.returncode == 0, started.stdout + started.stderr
     yield
     if not already_running:
-        subprocess.run(["bash", str(REPO / "scripts/stop_slurm.sh")], timeout=120)
+        subprocess.run(["bash", str(REPO / "scripts/stop_slurm.sh"), "--purge"], timeout=120)
 
 
 #: Commands of SLURM (slurm-client) and of PBS/Torque that a machine without a scheduler lacks.

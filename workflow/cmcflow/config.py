@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import yaml
@@ -66,7 +66,7 @@ class Analysis:
         """Whether the combination is importance-corrected (never for rigid models)."""
         return self.settings["correct"]["enabled"] and not self.rigid
 
-    @property
+    @cached_property
     def shard_ids(self) -> list[str]:
         return [shard_id(index) for index in range(self.num_shards)]
 
@@ -74,7 +74,7 @@ class Analysis:
     def shards_per_job(self) -> int:
         return self.settings["sample"]["shards_per_job"]
 
-    @property
+    @cached_property
     def batches(self) -> dict[str, list[str]]:
         """Batch id -> the shard ids one sample job runs (consecutive shards,
         ``sample.shards_per_job`` of them, fewer in the last batch)."""
