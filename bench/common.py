@@ -142,3 +142,22 @@ def workflow_config(analyses: dict, workdir: Path) -> dict:
         "jax": {"compilation_cache_dir": str(workdir / "cache" / "jax")},
         "analyses": analyses,
     }
+
+
+def slurm_probe() -> dict:
+    """What importing the SLURM executor plugin costs every Snakemake start here: it runs
+    ``scontrol show config`` (for MinJobAge), which fails at once where SLURM is not
+    installed or not configured, answers at once where a controller runs, and waits ~9 s
+    where a slurm.conf names a controller that is down. ``{"scontrol": installed,
+    "answers": a controller answered, "seconds": the probe's wall time}``."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol") is None:
+        return {"scontrol": False, "answers": False, "seconds": 0.0}
+    started = time.perf_counter()
+    try:
+        answers = subprocess.run(["scontrol", "show", "config"], capture_output=True, timeout=15).returncode == 0
+    except subprocess.TimeoutExpired:
+        answers = False
+    return {"scontrol": True, "answers": answers, "seconds": time.perf_counter() - started}

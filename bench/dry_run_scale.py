@@ -16,20 +16,21 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 from pathlib import Path
 
-from common import cell, job_counts, logistic_analysis, snakemake, spread, target, workflow_config, write_results
+from common import (
+    cell,
+    job_counts,
+    logistic_analysis,
+    slurm_probe,
+    snakemake,
+    spread,
+    target,
+    workflow_config,
+    write_results,
+)
 
 TARGET_SECONDS = 20.0  # issue 6: 1,000-shard dry run <= 20 s
-
-
-def controller_answers() -> bool:
-    """Whether a SLURM controller answers ``scontrol show config`` within 2 s."""
-    try:
-        return subprocess.run(["scontrol", "show", "config"], capture_output=True, timeout=2).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cmcflow-bench/dry-run"))
     args = parser.parse_args()
     rows = []
-    controller = controller_answers()
+    controller = slurm_probe()["answers"]
     for num_shards in args.shards:
         seconds, jobs = [], {}
         for _ in range(args.repeats):

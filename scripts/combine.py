@@ -27,14 +27,14 @@ with reported_errors():
     settings = snakemake.params.combine
     point_pairs = None
     if spec.observed_pairs is not None and settings["point_location"] == "distances":
-        shard_pairs = [spec.observed_pairs(load_features(path)) for path in snakemake.input.pair_features]
+        shard_pairs = [spec.observed_pairs(load_features(path)) for path in snakemake.params.pair_features]
         point_pairs = np.unique(np.concatenate(shard_pairs), axis=0)
     paths = list(snakemake.params.posteriors)
     combination = combine_shards(
         lambda shard: read_run(paths[shard]),
         len(paths),
         spec.numpyro_model,
-        model_kwargs(load_features(snakemake.input.features), options),
+        model_kwargs(load_features(snakemake.params.features), options),
         CombineSettings.from_config(settings),
         diagnostics=[read_json(path) for path in snakemake.params.diagnostics],
         point_site=spec.point_site,

@@ -21,7 +21,7 @@ with reported_errors():
     spec = get_model(snakemake.params.model["name"])
     write_correction(
         spec.numpyro_model,
-        model_kwargs(load_features(snakemake.input.features), snakemake.params.model["options"]),
+        model_kwargs(load_features(snakemake.params.features), snakemake.params.model["options"]),
         snakemake.input,
         snakemake.output,
         snakemake.params.correct,

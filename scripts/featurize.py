@@ -1,4 +1,5 @@
-"""Rule featurize: one shard -> padded arrays through the feature cache (jax-free)."""
+"""Rules featurize and featurize_batch: one shard, or the shards of a sample batch one after
+another, -> padded arrays through the feature cache (jax-free)."""
 
 import sys
 
@@ -9,16 +10,25 @@ from cmcflow.script import open_log, reported_errors
 open_log(snakemake.log[0])
 
 with reported_errors():
+    import os
+
     from cmcflow.featurize import featurize_shard
     from cmcflow.models import get_model
 
-    featurize_shard(
-        snakemake.input.shards,
-        int(snakemake.wildcards.shard),
-        snakemake.output.features,
-        snakemake.output.info,
-        spec=get_model(snakemake.params.model),
-        columns=snakemake.params.columns,
-        pad_multiple=snakemake.params.featurize["pad_multiple"],
-        cache_dir=snakemake.params.cache_dir,
-    )
+    if snakemake.rule == "featurize_batch":
+        os.makedirs(snakemake.output.batch, exist_ok=True)
+        jobs = [(int(shard), *files) for shard, files in zip(snakemake.params.shards, snakemake.params.files)]
+    else:
+        jobs = [(int(snakemake.wildcards.shard), snakemake.output.features, snakemake.output.info)]
+    spec = get_model(snakemake.params.model)
+    for shard, features_path, info_path in jobs:
+        featurize_shard(
+            snakemake.input.shards,
+            shard,
+            features_path,
+            info_path,
+            spec=spec,
+            columns=snakemake.params.columns,
+            pad_multiple=snakemake.params.featurize["pad_multiple"],
+            cache_dir=snakemake.params.cache_dir,
+        )

@@ -23,7 +23,7 @@ with reported_errors():
     spec = get_model(snakemake.params.model["name"])
     found = preflight(
         spec,
-        load_features(snakemake.input.features),
+        load_features(snakemake.params.features),
         snakemake.params.model["options"],
         num_shards=snakemake.params.num_shards,
         seed=snakemake.params.seed,

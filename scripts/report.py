@@ -20,7 +20,7 @@ with reported_errors():
         snakemake.input.shards,
         snakemake.input.moments,
         snakemake.params.diagnostics,
-        snakemake.input.features_info,
+        snakemake.params.features_info,
         snakemake.input.benchmarks,
         point_site=get_model(snakemake.params.model).point_site,
         importance_path=snakemake.input.importance or None,

@@ -23,7 +23,7 @@ with reported_errors():
     from cmcflow.transforms import model_kwargs
 
     spec = get_model(snakemake.params.model["name"])
-    features = load_features(snakemake.input.features)
+    features = load_features(snakemake.params.features)
     proposal = read_arrays(snakemake.input.proposal)
     log_likelihood = shard_log_likelihood(
         spec.numpyro_model,

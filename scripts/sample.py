@@ -31,7 +31,7 @@ with reported_errors():
             for shard in snakemake.params.shards
         ]
         shards = [int(shard) for shard in snakemake.params.shards]
-        feature_paths = list(snakemake.input.features)
+        feature_paths = [features for features, _ in snakemake.params.features]
     else:
         outputs = [(snakemake.output.posterior, snakemake.output.diagnostics)]
         shards = [int(snakemake.wildcards.shard)]

@@ -132,21 +132,27 @@ def test_runtime_grows_with_the_retry_attempt_like_memory():
 
 
 def test_a_batch_job_keeps_the_draws_of_one_job_per_shard_and_records_its_failed_shard(flaky):
-    """``sample.shards_per_job``: 2 over 3 shards plans 2 sample jobs (shards 0-1, shard 2);
-    3 runs all of them in one job, one process: each shard's files in the batch's
-    directory, the draws identical to those of one job per shard, and the failing shard
-    recorded as failed without losing the shards beside it."""
+    """``sample.shards_per_job``: 2 over 3 shards plans 2 featurize and 2 sample jobs
+    (shards 0-1, shard 2); 3 runs all of them in one job each, one process: each shard's
+    files in the batch's directory, the features and draws identical to those of one job
+    per shard, and the failing shard recorded as failed without losing the shards beside it."""
     workflow, failing, _ = flaky
     config = json.loads(json.dumps(workflow.config))
     config["results_dir"] = "batched"
     config["analyses"]["tiny"]["sample"]["shards_per_job"] = 2
-    assert workflow.planned_jobs(config=config)["sample_batch"] == 2
+    planned = workflow.planned_jobs(config=config)
+    assert (planned["featurize_batch"], planned["sample_batch"]) == (2, 2) and "featurize" not in planned
     config["analyses"]["tiny"]["sample"]["shards_per_job"] = 3
-    assert workflow.planned_jobs(config=config)["sample_batch"] == 1
+    planned = workflow.planned_jobs(config=config)
+    assert (planned["featurize_batch"], planned["sample_batch"]) == (1, 1)
     result = workflow.run(config=config, check=False)
     assert result.returncode != 0  # the failed shard stops the run at combine, as with one job per shard
     assert "`snakemake --forcerun batched/tiny/samples/batch-0000` samples them again" in result.stderr
     for shard in range(3):
+        features = f"features/{{}}shard-{shard:04d}.npz"
+        assert (workflow.workdir / "batched/tiny" / features.format("batch-0000/")).read_bytes() == (
+            workflow.workdir / "results/tiny" / features.format("")
+        ).read_bytes()
         batched = workflow.workdir / f"batched/tiny/samples/batch-0000/shard-{shard:04d}"
         alone = workflow.workdir / f"results/tiny/samples/shard-{shard:04d}"
         if shard == failing:
@@ -158,6 +164,11 @@ def test_a_batch_job_keeps_the_draws_of_one_job_per_shard_and_records_its_failed
                 read_run(batched.with_suffix(".nc")).posterior[site].values,
                 read_run(alone.with_suffix(".nc")).posterior[site].values,
             )
+    # going on without the failed shard: reweight, correct and report read the batches' files
+    config["analyses"]["tiny"]["combine"] = {"on_failed_shard": "skip"}
+    assert workflow.planned_jobs(config=config) == {"combine": 1, **correction_jobs(3), "report": 1, "all": 1}
+    workflow.run(config=config)
+    assert json.loads((workflow.workdir / "batched/tiny/corrected/importance.json").read_text())["reliable"]
 
 
 def test_a_sample_job_killed_mid_sampling_resumes_from_its_checkpoint(tmp_path):

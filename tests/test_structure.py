@@ -27,7 +27,8 @@ def structure_run(tmp_path_factory) -> Workflow:
     config = tiny_config(
         model="structure",
         input={"simulate": {"rows": 2000, "points": 20, "seed": 0, "noise_scale": 0.5}},
-        sample={"num_warmup": 200, "num_samples": 200},
+        # both shards featurized and sampled in one job each: align and combine read the batches' files
+        sample={"num_warmup": 200, "num_samples": 200, "shards_per_job": 2},
     )
     workflow = Workflow(tmp_path_factory.mktemp("structure"), config)
     workflow.run()

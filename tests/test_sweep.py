@@ -233,7 +233,7 @@ def test_editing_one_grid_value_reruns_that_point_only(stability_run):
     edited["analyses"]["gaussian"]["sweep"]["shard.num_shards"] = [2, 4, 16]
     assert stability_run.planned_jobs(config=edited) == {
         "shard": 1,
-        "featurize": 16,
+        "featurize_batch": 2,
         "preflight": 1,
         "sample_batch": 2,
         "combine": 1,

@@ -44,7 +44,8 @@ _SAMPLE = ("model", "input", "columns", "shard", "featurize", "model_options", "
 STAGE_SETTINGS = {
     "simulate": ("model", "input"),
     "shard": ("model", "input", "columns", "shard"),
-    "featurize": ("model", "input", "columns", "shard", "featurize"),
+    # a batch's features lie in its directory: shards_per_job decides which
+    "featurize": ("model", "input", "columns", "shard", "featurize", "sample.shards_per_job"),
     "sample": _SAMPLE,
     "align": (*_SAMPLE, "align"),
     "combine": (*_SAMPLE, "align", "combine"),
@@ -194,8 +195,16 @@ def expand_sweep(analysis: str, settings: Mapping, analysis_schema: Mapping) -> 
 
 
 def stage_key(settings: Mapping, stage: str) -> str:
-    """The settings ``stage``'s outputs depend on, as one canonical string."""
-    return json.dumps({section: settings.get(section) for section in STAGE_SETTINGS[stage]}, sort_keys=True)
+    """The settings ``stage``'s outputs depend on (a section, or one dotted key), as one
+    canonical string."""
+
+    def value(key):
+        found = settings
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, Mapping) else None
+        return found
+
+    return json.dumps({key: value(key) for key in STAGE_SETTINGS[stage]}, sort_keys=True)
 
 
 def stage_owners(points: Mapping[str, Mapping]) -> dict[str, dict[str, str]]:

@@ -4,8 +4,9 @@ rule combine:
         # each shard's run and its diagnostics (on aligned draws for rigid models, for screening)
         runs=run_targets,
         # any shard's features: combine traces the model once to learn its support transforms
-        features=first_shard_features,
-        pair_features=rigid_shard_features,
+        features=first_shard_features(feature_target),
+        # a rigid model's observed point pairs, every shard's
+        pair_features=every_shard_features(feature_target, rigid_only=True),
     output:
         posterior=COMBINED_POSTERIOR,
         summary=COMBINED_SUMMARY,
@@ -14,6 +15,8 @@ rule combine:
         gaussian=COMBINED_GAUSSIAN,
     params:
         model=model_params,
+        features=first_shard_features(feature_file),
+        pair_features=every_shard_features(feature_file, rigid_only=True),
         combine=setting_param("combine"),
         posteriors=run_files("posterior"),
         diagnostics=run_files("diagnostics"),

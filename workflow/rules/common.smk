@@ -56,6 +56,12 @@ SIMULATED_TRUTH = f"{_A}/input/truth.json"
 SHARD_DIR = f"{_A}/shards"
 FEATURES = f"{_A}/features/shard-{{shard}}.npz"
 FEATURES_INFO = f"{_A}/features/shard-{{shard}}.json"
+# sample.shards_per_job > 1: featurize runs per sample batch too, its files in one directory
+FEATURE_BATCH = f"{_A}/features/batch-{{batch}}"
+BATCH_FEATURE_FILES = {
+    "features": f"{FEATURE_BATCH}/shard-{{shard}}.npz",
+    "info": f"{FEATURE_BATCH}/shard-{{shard}}.json",
+}
 SHARD_POSTERIOR = f"{_A}/samples/shard-{{shard}}.nc"
 SHARD_DIAGNOSTICS = f"{_A}/samples/shard-{{shard}}.diagnostics.json"
 # sample.shards_per_job > 1: one directory per sample job, the same two files per shard in it
@@ -101,7 +107,7 @@ SWEEP_FIGURE = f"{_S}/posterior.png"
 STAGE_OF = {
     **dict.fromkeys([SIMULATED_TABLE, SIMULATED_TRUTH], "simulate"),
     SHARD_DIR: "shard",
-    **dict.fromkeys([FEATURES, FEATURES_INFO], "featurize"),
+    **dict.fromkeys([FEATURES, FEATURES_INFO, FEATURE_BATCH, *BATCH_FEATURE_FILES.values()], "featurize"),
     **dict.fromkeys([PREFLIGHT, SHARD_POSTERIOR, SHARD_DIAGNOSTICS, SAMPLE_BATCH, *BATCH_SHARD_FILES.values()], "sample"),
     **dict.fromkeys([ALIGN_REFERENCE, ALIGNED_POSTERIOR, ALIGNED_DIAGNOSTICS], "align"),
     **dict.fromkeys(
@@ -146,8 +152,58 @@ def per_shard(pattern):
     return paths
 
 
-# --- a shard's sample outputs: its own files (sample.shards_per_job = 1), or files in the
-# directory of its batch, which Snakemake tracks as the batch job's one output ---
+# --- a shard's featurize and sample outputs: its own files (sample.shards_per_job = 1), or
+# files in the directory of its batch, which Snakemake tracks as the batch job's one output.
+# A rule that reads them takes the *target* as input and the *file* as a param ---
+
+
+def feature_file(analysis, shard, kind="features"):
+    """Shard ``shard``'s featurize output ``kind`` ("features": the arrays, "info": the record)."""
+    settings = ANALYSES[analysis]
+    if settings.shards_per_job == 1:
+        return path_of(FEATURES if kind == "features" else FEATURES_INFO, analysis, shard=shard)
+    return path_of(BATCH_FEATURE_FILES[kind], analysis, batch=settings.batch_of(shard), shard=shard)
+
+
+def feature_target(analysis, shard, kind="features"):
+    """What a rule that reads shard ``shard``'s featurize output ``kind`` must wait for."""
+    settings = ANALYSES[analysis]
+    if settings.shards_per_job == 1:
+        return feature_file(analysis, shard, kind)
+    return path_of(FEATURE_BATCH, analysis, batch=settings.batch_of(shard))
+
+
+def shard_features(function):
+    """Input (``function`` = :func:`feature_target`) or params (:func:`feature_file`)
+    function: the job's own shard's features."""
+    return lambda wildcards: function(wildcards.analysis, wildcards.shard)
+
+
+def first_shard_features(function):
+    """Input or params function: the first shard's features (any shard's arrays will do to
+    trace the model)."""
+    return lambda wildcards: function(wildcards.analysis, ANALYSES[wildcards.analysis].shard_ids[0])
+
+
+def every_shard_features(function, kind="features", rigid_only=False):
+    """Input or params function: every shard's featurize output ``kind``, in shard order
+    (targets once each); none unless the model is rigid, where ``rigid_only`` (combine
+    reads a rigid model's observed point pairs)."""
+
+    def paths(wildcards):
+        analysis = ANALYSES[wildcards.analysis]
+        if rigid_only and not analysis.rigid:
+            return []
+        return list(dict.fromkeys(function(analysis.name, shard, kind) for shard in analysis.shard_ids))
+
+    return paths
+
+
+def batch_feature_files(wildcards):
+    """Params function: per shard of a batch, its featurize outputs [features, info]."""
+    shards = ANALYSES[wildcards.analysis].batches[wildcards.batch]
+    return [[feature_file(wildcards.analysis, shard, kind) for kind in ("features", "info")] for shard in shards]
+
 
 
 def sample_file(analysis, shard, kind):
@@ -183,10 +239,9 @@ def sample_files(kind):
     return paths
 
 
-def batch_features(wildcards):
-    """Input function: the features of every shard of a sample batch."""
-    shards = ANALYSES[wildcards.analysis].batches[wildcards.batch]
-    return [path_of(FEATURES, wildcards.analysis, shard=shard) for shard in shards]
+def batch_shards(wildcards):
+    """Params function: the shard ids of a batch."""
+    return ANALYSES[wildcards.analysis].batches[wildcards.batch]
 
 
 def all_reports():
@@ -326,15 +381,6 @@ def table_input(wildcards):
     return analysis.settings["input"]["path"]
 
 
-def first_shard_features(wildcards):
-    return shard_paths(wildcards.analysis, FEATURES)[0]
-
-
-def rigid_shard_features(wildcards):
-    """Every shard's features for rigid models (combine reads the observed point pairs), none otherwise."""
-    return shard_paths(wildcards.analysis, FEATURES) if ANALYSES[wildcards.analysis].rigid else []
-
-
 def stage_benchmarks(wildcards):
     """Benchmark files of every job of the analysis that precedes the report (those of a
     stage that a sweep's grid point shares: the owner's)."""
@@ -346,11 +392,12 @@ def stage_benchmarks(wildcards):
     def per_shard(stage, directory):
         return [f"{owner_benchmarks(stage)}/{directory}/shard-{shard}.tsv" for shard in analysis.shard_ids]
 
-    paths = [f"{owner_benchmarks('shard')}/shard.tsv", *per_shard("featurize", "featurize")]
-    if analysis.shards_per_job == 1:
-        paths += per_shard("sample", "sample")
-    else:
-        paths += [f"{owner_benchmarks('sample')}/sample/batch-{batch}.tsv" for batch in analysis.batches]
+    def per_job(stage):  # featurize and sample: a job per shard, or per batch
+        if analysis.shards_per_job == 1:
+            return per_shard(stage, stage)
+        return [f"{owner_benchmarks(stage)}/{stage}/batch-{batch}.tsv" for batch in analysis.batches]
+
+    paths = [f"{owner_benchmarks('shard')}/shard.tsv", *per_job("featurize"), *per_job("sample")]
     paths += per_shard("align", "align") if analysis.rigid else []
     paths.append(f"{owner_benchmarks('combine')}/combine.tsv")
     if analysis.corrected:
@@ -444,13 +491,23 @@ def light_base_mem(wildcards, attempt):
     return light_mem_mb(0, attempt)
 
 
+def files_mb(paths):
+    return sum(Path(path).stat().st_size for path in paths) / 2**20
+
+
 def sample_mem(wildcards, input, attempt):
-    return sample_mem_mb(input.size_mb, attempt)
+    """preflight, sample, reweight: from the inputs' sizes (a batch directory of features
+    counted as the one shard's file the job reads)."""
+    mb = input.size_mb  # (a missing input makes the resource "to be determined")
+    if ANALYSES[wildcards.analysis].shards_per_job > 1:
+        shard = getattr(wildcards, "shard", None) or ANALYSES[wildcards.analysis].shard_ids[0]
+        mb += files_mb([feature_file(wildcards.analysis, shard)])
+    return sample_mem_mb(mb, attempt)
 
 
 def batch_mem(wildcards, input, attempt):
     # the shards run one after another, each padded to the same size: one shard's memory
-    return sample_mem_mb(input.size_mb / len(input.features), attempt)
+    return sample_mem_mb(directory_mb(input.features) / len(batch_shards(wildcards)), attempt)
 
 
 def fulldata_mem(wildcards, input, attempt):

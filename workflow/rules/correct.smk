@@ -29,11 +29,12 @@ rule reweight:
     """One shard's own, untempered log-likelihood at every proposal draw."""
     input:
         proposal=PROPOSAL,
-        features=owned(FEATURES),
+        features=shard_features(feature_target),
     output:
         log_likelihood=SHARD_LOG_LIKELIHOOD,
     params:
         model=model_params,
+        features=shard_features(feature_file),
         jax=jax_param(1),
     log:
         f"{LOGS}/reweight/shard-{{shard}}.log",
@@ -57,13 +58,14 @@ rule correct:
         shards=owned(COMBINED_SHARDS),
         combined=owned(COMBINED_POSTERIOR),
         combined_summary=owned(COMBINED_SUMMARY),
-        features=first_shard_features,
+        features=first_shard_features(feature_target),
     output:
         posterior=CORRECTED_POSTERIOR,
         summary=CORRECTED_SUMMARY,
         importance=IMPORTANCE,
     params:
         model=model_params,
+        features=first_shard_features(feature_file),
         correct=setting_param("correct"),
         jax=jax_param(1),
     log:

@@ -5,7 +5,7 @@ rule report:
         shards=owned(COMBINED_SHARDS),
         moments=owned(COMBINED_MOMENTS),
         runs=run_targets,
-        features_info=per_shard(FEATURES_INFO),
+        features_info=every_shard_features(feature_target, "info"),
         benchmarks=stage_benchmarks,
         importance=importance_input,
         corrected_summary=corrected_summary_input,
@@ -16,6 +16,7 @@ rule report:
     params:
         model=model_name_param,
         diagnostics=run_files("diagnostics"),
+        features_info=every_shard_features(feature_file, "info"),
     log:
         f"{LOGS}/report.log",
     benchmark:

@@ -3,11 +3,12 @@ rule preflight:
     point, and the log density and gradient there. A model that raises or is not finite
     there stops the run with one line naming the site."""
     input:
-        features=first_shard_features,
+        features=first_shard_features(feature_target),
     output:
         PREFLIGHT,
     params:
         model=model_params,
+        features=first_shard_features(feature_file),
         num_shards=num_shards_param,
         seed=setting_param("sample", "seed"),
         jax=jax_param(1),
@@ -60,12 +61,13 @@ rule sample_batch:
     (JAX imported once, each program compiled once), each shard's files in the batch's
     directory, the same draws as one job per shard."""
     input:
-        features=batch_features,
+        features=owned(FEATURE_BATCH),
         preflight=PREFLIGHT,
     output:
         batch=directory(SAMPLE_BATCH),
     params:
-        shards=lambda wildcards: ANALYSES[wildcards.analysis].batches[wildcards.batch],
+        shards=batch_shards,
+        features=batch_feature_files,
         model=model_params,
         num_shards=num_shards_param,
         sample=nuts_param,
