@@ -6,62 +6,99 @@ combine uses) and ``sample_stats``; beside it a diagnostics JSON. A sample job w
 run raised writes a *failure record* instead (:func:`failed_run`): a ``posterior`` group
 with no draws and the error in its attributes.
 
-This module imports neither JAX nor the sampler, so every stage can read and write runs.
+A sample job holds its run as a plain mapping, group name -> xarray Dataset (:data:`Run`),
+and writes it without importing ArviZ (whose import is a third of a sample job's own
+overhead); the stages after it read runs as ArviZ InferenceData (:func:`read_run`). Both
+have the same groups and are written by :func:`write_run`.
+
+This module imports neither JAX nor the sampler, so every stage can read and write runs,
+nor ArviZ until a function that returns InferenceData is called.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-import arviz as az
 import numpy as np
 import pandas as pd
+import xarray as xr
 
+from cmcflow import convergence
 from cmcflow.io import atomic_path, write_json_atomic
 
+if TYPE_CHECKING:
+    import arviz as az
 
-def diagnostics(idata: az.InferenceData, var_names: list[str]) -> dict:
-    """ArviZ diagnostics of one run: rank-normalised split R-hat, bulk/tail ESS, divergences,
-    BFMI, and the share of iterations whose trajectory reached NUTS' largest tree
+#: A run as a sample job holds it: group name -> Dataset, in ArviZ's layout.
+Run = Mapping[str, xr.Dataset]
+
+
+def draws_dataset(arrays: Mapping[str, np.ndarray], library=None) -> xr.Dataset:
+    """Draws ``{name: (chains, draws, *shape)}`` as one group in ArviZ's layout (as
+    ``arviz.dict_to_dataset`` lays it out): dimensions ``chain``, ``draw``, ``<name>_dim_<i>``,
+    each with integer coordinates; ``created_at``, and the sampling ``library`` (a module) and
+    its version, in the attributes."""
+    data, coords = {}, {}
+    for name, values in arrays.items():
+        values = np.asarray(values)
+        dims = ("chain", "draw", *(f"{name}_dim_{axis}" for axis in range(values.ndim - 2)))
+        data[name] = (dims, values)
+        coords.update({dim: np.arange(size) for dim, size in zip(dims, values.shape)})
+    attrs = {"created_at": datetime.now(UTC).isoformat()}
+    if library is not None:
+        attrs |= {"inference_library": library.__name__, "inference_library_version": library.__version__}
+    return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def diagnostics(run: Run | az.InferenceData, var_names: list[str]) -> dict:
+    """Diagnostics of one run (:mod:`cmcflow.convergence`, ArviZ's estimators): per element
+    of the ``var_names`` sites rank-normalised split R-hat, bulk/tail ESS and the Monte Carlo
+    error of the mean (``parameters``, ArviZ's labels) and their extremes; divergences,
+    E-BFMI per chain, and the share of iterations whose trajectory reached NUTS' largest tree
     (``tree_depth_saturation``; the limit is the run's ``nuts_max_tree_depth`` attribute)."""
-    table = az.summary(idata, var_names=var_names, kind="diagnostics", round_to="none")
-    diverging = idata.sample_stats["diverging"].values
-    bfmi = az.bfmi(idata)
-    max_depth = idata.posterior.attrs.get("nuts_max_tree_depth")
+    posterior, stats = run["posterior"], run["sample_stats"]
+    table = {}
+    for name in var_names:
+        values = posterior[name].values
+        flat = values.reshape(*values.shape[:2], -1)
+        for column, label in enumerate(element_labels(name, values.shape[2:])):
+            table[label] = convergence.element_diagnostics(flat[:, :, column])
+    diverging = stats["diverging"].values
+    bfmi = convergence.bfmi(stats["energy"].values)
+    max_depth = posterior.attrs.get("nuts_max_tree_depth")
     saturation = {}
-    if max_depth is not None and "tree_depth" in idata.sample_stats:
-        saturation["tree_depth_saturation"] = float(np.mean(idata.sample_stats["tree_depth"].values >= max_depth))
+    if max_depth is not None and "tree_depth" in stats:
+        saturation["tree_depth_saturation"] = float(np.mean(stats["tree_depth"].values >= max_depth))
     return {
         **saturation,
-        "max_r_hat": float(table["r_hat"].max()),
-        "min_ess_bulk": float(table["ess_bulk"].min()),
-        "min_ess_tail": float(table["ess_tail"].min()),
+        "max_r_hat": max(row["r_hat"] for row in table.values()),
+        "min_ess_bulk": min(row["ess_bulk"] for row in table.values()),
+        "min_ess_tail": min(row["ess_tail"] for row in table.values()),
         "divergences": int(diverging.sum()),
         "divergence_rate": float(diverging.mean()),
         "bfmi": [float(value) for value in bfmi],
         "min_bfmi": float(np.min(bfmi)),
-        "parameters": table.to_dict(orient="index"),
+        "parameters": table,
     }
 
 
 def summary_table(idata: az.InferenceData) -> pd.DataFrame:
     """Mean, sd, 5% and 95% quantiles of every posterior element (ArviZ ``summary``)."""
+    import arviz as az
+
     quantiles = {"5%": lambda x: np.quantile(x, 0.05), "95%": lambda x: np.quantile(x, 0.95)}
     table = az.summary(idata, kind="stats", stat_funcs=quantiles, round_to="none")
     return table[["mean", "sd", "5%", "95%"]]
 
 
-def failed_run(shard: int, error: str) -> tuple[az.InferenceData, dict]:
+def failed_run(shard: int, error: str) -> tuple[Run, dict]:
     """What a sample job writes when NUTS raised on its shard: no draws, the error. Combine
     then applies ``combine.on_failed_shard`` (fail the run, or go on without the shard)."""
-    import xarray as xr
-
     attrs = {"failed": 1, "shard": shard, "error": error}
-    return az.InferenceData(posterior=xr.Dataset({"failed": 1}, attrs=attrs)), {
-        "failed": True,
-        "shard": shard,
-        "error": error,
-    }
+    return {"posterior": xr.Dataset({"failed": 1}, attrs=attrs)}, {"failed": True, "shard": shard, "error": error}
 
 
 #: What an XLA error says when the device ran out of memory.
@@ -122,8 +159,8 @@ def read_run(
     Not kept: variables' own attributes (ArviZ writes none; the NaN ``_FillValue`` of float
     variables changes nothing) and netCDF's internal bookkeeping attributes.
     """
+    import arviz as az
     import h5py
-    import xarray as xr
 
     def attribute(value):  # as netCDF readers give it: str, and a one-element array as a scalar
         if isinstance(value, np.ndarray) and value.shape == (1,):
@@ -153,11 +190,15 @@ def read_run(
 
 
 def write_run(
-    idata: az.InferenceData, report: dict, netcdf_path: str | os.PathLike, diagnostics_path: str | os.PathLike
+    run: Run | az.InferenceData, report: dict, netcdf_path: str | os.PathLike, diagnostics_path: str | os.PathLike
 ) -> None:
-    """Write the run's NetCDF and diagnostics JSON, each atomically."""
+    """Write the run's NetCDF (each group a netCDF group, numeric variables zlib-compressed,
+    as ``InferenceData.to_netcdf`` writes them) and its diagnostics JSON, each atomically."""
+    groups = run if isinstance(run, Mapping) else {name: run[name] for name in run.groups()}
     with atomic_path(netcdf_path) as tmp:
-        idata.to_netcdf(str(tmp), engine="h5netcdf")
+        for position, (name, group) in enumerate(groups.items()):
+            encoding = {key: {"zlib": True} for key, values in group.variables.items() if values.dtype.kind in "biuf"}
+            group.to_netcdf(str(tmp), mode="a" if position else "w", group=name, engine="h5netcdf", encoding=encoding)
     write_json_atomic(diagnostics_path, report)
 
 

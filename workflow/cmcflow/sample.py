@@ -13,8 +13,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import arviz as az
 import jax
 import numpy as np
 import numpyro
@@ -25,10 +25,13 @@ from cmcflow.checkpoint import Checkpoint, SavedRun, run_key
 from cmcflow.consensus import HESSIAN_MAX_PARAMETERS
 from cmcflow.jaxenv import COMPILE_CLOCK, PRECISION
 from cmcflow.models import ModelSpec, source_digest
-from cmcflow.runs import diagnostics, failed_run, is_transient, write_run
+from cmcflow.runs import Run, diagnostics, draws_dataset, failed_run, is_transient, write_run
 from cmcflow.screening import TREE_DEPTH_WARNING
 from cmcflow.tempering import temper_priors
 from cmcflow.transforms import latent_site_names, model_kwargs, potential_hessian, unconstrain_draws
+
+if TYPE_CHECKING:
+    import arviz as az
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +162,7 @@ def initial_values(spec: ModelSpec, features, options, kwargs, num_chains: int, 
     return unconstrain_draws(spec.numpyro_model, kwargs, constrained, batch_ndims=1)
 
 
-def sample_features(
+def sample_run(
     spec: ModelSpec,
     features: Mapping[str, np.ndarray],
     options: Mapping[str, float],
@@ -171,7 +174,7 @@ def sample_features(
     chains: int,
     chain_method: str = "parallel",
     checkpoint_path: str | os.PathLike | None = None,
-) -> tuple[az.InferenceData, dict]:
+) -> tuple[Run, dict]:
     """NUTS on shard ``shard`` (or on all rows: ``num_shards=1``, ``shard=-1``), ``chains``
     chains (``chain_method`` as in :func:`run_nuts`: "parallel", one per device, or
     "vectorized", all on one).
@@ -179,8 +182,9 @@ def sample_features(
     ``checkpoint_path``: where the run keeps its checkpoint (``settings.checkpoint_every``
     > 0); a checkpoint there of this same run (features, options, settings, versions) is
     resumed. The caller removes it once the run is written.
-    Returns the InferenceData (``posterior``, ``unconstrained_posterior``, ``sample_stats``;
-    run facts in ``posterior.attrs``) and its diagnostics dict.
+    Returns the run (``posterior``, ``unconstrained_posterior``, ``sample_stats`` and, but for
+    rigid models, ``curvature``; run facts in ``posterior.attrs``; :data:`~cmcflow.runs.Run`)
+    and its diagnostics dict.
     """
     model = spec.numpyro_model
     kwargs = model_kwargs(features, options)
@@ -219,12 +223,13 @@ def sample_features(
     sampling_seconds = time.perf_counter() - started - compile_seconds
 
     latents = latent_site_names(model, kwargs)
-    idata = run_record(draws, model, kwargs, latents)
+    run = run_record(draws, model, kwargs, latents)
     started = time.perf_counter()
-    dimension = sum(int(np.prod(value.shape[2:], dtype=int)) for value in idata.unconstrained_posterior.values())
+    unconstrained = run["unconstrained_posterior"]
+    dimension = sum(int(np.prod(value.shape[2:], dtype=int)) for value in unconstrained.values())
     # a rigid model's frame is fixed by align, after sampling: its draws weigh it
     if spec.symmetry != "rigid" and dimension <= HESSIAN_MAX_PARAMETERS:
-        idata.add_groups(curvature=curvature(temper_priors(model, power=1.0 / num_shards), kwargs, idata))
+        run["curvature"] = curvature(temper_priors(model, power=1.0 / num_shards), kwargs, unconstrained)
     curvature_seconds = time.perf_counter() - started
     run_facts = {
         "num_shards": num_shards,
@@ -245,8 +250,8 @@ def sample_features(
             f"nuts_{name}": int(value) if isinstance(value, bool) else value for name, value in asdict(settings).items()
         },
     }
-    idata.posterior.attrs.update(run_facts)
-    report = {**run_facts, **diagnostics(idata, latents)}
+    run["posterior"].attrs.update(run_facts)
+    report = {**run_facts, **diagnostics(run, latents)}
     log.info(
         "%d chains x %d draws: compile %.1f s, sampling %.1f s, max R-hat %.3f, min bulk ESS %.0f, %d divergences",
         chains,
@@ -263,7 +268,15 @@ def sample_features(
             100 * report["tree_depth_saturation"],
             settings.max_tree_depth,
         )
-    return idata, report
+    return run, report
+
+
+def sample_features(*args, **kwargs) -> tuple[az.InferenceData, dict]:
+    """:func:`sample_run` (same arguments), its run as ArviZ InferenceData."""
+    import arviz as az
+
+    run, report = sample_run(*args, **kwargs)
+    return az.InferenceData(**run), report
 
 
 def sample_shard_files(
@@ -281,7 +294,7 @@ def sample_shard_files(
     chain_method: str = "parallel",
     checkpoint_path: str | os.PathLike | None = None,
 ) -> dict:
-    """:func:`sample_features` on shard ``shard``, written to its posterior (NetCDF) and
+    """:func:`sample_run` on shard ``shard``, written to its posterior (NetCDF) and
     diagnostics (JSON) files; returns the diagnostics.
 
     A NUTS failure that would recur (numerical, the model's own) is written as the shard's
@@ -291,7 +304,7 @@ def sample_shard_files(
     one. The checkpoint is removed once the shard's files are written.
     """
     try:
-        idata, report = sample_features(
+        run, report = sample_run(
             spec,
             features,
             options,
@@ -307,29 +320,28 @@ def sample_shard_files(
         if is_transient(error):
             raise
         log.exception("NUTS failed on shard %d; writing a failure record", shard)
-        idata, report = failed_run(shard, f"{type(error).__name__}: {error}")
-    write_run(idata, report, posterior_path, diagnostics_path)
+        run, report = failed_run(shard, f"{type(error).__name__}: {error}")
+    write_run(run, report, posterior_path, diagnostics_path)
     if checkpoint_path is not None:
         Path(checkpoint_path).unlink(missing_ok=True)
     return report
 
 
-def curvature(model, kwargs: Mapping, idata: az.InferenceData) -> xr.Dataset:
+def curvature(model, kwargs: Mapping, unconstrained: xr.Dataset) -> xr.Dataset:
     """The ``curvature`` group of a run: ``precision`` ``(D, D)``, the Hessian of ``model``'s
     potential energy (:func:`~cmcflow.transforms.potential_hessian`) at the mean of the
-    run's unconstrained draws, sites in the order of ``unconstrained_posterior``. Combine
-    weighs the shard by it (``combine.weights: hessian``)."""
-    group = idata.unconstrained_posterior
-    mean = {name: group[name].values.mean(axis=(0, 1)) for name in group.data_vars}
+    run's ``unconstrained`` draws (its ``unconstrained_posterior``), sites in that group's
+    order. Combine weighs the shard by it (``combine.weights: hessian``)."""
+    mean = {name: unconstrained[name].values.mean(axis=(0, 1)) for name in unconstrained.data_vars}
     precision = potential_hessian(model, kwargs, mean)
     return xr.Dataset({"precision": (("flat_row", "flat_column"), precision)}, attrs={"at": "posterior mean"})
 
 
-def run_record(draws: NutsDraws, model, kwargs: Mapping, latents: list[str]) -> az.InferenceData:
-    """The run as ArviZ InferenceData: ``posterior`` (every site's draws), ``sample_stats``
-    (named as ArviZ's ``from_numpyro`` names them: ``diverging``, ``energy``, ``n_steps``
-    and ``tree_depth`` = floor(log2 n_steps) + 1) and ``unconstrained_posterior`` (the
-    ``latents`` mapped back to the unconstrained space, where combine works)."""
+def run_record(draws: NutsDraws, model, kwargs: Mapping, latents: list[str]) -> dict[str, xr.Dataset]:
+    """The run's groups, in ArviZ's layout: ``posterior`` (every site's draws),
+    ``sample_stats`` (named as ArviZ's ``from_numpyro`` names them: ``diverging``, ``energy``,
+    ``n_steps`` and ``tree_depth`` = floor(log2 n_steps) + 1) and ``unconstrained_posterior``
+    (the ``latents`` mapped back to the unconstrained space, where combine works)."""
     stats = {
         "diverging": draws.stats["diverging"],
         "energy": draws.stats["energy"],
@@ -337,8 +349,8 @@ def run_record(draws: NutsDraws, model, kwargs: Mapping, latents: list[str]) -> 
     }
     stats["tree_depth"] = np.log2(stats["n_steps"]).astype(int) + 1
     unconstrained = unconstrain_draws(model, kwargs, {name: draws.samples[name] for name in latents}, batch_ndims=2)
-    return az.InferenceData(
-        posterior=az.dict_to_dataset(draws.samples, library=numpyro),
-        unconstrained_posterior=az.dict_to_dataset(unconstrained, library=None),
-        sample_stats=az.dict_to_dataset(stats, library=numpyro),
-    )
+    return {
+        "posterior": draws_dataset(draws.samples, library=numpyro),
+        "unconstrained_posterior": draws_dataset(unconstrained),
+        "sample_stats": draws_dataset(stats, library=numpyro),
+    }
