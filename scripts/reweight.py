@@ -16,9 +16,9 @@ with reported_errors():
     import numpy as np
 
     from cmcflow.consensus import unflatten_draws
-    from cmcflow.correct import shard_log_likelihood
     from cmcflow.featurize import load_features
     from cmcflow.io import read_arrays, write_arrays
+    from cmcflow.likelihood import shard_log_likelihood
     from cmcflow.models import get_model
     from cmcflow.transforms import model_kwargs
 

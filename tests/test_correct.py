@@ -24,7 +24,8 @@ from test_coverage import FEATURES, NOISE_SD, NUM_SHARDS, PRIOR_SD, ROWS, exact_
 from cmcflow import importance
 from cmcflow.config import schema_default
 from cmcflow.consensus import block_consensus
-from cmcflow.correct import correct_draws, log_prior, shard_log_likelihood
+from cmcflow.correct import correct_draws, log_prior
+from cmcflow.likelihood import shard_log_likelihood
 from cmcflow.models import get_model
 from cmcflow.models.linear_gaussian import exact_posterior
 from cmcflow.models.rows import correlated_features

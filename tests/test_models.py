@@ -15,9 +15,10 @@ from cmcflow import importance
 from cmcflow.combine import CombineSettings, combine_shards
 from cmcflow.config import schema_default
 from cmcflow.consensus import unflatten_draws
-from cmcflow.correct import correct_draws, corrected_idata, log_prior, shard_log_likelihood
+from cmcflow.correct import correct_draws, corrected_idata, log_prior
 from cmcflow.featurize import padded_size
 from cmcflow.jaxenv import PRECISION
+from cmcflow.likelihood import shard_log_likelihood
 from cmcflow.models import get_model, resolve_columns, resolve_options, role_arrays
 from cmcflow.models.rows import offset_regression_features
 from cmcflow.sample import sample_features

@@ -4,7 +4,7 @@ the exact posterior by importance sampling (:mod:`cmcflow.importance`).
 1. ``propose`` (:func:`cmcflow.importance.propose`): M draws in the unconstrained space from the Gaussian
    product of the kept shards' approximations (written by combine), or from a Student-t of
    the same location and scale, with their proposal log densities.
-2. ``reweight``, one job per shard (:func:`shard_log_likelihood`): the shard's own,
+2. ``reweight``, one job per shard (:func:`cmcflow.likelihood.shard_log_likelihood`): the shard's own,
    untempered log-likelihood at every proposal draw, a bounded batch at a time.
 3. ``correct`` (:func:`correct_draws`): log weights from the prior, the Jacobian of the
    support transforms and the log-likelihoods of every shard that did not fail (screened-
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from numpyro import handlers
-from numpyro.infer.util import log_density, potential_energy
+from numpyro.infer.util import potential_energy
 
 from cmcflow import importance
 from cmcflow.consensus import unflatten_draws
@@ -39,34 +39,6 @@ from cmcflow.tempering import temper_priors
 from cmcflow.transforms import constrain_draws, latent_site_names
 
 log = logging.getLogger(__name__)
-
-#: Each batch of the log-likelihood evaluation holds about this many (draw, row) elements.
-BATCH_ELEMENTS = 2**22
-
-
-def observed_log_density(model: Callable, kwargs: Mapping, params: Mapping) -> jax.Array:
-    """Σ over the observed sites of ``model(**kwargs)`` of their log densities at the
-    constrained latent values ``params``: the log-likelihood, whatever the priors."""
-    _, trace = log_density(model, (), kwargs, params)
-    total = jnp.zeros(())
-    for site in trace.values():
-        if site["type"] == "sample" and site["is_observed"]:
-            value = site["fn"].log_prob(site["value"])
-            total = total + jnp.sum(value if site["scale"] is None else site["scale"] * value)
-    return total
-
-
-def shard_log_likelihood(model: Callable, kwargs: Mapping, draws: Mapping[str, np.ndarray], rows: int) -> np.ndarray:
-    """ℓ_s at every unconstrained draw ``{site: (M, …)}``: ``(M,)``, evaluated in batches of
-    about ``BATCH_ELEMENTS`` (draw, row) elements for ``rows`` rows, so memory stays bounded."""
-    constrained = constrain_draws(model, kwargs, draws, batch_ndims=1)
-    latent = {name: jnp.asarray(constrained[name]) for name in draws}
-    return np.asarray(_log_likelihoods(model, kwargs, latent, max(1, BATCH_ELEMENTS // max(rows, 1))))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _log_likelihoods(model: Callable, kwargs: Mapping, latent: Mapping, batch: int) -> jax.Array:
-    return jax.lax.map(lambda params: observed_log_density(model, kwargs, params), latent, batch_size=batch)
 
 
 def log_prior(model: Callable, kwargs: Mapping, draws: Mapping[str, np.ndarray], power: float) -> np.ndarray:

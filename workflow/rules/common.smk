@@ -516,4 +516,7 @@ def fulldata_mem(wildcards, input, attempt):
 
 
 def draws_mem(wildcards, input, attempt):
-    return draws_mem_mb(input.size_mb, attempt)
+    """align, combine, correct: from the inputs' sizes, a batch directory of sample outputs
+    by its files (Snakemake counts a directory as its own entry's size)."""
+    batches = [path for path in input if Path(path).is_dir()]
+    return draws_mem_mb(input.size_mb + sum(map(directory_mb, batches)), attempt)
