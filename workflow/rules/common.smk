@@ -187,7 +187,7 @@ def first_shard_features(function):
 
 def every_shard_features(function, kind="features", rigid_only=False):
     """Input or params function: every shard's featurize output ``kind``, in shard order
-    (targets once each); none unless the model is rigid, where ``rigid_only`` (combine
+    (a batch directory once); with ``rigid_only``, none unless the model is rigid (combine
     reads a rigid model's observed point pairs)."""
 
     def paths(wildcards):
@@ -203,7 +203,6 @@ def batch_feature_files(wildcards):
     """Params function: per shard of a batch, its featurize outputs [features, info]."""
     shards = ANALYSES[wildcards.analysis].batches[wildcards.batch]
     return [[feature_file(wildcards.analysis, shard, kind) for kind in ("features", "info")] for shard in shards]
-
 
 
 def sample_file(analysis, shard, kind):
