@@ -34,7 +34,7 @@ from cmcflow import importance
 from cmcflow.consensus import unflatten_draws
 from cmcflow.io import atomic_path, read_arrays, read_json, write_json_atomic
 from cmcflow.jaxenv import PRECISION
-from cmcflow.runs import read_run, summary_table
+from cmcflow.runs import read_run, summary_table, write_netcdf
 from cmcflow.tempering import temper_priors
 from cmcflow.transforms import constrain_draws, latent_site_names
 
@@ -152,8 +152,7 @@ def write_correction(model: Callable, kwargs: Mapping, inputs, outputs, settings
     idata.posterior.attrs.update(
         {key: record[key] for key in ("khat", "effective_sample_size", "verdict", "proposal", "precision")}
     )
-    with atomic_path(outputs.posterior) as tmp:
-        idata.to_netcdf(str(tmp), engine="h5netcdf")
+    write_netcdf(idata, outputs.posterior)
     with atomic_path(outputs.summary) as tmp:
         summary.to_csv(tmp, index_label="parameter")
     write_json_atomic(outputs.importance, record)

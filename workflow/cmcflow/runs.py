@@ -192,14 +192,19 @@ def read_run(
 def write_run(
     run: Run | az.InferenceData, report: dict, netcdf_path: str | os.PathLike, diagnostics_path: str | os.PathLike
 ) -> None:
-    """Write the run's NetCDF (each group a netCDF group, numeric variables zlib-compressed,
-    as ``InferenceData.to_netcdf`` writes them) and its diagnostics JSON, each atomically."""
+    """Write the run's NetCDF (:func:`write_netcdf`) and its diagnostics JSON, each atomically."""
+    write_netcdf(run, netcdf_path)
+    write_json_atomic(diagnostics_path, report)
+
+
+def write_netcdf(run: Run | az.InferenceData, path: str | os.PathLike) -> None:
+    """Write a run atomically, each group a netCDF group, numeric variables zlib-compressed:
+    as ``InferenceData.to_netcdf`` writes it, for a :data:`Run` too (without ArviZ)."""
     groups = run if isinstance(run, Mapping) else {name: run[name] for name in run.groups()}
-    with atomic_path(netcdf_path) as tmp:
+    with atomic_path(path) as tmp:
         for position, (name, group) in enumerate(groups.items()):
             encoding = {key: {"zlib": True} for key, values in group.variables.items() if values.dtype.kind in "biuf"}
             group.to_netcdf(str(tmp), mode="a" if position else "w", group=name, engine="h5netcdf", encoding=encoding)
-    write_json_atomic(diagnostics_path, report)
 
 
 def write_combined(
@@ -215,8 +220,7 @@ def write_combined(
     moments (CSV), each atomically."""
     with atomic_path(moments_path) as tmp:
         moments.to_csv(tmp, index=False)
-    with atomic_path(netcdf_path) as tmp:
-        idata.to_netcdf(str(tmp), engine="h5netcdf")
+    write_netcdf(idata, netcdf_path)
     summary = summary_table(idata)
     with atomic_path(summary_path) as tmp:
         summary.to_csv(tmp, index_label="parameter")

@@ -490,17 +490,13 @@ def light_base_mem(wildcards, attempt):
     return light_mem_mb(0, attempt)
 
 
-def files_mb(paths):
-    return sum(Path(path).stat().st_size for path in paths) / 2**20
-
-
 def sample_mem(wildcards, input, attempt):
     """preflight, sample, reweight: from the inputs' sizes (a batch directory of features
     counted as the one shard's file the job reads)."""
     mb = input.size_mb  # (a missing input makes the resource "to be determined")
     if ANALYSES[wildcards.analysis].shards_per_job > 1:
         shard = getattr(wildcards, "shard", None) or ANALYSES[wildcards.analysis].shard_ids[0]
-        mb += files_mb([feature_file(wildcards.analysis, shard)])
+        mb += Path(feature_file(wildcards.analysis, shard)).stat().st_size / 2**20
     return sample_mem_mb(mb, attempt)
 
 
