@@ -109,7 +109,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     config = workflow_config(analyses(args.workdir), args.workdir)
     cases = {}
-    for proposal in PROPOSALS:  # a correct.* edit reruns propose, reweight and correct only
+    for proposal in PROPOSALS:  # a correct.* edit reruns combine (its proposal), reweight and correct only
         for analysis in config["analyses"].values():
             analysis["correct"] = {"proposal": proposal}
         snakemake(args.workdir, config, "--cores", "2", "all", "fulldata", timeout=4 * 3600)

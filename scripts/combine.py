@@ -13,9 +13,11 @@ with reported_errors():
 
     configure_jax(**snakemake.params.jax)
 
+    import time
+
     import numpy as np
 
-    from cmcflow.combine import CombineSettings, combine_shards
+    from cmcflow.combine import CombineSettings, combine_shards, draw_proposal
     from cmcflow.featurize import load_features
     from cmcflow.io import read_json, write_arrays
     from cmcflow.models import get_model
@@ -23,7 +25,7 @@ with reported_errors():
     from cmcflow.transforms import model_kwargs
 
     spec = get_model(snakemake.params.model["name"])
-    options = snakemake.params.model["options"]
+    kwargs = model_kwargs(load_features(snakemake.params.features), snakemake.params.model["options"])
     settings = snakemake.params.combine
     point_pairs = None
     if spec.observed_pairs is not None and settings["point_location"] == "distances":
@@ -34,13 +36,18 @@ with reported_errors():
         lambda shard: read_run(paths[shard]),
         len(paths),
         spec.numpyro_model,
-        model_kwargs(load_features(snakemake.params.features), options),
+        kwargs,
         CombineSettings.from_config(settings),
         diagnostics=[read_json(path) for path in snakemake.params.diagnostics],
         point_site=spec.point_site,
         point_pairs=point_pairs,
         sample_paths=snakemake.params.sample_paths,
     )
+    proposal = {}
+    if snakemake.params.correct is not None:  # the importance correction runs
+        started = time.perf_counter()
+        proposal = draw_proposal(spec.numpyro_model, kwargs, combination.gaussian, snakemake.params.correct)
+        combination.record["proposal_seconds"] = time.perf_counter() - started
     write_combined(
         combination.idata,
         combination.record,
@@ -50,4 +57,4 @@ with reported_errors():
         snakemake.output.shards,
         snakemake.output.moments,
     )
-    write_arrays(snakemake.output.gaussian, combination.gaussian)
+    write_arrays(snakemake.output.gaussian, {**combination.gaussian, **proposal})

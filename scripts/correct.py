@@ -1,4 +1,4 @@
-"""Rule correct: importance-corrected combination, its Pareto k-hat and verdict."""
+"""Rule correct: importance-corrected combination, its Pareto k-hat and verdict (no JAX)."""
 
 import sys
 
@@ -9,20 +9,6 @@ from cmcflow.script import open_log, reported_errors
 open_log(snakemake.log[0])
 
 with reported_errors():
-    from cmcflow.jaxenv import configure_jax
-
-    configure_jax(**snakemake.params.jax)
-
     from cmcflow.correct import write_correction
-    from cmcflow.featurize import load_features
-    from cmcflow.models import get_model
-    from cmcflow.transforms import model_kwargs
 
-    spec = get_model(snakemake.params.model["name"])
-    write_correction(
-        spec.numpyro_model,
-        model_kwargs(load_features(snakemake.params.features), snakemake.params.model["options"]),
-        snakemake.input,
-        snakemake.output,
-        snakemake.params.correct,
-    )
+    write_correction(snakemake.input, snakemake.output, snakemake.params.correct)

@@ -15,20 +15,22 @@ with reported_errors():
 
     import numpy as np
 
-    from cmcflow.consensus import unflatten_draws
+    from cmcflow.consensus import constrained_sites, layout_sites
     from cmcflow.featurize import load_features
     from cmcflow.io import read_arrays, write_arrays
-    from cmcflow.likelihood import shard_log_likelihood
+    from cmcflow.likelihood import log_likelihood_at
     from cmcflow.models import get_model
     from cmcflow.transforms import model_kwargs
 
     spec = get_model(snakemake.params.model["name"])
     features = load_features(snakemake.params.features)
     proposal = read_arrays(snakemake.input.proposal)
-    log_likelihood = shard_log_likelihood(
+    # combine stored every draw constrained: the latent sites' values are the model's input
+    constrained = constrained_sites(proposal)
+    log_likelihood = log_likelihood_at(
         spec.numpyro_model,
         model_kwargs(features, snakemake.params.model["options"]),
-        unflatten_draws(proposal["draws"], str(proposal["layout"])),
+        {name: constrained[name] for name in layout_sites(str(proposal["layout"]))},
         rows=len(features["mask"]),
     )
     write_arrays(

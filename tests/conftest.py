@@ -67,8 +67,9 @@ def release_compiled_programs():
 
 
 def correction_jobs(num_shards: int) -> dict[str, int]:
-    """The importance correction's jobs for an analysis of ``num_shards`` shards."""
-    return {"propose": 1, "reweight": num_shards, "correct": 1}
+    """The importance correction's jobs for an analysis of ``num_shards`` shards (combine draws its
+    proposal)."""
+    return {"reweight": num_shards, "correct": 1}
 
 
 def tiny_config(**analysis_overrides) -> dict:

@@ -117,7 +117,7 @@ def test_tiny_workflow_through_slurm(slurm, tmp_path):
     for rule in ("sample", "combine", "reweight", "correct"):
         assert list((tmp_path / "logs/slurm" / f"rule_{rule}").rglob("*.log")), rule
     # light rules are local: they never reach the scheduler
-    for rule in ("featurize", "preflight", "propose"):
+    for rule in ("featurize", "preflight"):
         assert not (tmp_path / "logs/slurm" / f"rule_{rule}").exists(), rule
 
 

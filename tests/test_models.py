@@ -11,14 +11,13 @@ from conftest import data_rtol
 from numpyro.infer.util import initialize_model, potential_energy
 from test_statistics import DEVICES, SETTINGS, flat_draws, shard_runs, simulated
 
-from cmcflow import importance
-from cmcflow.combine import CombineSettings, combine_shards
+from cmcflow.combine import CombineSettings, combine_shards, draw_proposal
 from cmcflow.config import schema_default
-from cmcflow.consensus import unflatten_draws
-from cmcflow.correct import correct_draws, corrected_idata, log_prior
+from cmcflow.consensus import constrained_sites, layout_sites
+from cmcflow.correct import correct_draws, corrected_idata
 from cmcflow.featurize import padded_size
 from cmcflow.jaxenv import PRECISION
-from cmcflow.likelihood import shard_log_likelihood
+from cmcflow.likelihood import log_likelihood_at, shard_log_likelihood
 from cmcflow.models import get_model, resolve_columns, resolve_options, role_arrays
 from cmcflow.models.rows import offset_regression_features
 from cmcflow.sample import sample_features
@@ -47,18 +46,19 @@ def against_full_data(full, results, name):
             yield site, label, error, ratio
 
 
-def corrected(spec, kwargs, gaussian, prior_power=1.0):
-    """The correct stage in memory: PSIS-weighted draws from the Gaussian product of the
-    shards, resampled, as InferenceData, and the figures (k-hat …)."""
-    draws, log_q = importance.proposal_draws(
-        gaussian["mean"], gaussian["covariance"], 4000, "gaussian", 5.0, np.random.default_rng(0)
-    )
-    sites = unflatten_draws(draws, gaussian["layout"])
+def corrected(spec, kwargs, gaussian):
+    """The correction stages in memory, as the workflow runs them: combine's proposal (4,000
+    Gaussian draws, the prior and the constrained sites at each), every shard's
+    log-likelihood at the constrained latent values (reweight), PSIS and resampling
+    (correct); the corrected InferenceData and the figures (k-hat …)."""
+    settings = {"draws": 4000, "proposal": "gaussian", "df": 5.0, "seed": 0}
+    proposal = draw_proposal(spec.numpyro_model, kwargs[0], gaussian, settings)
+    constrained = constrained_sites(proposal)
+    latent = {name: constrained[name] for name in layout_sites(gaussian["layout"])}
     rows = len(kwargs[0]["mask"])
-    log_likelihoods = [shard_log_likelihood(spec.numpyro_model, shard, sites, rows=rows) for shard in kwargs]
-    priors = log_prior(spec.numpyro_model, kwargs[0], sites, prior_power)
-    resampled, figures = correct_draws({"draws": draws, "log_density": log_q}, log_likelihoods, priors, 4000, 0)
-    return corrected_idata(resampled, gaussian["layout"], spec.numpyro_model, kwargs[0], {}), figures
+    log_likelihoods = [log_likelihood_at(spec.numpyro_model, shard, latent, rows=rows) for shard in kwargs]
+    indices, figures = correct_draws(proposal, log_likelihoods, proposal["log_prior"], 4000, 0)
+    return corrected_idata(proposal, indices, {}), figures
 
 
 @pytest.mark.parametrize("name", ["linear", "poisson", "negative_binomial"])

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, Workflow, tiny_config
 
 from cmcflow.combine import combine_runs
-from cmcflow.correct import log_prior
+from cmcflow.likelihood import log_prior
 from cmcflow.models import ModelSpec, Role
 from cmcflow.models.rows import regression_features
 from cmcflow.sample import NutsSettings, sample_features

@@ -18,6 +18,8 @@ import pandas as pd
 import pytest
 from conftest import PRECISION, REPO, Workflow, correction_jobs, tiny_config
 
+from cmcflow.consensus import unflatten_draws
+from cmcflow.io import read_arrays
 from cmcflow.resources import draws_mem_mb, light_mem_mb, sample_mem_mb
 
 pytestmark = pytest.mark.workflow
@@ -69,6 +71,11 @@ def test_every_output_is_produced(finished):
     assert np.all(np.abs(z) < 4), z
     shards = json.loads((results / "combined/shards.json").read_text())
     assert set(shards.pop("max_abs_z")) == {"0", "1"}
+    assert 0.0 < shards.pop("proposal_seconds") < 60.0  # combine drew the correction's proposal
+    proposal = read_arrays(results / "combined/gaussian.npz")
+    assert proposal["draws"].shape == (4000, 4) and proposal["log_prior"].shape == (4000,)
+    unconstrained = unflatten_draws(proposal["draws"], str(proposal["layout"]))
+    np.testing.assert_allclose(proposal["constrained:beta"], unconstrained["beta"], rtol=1e-6)  # a real site: T = id
     assert shards == {
         "method": "consensus",
         "covariance": "full covariance",
@@ -126,6 +133,16 @@ def test_sampling_edit_reruns_sample_combine_report_only(finished):
 def test_combine_edit_reruns_combine_and_report_only(finished):
     jobs = finished.planned_jobs(config=edited(finished, "combine", "method", "parametric"))
     assert jobs == {"combine": 1, **correction_jobs(2), "report": 1, "all": 1}
+
+
+def test_correct_edit_reruns_combine_which_draws_the_proposal_and_the_correction(finished):
+    jobs = finished.planned_jobs(config=edited(finished, "correct", "draws", 500))
+    assert jobs == {"combine": 1, **correction_jobs(2), "report": 1, "all": 1}
+
+
+def test_turning_the_correction_off_reruns_combine_and_report_only(finished):
+    jobs = finished.planned_jobs(config=edited(finished, "correct", "enabled", False))
+    assert jobs == {"combine": 1, "report": 1, "all": 1}
 
 
 def test_shard_edit_reruns_everything_downstream_of_shard(finished):

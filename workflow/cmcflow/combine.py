@@ -12,7 +12,10 @@ draws are then pushed through the model's support transforms (NumPyro's
 3. :func:`pooled_shapes` takes the screened-out shards back out of the pooled shape;
 4. :func:`stream_combine` combines the kept shards one at a time;
 5. a rigid model observed through distances is located by them (:mod:`cmcflow.locate`);
-6. :func:`combined_record` writes down what was done.
+6. :func:`combined_record` writes down what was done;
+7. where the importance correction runs, :func:`draw_proposal` draws its proposal from the
+   Gaussian product, with the prior and the constrained sites at every draw (the model is
+   traced here already; a job of its own would pay Python, JAX and the model again).
 
 Above ``STREAMING_ABOVE`` shards the draws are read twice (scan, combine) and never held
 together, so memory does not grow with K.
@@ -31,7 +34,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from cmcflow import screening
+from cmcflow import importance, screening
 from cmcflow.consensus import (
     HESSIAN_MAX_PARAMETERS,
     WEIGHTS,
@@ -42,12 +45,15 @@ from cmcflow.consensus import (
     group_blocks,
     hessian_covariance,
     mean_shapes,
+    pack_constrained,
     plan_consensus,
     site_layout,
     unflatten,
+    unflatten_draws,
 )
 from cmcflow.errors import InputError
 from cmcflow.jaxenv import PRECISION
+from cmcflow.likelihood import log_prior
 from cmcflow.locate import distance_moments, locate_by_distances
 from cmcflow.runs import constrained_moments, is_failed, unconstrained_draws
 from cmcflow.transforms import constrain_draws
@@ -429,6 +435,20 @@ def combined_idata(
         posterior=az.dict_to_dataset(constrained, library=None, dims=scan.dims),
         unconstrained_posterior=az.dict_to_dataset(unconstrained, library=None),
     )
+
+
+def draw_proposal(model: Callable, kwargs: Mapping, gaussian: Mapping[str, np.ndarray], settings: Mapping) -> dict:
+    """The importance correction's proposal (:func:`cmcflow.importance.propose`, the config's
+    ``correct`` section) for the Gaussian product ``gaussian`` (``mean (D,)``, ``covariance
+    (D, D)``, ``layout``), with what the later stages need of the model at its draws, so that
+    only reweight evaluates the model again: ``draws (M, D)`` (unconstrained),
+    ``log_density (M,)`` (log q), ``log_prior (M,)`` (log p(T θ) + log |J_T(θ)|, the whole
+    prior) and every site of the model constrained, deterministic ones included
+    (:func:`cmcflow.consensus.pack_constrained`)."""
+    proposal = importance.propose(gaussian, settings)
+    draws = unflatten_draws(proposal["draws"], str(proposal["layout"]))
+    constrained = constrain_draws(model, kwargs, draws, batch_ndims=1)
+    return {**proposal, "log_prior": log_prior(model, kwargs, draws, 1.0), **pack_constrained(constrained)}
 
 
 def combine_runs(

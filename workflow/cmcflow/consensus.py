@@ -72,11 +72,35 @@ def site_layout(like: Mapping[str, np.ndarray]) -> str:
     return json.dumps({name: list(value.shape[1:]) for name, value in like.items()})
 
 
+def layout_sites(layout: str) -> list[str]:
+    """The latent sites of a :func:`site_layout`, in their flat order."""
+    return list(json.loads(layout))
+
+
 def unflatten_draws(flat: np.ndarray, layout: str) -> dict[str, np.ndarray]:
     """Flat draws ``(M, D)`` -> ``{site: (M, …)}`` by a :func:`site_layout`."""
     shapes = json.loads(layout)
     like = {name: np.empty((1, *shape)) for name, shape in shapes.items()}
     return unflatten(flat, like, list(shapes))
+
+
+#: The key prefix of the constrained sites stored beside flat proposal draws.
+CONSTRAINED_PREFIX = "constrained:"
+
+
+def pack_constrained(sites: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Constrained draws ``{site: (M, …)}`` as arrays to store beside the flat draws (keys
+    prefixed :data:`CONSTRAINED_PREFIX`); :func:`constrained_sites` reads them back."""
+    return {f"{CONSTRAINED_PREFIX}{name}": np.asarray(value) for name, value in sites.items()}
+
+
+def constrained_sites(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The constrained draws ``{site: (M, …)}`` that :func:`pack_constrained` stored in ``arrays``."""
+    return {
+        name.removeprefix(CONSTRAINED_PREFIX): value
+        for name, value in arrays.items()
+        if name.startswith(CONSTRAINED_PREFIX)
+    }
 
 
 def point_blocks(draws: Mapping[str, np.ndarray], sites: Sequence[str], point_site: str) -> list[np.ndarray]:

@@ -48,7 +48,8 @@ STAGE_SETTINGS = {
     "featurize": ("model", "input", "columns", "shard", "featurize", "sample.shards_per_job"),
     "sample": _SAMPLE,
     "align": (*_SAMPLE, "align"),
-    "combine": (*_SAMPLE, "align", "combine"),
+    # combine draws the importance correction's proposal
+    "combine": (*_SAMPLE, "align", "combine", "correct"),
     "correct": (*_SAMPLE, "align", "combine", "correct"),
     "fulldata": ("model", "input", "columns", "featurize", "model_options", "sample", "platform", "align"),
 }

@@ -3,7 +3,8 @@ rule combine:
     input:
         # each shard's run and its diagnostics (on aligned draws for rigid models, for screening)
         runs=run_targets,
-        # any shard's features: combine traces the model once to learn its support transforms
+        # any shard's features: combine traces the model to learn its support transforms (and the
+        # prior at the proposal's draws)
         features=first_shard_features(feature_target),
         # a rigid model's observed point pairs, every shard's
         pair_features=every_shard_features(feature_target, rigid_only=True),
@@ -18,6 +19,8 @@ rule combine:
         features=first_shard_features(feature_file),
         pair_features=every_shard_features(feature_file, rigid_only=True),
         combine=setting_param("combine"),
+        # where the importance correction runs, combine draws its proposal (else None)
+        correct=correct_param,
         posteriors=run_files("posterior"),
         diagnostics=run_files("diagnostics"),
         # named in the message that stops the run on failed shards (to sample them again)

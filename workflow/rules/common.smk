@@ -77,8 +77,8 @@ COMBINED_POSTERIOR = f"{_A}/combined/posterior.nc"
 COMBINED_SUMMARY = f"{_A}/combined/summary.csv"
 COMBINED_SHARDS = f"{_A}/combined/shards.json"
 COMBINED_MOMENTS = f"{_A}/combined/shard_moments.csv"
+# the kept shards' Gaussian product and, where the importance correction runs, its proposal
 COMBINED_GAUSSIAN = f"{_A}/combined/gaussian.npz"
-PROPOSAL = f"{_A}/corrected/proposal.npz"
 SHARD_LOG_LIKELIHOOD = f"{_A}/corrected/loglik/shard-{{shard}}.npz"
 CORRECTED_POSTERIOR = f"{_A}/corrected/posterior.nc"
 CORRECTED_SUMMARY = f"{_A}/corrected/summary.csv"
@@ -114,7 +114,7 @@ STAGE_OF = {
         [COMBINED_POSTERIOR, COMBINED_SUMMARY, COMBINED_SHARDS, COMBINED_MOMENTS, COMBINED_GAUSSIAN], "combine"
     ),
     **dict.fromkeys(
-        [PROPOSAL, SHARD_LOG_LIKELIHOOD, CORRECTED_POSTERIOR, CORRECTED_SUMMARY, IMPORTANCE], "correct"
+        [SHARD_LOG_LIKELIHOOD, CORRECTED_POSTERIOR, CORRECTED_SUMMARY, IMPORTANCE], "correct"
     ),
     **dict.fromkeys([FULLDATA_POSTERIOR, FULLDATA_DIAGNOSTICS, FULLDATA_SUMMARY], "fulldata"),
 }
@@ -292,6 +292,13 @@ def setting_param(*keys):
     return param
 
 
+def correct_param(wildcards):
+    """The config's ``correct`` section where the analysis is importance-corrected, else None
+    (so that correct.* edits rerun combine only where it draws the proposal)."""
+    analysis = ANALYSES[wildcards.analysis]
+    return analysis.settings["correct"] if analysis.corrected else None
+
+
 def nuts_param(wildcards):
     """The NUTS settings and seed: the config's ``sample`` section without
     ``shards_per_job``, which lays out the jobs and changes no draw."""
@@ -401,7 +408,7 @@ def stage_benchmarks(wildcards):
     paths.append(f"{owner_benchmarks('combine')}/combine.tsv")
     if analysis.corrected:
         correct = owner_benchmarks("correct")
-        paths += [*per_shard("correct", "reweight"), f"{correct}/propose.tsv", f"{correct}/correct.tsv"]
+        paths += [*per_shard("correct", "reweight"), f"{correct}/correct.tsv"]
     return paths
 
 

@@ -1,34 +1,13 @@
 # Importance correction of the combination (not for rigid models; see Analysis.corrected):
-# a proposal from the kept shards' Gaussian product, every shard's log-likelihood at its
-# draws, and Pareto-smoothed importance weights that measure and remove CMC's error.
-
-
-rule propose:
-    """Draws from the Gaussian product of the kept shards (or a Student-t of its location and scale)."""
-    input:
-        gaussian=owned(COMBINED_GAUSSIAN),
-    output:
-        proposal=PROPOSAL,
-    params:
-        correct=setting_param("correct"),
-    log:
-        f"{LOGS}/propose.log",
-    benchmark:
-        f"{BENCHMARKS}/propose.tsv"
-    threads: 1
-    resources:
-        mem_mb=light_mem,
-        runtime=runtime_minutes(10),
-    conda:
-        "../../envs/jax-single.yaml"
-    script:
-        "../../scripts/propose.py"
+# combine draws a proposal from the kept shards' Gaussian product; every shard's
+# log-likelihood at its draws, and Pareto-smoothed importance weights that measure and
+# remove CMC's error.
 
 
 rule reweight:
-    """One shard's own, untempered log-likelihood at every proposal draw."""
+    """One shard's own, untempered log-likelihood at every proposal draw (combine drew them)."""
     input:
-        proposal=PROPOSAL,
+        proposal=owned(COMBINED_GAUSSIAN),
         features=shard_features(feature_target),
     output:
         log_likelihood=SHARD_LOG_LIKELIHOOD,
@@ -40,7 +19,9 @@ rule reweight:
         f"{LOGS}/reweight/shard-{{shard}}.log",
     benchmark:
         f"{BENCHMARKS}/reweight/shard-{{shard}}.tsv"
-    threads: 1
+    # a CPU job with a CPU sample job's cores: the same rows, the same kind of work (the model
+    # at many draws), which XLA spreads over the cores it is given
+    threads: config["jax"]["devices"]
     resources:
         mem_mb=sample_mem,
         runtime=runtime_minutes(60),
@@ -53,21 +34,17 @@ rule reweight:
 rule correct:
     """PSIS weights of the proposal against the exact posterior of the kept shards: k-hat, ESS, corrected draws."""
     input:
-        proposal=PROPOSAL,
+        proposal=owned(COMBINED_GAUSSIAN),
         log_likelihoods=per_shard(SHARD_LOG_LIKELIHOOD),
         shards=owned(COMBINED_SHARDS),
         combined=owned(COMBINED_POSTERIOR),
         combined_summary=owned(COMBINED_SUMMARY),
-        features=first_shard_features(feature_target),
     output:
         posterior=CORRECTED_POSTERIOR,
         summary=CORRECTED_SUMMARY,
         importance=IMPORTANCE,
     params:
-        model=model_params,
-        features=first_shard_features(feature_file),
         correct=setting_param("correct"),
-        jax=jax_param(1),
     log:
         f"{LOGS}/correct.log",
     benchmark:
