@@ -8,12 +8,13 @@ import os
 import pickle
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import Workflow, correction_jobs, tiny_config
+from conftest import REPO, Workflow, correction_jobs, tiny_config
 
 from cmcflow.checkpoint import SavedRun
 from cmcflow.runs import read_run
@@ -121,6 +122,37 @@ def test_only_errors_that_may_not_recur_fail_the_sample_job():
     assert is_transient(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.0GiB"))
     assert not is_transient(ValueError("Normal distribution got invalid scale parameter"))
     assert not is_transient(RuntimeError("injected failure"))
+
+
+JOB_BODY = """
+import atexit, sys
+sys.path.insert(0, {workflow!r})
+from cmcflow.script import open_log, reported_errors
+open_log({log!r})
+atexit.register(lambda: print("atexit ran", file=sys.stderr))
+with reported_errors():
+    import logging
+    import jax.numpy as jnp
+    logging.getLogger("cmcflow.test").info("last line %s", float(jnp.ones(3).sum()))
+    print("output written")
+    {ending}
+raise SystemExit("not reached: reported_errors ends the job")
+"""
+
+
+@pytest.mark.parametrize("ending", ["pass", "from cmcflow.errors import InputError; raise InputError('bad row 3')"])
+def test_a_job_ends_at_once_with_its_log_and_output_flushed(tmp_path, ending):
+    """A finished job skips the interpreter's teardown (exit_finished): status 0, its log,
+    its stdout and the atexit handlers all complete; a user error still exits 1 with its line."""
+    log = tmp_path / "job.log"
+    body = JOB_BODY.format(workflow=str(REPO / "workflow"), log=str(log), ending=ending)
+    done = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=120)
+    if ending == "pass":
+        assert (done.returncode, done.stdout) == (0, "output written\n"), done.stderr
+        assert "last line 3.0" in log.read_text() and log.read_text().endswith("atexit ran\n")
+    else:
+        assert done.returncode == 1 and "cmcflow: error: bad row 3" in done.stderr
+        assert "cmcflow: error: bad row 3" in log.read_text()
 
 
 def test_runtime_grows_with_the_retry_attempt_like_memory():

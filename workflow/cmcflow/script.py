@@ -1,10 +1,11 @@
 """What every rule script does first: log to the rule's log file, and turn user errors
-into one clear line instead of a traceback."""
+into one clear line instead of a traceback; and last: end the finished job at once."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 
@@ -26,7 +27,8 @@ def open_log(path: str) -> None:
 
 @contextlib.contextmanager
 def reported_errors() -> Iterator[None]:
-    """Exit with status 1 and a one-line ``cmcflow: error: …`` on an :class:`InputError`.
+    """Run a job's body: exit with status 1 and a one-line ``cmcflow: error: …`` on an
+    :class:`InputError`, and at once (:func:`exit_finished`) when the body finishes.
 
     The line goes to the log and to the job's own stderr (the terminal, or the scheduler's
     job log), so the user sees it next to Snakemake's "Error in rule …". Any other
@@ -40,3 +42,20 @@ def reported_errors() -> Iterator[None]:
         if sys.stderr is not sys.__stderr__:
             print(line, file=sys.__stderr__, flush=True)
         sys.exit(1)
+    exit_finished()
+
+
+def exit_finished() -> None:
+    """End a job whose outputs are written (each closed, atomically): flush the log and the
+    standard streams, run the ``atexit`` handlers, and leave without the interpreter's
+    teardown of every module and object, which takes 0.35–0.4 s once JAX, NumPyro and
+    xarray are imported (the XLA client and its thread pools among them) and writes nothing.
+    """
+    import atexit
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None and not stream.closed:
+            stream.flush()
+    os._exit(0)

@@ -37,10 +37,17 @@ def latent_site_names(model: Callable, kwargs: Mapping) -> list[str]:
     """Names of the latent (unobserved) sample sites of ``model(**kwargs)``, in trace order.
 
     The model is traced at NumPyro's uniform initial values rather than at prior draws, so
-    priors that cannot be sampled (a flat ``ImproperUniform``) trace too."""
-    seeded = handlers.substitute(handlers.seed(model, 0), substitute_fn=init_to_uniform)
-    trace = handlers.trace(seeded).get_trace(**kwargs)
-    return [name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]]
+    priors that cannot be sampled (a flat ``ImproperUniform``) trace too; abstractly
+    (``jax.eval_shape``), so that no operation of the model runs or is compiled."""
+    names = []
+
+    def trace_names():
+        seeded = handlers.substitute(handlers.seed(model, 0), substitute_fn=init_to_uniform)
+        trace = handlers.trace(seeded).get_trace(**kwargs)
+        names.extend(name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"])
+
+    jax.eval_shape(trace_names)
+    return names
 
 
 def map_draws(function: Callable, draws: Mapping[str, np.ndarray], batch_ndims: int) -> dict[str, np.ndarray]:
