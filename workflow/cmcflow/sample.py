@@ -28,7 +28,7 @@ from cmcflow.models import ModelSpec, source_digest
 from cmcflow.runs import Run, diagnostics, draws_dataset, failed_run, is_transient, write_run
 from cmcflow.screening import TREE_DEPTH_WARNING
 from cmcflow.tempering import temper_priors
-from cmcflow.transforms import latent_site_names, model_kwargs, potential_hessian, unconstrain_draws
+from cmcflow.transforms import model_kwargs, potential_hessian, unconstrain_draws
 
 if TYPE_CHECKING:
     import arviz as az
@@ -66,13 +66,43 @@ def sampling_key(seed: int, shard: int) -> jax.Array:
 @dataclass
 class NutsDraws:
     """The draws of a NUTS run: ``samples`` ``{site: (chains, draws, …)}`` (latent and
-    deterministic sites, constrained), ``stats`` ``{field: (chains, draws)}`` (the
+    deterministic sites, constrained, and each latent site's unconstrained values under
+    :data:`UNCONSTRAINED_PREFIX`), ``stats`` ``{field: (chains, draws)}`` (the
     :data:`EXTRA_FIELDS`), and ``resumed_draws``, the draws per chain read from a checkpoint
     (0: the run started afresh)."""
 
     samples: dict[str, np.ndarray]
     stats: dict[str, np.ndarray]
     resumed_draws: int = 0
+
+    def split(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``samples`` as the constrained sites and the latent sites' unconstrained values."""
+        unconstrained = {
+            name.removeprefix(UNCONSTRAINED_PREFIX): value
+            for name, value in self.samples.items()
+            if name.startswith(UNCONSTRAINED_PREFIX)
+        }
+        constrained = {name: value for name, value in self.samples.items() if not name.startswith(UNCONSTRAINED_PREFIX)}
+        return constrained, unconstrained
+
+
+#: The key prefix of a latent site's unconstrained values among a NUTS run's samples.
+UNCONSTRAINED_PREFIX = "unconstrained:"
+
+
+class NutsKeepingUnconstrained(NUTS):
+    """NumPyro's NUTS whose draws carry, beside every site constrained, the latent sites'
+    unconstrained values: the sampler's own position, which the stages after sample
+    combine, kept in the sampling program rather than recomputed from the constrained
+    draws by a program of its own."""
+
+    def postprocess_fn(self, model_args, model_kwargs):
+        constrain = super().postprocess_fn(model_args, model_kwargs)
+
+        def constrained_and_unconstrained(position):
+            return {**constrain(position), **{UNCONSTRAINED_PREFIX + name: value for name, value in position.items()}}
+
+        return constrained_and_unconstrained
 
 
 def run_nuts(
@@ -100,7 +130,7 @@ def run_nuts(
     warmup and after every block but the last, and a run that finds its checkpoint goes on
     from there. The draws are the same in every case, bit for bit.
     """
-    kernel = NUTS(
+    kernel = NutsKeepingUnconstrained(
         temper_priors(model, power=prior_power),
         target_accept_prob=settings.target_accept_prob,
         max_tree_depth=settings.max_tree_depth,
@@ -204,6 +234,8 @@ def sample_run(
                 chains=[chains, chain_method],
                 precision=PRECISION.name,
                 versions=[jax.__version__, numpyro.__version__],
+                # what each saved block of draws holds (NutsDraws.samples)
+                samples="constrained, and latent unconstrained",
             ),
         )
     compile_before = COMPILE_CLOCK.seconds
@@ -222,8 +254,8 @@ def sample_run(
     compile_seconds = COMPILE_CLOCK.seconds - compile_before
     sampling_seconds = time.perf_counter() - started - compile_seconds
 
-    latents = latent_site_names(model, kwargs)
-    run = run_record(draws, model, kwargs, latents)
+    run = run_record(draws)
+    latents = list(run["unconstrained_posterior"].data_vars)
     started = time.perf_counter()
     unconstrained = run["unconstrained_posterior"]
     dimension = sum(int(np.prod(value.shape[2:], dtype=int)) for value in unconstrained.values())
@@ -337,20 +369,20 @@ def curvature(model, kwargs: Mapping, unconstrained: xr.Dataset) -> xr.Dataset:
     return xr.Dataset({"precision": (("flat_row", "flat_column"), precision)}, attrs={"at": "posterior mean"})
 
 
-def run_record(draws: NutsDraws, model, kwargs: Mapping, latents: list[str]) -> dict[str, xr.Dataset]:
+def run_record(draws: NutsDraws) -> dict[str, xr.Dataset]:
     """The run's groups, in ArviZ's layout: ``posterior`` (every site's draws),
     ``sample_stats`` (named as ArviZ's ``from_numpyro`` names them: ``diverging``, ``energy``,
     ``n_steps`` and ``tree_depth`` = floor(log2 n_steps) + 1) and ``unconstrained_posterior``
-    (the ``latents`` mapped back to the unconstrained space, where combine works)."""
+    (the latent sites in the unconstrained space, where combine works)."""
     stats = {
         "diverging": draws.stats["diverging"],
         "energy": draws.stats["energy"],
         "n_steps": draws.stats["num_steps"],
     }
     stats["tree_depth"] = np.log2(stats["n_steps"]).astype(int) + 1
-    unconstrained = unconstrain_draws(model, kwargs, {name: draws.samples[name] for name in latents}, batch_ndims=2)
+    constrained, unconstrained = draws.split()
     return {
-        "posterior": draws_dataset(draws.samples, library=numpyro),
+        "posterior": draws_dataset(constrained, library=numpyro),
         "unconstrained_posterior": draws_dataset(unconstrained),
         "sample_stats": draws_dataset(stats, library=numpyro),
     }
