@@ -14,9 +14,12 @@ most 0.30 Gaussian, −0.25 Student-t).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from conftest import data_rtol
+from conftest import REPO, data_rtol
 from numpyro.infer.util import potential_energy
 from scipy import stats
 from test_coverage import FEATURES, NOISE_SD, NUM_SHARDS, PRIOR_SD, ROWS, exact_subposterior_draws
@@ -122,3 +125,26 @@ def test_corrected_posterior_is_calibrated_over_200_repeats(proposal):
     assert 0.87 <= coverage <= 0.93, coverage
     assert abs(coverage - exact_coverage) <= 0.01, (coverage, exact_coverage)
     assert max(khats) < 0.5, max(khats)
+
+
+@pytest.mark.parametrize(
+    ("job_imports", "left_out"),
+    [
+        # scripts/correct.py: PSIS and the corrected posterior from what combine and reweight wrote
+        ("import cmcflow.script, cmcflow.correct", ("jax", "numpyro")),
+        # scripts/reweight.py: the model at the proposal's draws
+        (
+            "from cmcflow.jaxenv import configure_jax; configure_jax(1, 'mixed', None); "
+            "import cmcflow.script, cmcflow.consensus, cmcflow.featurize, cmcflow.io, cmcflow.likelihood, "
+            "cmcflow.models, cmcflow.transforms",
+            ("arviz", "matplotlib", "scipy.stats"),
+        ),
+    ],
+)
+def test_each_correction_job_imports_only_what_it_runs(job_imports, left_out):
+    """The correct job imports neither JAX nor the model (combine stored what it needs of
+    them); a reweight job neither ArviZ nor SciPy's statistics: each module is a job's set-up."""
+    code = f"{job_imports}; import sys; print(sorted(name for name in {left_out!r} if name in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO / "workflow")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
