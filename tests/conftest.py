@@ -39,6 +39,7 @@ configure_jax(
 )
 
 import jax  # noqa: E402  (after configure_jax: the XLA flags must come first)
+import numpy as np  # noqa: E402
 
 from cmcflow.jaxenv import PRECISION as PROCESS_PRECISION  # noqa: E402
 
@@ -64,6 +65,17 @@ def release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def shard_log_likelihood(model, kwargs, draws, rows: int) -> np.ndarray:
+    """A shard's log-likelihood ``(M,)`` at unconstrained draws ``{site: (M, …)}``: the
+    reweight job's :func:`cmcflow.likelihood.log_likelihood_at` of the draws constrained (in
+    the workflow, combine constrained them)."""
+    from cmcflow.likelihood import log_likelihood_at
+    from cmcflow.transforms import constrain_draws
+
+    constrained = constrain_draws(model, kwargs, draws, batch_ndims=1)
+    return log_likelihood_at(model, kwargs, {name: constrained[name] for name in draws}, rows)
 
 
 def correction_jobs(num_shards: int) -> dict[str, int]:

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, data_rtol
+from conftest import REPO, data_rtol, shard_log_likelihood
 from numpyro.infer.util import potential_energy
 from scipy import stats
 from test_coverage import FEATURES, NOISE_SD, NUM_SHARDS, PRIOR_SD, ROWS, exact_subposterior_draws
@@ -28,7 +28,7 @@ from cmcflow import importance
 from cmcflow.config import schema_default
 from cmcflow.consensus import block_consensus
 from cmcflow.correct import correct_draws
-from cmcflow.likelihood import log_prior, shard_log_likelihood
+from cmcflow.likelihood import log_prior
 from cmcflow.models import get_model
 from cmcflow.models.linear_gaussian import exact_posterior
 from cmcflow.models.rows import correlated_features

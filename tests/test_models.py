@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import data_rtol
+from conftest import data_rtol, shard_log_likelihood
 from numpyro.infer.util import initialize_model, potential_energy
 from test_statistics import DEVICES, SETTINGS, flat_draws, shard_runs, simulated
 
@@ -17,7 +17,7 @@ from cmcflow.consensus import constrained_sites, layout_sites
 from cmcflow.correct import correct_draws, corrected_idata
 from cmcflow.featurize import padded_size
 from cmcflow.jaxenv import PRECISION
-from cmcflow.likelihood import log_likelihood_at, shard_log_likelihood
+from cmcflow.likelihood import log_likelihood_at
 from cmcflow.models import get_model, resolve_columns, resolve_options, role_arrays
 from cmcflow.models.rows import offset_regression_features
 from cmcflow.sample import sample_features

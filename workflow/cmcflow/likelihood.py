@@ -21,7 +21,7 @@ from numpyro import handlers
 from numpyro.infer.util import log_density, potential_energy
 
 from cmcflow.tempering import temper_priors
-from cmcflow.transforms import constrain_draws, latent_site_names
+from cmcflow.transforms import latent_site_names
 
 #: Each batch of the log-likelihood evaluation holds about this many (draw, row) elements.
 BATCH_ELEMENTS = 2**22
@@ -64,13 +64,6 @@ def observed_log_density(model: Callable, kwargs: Mapping, params: Mapping) -> j
             value = site["fn"].log_prob(site["value"])
             total = total + jnp.sum(value if site["scale"] is None else site["scale"] * value)
     return total
-
-
-def shard_log_likelihood(model: Callable, kwargs: Mapping, draws: Mapping[str, np.ndarray], rows: int) -> np.ndarray:
-    """ℓ_s at every unconstrained draw ``{site: (M, …)}``: ``(M,)`` (:func:`log_likelihood_at`
-    of the draws constrained)."""
-    constrained = constrain_draws(model, kwargs, draws, batch_ndims=1)
-    return log_likelihood_at(model, kwargs, {name: constrained[name] for name in draws}, rows)
 
 
 def log_likelihood_at(model: Callable, kwargs: Mapping, latent: Mapping[str, np.ndarray], rows: int) -> np.ndarray:
