@@ -8,13 +8,18 @@ Runs the workflow itself (``snakemake --cores 2 all fulldata``): every sample jo
 own process, one at a time (each takes both cores), as a cluster would run them side by
 side. From the rules' ``benchmark:`` files: the projected cluster wall is the slowest
 sample job plus the combine job; summed CPU time is over all sample jobs and combine.
-Accuracy compares the combined draws (default Hessian weights), the corrected draws, and
-the same shard runs combined again in this process with draw weights, with the full-data
-draws of every coefficient, in full-data posterior sd. Repeats rerun sample, sample_fulldata and combine with the same
-seeds (``--forcerun``), so draws repeat exactly and only the timings vary.
+Accuracy compares the combined draws (default Hessian weights), the corrected posterior
+(its summary: the weighted draws' means and sds), and the same shard runs combined again in
+this process with draw weights, with a long full-data NUTS reference run once in its own
+directory (the same rows, 4 chains x (500 + 2,500) draws, so that its own Monte Carlo error
+is well below 0.03 sd), in its posterior sd, for every coefficient; the timed full-data
+job (500 + 500, the shards' settings) is compared too. Repeats rerun sample,
+sample_fulldata and combine with the same seeds (``--forcerun``), so draws repeat exactly
+and only the timings vary.
 
 Usage: python bench/cmc_vs_full.py [--repeats 3] [--workdir /tmp/cmcflow-bench/cmc-vs-full] [--more]
-(``--more``: add runs to those already made in the working directory.)
+(``--more``: add runs to those already made in the working directory; the reference is kept
+in ``<workdir>-reference`` and reused.)
 Writes bench/results/cmc_vs_full.json and .md.
 """
 
@@ -28,11 +33,15 @@ from pathlib import Path
 
 import arviz as az
 import numpy as np
+import pandas as pd
 from common import cell, logistic_analysis, schema_default, snakemake, spread, target, workflow_config, write_results
 
 ROWS, FEATURES, NUM_SHARDS = 1_000_000, 20, 8
 ANALYSIS = "p4"
 TARGETS = {"wall_ratio": 0.2, "mean_error": 0.1, "sd_ratio": (0.9, 1.1)}
+#: Draws per chain of the accuracy reference (full-data NUTS, run once): about 10,000 in all,
+#: so that each mean's Monte Carlo error is about 0.01 sd and the largest of 21 about 0.025
+REFERENCE_SAMPLES = 2500
 #: P4's slowest sample job when issue 13 was filed (float64), and its target: <= 0.55x, with
 #: P4's accuracy targets (mean error, sd ratios) still met
 SLOWEST_SHARD_BEFORE, SLOWEST_SHARD_TARGET = 112.0, 0.55
@@ -99,6 +108,44 @@ def accuracy(posterior, full) -> dict:
     }
 
 
+def summary_accuracy(summary, full) -> dict:
+    """:func:`accuracy` of a posterior given by its summary table (mean and sd per element,
+    ArviZ's labels: the corrected posterior's weighted estimates)."""
+    errors, ratios = [], []
+    for name in ("intercept", "beta"):
+        reference = flat_draws(full, name)
+        labels = [name] if reference.shape[1] == 1 else [f"{name}[{i}]" for i in range(reference.shape[1])]
+        rows = summary.loc[labels]
+        errors.append(np.abs(rows["mean"].to_numpy() - reference.mean(axis=0)) / reference.std(axis=0))
+        ratios.append(rows["sd"].to_numpy() / reference.std(axis=0))
+    errors, ratios = np.concatenate(errors), np.concatenate(ratios)
+    return {
+        "max_mean_error_sd": float(errors.max()),
+        "mean_mean_error_sd": float(errors.mean()),
+        "min_sd_ratio": float(ratios.min()),
+        "max_sd_ratio": float(ratios.max()),
+    }
+
+
+def reference_run(directory: Path) -> tuple[Path, dict]:
+    """The accuracy reference: full-data NUTS on P4's rows with ``REFERENCE_SAMPLES`` draws
+    per chain, in ``directory`` (run once and kept: it depends on the data and the sampler
+    alone). Its results directory and ``{"wall": s, "ess_bulk_median": …, "draws": …}``."""
+    analysis = logistic_analysis(
+        rows=ROWS, features=FEATURES, num_shards=NUM_SHARDS, num_warmup=500, num_samples=REFERENCE_SAMPLES
+    )
+    config = workflow_config({ANALYSIS: analysis}, directory)
+    results = Path(config["results_dir"]) / ANALYSIS
+    if not (results / "fulldata" / "posterior.nc").exists():
+        snakemake(directory, config, "--cores", "2", "fulldata", timeout=6 * 3600)
+    diagnostics = json.loads((results / "fulldata" / "diagnostics.json").read_text())
+    return results, {
+        "wall": benchmark(results / "benchmarks" / "sample_fulldata.tsv")["wall"],
+        "ess_bulk_median": float(np.median([site["ess_bulk"] for site in diagnostics["parameters"].values()])),
+        "draws": 4 * REFERENCE_SAMPLES,
+    }
+
+
 def correction_bound(results: Path) -> str:
     """What the correction's wall is made of (the last run's)."""
     walls = {
@@ -114,21 +161,18 @@ def correction_bound(results: Path) -> str:
     )
 
 
-def reference_noise_bound(results: Path, importance: dict, fixed: dict) -> str:
-    """What Monte Carlo error alone makes of the corrected posterior's largest error against
-    full-data NUTS: each mean carries sd sqrt(1/ESS_full + 1/ESS_importance) (in posterior
-    sd), and the largest of 21 such errors is about E max_21 |N(0, 1)| of it."""
-    full = json.loads((results / "fulldata" / "diagnostics.json").read_text())
-    ess_full = float(np.median([site["ess_bulk"] for site in full["parameters"].values()]))
-    noise = np.sqrt(1 / ess_full + 1 / importance["effective_sample_size"])
-    minutes = benchmark(results / "benchmarks" / "sample_fulldata.tsv")["wall"] / 60
+def reference_noise_bound(reference: dict, fixed: dict) -> str:
+    """What the reference's own Monte Carlo error makes of the corrected posterior's largest
+    error against it: each mean carries sd 1/sqrt(ESS_reference) (in posterior sd; the
+    corrected estimate's own error is far smaller, bench/results/importance_qmc.md), and the
+    largest of 21 such errors is about E max_21 |N(0, 1)| of it."""
+    noise = np.sqrt(1 / reference["ess_bulk_median"])
     largest = np.abs(np.random.default_rng(0).standard_normal((100_000, 21))).max(axis=1).mean()
     return (
-        f"Monte Carlo error alone: full-data NUTS has a median bulk ESS of {ess_full:.0f} (4 x 500 draws) and "
-        f"the weights an ESS of {importance['effective_sample_size']:.0f}, so each mean's error has sd "
-        f"{noise:.3f} posterior sd and the largest of 21 is expected near {noise * largest:.3f} "
-        f"(measured {fixed['max_mean_error_sd']:.3f}; k-hat {importance['khat']:.2f}): 0.03 needs a reference "
-        f"of about 4x the draws, which the benchmark's {minutes:.0f}-minute full-data job does not have"
+        f"Monte Carlo error of the reference alone: full-data NUTS with a median bulk ESS of "
+        f"{reference['ess_bulk_median']:.0f} ({reference['draws']} draws) gives each mean an error of sd "
+        f"{noise:.3f} posterior sd, and the largest of 21 is expected near {noise * largest:.3f} "
+        f"(measured {fixed['max_mean_error_sd']:.3f})"
     )
 
 
@@ -177,11 +221,16 @@ def main() -> None:
         done.write_text(json.dumps(runs, indent=2))
         print(runs[-1], flush=True)
     figures = {key: spread([run[key] for run in runs]) for key in runs[0]}
-    full = az.from_netcdf(results / "fulldata" / "posterior.nc").posterior
+    reference_results, reference = reference_run(args.workdir.with_name(f"{args.workdir.name}-reference"))
+    full = az.from_netcdf(reference_results / "fulldata" / "posterior.nc").posterior
     qualities = {
         "combined": accuracy(az.from_netcdf(results / "combined" / "posterior.nc").posterior, full),
-        "corrected": accuracy(az.from_netcdf(results / "corrected" / "posterior.nc").posterior, full),
+        "corrected": summary_accuracy(pd.read_csv(results / "corrected" / "summary.csv", index_col="parameter"), full),
+        "corrected, resampled draws": accuracy(az.from_netcdf(results / "corrected" / "posterior.nc").posterior, full),
         "combined, draw weights": accuracy(recombined(results, "draws").posterior, full),
+        "full-data NUTS, 4 x 500 (the timed job)": accuracy(
+            az.from_netcdf(results / "fulldata" / "posterior.nc").posterior, full
+        ),
     }
     importance = json.loads((results / "corrected" / "importance.json").read_text())
     quality, fixed = qualities["combined"], qualities["corrected"]
@@ -217,7 +266,7 @@ def main() -> None:
             f"(k-hat {importance['khat']:.2f})",
             "<= 0.03 sd; 0.95–1.05",
             fixed["max_mean_error_sd"] <= 0.03 and 0.95 <= fixed["min_sd_ratio"] and fixed["max_sd_ratio"] <= 1.05,
-            reference_noise_bound(results, importance, fixed),
+            reference_noise_bound(reference, fixed),
         ),
         target(
             "13b",
@@ -267,8 +316,12 @@ def main() -> None:
         f"| importance correction: k-hat; ESS of {importance['proposal_draws']} | {importance['khat']:.2f}; "
         f"{importance['effective_sample_size']:.0f} |",
         "",
+        f"Errors and sd ratios against full-data NUTS with 4 x {REFERENCE_SAMPLES:,} draws (run once, "
+        f"{reference['wall'] / 60:.0f} min; median bulk ESS {reference['ess_bulk_median']:.0f}), in its posterior sd. "
         "combined: `combine.weights: hessian` (the default); combined, draw weights: the same shard runs combined "
-        "with `weights: draws` and `covariance_shrinkage: auto`; corrected: the importance-corrected posterior.",
+        "with `weights: draws` and `covariance_shrinkage: auto`; corrected: the importance-corrected posterior's "
+        "summary (the weighted draws' means and sds, `corrected/summary.csv`); corrected, resampled draws: "
+        "`corrected/posterior.nc`; full-data NUTS, 4 x 500: the timed full-data job.",
     ]
     write_results(
         "cmc_vs_full",
@@ -279,6 +332,7 @@ def main() -> None:
             "figures": figures,
             "accuracy": qualities,
             "importance": {key: importance[key] for key in ("khat", "effective_sample_size", "proposal_draws")},
+            "reference": reference,
             "targets": targets,
         },
         table,

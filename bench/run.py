@@ -16,6 +16,7 @@ repeats of 8 shards and a 21-minute full-data run) about 115 minutes, the others
 | P2 | compile_cache.py | a sample job with a cold vs a warm compilation cache |
 | P3 | align_throughput.py | batched shard_map alignment vs a per-pair loop |
 | P4 | cmc_vs_full.py | CMC (K = 8) vs full-data NUTS: wall time and accuracy |
+| I3 | importance_qmc.py | the correction's Monte Carlo error by proposal scheme, on P4's run |
 | P5 | dry_run_scale.py, combine_scale.py | dry-run time with many shards; combine time and memory |
 | P6 | rerun_jobs.py | jobs executed after a sampling-only config edit |
 | I | importance_accuracy.py | importance correction vs full-data NUTS: k-hat, errors, an easy and two hard cases |
@@ -46,6 +47,7 @@ SCRIPTS = {
     "P2": ["compile_cache.py"],
     "P3": ["align_throughput.py"],
     "P4": ["cmc_vs_full.py"],
+    "I3": ["importance_qmc.py"],
     "P5": ["dry_run_scale.py", "combine_scale.py"],
     "P6": ["rerun_jobs.py"],
     "I": ["importance_accuracy.py"],

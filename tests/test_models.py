@@ -57,7 +57,7 @@ def corrected(spec, kwargs, gaussian):
     latent = {name: constrained[name] for name in layout_sites(gaussian["layout"])}
     rows = len(kwargs[0]["mask"])
     log_likelihoods = [log_likelihood_at(spec.numpyro_model, shard, latent, rows=rows) for shard in kwargs]
-    indices, figures = correct_draws(proposal, log_likelihoods, proposal["log_prior"], 4000, 0)
+    _, indices, figures = correct_draws(proposal, log_likelihoods, proposal["log_prior"], 4000, 0)
     return corrected_idata(proposal, indices, {}), figures
 
 
@@ -68,7 +68,7 @@ def test_corrected_cmc_matches_full_data_nuts(name):
     concentration (measured 0.31 sd: its subposteriors are not Gaussian; the linear model's
     sigma 0.14 sd). The importance correction (k-hat < 0.7) brings every parameter within
     0.1 sd and every sd within 10% (measured: at most 0.06 sd; concentration 0.02, sigma
-    0.03)."""
+    0.002)."""
     spec, options, X, y = simulated(name, rows=4000, features=3, seed=2)
     runs, kwargs = shard_runs(spec, options, X, y, split_rows(len(y), 4, seed=0))
     settings = CombineSettings(

@@ -73,7 +73,7 @@ def test_every_output_is_produced(finished):
     assert set(shards.pop("max_abs_z")) == {"0", "1"}
     assert 0.0 < shards.pop("proposal_seconds") < 60.0  # combine drew the correction's proposal
     proposal = read_arrays(results / "combined/gaussian.npz")
-    assert proposal["draws"].shape == (4000, 4) and proposal["log_prior"].shape == (4000,)
+    assert proposal["draws"].shape == (4096, 4) and proposal["log_prior"].shape == (4096,)
     unconstrained = unflatten_draws(proposal["draws"], str(proposal["layout"]))
     np.testing.assert_allclose(proposal["constrained:beta"], unconstrained["beta"], rtol=1e-6)  # a real site: T = id
     assert shards == {

@@ -9,8 +9,9 @@ the exact posterior by importance sampling (:mod:`cmcflow.importance`).
    untempered log-likelihood at every proposal draw, a bounded batch at a time.
 3. ``correct`` (:func:`correct_draws`): log weights from the prior, the Jacobian of the
    support transforms and the log-likelihoods of every shard that did not fail (screened-
-   out ones included: :func:`write_correction`); Pareto-smoothed importance sampling; k̂, the effective sample size,
-   the corrected posterior (resampled draws) and how far the combination was from it.
+   out ones included: :func:`write_correction`); Pareto-smoothed importance sampling; k̂,
+   the effective sample size, the corrected posterior (resampled draws; its summary from
+   the weighted draws) and how far the combination was from it.
 
 Not for rigid models: their aligned coordinates have a rank-deficient covariance, so the
 Gaussian product is no proposal for them. NumPy, pandas and ArviZ: the correct job neither
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import arviz as az
 import numpy as np
@@ -34,16 +36,26 @@ from cmcflow.runs import read_run, summary_table, write_netcdf
 log = logging.getLogger(__name__)
 
 
+class Correction(NamedTuple):
+    """The PSIS-smoothed, normalised ``log_weights (M,)`` of the proposal's draws, the
+    ``indices (num_resampled,)`` of its resample, and the figures."""
+
+    log_weights: np.ndarray
+    indices: np.ndarray
+    figures: dict
+
+
 def correct_draws(
     proposal: Mapping[str, np.ndarray],
     log_likelihoods: Sequence[np.ndarray],
     log_priors: np.ndarray,
     num_resampled: int,
     seed: int,
-) -> tuple[np.ndarray, dict]:
-    """Indices ``(num_resampled,)`` into the proposal's draws that make the corrected
-    posterior (systematic resampling of the PSIS-weighted draws), and the figures: k̂, the
-    effective sample size, the weighted mean and sd of every flat parameter, the verdict."""
+) -> Correction:
+    """The importance weights of the proposal's draws, the indices into them that make the
+    corrected posterior's draws (systematic resampling of the PSIS-weighted draws), and the
+    figures: k̂, the effective sample size, the weighted mean and sd of every flat
+    parameter, the verdict."""
     log_target = log_priors + np.sum(log_likelihoods, axis=0)
     log_weights, khat = importance.smoothed_weights(log_target, proposal["log_density"])
     mean, sd = importance.weighted_moments(proposal["draws"], log_weights)
@@ -57,7 +69,7 @@ def correct_draws(
         "unconstrained_mean": mean.tolist(),
         "unconstrained_sd": sd.tolist(),
     }
-    return indices, figures
+    return Correction(log_weights, indices, figures)
 
 
 def corrected_idata(
@@ -76,6 +88,22 @@ def corrected_idata(
             {name: value[None] for name, value in unconstrained.items()}, library=None
         ),
     )
+
+
+def weighted_summary(
+    constrained: Mapping[str, np.ndarray], log_weights: np.ndarray, labelled: pd.DataFrame
+) -> pd.DataFrame:
+    """The corrected posterior's summary from the weighted draws themselves: mean, sd, 5%
+    and 95% quantile of every element of the sites ``{site: (M, …)}`` under ``log_weights
+    (M,)``, in the rows of ``labelled`` (ArviZ's summary of the same sites, in the same
+    order: its labels). The weighted estimates keep the proposal's quasi-Monte Carlo
+    precision; a resample's mean adds noise of about 1/√M sd."""
+    values = np.concatenate([value.reshape(len(log_weights), -1) for value in constrained.values()], axis=1)
+    if values.shape[1] != len(labelled):
+        raise ValueError(f"{values.shape[1]} weighted elements for {len(labelled)} summary rows")
+    mean, sd = importance.weighted_moments(values, log_weights)
+    low, high = importance.weighted_quantiles(values, log_weights, np.array([0.05, 0.95]))
+    return pd.DataFrame({"mean": mean, "sd": sd, "5%": low, "95%": high}, index=labelled.index)
 
 
 def shifts_in_sd(corrected: pd.DataFrame, combined: pd.DataFrame) -> pd.Series:
@@ -102,11 +130,15 @@ def write_correction(inputs, outputs, settings: Mapping) -> dict:
     reweighted = [read_arrays(inputs.log_likelihoods[shard]) for shard in target]
     log_likelihoods = [arrays["log_likelihood"] for arrays in reweighted]
     draws = len(proposal["log_prior"])
-    indices, figures = correct_draws(proposal, log_likelihoods, proposal["log_prior"], draws, settings["seed"])
+    correction = correct_draws(proposal, log_likelihoods, proposal["log_prior"], draws, settings["seed"])
+    figures = correction.figures
     combined = read_run(inputs.combined, groups=("posterior",))
     dims = {name: list(combined.posterior[name].dims[2:]) for name in combined.posterior.data_vars}
-    idata = corrected_idata(proposal, indices, dims)
-    summary = summary_table(idata)
+    idata = corrected_idata(proposal, correction.indices, dims)
+    constrained = constrained_sites(proposal)
+    summary = weighted_summary(
+        {name: constrained[name] for name in idata.posterior.data_vars}, correction.log_weights, summary_table(idata)
+    )
     shifts = shifts_in_sd(summary, pd.read_csv(inputs.combined_summary, index_col="parameter"))
     record = {
         **{key: value for key, value in figures.items() if not key.startswith("unconstrained_")},

@@ -19,6 +19,7 @@ the posterior for any weighting to repair.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import arviz as az
@@ -36,15 +37,28 @@ def proposal_draws(
     """``num_draws`` draws ``(M, D)`` of the proposal and their log densities ``(M,)``:
     N(mean, covariance) for ``"gaussian"``, or the multivariate Student-t with ``df``
     degrees of freedom, location ``mean`` and scale matrix ``covariance`` (heavier tails,
-    the same centre and shape) for ``"student_t"``."""
-    if kind == "gaussian":
-        distribution = stats.multivariate_normal(mean, covariance)
-    elif kind == "student_t":
-        distribution = stats.multivariate_t(mean, covariance, df=df)
-    else:
+    the same centre and shape) for ``"student_t"``.
+
+    The draws are randomised quasi-Monte Carlo: the first M points u of a scrambled Sobol'
+    sequence in [0, 1)^D (SciPy's ``qmc.Sobol``; one more dimension for the Student-t's
+    χ²), mapped by θ = mean + L Φ⁻¹(u) (Student-t: divided by √(χ²_df / df)), L the
+    Cholesky factor of ``covariance``. Each draw is still distributed as q, so importance
+    sampling stays unbiased as M grows, but the points fill the space evenly: the weighted
+    means and sds of a near-Gaussian target carry far less Monte Carlo error than from
+    independent draws (bench/results/importance_qmc.md). A power of two keeps Sobol'
+    balance; other M take the first M points of the next power of two."""
+    if kind not in PROPOSALS:
         raise ValueError(f"unknown proposal {kind!r}; choose one of {PROPOSALS}")
-    draws = np.asarray(distribution.rvs(size=num_draws, random_state=rng)).reshape(num_draws, len(mean))
-    return draws, np.asarray(distribution.logpdf(draws)).reshape(num_draws)
+    dimensions = len(mean) + (kind == "student_t")
+    points = stats.qmc.Sobol(dimensions, scramble=True, seed=rng).random_base2(max(0, math.ceil(math.log2(num_draws))))
+    # scrambled points lie in [0, 1); keep Φ⁻¹ finite at 0
+    points = np.clip(points[:num_draws], np.finfo(float).tiny, 1.0 - np.finfo(float).epsneg)
+    scaled = stats.norm.ppf(points[:, : len(mean)]) @ np.linalg.cholesky(covariance).T
+    if kind == "gaussian":
+        draws = mean + scaled
+        return draws, stats.multivariate_normal(mean, covariance).logpdf(draws).reshape(num_draws)
+    draws = mean + scaled / np.sqrt(stats.chi2.ppf(points[:, -1], df) / df)[:, None]
+    return draws, stats.multivariate_t(mean, covariance, df=df).logpdf(draws).reshape(num_draws)
 
 
 def smoothed_weights(log_target: np.ndarray, log_proposal: np.ndarray) -> tuple[np.ndarray, float]:
@@ -68,6 +82,19 @@ def weighted_moments(values: np.ndarray, log_weights: np.ndarray) -> tuple[np.nd
     weights = np.exp(log_weights - np.logaddexp.reduce(log_weights))
     mean = weights @ values
     return mean, np.sqrt(np.maximum(weights @ (values - mean) ** 2, 0.0))
+
+
+def weighted_quantiles(values: np.ndarray, log_weights: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Quantiles ``(Q, P)`` of ``values (M, P)`` under normalised ``log_weights (M,)``: the
+    weighted empirical CDF (each draw's mass centred on its value) inverted by linear
+    interpolation; with equal weights, NumPy's ``hazen`` quantiles."""
+    weights = np.exp(log_weights - np.logaddexp.reduce(log_weights))
+    order = np.argsort(values, axis=0)
+    mass = weights[order]
+    centred = np.cumsum(mass, axis=0) - mass / 2
+    return np.stack(
+        [np.interp(probabilities, centred[:, p], values[order[:, p], p]) for p in range(values.shape[1])], axis=1
+    )
 
 
 def resample(log_weights: np.ndarray, num_draws: int, rng: np.random.Generator) -> np.ndarray:
