@@ -7,6 +7,7 @@ run :func:`cmcflow.jaxenv.configure_jax` before importing this module.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from cmcflow.models import ModelSpec, source_digest
 from cmcflow.runs import Run, diagnostics, draws_dataset, failed_run, is_transient, write_run
 from cmcflow.screening import TREE_DEPTH_WARNING
 from cmcflow.tempering import temper_priors
-from cmcflow.transforms import model_kwargs, potential_hessian, unconstrain_draws
+from cmcflow.transforms import model_kwargs, potential_hessian, split_static, unconstrain_draws
 
 if TYPE_CHECKING:
     import arviz as az
@@ -105,6 +106,70 @@ class NutsKeepingUnconstrained(NUTS):
         return constrained_and_unconstrained
 
 
+class ParallelChains:
+    """A NumPyro ``chain_method``: one chain per device (``jax.pmap``, as NumPyro's
+    ``"parallel"``), with the model's data arrays passed to the program instead of closed
+    over, so that a job's one :class:`~numpyro.infer.MCMC` (:func:`job_sampler`) traces its
+    chains' program once and runs every shard of the same shapes with it (NumPyro's
+    ``"parallel"`` traces, lowers and loads it again for every run).
+
+    NumPyro calls it with ``partial(mcmc._single_chain_mcmc, args=…, kwargs=…, …)`` and maps
+    the result over ``(rng_key, init_state, init_params)``."""
+
+    def __init__(self):
+        self._programs = {}
+
+    def __call__(self, chain: functools.partial):
+        others = {name: value for name, value in chain.keywords.items() if name not in ("args", "kwargs")}
+        arrays, static = split_static(chain.keywords["kwargs"])
+        if static is None:  # options that cannot key a program: NumPyro's own "parallel"
+            return jax.pmap(chain)
+        # what NumPyro's chain function reads from its MCMC when it is traced: which draws it keeps
+        collection = tuple(sorted(chain.func.__self__._collection_params.items()))
+        key = (chain.func, chain.keywords["args"], static, tuple(sorted(others.items())), collection)
+        if key not in self._programs:
+
+            def one_chain(map_args, arrays):
+                return chain.func(map_args, args=chain.keywords["args"], kwargs={**arrays, **dict(static)}, **others)
+
+            self._programs[key] = jax.pmap(one_chain, in_axes=(0, None))
+        program = self._programs[key]
+        return lambda map_args: program(map_args, arrays)
+
+
+@functools.cache
+def tempered(model, power: float) -> temper_priors:
+    """``temper_priors(model, power)``, one per job: one model object, so that its compiled
+    programs (NUTS, the Hessian) are found again for the next shard."""
+    return temper_priors(model, power=power)
+
+
+@functools.cache
+def job_sampler(
+    model, prior_power: float, settings: NutsSettings, num_chains: int, chain_method: str, num_samples: int
+) -> MCMC:
+    """NumPyro's MCMC of NUTS (:class:`NutsKeepingUnconstrained`) on ``temper_priors(model,
+    prior_power)``, one per job and settings: the model's arguments are the program's
+    (``jit_model_args``; with ``"parallel"`` chains, :class:`ParallelChains`), so a job that
+    samples several shards of one shape compiles once."""
+    kernel = NutsKeepingUnconstrained(
+        tempered(model, prior_power),
+        target_accept_prob=settings.target_accept_prob,
+        max_tree_depth=settings.max_tree_depth,
+        dense_mass=settings.dense_mass,
+        init_strategy=init_to_uniform(radius=INIT_RADIUS),
+    )
+    return MCMC(
+        kernel,
+        num_warmup=settings.num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        chain_method=ParallelChains() if chain_method == "parallel" else chain_method,
+        jit_model_args=True,
+        progress_bar=False,
+    )
+
+
 def run_nuts(
     model,
     kwargs: Mapping,
@@ -124,29 +189,16 @@ def run_nuts(
     ``chain_method``: NumPyro's; the stage always runs ``"parallel"`` (one chain per
     device), ``bench/sample_chains.py`` compares it with ``"sequential"`` and ``"vectorized"``.
 
-    Without a ``checkpoint``, warmup and draws are one program. With one, warmup runs
+    Without a ``checkpoint``, warmup and draws are one program, and the job's sampler
+    (:func:`job_sampler`) runs it for every shard. With one, warmup runs
     first, then the draws in blocks of ``checkpoint.every``, each block continuing the
     chains from the state the last one left; the state and the draws so far are saved after
     warmup and after every block but the last, and a run that finds its checkpoint goes on
     from there. The draws are the same in every case, bit for bit.
     """
-    kernel = NutsKeepingUnconstrained(
-        temper_priors(model, power=prior_power),
-        target_accept_prob=settings.target_accept_prob,
-        max_tree_depth=settings.max_tree_depth,
-        dense_mass=settings.dense_mass,
-        init_strategy=init_to_uniform(radius=INIT_RADIUS),
-    )
 
     def sampler(num_samples: int) -> MCMC:
-        return MCMC(
-            kernel,
-            num_warmup=settings.num_warmup,
-            num_samples=num_samples,
-            num_chains=num_chains,
-            chain_method=chain_method,
-            progress_bar=False,
-        )
+        return job_sampler(model, prior_power, settings, num_chains, chain_method, num_samples)
 
     if checkpoint is None:  # one program for warmup and draws
         mcmc = sampler(settings.num_samples)
@@ -157,7 +209,8 @@ def run_nuts(
             jax.device_get(mcmc.get_extra_fields(group_by_chain=True)),
         )
     block = min(checkpoint.every, settings.num_samples)
-    mcmc = sampler(block)
+    # a sampler of this run's own: its state and block size change as the blocks go
+    mcmc = job_sampler.__wrapped__(model, prior_power, settings, num_chains, chain_method, block)
     saved = checkpoint.load()
     if saved is None:
         mcmc.warmup(rng_key, init_params=init_params, extra_fields=EXTRA_FIELDS, collect_warmup=False, **kwargs)
@@ -261,7 +314,7 @@ def sample_run(
     dimension = sum(int(np.prod(value.shape[2:], dtype=int)) for value in unconstrained.values())
     # a rigid model's frame is fixed by align, after sampling: its draws weigh it
     if spec.symmetry != "rigid" and dimension <= HESSIAN_MAX_PARAMETERS:
-        run["curvature"] = curvature(temper_priors(model, power=1.0 / num_shards), kwargs, unconstrained)
+        run["curvature"] = curvature(tempered(model, 1.0 / num_shards), kwargs, unconstrained)
     curvature_seconds = time.perf_counter() - started
     run_facts = {
         "num_shards": num_shards,

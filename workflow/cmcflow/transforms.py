@@ -77,22 +77,47 @@ def constrain_draws(
     return map_draws(lambda position: constrain_fn(model, (), kwargs, position), draws, batch_ndims)
 
 
+def split_static(kwargs: Mapping) -> tuple[dict, tuple | None]:
+    """The model's keyword arguments as ``(arrays, static)``: the arrays, which a compiled
+    program takes as arguments, and everything else (options: numbers, strings) as sorted
+    ``(name, value)`` pairs that key the program; ``static`` is ``None`` where an option
+    cannot key one (unhashable: a list)."""
+    arrays = {name: value for name, value in kwargs.items() if isinstance(value, (jax.Array, np.ndarray))}
+    static = tuple(sorted((name, value) for name, value in kwargs.items() if name not in arrays))
+    try:
+        hash(static)
+    except TypeError:
+        return arrays, None
+    return arrays, static
+
+
 def potential_hessian(model: Callable, kwargs: Mapping, position: Mapping[str, np.ndarray]) -> np.ndarray:
     """The Hessian ``(D, D)`` of ``model(**kwargs)``'s potential energy U = −log p(θ, y) in the
     unconstrained space (log-Jacobians of the support transforms included) at ``position``
     ``{site: (…)}``, the sites flattened in the given order, each row-major (as
     :func:`cmcflow.consensus.flatten`). At a posterior's centre it is the precision of the
     posterior's Gaussian (Laplace) approximation: a weight computed from the model, without
-    the Monte Carlo noise of a covariance estimated from draws.
+    the Monte Carlo noise of a covariance estimated from draws. One compiled program per
+    model, options and shapes: the data arrays are its arguments.
     """
-    shapes = {name: np.shape(value) for name, value in position.items()}
-    sizes = [int(np.prod(shape, dtype=int)) for shape in shapes.values()]
+    shapes = tuple((name, tuple(np.shape(value))) for name, value in position.items())
+    flat = jnp.concatenate([jnp.ravel(jnp.asarray(value)) for value in position.values()])
+    arrays, static = split_static(kwargs)
+    if static is None:  # options that cannot key a program: one of this call's own
+        return np.asarray(jax.jit(lambda flat: _hessian(model, (), shapes, kwargs, flat))(flat))
+    return np.asarray(_compiled_hessian(model, static, shapes, arrays, flat))
+
+
+def _hessian(model: Callable, static: tuple, shapes: tuple, arrays: Mapping, flat: jax.Array) -> jax.Array:
+    sizes = [int(np.prod(shape, dtype=int)) for _, shape in shapes]
     splits = np.cumsum(sizes)[:-1].tolist()
 
     def potential(flat):
         parts = jnp.split(flat, splits)
-        params = {name: part.reshape(shape) for (name, shape), part in zip(shapes.items(), parts)}
-        return potential_energy(model, (), kwargs, params)
+        params = {name: part.reshape(shape) for (name, shape), part in zip(shapes, parts)}
+        return potential_energy(model, (), {**arrays, **dict(static)}, params)
 
-    flat = jnp.concatenate([jnp.ravel(jnp.asarray(value)) for value in position.values()])
-    return np.asarray(jax.jit(jax.hessian(potential))(flat))
+    return jax.hessian(potential)(flat)
+
+
+_compiled_hessian = jax.jit(_hessian, static_argnums=(0, 1, 2))
