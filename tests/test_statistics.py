@@ -219,22 +219,33 @@ def test_chains_vectorised_on_one_device_as_on_a_gpu_match_the_exact_posterior()
 
 
 def test_one_job_compiles_nuts_and_the_hessian_once_for_shards_of_one_shape():
-    """Several shards in one job (``sample.shards_per_job``) run the first shard's programs:
-    for the next shard of the same shapes nothing is lowered or compiled (NumPyro's own
-    ``"parallel"`` traced and loaded the chains' program again for every shard: 0.2 of a
-    0.7 s shard). A shard of another padded size compiles its own: the clock counts."""
+    """Several shards in one job (``sample.shards_per_job``, ``one_program``) run the first
+    shard's programs: for the next shard of the same shapes nothing is lowered or compiled
+    (NumPyro's own ``"parallel"`` traces and loads the chains' program again for every run:
+    0.2 of a 0.7 s shard), and its draws are those of a run of its own. A shard of another
+    padded size compiles its own: the clock counts."""
     spec, options, X, y = simulated("logistic", rows=600, features=3, seed=8)
     settings = NutsSettings(
         num_warmup=100, num_samples=100, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False
     )
 
-    def compile_seconds(rows, pad_to, shard):
+    def run(rows, pad_to, shard, one_program=True):
         features = spec.featurize({"features": X[rows], "label": y[rows]}, pad_to, {})
-        report = sample_features(
-            spec, features, options, num_shards=3, shard=shard, seed=0, settings=settings, chains=DEVICES
-        )[1]
-        return report["compile_seconds"]
+        return sample_features(
+            spec,
+            features,
+            options,
+            num_shards=3,
+            shard=shard,
+            seed=0,
+            settings=settings,
+            chains=DEVICES,
+            one_program=one_program,
+        )
 
-    compile_seconds(np.arange(0, 200), 256, 0)
-    assert compile_seconds(np.arange(200, 400), 256, 1) == 0.0
-    assert compile_seconds(np.arange(400, 600), 320, 2) > 0.0
+    run(np.arange(0, 200), 256, 0)
+    second, report = run(np.arange(200, 400), 256, 1)
+    assert report["compile_seconds"] == 0.0
+    alone, _ = run(np.arange(200, 400), 256, 1, one_program=False)
+    np.testing.assert_array_equal(second.posterior["beta"].values, alone.posterior["beta"].values)
+    assert run(np.arange(400, 600), 320, 2)[1]["compile_seconds"] > 0.0

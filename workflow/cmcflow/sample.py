@@ -144,14 +144,22 @@ def tempered(model, power: float) -> temper_priors:
     return temper_priors(model, power=power)
 
 
-@functools.cache
-def job_sampler(
-    model, prior_power: float, settings: NutsSettings, num_chains: int, chain_method: str, num_samples: int
+def nuts_sampler(
+    model,
+    prior_power: float,
+    settings: NutsSettings,
+    num_chains: int,
+    chain_method: str,
+    num_samples: int,
+    one_program: bool,
 ) -> MCMC:
     """NumPyro's MCMC of NUTS (:class:`NutsKeepingUnconstrained`) on ``temper_priors(model,
-    prior_power)``, one per job and settings: the model's arguments are the program's
-    (``jit_model_args``; with ``"parallel"`` chains, :class:`ParallelChains`), so a job that
-    samples several shards of one shape compiles once."""
+    prior_power)``. ``one_program``: the model's arguments are the program's
+    (``jit_model_args``; with ``"parallel"`` chains, :class:`ParallelChains`), so that one
+    sampler (:data:`job_sampler`) runs every shard of a job's shape with one compiled
+    program; otherwise NumPyro closes the program over the data, which samples a large
+    shard faster (a P4 shard: 26 s against 29 s) but traces and loads the program again for
+    every run (0.2 s)."""
     kernel = NutsKeepingUnconstrained(
         tempered(model, prior_power),
         target_accept_prob=settings.target_accept_prob,
@@ -159,15 +167,20 @@ def job_sampler(
         dense_mass=settings.dense_mass,
         init_strategy=init_to_uniform(radius=INIT_RADIUS),
     )
+    parallel = chain_method == "parallel" and one_program
     return MCMC(
         kernel,
         num_warmup=settings.num_warmup,
         num_samples=num_samples,
         num_chains=num_chains,
-        chain_method=ParallelChains() if chain_method == "parallel" else chain_method,
-        jit_model_args=True,
+        chain_method=ParallelChains() if parallel else chain_method,
+        jit_model_args=one_program,
         progress_bar=False,
     )
+
+
+#: One :func:`nuts_sampler` per job and settings, for ``one_program`` runs.
+job_sampler = functools.cache(nuts_sampler)
 
 
 def run_nuts(
@@ -181,6 +194,7 @@ def run_nuts(
     init_params: Mapping[str, jax.Array] | None = None,
     chain_method: str = "parallel",
     checkpoint: Checkpoint | None = None,
+    one_program: bool = False,
 ) -> NutsDraws:
     """NUTS on ``temper_priors(model, prior_power)(**kwargs)``, ``num_chains`` chains.
 
@@ -189,8 +203,11 @@ def run_nuts(
     ``chain_method``: NumPyro's; the stage always runs ``"parallel"`` (one chain per
     device), ``bench/sample_chains.py`` compares it with ``"sequential"`` and ``"vectorized"``.
 
-    Without a ``checkpoint``, warmup and draws are one program, and the job's sampler
-    (:func:`job_sampler`) runs it for every shard. With one, warmup runs
+    ``one_program``: the job samples several shards of one shape (``sample.shards_per_job``
+    > 1), so the job's sampler (:data:`job_sampler`) traces and compiles NUTS once for all
+    of them (:func:`nuts_sampler`); the draws are the same either way.
+
+    Without a ``checkpoint``, warmup and draws are one program. With one, warmup runs
     first, then the draws in blocks of ``checkpoint.every``, each block continuing the
     chains from the state the last one left; the state and the draws so far are saved after
     warmup and after every block but the last, and a run that finds its checkpoint goes on
@@ -198,7 +215,8 @@ def run_nuts(
     """
 
     def sampler(num_samples: int) -> MCMC:
-        return job_sampler(model, prior_power, settings, num_chains, chain_method, num_samples)
+        make = job_sampler if one_program and checkpoint is None else nuts_sampler
+        return make(model, prior_power, settings, num_chains, chain_method, num_samples, one_program)
 
     if checkpoint is None:  # one program for warmup and draws
         mcmc = sampler(settings.num_samples)
@@ -210,7 +228,7 @@ def run_nuts(
         )
     block = min(checkpoint.every, settings.num_samples)
     # a sampler of this run's own: its state and block size change as the blocks go
-    mcmc = job_sampler.__wrapped__(model, prior_power, settings, num_chains, chain_method, block)
+    mcmc = sampler(block)
     saved = checkpoint.load()
     if saved is None:
         mcmc.warmup(rng_key, init_params=init_params, extra_fields=EXTRA_FIELDS, collect_warmup=False, **kwargs)
@@ -257,6 +275,7 @@ def sample_run(
     chains: int,
     chain_method: str = "parallel",
     checkpoint_path: str | os.PathLike | None = None,
+    one_program: bool = False,
 ) -> tuple[Run, dict]:
     """NUTS on shard ``shard`` (or on all rows: ``num_shards=1``, ``shard=-1``), ``chains``
     chains (``chain_method`` as in :func:`run_nuts`: "parallel", one per device, or
@@ -264,7 +283,8 @@ def sample_run(
 
     ``checkpoint_path``: where the run keeps its checkpoint (``settings.checkpoint_every``
     > 0); a checkpoint there of this same run (features, options, settings, versions) is
-    resumed. The caller removes it once the run is written.
+    resumed. The caller removes it once the run is written. ``one_program``: as in
+    :func:`run_nuts` (a job of several shards).
     Returns the run (``posterior``, ``unconstrained_posterior``, ``sample_stats`` and, but for
     rigid models, ``curvature``; run facts in ``posterior.attrs``; :data:`~cmcflow.runs.Run`)
     and its diagnostics dict.
@@ -303,6 +323,7 @@ def sample_run(
         init_params=initial_values(spec, features, options, kwargs, chains, seed, shard),
         chain_method=chain_method,
         checkpoint=checkpoint,
+        one_program=one_program,
     )
     compile_seconds = COMPILE_CLOCK.seconds - compile_before
     sampling_seconds = time.perf_counter() - started - compile_seconds
@@ -378,6 +399,7 @@ def sample_shard_files(
     chains: int,
     chain_method: str = "parallel",
     checkpoint_path: str | os.PathLike | None = None,
+    one_program: bool = False,
 ) -> dict:
     """:func:`sample_run` on shard ``shard``, written to its posterior (NetCDF) and
     diagnostics (JSON) files; returns the diagnostics.
@@ -400,6 +422,7 @@ def sample_shard_files(
             chains=chains,
             chain_method=chain_method,
             checkpoint_path=checkpoint_path,
+            one_program=one_program,
         )
     except Exception as error:
         if is_transient(error):
