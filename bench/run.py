@@ -3,8 +3,10 @@
 
 Benchmarks are not tests: each measures what users pay for on this machine, repeats it
 (median and min–max of >= 3 runs) and writes ``bench/results/<name>.json`` and ``.md``.
-Run them on an otherwise idle machine; they take about 2.5 hours on 2 cores: P4 (three
-repeats of 8 shards and a 21-minute full-data run) about 115 minutes, the others 43.
+Run them on an otherwise idle machine; they take about 2 hours on 2 cores: P4 about 35
+minutes (three repeats of 8 shards and a 5-minute full-data run), plus 19 minutes once for
+its accuracy reference (full-data NUTS, 4 x 2,500 draws, kept beside its working
+directory), the others about 45.
 
     python bench/run.py                 # all of them
     python bench/run.py P1 P2           # some; the summary still lists every result present
