@@ -109,7 +109,7 @@ class NutsKeepingUnconstrained(NUTS):
 class ParallelChains:
     """A NumPyro ``chain_method``: one chain per device (``jax.pmap``, as NumPyro's
     ``"parallel"``), with the model's data arrays passed to the program instead of closed
-    over, so that a job's one :class:`~numpyro.infer.MCMC` (:func:`job_sampler`) traces its
+    over, so that a job's one :class:`~numpyro.infer.MCMC` (:data:`job_sampler`) traces its
     chains' program once and runs every shard of the same shapes with it (NumPyro's
     ``"parallel"`` traces, lowers and loads it again for every run).
 
