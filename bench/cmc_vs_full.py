@@ -91,6 +91,16 @@ def flat_draws(posterior, name: str) -> np.ndarray:
     return values.reshape(values.shape[0] * values.shape[1], -1)
 
 
+def error_figures(errors: np.ndarray, ratios: np.ndarray) -> dict:
+    """The largest and mean |mean error| (sd) and the range of sd ratios over coefficients."""
+    return {
+        "max_mean_error_sd": float(errors.max()),
+        "mean_mean_error_sd": float(errors.mean()),
+        "min_sd_ratio": float(ratios.min()),
+        "max_sd_ratio": float(ratios.max()),
+    }
+
+
 def accuracy(posterior, full) -> dict:
     """Largest |mean error| (full-data sd) and the range of sd ratios over all coefficients,
     of a posterior against the full-data one."""
@@ -99,13 +109,7 @@ def accuracy(posterior, full) -> dict:
         cmc, reference = flat_draws(posterior, name), flat_draws(full, name)
         errors.append(np.abs(cmc.mean(axis=0) - reference.mean(axis=0)) / reference.std(axis=0))
         ratios.append(cmc.std(axis=0) / reference.std(axis=0))
-    errors, ratios = np.concatenate(errors), np.concatenate(ratios)
-    return {
-        "max_mean_error_sd": float(errors.max()),
-        "mean_mean_error_sd": float(errors.mean()),
-        "min_sd_ratio": float(ratios.min()),
-        "max_sd_ratio": float(ratios.max()),
-    }
+    return error_figures(np.concatenate(errors), np.concatenate(ratios))
 
 
 def summary_accuracy(summary, full) -> dict:
@@ -118,13 +122,7 @@ def summary_accuracy(summary, full) -> dict:
         rows = summary.loc[labels]
         errors.append(np.abs(rows["mean"].to_numpy() - reference.mean(axis=0)) / reference.std(axis=0))
         ratios.append(rows["sd"].to_numpy() / reference.std(axis=0))
-    errors, ratios = np.concatenate(errors), np.concatenate(ratios)
-    return {
-        "max_mean_error_sd": float(errors.max()),
-        "mean_mean_error_sd": float(errors.mean()),
-        "min_sd_ratio": float(ratios.min()),
-        "max_sd_ratio": float(ratios.max()),
-    }
+    return error_figures(np.concatenate(errors), np.concatenate(ratios))
 
 
 def reference_run(directory: Path) -> tuple[Path, dict]:
