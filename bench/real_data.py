@@ -85,34 +85,27 @@ def errors(summary: pd.DataFrame, full: pd.DataFrame) -> dict:
     }
 
 
-def laplace(model, kwargs: dict, shapes: dict) -> tuple[np.ndarray, np.ndarray]:
+def laplace(model, kwargs: dict, shapes: tuple) -> tuple[np.ndarray, np.ndarray]:
     """Mode ``(D,)`` of ``model(**kwargs)``'s potential energy in the unconstrained space
-    (SciPy's L-BFGS-B from 0, then one Newton step) and the Hessian ``(D, D)`` there, sites
-    ``shapes`` ``{site: shape}`` flattened in order."""
+    (SciPy's L-BFGS-B from 0, then one Newton step) and the Hessian ``(D, D)`` there, the
+    sites ``shapes`` ``((name, shape), …)`` flattened in order."""
     import jax
     import jax.numpy as jnp
-    from numpyro.infer.util import potential_energy
     from scipy.optimize import minimize
 
-    from cmcflow.transforms import potential_hessian
+    from cmcflow.transforms import flat_potential
 
-    sizes = [int(np.prod(shape, dtype=int)) for shape in shapes.values()]
-    splits = np.cumsum(sizes)[:-1]
-
-    def position(flat):
-        return {name: part.reshape(shape) for (name, shape), part in zip(shapes.items(), jnp.split(flat, splits))}
-
-    energy = jax.jit(jax.value_and_grad(lambda flat: potential_energy(model, (), kwargs, position(flat))))
+    potential = flat_potential(model, kwargs, shapes)
+    energy, hessian = jax.jit(jax.value_and_grad(potential)), jax.jit(jax.hessian(potential))
     found = minimize(
         lambda flat: tuple(np.asarray(value, dtype=float) for value in energy(jnp.asarray(flat))),
-        np.zeros(sum(sizes)),
+        np.zeros(sum(int(np.prod(shape, dtype=int)) for _, shape in shapes)),
         jac=True,
         method="L-BFGS-B",
         options={"maxiter": 10_000, "gtol": 1e-9},
     )
-    hessian = potential_hessian(model, kwargs, position(jnp.asarray(found.x)))
-    mode = found.x - np.linalg.solve(hessian, np.asarray(energy(jnp.asarray(found.x))[1]))
-    return mode, potential_hessian(model, kwargs, position(jnp.asarray(mode)))
+    mode = found.x - np.linalg.solve(hessian(found.x), np.asarray(energy(found.x)[1]))
+    return mode, np.asarray(hessian(mode))
 
 
 def gaussian_product(data_set: str, num_shards: int) -> dict:
@@ -148,7 +141,7 @@ def gaussian_product(data_set: str, num_shards: int) -> dict:
 
     full = kwargs(np.arange(len(table)))
     initial = initialize_model(jax.random.PRNGKey(0), spec.numpyro_model, model_kwargs=full).param_info.z
-    shapes = {site: np.shape(value) for site, value in initial.items()}  # unconstrained
+    shapes = tuple((site, np.shape(value)) for site, value in initial.items())  # unconstrained
     mode, hessian = laplace(spec.numpyro_model, full, shapes)
     shards = [
         laplace(tempered(spec.numpyro_model, 1 / num_shards), kwargs(rows), shapes)
@@ -157,11 +150,7 @@ def gaussian_product(data_set: str, num_shards: int) -> dict:
     precision = sum(shard_hessian for _, shard_hessian in shards)
     mean = np.linalg.solve(precision, sum(shard_hessian @ shard_mode for shard_mode, shard_hessian in shards))
     error = np.abs(mean - mode) / np.sqrt(np.diag(np.linalg.inv(hessian)))
-    names = [
-        f"{site}[{i}]" if shape else site
-        for site, shape in shapes.items()
-        for i in range(int(np.prod(shape, dtype=int)))
-    ]
+    names = [f"{site}[{i}]" if shape else site for site, shape in shapes for i in range(int(np.prod(shape, dtype=int)))]
     disagreement = sum(
         (shard_mode - mean) @ shard_hessian @ (shard_mode - mean) for shard_mode, shard_hessian in shards
     )

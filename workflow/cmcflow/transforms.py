@@ -108,16 +108,23 @@ def potential_hessian(model: Callable, kwargs: Mapping, position: Mapping[str, n
     return np.asarray(_compiled_hessian(model, static, shapes, arrays, flat))
 
 
-def _hessian(model: Callable, static: tuple, shapes: tuple, arrays: Mapping, flat: jax.Array) -> jax.Array:
+def flat_potential(model: Callable, kwargs: Mapping, shapes: tuple) -> Callable[[jax.Array], jax.Array]:
+    """``model(**kwargs)``'s potential energy U = −log p(θ, y) in the unconstrained space as a
+    function of the flat vector θ ``(D,)``: the sites ``shapes`` ``((name, shape), …)`` in
+    order, each row-major."""
     sizes = [int(np.prod(shape, dtype=int)) for _, shape in shapes]
     splits = np.cumsum(sizes)[:-1].tolist()
 
     def potential(flat):
         parts = jnp.split(flat, splits)
         params = {name: part.reshape(shape) for (name, shape), part in zip(shapes, parts)}
-        return potential_energy(model, (), {**arrays, **dict(static)}, params)
+        return potential_energy(model, (), kwargs, params)
 
-    return jax.hessian(potential)(flat)
+    return potential
+
+
+def _hessian(model: Callable, static: tuple, shapes: tuple, arrays: Mapping, flat: jax.Array) -> jax.Array:
+    return jax.hessian(flat_potential(model, {**arrays, **dict(static)}, shapes))(flat)
 
 
 _compiled_hessian = jax.jit(_hessian, static_argnums=(0, 1, 2))
