@@ -104,7 +104,7 @@ def laplace(model, kwargs: dict, shapes: tuple) -> tuple[np.ndarray, np.ndarray]
         method="L-BFGS-B",
         options={"maxiter": 10_000, "gtol": 1e-9},
     )
-    mode = found.x - np.linalg.solve(hessian(found.x), np.asarray(energy(found.x)[1]))
+    mode = found.x - np.linalg.solve(hessian(found.x), found.jac)
     return mode, np.asarray(hessian(mode))
 
 
