@@ -34,6 +34,7 @@ import pandas as pd
 from common import RESULTS, schema_default, snakemake, target, workflow_config, write_results
 
 from cmcflow.examples import DATA_SETS
+from cmcflow.importance import is_reliable
 
 #: combine settings compared, each a rerun of combine onwards on the same shard runs: draw
 #: weights and Hessian weights (the default), each with the default screen and with every
@@ -213,13 +214,15 @@ def write_tables(cases: dict, products: dict, measured: str | None = None) -> No
     for name in DATA_SETS:  # like with like: the combination of every shard against all rows
         same_rows = cases["hessian, every shard"][name]
         plain, fixed, khat = same_rows["combined"], same_rows["corrected"], same_rows["khat"]
+        ess = same_rows["effective_sample_size"]
+        warned = "" if is_reliable(khat, ess) else " (the report warns)"
         exact = fixed["max_mean_error_sd"] <= 0.1 and 0.9 <= fixed["sd_ratio"][0] and fixed["sd_ratio"][1] <= 1.1
         targets.append(
             target(
                 "R1",
                 f"{name}: corrected, largest mean error; sd ratios (K = 8, every shard)",
                 f"{fixed['max_mean_error_sd']:.3f} sd; {fixed['sd_ratio'][0]:.3f}–{fixed['sd_ratio'][1]:.3f}; "
-                f"k-hat {khat:.2f}",
+                f"k-hat {khat:.2f}, ESS {ess:.0f}{warned}",
                 "<= 0.1 sd and 0.9–1.1, or k-hat >= 0.7",
                 exact or khat >= 0.7,
             )

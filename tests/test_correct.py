@@ -87,7 +87,28 @@ def test_psis_recovers_a_known_target_and_flags_one_it_cannot_reach():
     gaussian, log_gaussian = importance.proposal_draws(mean, covariance, 8000, "gaussian", 5.0, rng)
     wide = -0.5 * np.sum((gaussian - mean) ** 2 / (9.0 * np.diag(covariance)), axis=1)
     assert importance.smoothed_weights(wide, log_gaussian)[1] >= importance.KHAT_RELIABLE
-    assert importance.verdict(0.8).startswith("k̂ = 0.80 ≥ 0.7: the combination is unreliable here")
+    assert importance.verdict(0.8, 4000.0).startswith("k̂ = 0.80 ≥ 0.7: the combination is unreliable here")
+
+
+def test_few_effective_draws_make_the_result_unreliable_even_where_khat_is_small():
+    """A target one proposal sd away, 128 draws: k̂ (about 0.3) passes, but the weights are
+    worth about 55 draws, a Monte Carlo error of about 0.13 sd: the verdict says so, and the
+    same target with 4,096 draws (worth about 1,500) is reliable."""
+    mean, covariance = np.zeros(3), np.eye(3)
+    target = np.array([1.0, 0.0, 0.0])
+    for draws, reliable in ((128, False), (4096, True)):
+        points, log_q = importance.proposal_draws(mean, covariance, draws, "gaussian", 5.0, np.random.default_rng(0))
+        proposal = {"draws": points, "log_density": log_q}
+        log_likelihood = -0.5 * np.sum((points - target) ** 2, axis=1)
+        figures = correct_draws(proposal, [log_likelihood], np.zeros(draws), draws, seed=0).figures
+        assert figures["khat"] < importance.KHAT_RELIABLE
+        assert (figures["effective_sample_size"] >= importance.ESS_RELIABLE) is reliable
+        assert figures["reliable"] is reliable
+    assert figures["verdict"].endswith("exact up to Monte Carlo error")
+    assert importance.verdict(0.31, 55.0) == (
+        "k̂ = 0.31 < 0.7, but the weights rest on 55 draws' worth (effective sample size < 100): the corrected "
+        "posterior may be off by about 0.1 sd or more; raise correct.draws, or use fewer, larger shards"
+    )
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "student_t"])

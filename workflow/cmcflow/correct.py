@@ -54,18 +54,20 @@ def correct_draws(
 ) -> Correction:
     """The importance weights of the proposal's draws, the indices into them that make the
     corrected posterior's draws (systematic resampling of the PSIS-weighted draws), and the
-    figures: k̂, the effective sample size, the weighted mean and sd of every flat
+    figures: k̂, the effective sample size, whether they make the result reliable
+    (:func:`cmcflow.importance.is_reliable`), the weighted mean and sd of every flat
     parameter, the verdict."""
     log_target = log_priors + np.sum(log_likelihoods, axis=0)
     log_weights, khat = importance.smoothed_weights(log_target, proposal["log_density"])
     mean, sd = importance.weighted_moments(proposal["draws"], log_weights)
     indices = importance.resample(log_weights, num_resampled, np.random.default_rng(seed))
+    effective_sample_size = importance.effective_sample_size(log_weights)
     figures = {
         "khat": khat,
-        "reliable": khat < importance.KHAT_RELIABLE,
-        "effective_sample_size": importance.effective_sample_size(log_weights),
+        "reliable": importance.is_reliable(khat, effective_sample_size),
+        "effective_sample_size": effective_sample_size,
         "proposal_draws": len(log_weights),
-        "verdict": importance.verdict(khat),
+        "verdict": importance.verdict(khat, effective_sample_size),
         "unconstrained_mean": mean.tolist(),
         "unconstrained_sd": sd.tolist(),
     }
@@ -152,7 +154,13 @@ def write_correction(inputs, outputs, settings: Mapping) -> dict:
         "largest_combined_shift_sd": float(shifts.abs().max()),
         "combined_shift_sd": {name: float(value) for name, value in shifts.items()},
     }
-    log.info("%s; ESS %.0f of %d draws", record["verdict"], record["effective_sample_size"], draws)
+    log.log(
+        logging.INFO if record["reliable"] else logging.WARNING,
+        "%s; ESS %.0f of %d draws",
+        record["verdict"],
+        record["effective_sample_size"],
+        draws,
+    )
     idata.posterior.attrs.update(
         {key: record[key] for key in ("khat", "effective_sample_size", "verdict", "proposal", "precision")}
     )

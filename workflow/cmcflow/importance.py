@@ -14,7 +14,9 @@ log w_j = log π(θ_j) − log q(θ_j). Pareto-smoothed importance sampling (Veh
 2024; ArviZ's ``psislw``) smooths the largest weights and estimates the Pareto shape k̂ of
 their tail: below 0.7 the weighted draws estimate π's expectations with Monte Carlo error
 only; at or above it the proposal, and so the combination it came from, is too far from
-the posterior for any weighting to repair.
+the posterior for any weighting to repair. The effective sample size 1 / Σ w̃_j² says how
+large that Monte Carlo error can be: below :data:`ESS_RELIABLE` the result is not trusted
+either.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from scipy import stats
 
 #: k̂ below this: the corrected posterior is exact up to Monte Carlo error (Vehtari et al.).
 KHAT_RELIABLE = 0.7
+#: Effective sample size below this: however small k̂, the weighted moments rest on fewer than
+#: this many independent draws' worth, so their Monte Carlo error may reach 1/√100 = 0.1
+#: posterior sd (weights that concentrate on a few draws lose the evenness of Sobol' points).
+#: A second signal beside k̂, whose estimate is itself noisy near 0.7.
+ESS_RELIABLE = 100
 PROPOSALS = ("gaussian", "student_t")
 
 
@@ -105,15 +112,28 @@ def resample(log_weights: np.ndarray, num_draws: int, rng: np.random.Generator) 
     return np.minimum(np.searchsorted(np.cumsum(weights), positions), len(weights) - 1)
 
 
-def verdict(khat: float) -> str:
-    """What k̂ means for the user, in one sentence."""
-    if khat < KHAT_RELIABLE:
-        return f"k̂ = {khat:.2f} < {KHAT_RELIABLE}: the corrected posterior is exact up to Monte Carlo error"
-    return (
-        f"k̂ = {khat:.2f} ≥ {KHAT_RELIABLE}: the combination is unreliable here (the shards' subposteriors are too "
-        "far from Gaussian for consensus Monte Carlo, and too far for importance weights to repair): use fewer, "
-        "larger shards"
-    )
+def is_reliable(khat: float, effective_sample_size: float) -> bool:
+    """Whether the corrected posterior can be trusted: k̂ below :data:`KHAT_RELIABLE` and an
+    effective sample size of at least :data:`ESS_RELIABLE`."""
+    return khat < KHAT_RELIABLE and effective_sample_size >= ESS_RELIABLE
+
+
+def verdict(khat: float, effective_sample_size: float) -> str:
+    """What k̂ and the effective sample size mean for the user, in one sentence."""
+    if khat >= KHAT_RELIABLE:
+        return (
+            f"k̂ = {khat:.2f} ≥ {KHAT_RELIABLE}: the combination is unreliable here (the shards' subposteriors are "
+            "too far from Gaussian for consensus Monte Carlo, and too far for importance weights to repair): use "
+            "fewer, larger shards"
+        )
+    if effective_sample_size < ESS_RELIABLE:
+        return (
+            f"k̂ = {khat:.2f} < {KHAT_RELIABLE}, but the weights rest on {effective_sample_size:.0f} draws' worth "
+            f"(effective sample size < {ESS_RELIABLE}): the corrected posterior may be off by about "
+            f"{1 / math.sqrt(max(effective_sample_size, 1.0)):.1f} sd or more; raise correct.draws, or use fewer, "
+            "larger shards"
+        )
+    return f"k̂ = {khat:.2f} < {KHAT_RELIABLE}: the corrected posterior is exact up to Monte Carlo error"
 
 
 def propose(gaussian: Mapping[str, np.ndarray], settings: Mapping) -> dict[str, np.ndarray]:
