@@ -35,7 +35,9 @@ import numpy as np  # noqa: E402
 from cmcflow.models.structure import read_structure  # noqa: E402
 from cmcflow.overlay import MIRROR, OverlaySettings, align_overlay, overlay_batch, quaternion_matrix, spread_rotations  # noqa: E402
 
-SETTINGS = OverlaySettings(iterations=100, spread_starts=8, allow_reflection=True, use_correspondence=False)
+SETTINGS = OverlaySettings(
+    iterations=100, axis_orders="matched", spread_starts=8, allow_reflection=True, use_correspondence=False
+)
 SIZES = (20, 30, 40, 50, 60)
 TARGET = 2.0  # issue 6: shard_map >= 2x the per-pair loop
 

@@ -37,6 +37,7 @@ with reported_errors():
         allow_reflection=settings["allow_reflection"],
         overlay=OverlaySettings(
             iterations=settings["iterations"],
+            axis_orders=settings["axis_orders"],
             spread_starts=settings["spread_starts"],
             allow_reflection=settings["allow_reflection"],
             use_correspondence=True,

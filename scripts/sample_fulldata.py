@@ -50,6 +50,7 @@ with reported_errors():
         reference, _ = build_reference([idata], spec.point_site, align["allow_reflection"])
         overlay = OverlaySettings(
             iterations=align["iterations"],
+            axis_orders=align["axis_orders"],
             spread_starts=align["spread_starts"],
             allow_reflection=align["allow_reflection"],
             use_correspondence=True,

@@ -6,17 +6,22 @@ import numpy as np
 import pytest
 
 from cmcflow.overlay import (
+    AXIS_ORDERS,
     MIRROR,
     OverlaySettings,
     align_overlay,
     occupied_widths,
+    principal_axes,
+    principal_axes_rotations,
     quaternion_matrix,
     spread_rotations,
     width_plan,
 )
 from cmcflow.superposition import align_kabsch
 
-SETTINGS = OverlaySettings(iterations=30, spread_starts=8, allow_reflection=True, use_correspondence=False)
+SETTINGS = OverlaySettings(
+    iterations=30, axis_orders="matched", spread_starts=8, allow_reflection=True, use_correspondence=False
+)
 
 
 def random_rotation(rng) -> np.ndarray:
@@ -62,7 +67,9 @@ def test_reflection_is_not_tried_unless_allowed():
     rng = np.random.default_rng(2)
     ref, fit, _ = moved_clouds(rng, batch=2, points=25, mirrored=True)
     mask = np.ones(ref.shape[:2], dtype=bool)
-    proper_only = OverlaySettings(iterations=30, spread_starts=8, allow_reflection=False, use_correspondence=False)
+    proper_only = OverlaySettings(
+        iterations=30, axis_orders="matched", spread_starts=8, allow_reflection=False, use_correspondence=False
+    )
     result = align_overlay(ref, fit, mask, mask, settings=proper_only)
     assert np.allclose(np.linalg.det(result.transforms[:, :3, :3]), 1.0)
     assert np.all(result.scores < 0.9)
@@ -171,8 +178,36 @@ def test_overlay_without_spread_starts():
     ref = rng.normal(scale=3.0, size=(2, 12, 3))
     fit = ref @ random_rotation(rng).T + 1.5
     mask = np.ones((2, 12), dtype=bool)
-    settings = OverlaySettings(iterations=50, spread_starts=0, allow_reflection=False, use_correspondence=True)
+    settings = OverlaySettings(
+        iterations=50, axis_orders="matched", spread_starts=0, allow_reflection=False, use_correspondence=True
+    )
     assert spread_rotations(0).shape == (0, 3, 3) and settings.starts_per_pair == 6
     result = align_overlay(ref, fit, mask, mask, settings=settings, devices=2)
     np.testing.assert_allclose(result.points, ref, atol=1e-5)
     np.testing.assert_allclose(result.scores, 1.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("orders", sorted(AXIS_ORDERS))
+def test_principal_axes_starts_are_distinct_proper_rotations_between_the_two_frames(orders):
+    """Every principal-axes start is a proper rotation that puts each of the fit's principal
+    axes on one of the reference's (up to sign), 4 per axis order and no two alike; ``all``
+    gives all 24 such rotations, ``matched`` pairs largest with largest."""
+    rng = np.random.default_rng(3)
+    ref, fit = rng.normal(scale=[4.0, 2.0, 1.0], size=(2, 20, 3))
+    fit = fit @ MIRROR  # a left-handed frame on one side: the starts stay proper all the same
+    weights = np.ones(20)
+    rotations = np.asarray(principal_axes_rotations(ref, weights, fit, weights, AXIS_ORDERS[orders]))
+    assert rotations.shape == (4 * len(AXIS_ORDERS[orders]), 3, 3)
+    np.testing.assert_allclose(
+        rotations @ np.swapaxes(rotations, 1, 2), np.broadcast_to(np.eye(3), rotations.shape), atol=1e-12
+    )
+    np.testing.assert_allclose(np.linalg.det(rotations), 1.0, atol=1e-12)
+    frame_map = np.asarray(principal_axes(ref, weights)).T @ rotations @ np.asarray(principal_axes(fit, weights))
+    np.testing.assert_allclose(np.abs(frame_map), np.round(np.abs(frame_map)), atol=1e-12)  # signed permutations
+    assert len({tuple(np.round(m).ravel()) for m in frame_map}) == len(rotations)
+    if orders == "matched":
+        np.testing.assert_allclose(np.abs(frame_map), np.broadcast_to(np.eye(3), frame_map.shape), atol=1e-12)
+    settings = OverlaySettings(
+        iterations=1, axis_orders=orders, spread_starts=4, allow_reflection=True, use_correspondence=True
+    )
+    assert settings.starts_per_pair == 2 * (1 + len(rotations) + 4 + 1)

@@ -2,7 +2,7 @@
 
 Maximise the Tanimoto overlap of Gaussian volumes (:mod:`cmcflow.superposition`) over
 rigid motions x ↦ L x + t: L-BFGS (optax) on (unit quaternion, translation) from several
-starts per pair (identity, 4 principal-axes alignments, well-spread rotations, and the
+starts per pair (identity, principal-axes alignments, well-spread rotations, and the
 Kabsch solution when points correspond), all starts of all pairs of a device's batch in
 one ``lax.while_loop`` that stops when every score has settled. No correspondence between
 points is needed. With ``allow_reflection`` the mirrored fit is tried too (distance data
@@ -13,6 +13,7 @@ det L = −1.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -35,6 +36,15 @@ from cmcflow.superposition import (
 
 #: Mirror through the y-z plane: composed with a proper rotation it gives det −1.
 MIRROR = np.diag([-1.0, 1.0, 1.0])
+#: Which of the fit's principal axes (by variance, largest first) the principal-axes starts
+#: put on the reference's first, second and third: ``matched`` pairs largest with largest;
+#: ``cyclic`` adds the two cyclic shifts (two different molecules need not order their
+#: axes alike); ``all`` every order. Each order gives 4 proper rotations (the axes' signs).
+AXIS_ORDERS = {
+    "matched": ((0, 1, 2),),
+    "cyclic": ((0, 1, 2), (1, 2, 0), (2, 0, 1)),
+    "all": tuple(itertools.permutations(range(3))),
+}
 #: Widths that programs are compiled for are multiples of this many points.
 WIDTH_STEP = 8
 #: Pairs per device in one distributed call; a width's last call is padded with empty pairs.
@@ -49,13 +59,15 @@ PROGRAM_COST_PAIRS = 430
 class OverlaySettings:
     """Settings of the overlay optimisation (hashable: they key the compiled function).
 
-    ``iterations``: the most L-BFGS iterations; ``linesearch_steps``: the most zoom
+    ``iterations``: the most L-BFGS iterations; ``axis_orders``: a key of
+    :data:`AXIS_ORDERS`; ``linesearch_steps``: the most zoom
     line-search steps per iteration (under vmap every lane waits for the longest search,
     so optax's default of 20 costs time and no score); ``tolerance``:
     a pair settles once its best score changes by no more than this in one iteration.
     """
 
     iterations: int
+    axis_orders: str
     spread_starts: int
     allow_reflection: bool
     use_correspondence: bool
@@ -65,8 +77,9 @@ class OverlaySettings:
 
     @property
     def starts_per_pair(self) -> int:
-        """Identity + 4 principal-axes + spread rotations (+ Kabsch), doubled with reflection."""
-        proper = 1 + 4 + self.spread_starts + int(self.use_correspondence)
+        """Identity + 4 principal-axes per axis order + spread rotations (+ Kabsch), doubled
+        with reflection."""
+        proper = 1 + 4 * len(AXIS_ORDERS[self.axis_orders]) + self.spread_starts + int(self.use_correspondence)
         return proper * (2 if self.allow_reflection else 1)
 
 
@@ -91,16 +104,20 @@ def principal_axes(points: jax.Array, weights: jax.Array) -> jax.Array:
     return vectors[:, ::-1]
 
 
-def principal_axes_rotations(ref, ref_w, fit, fit_w) -> jax.Array:
-    """``(4, 3, 3)`` proper rotations taking the fit's principal axes onto the reference's,
-    one for each sign choice of the two longest axes (the third sign keeps det = +1)."""
+def principal_axes_rotations(ref, ref_w, fit, fit_w, orders) -> jax.Array:
+    """``(4 · len(orders), 3, 3)`` proper rotations taking the fit's principal axes onto the
+    reference's: for each order ``o`` in ``orders`` (the fit's axes, by index, put on the
+    reference's first, second and third), one rotation per sign choice of the first two
+    (the third sign keeps det = +1)."""
     axes_ref, axes_fit = principal_axes(ref, ref_w), principal_axes(fit, fit_w)
     handedness = jnp.linalg.det(axes_ref) * jnp.linalg.det(axes_fit)
-    rotations = [
-        axes_ref @ jnp.diag(jnp.array([s1, s2, s1 * s2 * handedness])) @ axes_fit.T
-        for s1 in (1.0, -1.0)
-        for s2 in (1.0, -1.0)
-    ]
+    rotations = []
+    for order in orders:
+        permutation = np.eye(3)[list(order)]  # row i picks the fit's axis order[i]
+        parity = np.linalg.det(permutation)
+        for s1, s2 in itertools.product((1.0, -1.0), repeat=2):
+            signs = jnp.array([s1, s2, s1 * s2 * parity * handedness])
+            rotations.append(axes_ref @ (signs[:, None] * permutation) @ axes_fit.T)
     return jnp.stack(rotations)
 
 
@@ -120,7 +137,8 @@ def start_linear_maps(ref, ref_w, fit, fit_w, spread: jax.Array, settings: Overl
     ``spread`` holds the ``(spread_starts, 3, 3)`` well-spread rotations."""
 
     def proper_starts(moving):
-        starts = [jnp.eye(3)[None], principal_axes_rotations(ref, ref_w, moving, fit_w), spread]
+        orders = AXIS_ORDERS[settings.axis_orders]
+        starts = [jnp.eye(3)[None], principal_axes_rotations(ref, ref_w, moving, fit_w, orders), spread]
         if settings.use_correspondence:
             starts.append(kabsch_linear(ref, moving, ref_w * fit_w, allow_reflection=False)[None])
         return jnp.concatenate(starts)
