@@ -10,6 +10,11 @@ For 10^4, 10^5 and 10^6 rows of 20 features, in each ``jax.precision``, on one J
 * **NUTS**: the wall time of one chain (warmup and sampling, compilation excluded) against
   the leapfrog steps it took × the gradient time: what NUTS adds to the gradients.
 
+Beside the gradient it times, in the same process, the least an XLA program that reads the
+data needs (one jitted sum over every data array: one read), and the gradient of the same
+model with the features stored rows-major, ``X (R, P)``, the layout before ``XT (P, R)``
+(:func:`cmcflow.models.rows.regression_features`): the measurement that chose the layout.
+
 Each precision runs in its own process (JAX's x64 mode is fixed at start-up), repeated.
 
     python bench/roofline.py [--repeats 3]
@@ -62,8 +67,8 @@ def worker(precision: str) -> dict:
 
     configure_jax(devices=1, precision=precision, compilation_cache_dir=None)
     import jax
+    import jax.numpy as jnp
     from numpyro.infer import MCMC, NUTS
-    from numpyro.infer.util import initialize_model
 
     from cmcflow.models import get_model
     from cmcflow.models.rows import correlated_features
@@ -78,16 +83,10 @@ def worker(precision: str) -> dict:
         features = spec.featurize({"features": X, "label": y}, rows, {})
         kwargs = model_kwargs(features, {"prior_sd": 2.5})
         data_bytes = sum(int(value.nbytes) for value in kwargs.values() if hasattr(value, "nbytes"))
-        setup = initialize_model(jax.random.PRNGKey(0), spec.numpyro_model, model_kwargs=kwargs)
-        gradient = jax.jit(jax.value_and_grad(setup.potential_fn))
-        position = setup.param_info.z
-        jax.block_until_ready(gradient(position))
-        times = []
-        deadline = time.perf_counter() + 2.0
-        while len(times) < 20 or (time.perf_counter() < deadline and len(times) < 2000):
-            started = time.perf_counter()
-            jax.block_until_ready(gradient(position))
-            times.append(time.perf_counter() - started)
+        times = gradient_times(spec.numpyro_model, kwargs)
+        rows_major_kwargs = {key: value for key, value in kwargs.items() if key != "XT"} | {"X": kwargs["XT"].T.copy()}
+        read_once = jax.jit(lambda arrays: sum(jnp.sum(array) for array in arrays))
+        arrays = [value for value in kwargs.values() if hasattr(value, "nbytes")]
 
         mcmc = MCMC(
             NUTS(spec.numpyro_model),
@@ -107,10 +106,52 @@ def worker(precision: str) -> dict:
             "data_bytes": data_bytes,
             "gradient_seconds": float(np.median(times)),
             "gradient_calls": len(times),
+            "rows_major_gradient_seconds": float(np.median(gradient_times(rows_major_logistic, rows_major_kwargs))),
+            "read_once_seconds": float(np.median(call_times(read_once, arrays))),
             "leapfrog_steps": steps,
             "nuts_seconds": nuts_seconds,
         }
     return results
+
+
+def gradient_times(model, kwargs: dict) -> list[float]:
+    """Seconds of each call of the jitted value and gradient of ``model``'s potential energy
+    at its initial point (compiled first)."""
+    import jax
+    from numpyro.infer.util import initialize_model
+
+    setup = initialize_model(jax.random.PRNGKey(0), model, model_kwargs=kwargs)
+    return call_times(jax.jit(jax.value_and_grad(setup.potential_fn)), setup.param_info.z)
+
+
+def call_times(function, argument) -> list[float]:
+    """Seconds of each of at least 20 calls of ``function(argument)`` (2 s at most beyond
+    that, at most 2,000), after a first call that compiles it."""
+    import jax
+
+    jax.block_until_ready(function(argument))
+    times = []
+    deadline = time.perf_counter() + 2.0
+    while len(times) < 20 or (time.perf_counter() < deadline and len(times) < 2000):
+        started = time.perf_counter()
+        jax.block_until_ready(function(argument))
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def rows_major_logistic(X, y, offset, mask, prior_sd):
+    """The logistic model with the features as ``X (R, P)`` (no weights): the layout the
+    built-in models used before ``XT``, timed beside them."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    from cmcflow.models.rows import in_data_precision
+
+    intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
+    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
+    intercept, beta = in_data_precision(X, intercept, beta)
+    with numpyro.plate("rows", X.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=intercept + X @ beta + offset).mask(mask), obs=y)
 
 
 def main(repeats: int) -> None:
@@ -141,6 +182,14 @@ def main(repeats: int) -> None:
                 "bandwidth_bound_seconds": bound,
                 "gradient_seconds": gradient,
                 "gradient_over_bound": spread([entry["gradient_seconds"] / bound for entry in entries]),
+                "read_once_seconds": spread([entry["read_once_seconds"] for entry in entries]),
+                "gradient_over_read_once": spread(
+                    [entry["gradient_seconds"] / entry["read_once_seconds"] for entry in entries]
+                ),
+                "rows_major_gradient_seconds": spread([entry["rows_major_gradient_seconds"] for entry in entries]),
+                "rows_major_over_gradient": spread(
+                    [entry["rows_major_gradient_seconds"] / entry["gradient_seconds"] for entry in entries]
+                ),
                 "leapfrog_steps": spread([entry["leapfrog_steps"] for entry in entries]),
                 "nuts_seconds": spread([entry["nuts_seconds"] for entry in entries]),
                 "nuts_over_steps_times_gradient": spread(
@@ -196,6 +245,24 @@ def main(repeats: int) -> None:
             f"{entry['leapfrog_steps']['median']:.0f} | {cell(entry['nuts_seconds'])} | "
             f"{cell(entry['nuts_over_steps_times_gradient'])} |"
         )
+    table += [
+        "",
+        "Where the gradient's time goes: one read of the data in XLA (a jitted sum over every data array), "
+        "and the same model's gradient with the features stored rows-major, X (R, P), the layout before XT (P, R).",
+        "",
+        "| precision | rows | one read (ms) | one read / bound | gradient / one read "
+        "| gradient, rows-major X (ms) | rows-major / XT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry in sizes.values():
+        read_ms = {k: v * 1e3 for k, v in entry["read_once_seconds"].items() if k != "runs"}
+        rows_major_ms = {k: v * 1e3 for k, v in entry["rows_major_gradient_seconds"].items() if k != "runs"}
+        table.append(
+            f"| {entry['precision']} | {entry['rows']:,} | {cell(read_ms, 3)} | "
+            f"{entry['read_once_seconds']['median'] / entry['bandwidth_bound_seconds']:.2f} | "
+            f"{cell(entry['gradient_over_read_once'])} | {cell(rows_major_ms, 3)} | "
+            f"{cell(entry['rows_major_over_gradient'])} |"
+        )
     write_results(
         "roofline",
         {
@@ -211,13 +278,16 @@ def main(repeats: int) -> None:
 
 
 def gradient_bound(sizes: dict, precision: str) -> str:
-    """What bounds the gradient, from the table: the bytes of two passes over X (XLA's
-    forward product X β and the gradient's Xᵀ r are separate loops)."""
+    """What bounds the gradient at 10^6 rows, from the table: the gradient against one XLA
+    read of the data, and that read against the bandwidth bound."""
     large = sizes[f"{precision} {ROWS[-1]}"]
+    read_over_bound = large["read_once_seconds"]["median"] / large["bandwidth_bound_seconds"]
     return (
-        f"at 10^6 rows the gradient takes {large['gradient_over_bound']['median']:.2f}x the one-pass bound; "
-        "reverse-mode differentiation reads X twice (X beta, then X^T r: two separate XLA loops), so 2x is the "
-        "floor of this program, and the per-row terms (log1p(exp), their derivative) add compute"
+        f"at 10^6 rows the gradient takes {large['gradient_over_bound']['median']:.2f}x the one-pass bound and "
+        f"{large['gradient_over_read_once']['median']:.2f}x one XLA read of the data (itself {read_over_bound:.2f}x "
+        "the bound); reverse-mode differentiation reads XT twice (beta XT, then XT r: separate XLA loops) and "
+        "computes the per-row terms between them, so two reads are this program's floor: one pass needs a "
+        "fused kernel (an XLA custom call)"
     )
 
 

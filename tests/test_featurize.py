@@ -41,11 +41,11 @@ def featurize(shard_dir, index, out_dir, cache_dir):
 def test_every_shard_is_padded_to_one_shape(tmp_path):
     shards = make_shards(tmp_path / "a")
     results = [featurize(shards, index, tmp_path, tmp_path / "cache") for index in range(3)]
-    shapes = {features["X"].shape for _, features in results}
-    assert shapes == {(48, 2)}  # largest shard 34 rows -> next multiple of 16
+    shapes = {features["XT"].shape for _, features in results}
+    assert shapes == {(2, 48)}  # 2 features; largest shard 34 rows -> next multiple of 16
     assert [int(features["mask"].sum()) for _, features in results] == [34, 34, 33]
     for _, features in results:
-        assert not features["X"][~features["mask"]].any() and not features["y"][~features["mask"]].any()
+        assert not features["XT"][:, ~features["mask"]].any() and not features["y"][~features["mask"]].any()
 
 
 def test_identical_shards_of_another_analysis_hit_the_cache(tmp_path):

@@ -47,15 +47,15 @@ def test_readme_poisson_model_runs_end_to_end(tmp_path):
     assert np.all(np.abs(z) < 4), z
 
 
-def flat_prior_model(X, y, mask, noise_sd):
+def flat_prior_model(XT, y, mask, noise_sd):
     """Linear regression with a flat prior on the coefficients, as Stan users write it."""
     import numpyro
     import numpyro.distributions as dist
     from numpyro.distributions import constraints
 
-    beta = numpyro.sample("beta", dist.ImproperUniform(constraints.real, (), event_shape=(X.shape[1],)))
-    with numpyro.plate("rows", X.shape[0]):
-        numpyro.sample("y", dist.Normal(X @ beta, noise_sd).mask(mask), obs=y)
+    beta = numpyro.sample("beta", dist.ImproperUniform(constraints.real, (), event_shape=(XT.shape[0],)))
+    with numpyro.plate("rows", XT.shape[1]):
+        numpyro.sample("y", dist.Normal(beta @ XT, noise_sd).mask(mask), obs=y)
 
 
 def test_a_flat_prior_is_tempered_sampled_and_combined():

@@ -29,37 +29,37 @@ ROLES = (
 )
 
 
-def poisson_model(X, y, offset, mask, prior_sd):
-    """``X (R, P)``, ``y (R,)`` counts, ``offset (R,)``, ``mask (R,)`` bool (False on padding rows)."""
+def poisson_model(XT, y, offset, mask, prior_sd):
+    """``XT (P, R)`` (features transposed: one row per feature), ``y (R,)`` counts, ``offset (R,)``, ``mask (R,)`` bool (False on padding rows)."""
     import numpyro
     import numpyro.distributions as dist
 
     intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
-    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
-    with numpyro.plate("rows", X.shape[0]):
-        numpyro.sample("y", dist.Poisson(rate=_mean(intercept, X, beta, offset)).mask(mask), obs=y)
+    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([XT.shape[0]]).to_event(1))
+    with numpyro.plate("rows", XT.shape[1]):
+        numpyro.sample("y", dist.Poisson(rate=_mean(intercept, XT, beta, offset)).mask(mask), obs=y)
 
 
-def negative_binomial_model(X, y, offset, mask, prior_sd, concentration_scale):
+def negative_binomial_model(XT, y, offset, mask, prior_sd, concentration_scale):
     """As :func:`poisson_model`, with the overdispersion of a negative binomial."""
     import numpyro
     import numpyro.distributions as dist
 
     intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
-    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
+    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([XT.shape[0]]).to_event(1))
     concentration = numpyro.sample("concentration", dist.HalfNormal(concentration_scale))
-    mean = _mean(intercept, X, beta, offset)
-    concentration = in_data_precision(X, concentration)
-    with numpyro.plate("rows", X.shape[0]):
+    mean = _mean(intercept, XT, beta, offset)
+    concentration = in_data_precision(XT, concentration)
+    with numpyro.plate("rows", XT.shape[1]):
         numpyro.sample("y", dist.NegativeBinomial2(mean, concentration).mask(mask), obs=y)
 
 
-def _mean(intercept, X, beta, offset):
-    """exp(intercept + X beta + offset) ``(R,)``, in the data's precision."""
+def _mean(intercept, XT, beta, offset):
+    """exp(intercept + x_n . beta + offset_n) ``(R,)`` from ``XT (P, R)``, in the data's precision."""
     import jax.numpy as jnp
 
-    intercept, beta = in_data_precision(X, intercept, beta)
-    return jnp.exp(intercept + X @ beta + offset)
+    intercept, beta = in_data_precision(XT, intercept, beta)
+    return jnp.exp(intercept + beta @ XT + offset)
 
 
 def simulated_table(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
@@ -89,7 +89,7 @@ POISSON = ModelSpec(
     name="poisson",
     numpyro_model=poisson_model,
     featurize=offset_regression_features,
-    featurizer_version="1",
+    featurizer_version="2",
     roles=ROLES,
     options={"prior_sd": 2.5},
     option_ranges={"prior_sd": POSITIVE},
@@ -100,7 +100,7 @@ NEGATIVE_BINOMIAL = ModelSpec(
     name="negative_binomial",
     numpyro_model=negative_binomial_model,
     featurize=offset_regression_features,
-    featurizer_version="1",
+    featurizer_version="2",
     roles=ROLES,
     options={"prior_sd": 2.5, "concentration_scale": 10.0},
     option_ranges={"prior_sd": POSITIVE, "concentration_scale": POSITIVE},

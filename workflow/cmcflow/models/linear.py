@@ -21,17 +21,17 @@ SIMULATED_NOISE_SD = 1.5
 SIMULATED_INTERCEPT = 1.0
 
 
-def linear_model(X, y, mask, prior_sd, noise_scale):
-    """``X (R, P)``, ``y (R,)``, ``mask (R,)`` bool (False on padding rows)."""
+def linear_model(XT, y, mask, prior_sd, noise_scale):
+    """``XT (P, R)`` (features transposed: one row per feature), ``y (R,)``, ``mask (R,)`` bool (False on padding rows)."""
     import numpyro
     import numpyro.distributions as dist
 
     intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
-    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
+    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([XT.shape[0]]).to_event(1))
     sigma = numpyro.sample("sigma", dist.HalfNormal(noise_scale))
-    intercept, beta, sigma = in_data_precision(X, intercept, beta, sigma)
-    with numpyro.plate("rows", X.shape[0]):
-        numpyro.sample("y", dist.Normal(intercept + X @ beta, sigma).mask(mask), obs=y)
+    intercept, beta, sigma = in_data_precision(XT, intercept, beta, sigma)
+    with numpyro.plate("rows", XT.shape[1]):
+        numpyro.sample("y", dist.Normal(intercept + beta @ XT, sigma).mask(mask), obs=y)
 
 
 def simulate(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:
@@ -48,7 +48,7 @@ SPEC = ModelSpec(
     name="linear",
     numpyro_model=linear_model,
     featurize=regression_features,
-    featurizer_version="1",
+    featurizer_version="2",
     roles=(
         Role("features", "real", multiple=True, description="the regression's feature columns"),
         Role("label", "real", default="y", description="the real-valued outcome"),

@@ -16,14 +16,14 @@ from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import correlated_features, in_data_precision, regression_features
 
 
-def linear_gaussian_model(X, y, mask, prior_sd, noise_sd):
-    """``X (R, P)``, ``y (R,)``, ``mask (R,)`` bool (False on padding rows)."""
+def linear_gaussian_model(XT, y, mask, prior_sd, noise_sd):
+    """``XT (P, R)`` (features transposed: one row per feature), ``y (R,)``, ``mask (R,)`` bool (False on padding rows)."""
     import numpyro
     import numpyro.distributions as dist
 
-    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
-    with numpyro.plate("rows", X.shape[0]):
-        numpyro.sample("y", dist.Normal(X @ in_data_precision(X, beta), noise_sd).mask(mask), obs=y)
+    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([XT.shape[0]]).to_event(1))
+    with numpyro.plate("rows", XT.shape[1]):
+        numpyro.sample("y", dist.Normal(in_data_precision(XT, beta) @ XT, noise_sd).mask(mask), obs=y)
 
 
 def exact_posterior(X: np.ndarray, y: np.ndarray, prior_sd: float, noise_sd: float) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +53,7 @@ SPEC = ModelSpec(
     name="linear_gaussian",
     numpyro_model=linear_gaussian_model,
     featurize=regression_features,
-    featurizer_version="1",
+    featurizer_version="2",
     roles=(
         Role("features", "real", multiple=True, description="the regression's feature columns"),
         Role("label", "real", default="y", description="the real-valued outcome"),

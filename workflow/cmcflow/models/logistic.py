@@ -18,8 +18,8 @@ from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import correlated_features, in_data_precision, weighted_regression_features
 
 
-def logistic_model(X, y, offset, mask, prior_sd, weight=None):
-    """``X (R, P)``, ``y (R,)`` in {0, 1}, ``offset (R,)``, ``mask (R,)`` bool (False on
+def logistic_model(XT, y, offset, mask, prior_sd, weight=None):
+    """``XT (P, R)`` (features transposed: one row per feature), ``y (R,)`` in {0, 1}, ``offset (R,)``, ``mask (R,)`` bool (False on
     padding rows), and ``weight (R,)`` >= 0 where the table has a weight column
     (:func:`~cmcflow.models.rows.weighted_regression_features`).
 
@@ -35,10 +35,10 @@ def logistic_model(X, y, offset, mask, prior_sd, weight=None):
     import numpyro.distributions as dist
 
     intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
-    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([X.shape[1]]).to_event(1))
-    intercept, beta = in_data_precision(X, intercept, beta)
-    logits = intercept + X @ beta + offset
-    with numpyro.plate("rows", X.shape[0]):
+    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([XT.shape[0]]).to_event(1))
+    intercept, beta = in_data_precision(XT, intercept, beta)
+    logits = intercept + beta @ XT + offset
+    with numpyro.plate("rows", XT.shape[1]):
         if weight is None:
             numpyro.sample("y", dist.Bernoulli(logits=logits).mask(mask), obs=y)
         else:
@@ -61,7 +61,7 @@ SPEC = ModelSpec(
     name="logistic",
     numpyro_model=logistic_model,
     featurize=weighted_regression_features,
-    featurizer_version="3",
+    featurizer_version="4",
     roles=(
         Role("features", "real", multiple=True, description="the regression's feature columns"),
         Role("label", "binary", default="y", description="the 0/1 outcome"),

@@ -1,4 +1,4 @@
-"""Row helpers: padding and the regression layout (X, y, mask) for featurizers, and the
+"""Row helpers: padding and the regression layout (XT, y, mask) for featurizers, and the
 data precision for models."""
 
 from __future__ import annotations
@@ -16,14 +16,22 @@ def pad_rows(array: np.ndarray, pad_to: int) -> np.ndarray:
 
 
 def regression_features(columns: dict[str, np.ndarray], pad_to: int, facts: dict) -> dict[str, np.ndarray]:
-    """``X (pad_to, P)`` float64, ``y (pad_to,)`` float64, ``mask (pad_to,)`` bool.
+    """``XT (P, pad_to)`` float64, ``y (pad_to,)`` float64, ``mask (pad_to,)`` bool.
 
-    Regression needs no facts about the whole table (``facts`` is empty).
+    ``XT`` is the feature matrix transposed, one row per feature (each feature's values
+    contiguous in memory): a model computes the linear predictor as ``beta @ XT``, and both
+    products its gradient needs, β·XT and XT r, stream memory in order (the layout was
+    chosen by measurement: ``bench/results/roofline.md``). Regression needs no facts
+    about the whole table (``facts`` is empty).
     """
     features = np.asarray(columns["features"], dtype=np.float64)
     label = np.asarray(columns["label"], dtype=np.float64).reshape(-1)
     mask = np.ones(label.shape[0], dtype=bool)
-    return {"X": pad_rows(features, pad_to), "y": pad_rows(label, pad_to), "mask": pad_rows(mask, pad_to)}
+    return {
+        "XT": np.ascontiguousarray(pad_rows(features, pad_to).T),
+        "y": pad_rows(label, pad_to),
+        "mask": pad_rows(mask, pad_to),
+    }
 
 
 def in_data_precision(data, *parameters):
