@@ -30,7 +30,8 @@ ROLES = (
 
 
 def poisson_model(XT, y, offset, mask, prior_sd):
-    """``XT (P, R)`` (features transposed: one row per feature), ``y (R,)`` counts, ``offset (R,)``, ``mask (R,)`` bool (False on padding rows)."""
+    """``XT (P, R)`` (the features transposed: one row per feature), ``y (R,)`` counts,
+    ``offset (R,)``, ``mask (R,)`` bool (False on padding rows)."""
     import numpyro
     import numpyro.distributions as dist
 

@@ -22,7 +22,8 @@ SIMULATED_INTERCEPT = 1.0
 
 
 def linear_model(XT, y, mask, prior_sd, noise_scale):
-    """``XT (P, R)`` (features transposed: one row per feature), ``y (R,)``, ``mask (R,)`` bool (False on padding rows)."""
+    """``XT (P, R)`` (the features transposed: one row per feature), ``y (R,)``,
+    ``mask (R,)`` bool (False on padding rows)."""
     import numpyro
     import numpyro.distributions as dist
 

@@ -17,7 +17,8 @@ from cmcflow.models.rows import correlated_features, in_data_precision, regressi
 
 
 def linear_gaussian_model(XT, y, mask, prior_sd, noise_sd):
-    """``XT (P, R)`` (features transposed: one row per feature), ``y (R,)``, ``mask (R,)`` bool (False on padding rows)."""
+    """``XT (P, R)`` (the features transposed: one row per feature), ``y (R,)``,
+    ``mask (R,)`` bool (False on padding rows)."""
     import numpyro
     import numpyro.distributions as dist
 

@@ -19,8 +19,9 @@ from cmcflow.models.rows import correlated_features, in_data_precision, weighted
 
 
 def logistic_model(XT, y, offset, mask, prior_sd, weight=None):
-    """``XT (P, R)`` (features transposed: one row per feature), ``y (R,)`` in {0, 1}, ``offset (R,)``, ``mask (R,)`` bool (False on
-    padding rows), and ``weight (R,)`` >= 0 where the table has a weight column
+    """``XT (P, R)`` (the features transposed: one row per feature), ``y (R,)`` in {0, 1},
+    ``offset (R,)``, ``mask (R,)`` bool (False on padding rows), and ``weight (R,)`` >= 0
+    where the table has a weight column
     (:func:`~cmcflow.models.rows.weighted_regression_features`).
 
     Without weights each row is a Bernoulli observation. A row of weight w counts as w
