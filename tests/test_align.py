@@ -164,8 +164,9 @@ def test_a_large_mixed_batch_compiles_one_program_per_planned_width(monkeypatch)
         ref[b, :n], fit[b, :n] = r[0], f[0]
     assert sorted(set(width_plan(occupied_widths(mask * 1.0, mask * 1.0, 8), 1.0))) == [16, 30]
     jax.clear_caches()
+    overlay._overlay_program.cache_clear()
     result = align_overlay(ref, fit, mask, mask, settings=SETTINGS, devices=2)
-    assert overlay._overlay_function(SETTINGS, 2)._cache_size() == 2  # 16: 18 calls of 2 pairs; 30: 2 of 2
+    assert overlay._overlay_program.cache_info().currsize == 2  # 16: 18 calls of 2 pairs; 30: 2 of 2
     alone = align_overlay(ref[[0, 39]], fit[[0, 39]], mask[[0, 39]], mask[[0, 39]], settings=SETTINGS, devices=2)
     np.testing.assert_allclose(result.scores[[0, 39]], alone.scores, atol=1e-8)
     np.testing.assert_allclose(result.scores, 1.0, atol=1e-6)
@@ -211,3 +212,51 @@ def test_principal_axes_starts_are_distinct_proper_rotations_between_the_two_fra
         iterations=1, axis_orders=orders, spread_starts=4, allow_reflection=True, use_correspondence=True
     )
     assert settings.starts_per_pair == 2 * (1 + len(rotations) + 4 + 1)
+
+
+def test_overlay_programs_are_stored_once_and_loaded_with_identical_results(tmp_path, monkeypatch):
+    """With a compilation cache, the overlay's traced program is kept on disk, and a later
+    process (here: in-memory caches cleared) loads it instead of tracing, with the same
+    transforms and scores as a fresh trace; an unreadable stored program is traced again and
+    replaced; without a cache nothing is stored."""
+    from cmcflow import overlay, stored_programs
+
+    exports = []
+    real_export = stored_programs.export.export
+    monkeypatch.setattr(stored_programs.export, "export", lambda f: exports.append(f) or real_export(f))
+    rng = np.random.default_rng(10)
+    ref, fit, _ = moved_clouds(rng, batch=2, points=12, mirrored=False)
+    mask = np.ones((2, 12), dtype=bool)
+
+    def align(directory):
+        monkeypatch.setattr(overlay, "stored_programs_dir", lambda: directory)
+        overlay._overlay_program.cache_clear()
+        return align_overlay(ref, fit, mask, mask, settings=SETTINGS, devices=2)
+
+    traced = align(None)
+    assert exports == []
+    store = tmp_path / "exported"
+    for expected_exports in (1, 1):  # traced and stored, then loaded
+        result = align(store)
+        assert len(exports) == expected_exports
+        np.testing.assert_array_equal(result.transforms, traced.transforms)
+        np.testing.assert_array_equal(result.scores, traced.scores)
+    (stored,) = store.glob("*.jaxexport")
+    stored.write_bytes(b"not a program")
+    result = align(store)
+    assert len(exports) == 2 and list(store.iterdir()) == [stored] and stored.stat().st_size > 1000
+    np.testing.assert_array_equal(result.scores, traced.scores)
+
+
+def test_stored_program_keys_name_settings_shapes_and_devices():
+    import jax
+
+    from cmcflow.stored_programs import program_key
+
+    specs = [jax.ShapeDtypeStruct((2, 16, 3), np.float32)]
+    key = program_key("overlay", SETTINGS, specs, 2)
+    assert key == program_key("overlay", SETTINGS, specs, 2)
+    other_settings = OverlaySettings(**{**SETTINGS.__dict__, "spread_starts": SETTINGS.spread_starts + 1})
+    assert key != program_key("overlay", other_settings, specs, 2)
+    assert key != program_key("overlay", SETTINGS, [jax.ShapeDtypeStruct((2, 24, 3), np.float32)], 2)
+    assert key != program_key("overlay", SETTINGS, specs, 4)

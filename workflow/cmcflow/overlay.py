@@ -16,12 +16,14 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cmcflow.stored_programs import program_key, stored_program, stored_programs_dir
 from cmcflow.superposition import (
     DEFAULT_ALPHA,
     Alignment,
@@ -30,6 +32,7 @@ from cmcflow.superposition import (
     kabsch_linear,
     masked_weights,
     overlap_volume,
+    pair_sharding,
     tanimoto,
     weighted_centroid,
 )
@@ -278,11 +281,17 @@ def width_plan(widths: np.ndarray, program_cost: float) -> np.ndarray:
 
 
 @functools.cache
-def _overlay_function(settings: OverlaySettings, devices: int):
-    """The distributed overlay, cached per (settings, devices); jit then keeps one
-    executable per padded shape, so repeated batches of one shape never recompile."""
+def _overlay_program(settings: OverlaySettings, devices: int, per_call: int, width: int, directory: Path | None):
+    """The distributed overlay for calls of ``per_call`` pairs of ``width`` points, one per
+    (settings, devices, shape): traced once and kept in ``directory``
+    (:func:`cmcflow.stored_programs.stored_program`), or traced as usual where that is ``None``."""
     spread = jnp.asarray(spread_rotations(settings.spread_starts))
-    return distributed(functools.partial(overlay_batch, spread=spread, settings=settings), devices)
+    function = distributed(functools.partial(overlay_batch, spread=spread, settings=settings), devices)
+    dtype = jax.dtypes.canonicalize_dtype(np.float64)
+    points, weights = ((per_call, width, 3), (per_call, width))
+    specs = [jax.ShapeDtypeStruct(shape, dtype) for shape in (points, points, weights, weights)]
+    key = program_key("overlay", (settings, optax.__version__), specs, devices)
+    return stored_program(function, specs, pair_sharding(devices), key, directory)
 
 
 def align_overlay(
@@ -302,7 +311,9 @@ def align_overlay(
     Pairs are padded to a few widths (:func:`width_plan`: a new width is compiled only where
     the padding it saves outweighs a compilation) and aligned ``devices ×
     PAIRS_PER_DEVICE`` at a time, so that a batch of any size and mix compiles one program
-    per chosen width; a pair's result does not depend on its width or call.
+    per chosen width; a pair's result does not depend on its width or call. With a
+    persistent compilation cache, each program is traced once per host type and code
+    version and kept beside it (:mod:`cmcflow.stored_programs`): later jobs load it.
     """
     devices = devices or jax.device_count()
     ref, fit, ref_w, fit_w = masked_weights(ref, fit, ref_mask, fit_mask, ref_weights, fit_weights)
@@ -312,7 +323,7 @@ def align_overlay(
         np.pad(a, [(0, 0), (0, max(wide - a.shape[1], 0))] + [(0, 0)] * (a.ndim - 2)) for a in (ref, fit, ref_w, fit_w)
     ]
     transforms, scores = np.zeros((len(ref), 4, 4)), np.zeros(len(ref))
-    function = _overlay_function(settings, devices)
+    directory = stored_programs_dir()
     for width in np.unique(widths):
         pairs = np.flatnonzero(widths == width)
         per_call = min(devices * PAIRS_PER_DEVICE, len(pairs) + -len(pairs) % devices)
@@ -322,7 +333,8 @@ def align_overlay(
                 np.concatenate([a[chunk, :width], np.zeros((per_call - len(chunk), width, *a.shape[2:]))])
                 for a in padded
             ]
-            _, call_transforms, call_scores = function(*group)
+            program = _overlay_program(settings, devices, per_call, int(width), directory)
+            _, call_transforms, call_scores = program(*group)
             transforms[chunk] = np.asarray(call_transforms)[: len(chunk)]
             scores[chunk] = np.asarray(call_scores)[: len(chunk)]
     points = fit @ np.swapaxes(transforms[:, :3, :3], 1, 2) + transforms[:, None, :3, 3]
