@@ -246,6 +246,9 @@ def test_overlay_programs_are_stored_once_and_loaded_with_identical_results(tmp_
     result = align(store)
     assert len(exports) == 2 and list(store.iterdir()) == [stored] and stored.stat().st_size > 1000
     np.testing.assert_array_equal(result.scores, traced.scores)
+    with pytest.warns(UserWarning, match="could not store a traced program"):
+        result = align(stored / "exported")  # under a file: cannot be created, even by root
+    np.testing.assert_array_equal(result.scores, traced.scores)
 
 
 def test_stored_program_keys_name_settings_shapes_and_devices():

@@ -3,7 +3,7 @@
 JAX's persistent compilation cache skips XLA's compile, but every fresh process still
 traces the Python function to a jaxpr and lowers it before it can look the program up:
 for the overlay's L-BFGS loop (optax, vmapped over starts and pairs, inside ``shard_map``)
-that is about 2 s of every align job, as long as the alignment itself of a few hundred pairs.
+that is seconds of every align job (bench/results/summary.md, 13d).
 :func:`stored_program` traces a function once per argument shape, keeps the serialized
 StableHLO (``jax.export``) under ``exported/`` of the compilation cache directory, and later
 processes load it instead of tracing; the compile that follows is then a cache hit.
@@ -21,6 +21,7 @@ import hashlib
 import importlib.metadata
 import os
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def stored_program(
     """``function`` (a ``jax.jit`` function; every argument and result laid out by ``sharding``)
     as a jitted program for arguments of ``specs``, loaded from ``directory/<key>.jaxexport`` when a
     readable one is there, else traced (``jax.export``) and stored there (written to a
-    temporary file and renamed, so concurrent jobs never read half a program). With
+    temporary file and renamed, so concurrent jobs never read half a program; where it cannot
+    be written, with a warning, and the job goes on). With
     ``directory`` ``None`` nothing is stored and ``function`` is returned as it is. A stored
     program runs the same StableHLO as a fresh trace: results are identical."""
     if directory is None:
@@ -90,9 +92,12 @@ def stored_program(
             exported = None
     if exported is None:
         exported = export.export(function)(*specs)
-        directory.mkdir(parents=True, exist_ok=True)
-        temporary = directory / f".{key}.{os.getpid()}.{uuid.uuid4().hex}"
-        with open(temporary, "xb") as out:  # the umask's permissions, as JAX's own cache files
-            out.write(exported.serialize())
-        os.replace(temporary, path)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            temporary = directory / f".{key}.{os.getpid()}.{uuid.uuid4().hex}"
+            with open(temporary, "xb") as out:  # the umask's permissions, as JAX's own cache files
+                out.write(exported.serialize())
+            os.replace(temporary, path)
+        except OSError as error:  # a read-only or full cache: this job runs, later ones trace again
+            warnings.warn(f"cmcflow: could not store a traced program in {directory} ({error})", stacklevel=2)
     return jax.jit(exported.call, in_shardings=sharding, out_shardings=sharding)
