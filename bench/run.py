@@ -25,6 +25,7 @@ directory), the others about 45.
 | R | real_data.py | three public data sets (K = 8) vs full-data NUTS; needs ``pip install -e '.[bench]'`` |
 | 13a | precision.py | float64 / float32 / mixed: a P4 shard's sampling time, and the statistical tests in each |
 | 13b | roofline.py | the logistic gradient against the memory-bandwidth bound; NUTS against steps x gradient |
+| 13b | fused_gradient.py | a bench-only one-pass C++ gradient (XLA FFI) against the bound and XLA's; needs ``g++`` |
 | 13c | shards_per_job.py | several shards per sample job: CPU seconds and jobs; a 10,000-shard dry run |
 | 13d | align_drugs.py | 256 pairs of drugs (RDKit) aligned in a fresh process, cold and warm cache; ``bench`` extra |
 
@@ -55,7 +56,7 @@ SCRIPTS = {
     "I": ["importance_accuracy.py"],
     "R": ["real_data.py"],
     "13a": ["precision.py"],
-    "13b": ["roofline.py"],
+    "13b": ["roofline.py", "fused_gradient.py"],
     "13c": ["shards_per_job.py"],
     "13d": ["align_drugs.py"],
     "15": ["k_stability.py"],
