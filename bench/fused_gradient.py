@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from common import cell, spread, target, write_results
-from roofline import FEATURES, GRADIENT_TARGET, call_times, copy_bandwidth, gradient_times
+from roofline import FEATURES, GRADIENT_TARGET, call_times, copy_bandwidth, gradient_times, logistic_kwargs
 
 SOURCE = Path(__file__).resolve().parent / "native" / "logistic_fused.cc"
 ROWS = (100_000, 1_000_000)
@@ -55,8 +55,6 @@ def worker(library: str) -> dict:
     import jax.numpy as jnp
 
     from cmcflow.models import get_model
-    from cmcflow.models.rows import correlated_features
-    from cmcflow.transforms import model_kwargs
 
     jax.ffi.register_ffi_target(
         "logistic_fused", jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(library).Logistic), platform="cpu"
@@ -64,10 +62,7 @@ def worker(library: str) -> dict:
     spec = get_model("logistic")
     results = {}
     for rows in ROWS:
-        rng = np.random.default_rng(0)
-        X = correlated_features(rng, rows, FEATURES)
-        y = (rng.random(rows) < 1 / (1 + np.exp(-(X @ rng.normal(0, 0.5, FEATURES))))).astype(float)
-        kwargs = model_kwargs(spec.featurize({"features": X, "label": y}, rows, {}), {"prior_sd": 2.5})
+        kwargs, rng = logistic_kwargs(spec, rows)
         data = [jnp.asarray(kwargs[name], jnp.float32) for name in ("XT", "y", "offset", "mask")]
         coefficients = jnp.asarray(rng.normal(0.0, 0.3, FEATURES + 1))
 

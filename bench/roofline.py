@@ -71,17 +71,11 @@ def worker(precision: str) -> dict:
     from numpyro.infer import MCMC, NUTS
 
     from cmcflow.models import get_model
-    from cmcflow.models.rows import correlated_features
-    from cmcflow.transforms import model_kwargs
 
     spec = get_model("logistic")
     results = {}
     for rows in ROWS:
-        rng = np.random.default_rng(0)
-        X = correlated_features(rng, rows, FEATURES)
-        y = (rng.random(rows) < 1 / (1 + np.exp(-(X @ rng.normal(0, 0.5, FEATURES))))).astype(float)
-        features = spec.featurize({"features": X, "label": y}, rows, {})
-        kwargs = model_kwargs(features, {"prior_sd": 2.5})
+        kwargs, _ = logistic_kwargs(spec, rows)
         data_bytes = sum(int(value.nbytes) for value in kwargs.values() if hasattr(value, "nbytes"))
         times = gradient_times(spec.numpyro_model, kwargs)
         rows_major_kwargs = {key: value for key, value in kwargs.items() if key != "XT"} | {"X": kwargs["XT"].T.copy()}
@@ -112,6 +106,18 @@ def worker(precision: str) -> dict:
             "nuts_seconds": nuts_seconds,
         }
     return results
+
+
+def logistic_kwargs(spec, rows: int):
+    """The logistic model's keyword arguments for ``rows`` synthetic rows of ``FEATURES``
+    correlated features (seed 0), and the generator, to draw more from after the data."""
+    from cmcflow.models.rows import correlated_features
+    from cmcflow.transforms import model_kwargs
+
+    rng = np.random.default_rng(0)
+    X = correlated_features(rng, rows, FEATURES)
+    y = (rng.random(rows) < 1 / (1 + np.exp(-(X @ rng.normal(0, 0.5, FEATURES))))).astype(float)
+    return model_kwargs(spec.featurize({"features": X, "label": y}, rows, {}), {"prior_sd": 2.5}), rng
 
 
 def gradient_times(model, kwargs: dict) -> list[float]:
