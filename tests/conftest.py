@@ -4,12 +4,14 @@ JAX is configured here, before any test module imports it: 4 virtual CPU devices
 NUTS chain each, as in a sample job), the config's default ``jax.precision`` (or
 ``$CMCFLOW_TEST_PRECISION``: ``bench/precision.py`` runs the statistical tests in each
 precision), and a persistent compilation cache in a
-temporary directory so that programs of one shape compile once per session. After each
+temporary directory (removed when the session ends) so that programs of one shape compile
+once per session. After each
 test module every compiled program is released (:func:`release_compiled_programs`).
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import shutil
@@ -32,11 +34,9 @@ DEVICES = 4
 
 JAX_DEFAULTS = schema()["properties"]["jax"]["properties"]
 PRECISION = os.environ.get("CMCFLOW_TEST_PRECISION") or JAX_DEFAULTS["precision"]["default"]
-configure_jax(
-    devices=DEVICES,
-    precision=PRECISION,
-    compilation_cache_dir=tempfile.mkdtemp(prefix="cmcflow-test-jax-cache-"),
-)
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="cmcflow-test-jax-cache-")
+atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)  # ~50 MB a session
+configure_jax(devices=DEVICES, precision=PRECISION, compilation_cache_dir=COMPILATION_CACHE)
 
 import jax  # noqa: E402  (after configure_jax: the XLA flags must come first)
 import numpy as np  # noqa: E402
