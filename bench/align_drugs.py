@@ -307,7 +307,7 @@ def main() -> None:
             f"<= {COLD_TARGET:.0f} s",
             cold <= COLD_TARGET,
             f"compiling {summary['cold']['compile_seconds']['median']:.1f} s of it; aligning once compiled "
-            f"{summary['cold']['compiled_align_seconds']['median']:.1f} s ({starts} L-BFGS starts per pair); the rest "
+            f"{summary['cold']['compiled_align_seconds']['median']:.1f} s ({starts} BFGS starts per pair); the rest "
             f"of the first call (tracing the program once and storing it, dispatch) "
             f"{first_call_rest('cold', less_compiling=True):.1f} s; "
             f"round 1's 13 starts took {summary['cold, round 1 starts']['seconds']['median']:.1f} s on this host",
@@ -319,7 +319,7 @@ def main() -> None:
             f"<= {WARM_TARGET:.0f} s",
             warm <= WARM_TARGET,
             f"imports {summary['warm']['import_seconds']['median']:.1f} s; aligning with compiled programs "
-            f"{summary['warm']['compiled_align_seconds']['median']:.1f} s ({starts} L-BFGS starts per pair, 4 "
+            f"{summary['warm']['compiled_align_seconds']['median']:.1f} s ({starts} BFGS starts per pair, 4 "
             f"virtual devices on {machine()['cores']} cores: the work grows with the starts, "
             f"{previous['compiled_align_seconds']['median']:.1f} s for round 1's 13, whose score is lower); the first "
             f"call {first_call_rest('warm', less_compiling=False):.1f} s longer than one with compiled programs (it "

@@ -6,7 +6,7 @@ protein geometry; five sizes, so the per-size baseline compiles five programs),
 each paired with a randomly rotated, translated, noisy (0.3 Å) copy of itself; one in
 four copies is mirrored (reflection allowed). The pairs come padded to 60 points with
 masks; ``align_overlay`` pads them to the widths it plans (``width_plan``) and aligns one
-pair per device per call. The baseline runs the same optimiser (same starts, per-start L-BFGS,
+pair per device per call. The baseline runs the same optimiser (same starts, per-start BFGS,
 a pair stops as soon as its best score settles) pair by pair, each at its own size, on
 one device with no padding (one compilation per size, done before timing); its scores
 equal the batched path's, so the comparison is at equal mean score by construction.

@@ -1,10 +1,12 @@
 """Gaussian-overlay (ROCS-style) rigid alignment of unlabelled 3-D point clouds.
 
 Maximise the Tanimoto overlap of Gaussian volumes (:mod:`cmcflow.superposition`) over
-rigid motions x ↦ L x + t: L-BFGS (optax) on (unit quaternion, translation) from several
-starts per pair (identity, principal-axes alignments, well-spread rotations, and the
-Kabsch solution when points correspond), all starts of all pairs of a device's batch in
-one ``lax.while_loop`` that stops when every score has settled. No correspondence between
+rigid motions x ↦ L x + t: BFGS on (rotation, translation) from several starts per pair
+(identity, principal-axes alignments, well-spread rotations, and the Kabsch solution when
+points correspond), all starts of all pairs of a device's batch in one ``lax.while_loop``
+that stops when every score has settled. The BFGS is written here, one trial step per
+iteration and no inner line-search loop, because vmapped over starts an optax L-BFGS
+iteration (zoom line search) cost 5–7 values and gradients of the score. No correspondence between
 points is needed. With ``allow_reflection`` the mirrored fit is tried too (distance data
 cannot tell a structure from its mirror image) and the better kept: its transform has
 det L = −1.
@@ -17,11 +19,11 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from cmcflow.stored_programs import program_key, stored_program, stored_programs_dir
 from cmcflow.superposition import (
@@ -48,25 +50,30 @@ AXIS_ORDERS = {
     "cyclic": ((0, 1, 2), (1, 2, 0), (2, 0, 1)),
     "all": tuple(itertools.permutations(range(3))),
 }
+#: Armijo's sufficient-decrease constant: a trial step is kept if f(x + s) ≤ f(x) + ARMIJO · gᵀs.
+ARMIJO = 1e-4
+#: A rejected trial step is shortened to between these fractions of itself.
+SHRINK = (0.1, 0.5)
+#: Length of the first trial step (in the parameters' units, about Å of displacement).
+FIRST_STEP = 0.5
 #: Widths that programs are compiled for are multiples of this many points.
 WIDTH_STEP = 8
 #: Pairs per device in one distributed call; a width's last call is padded with empty pairs.
 #: One is fastest on CPU devices: a call runs until its slowest pair settles.
 PAIRS_PER_DEVICE = 1
 #: What one more program (tracing and compiling it) costs, in pairs aligned at 32 points:
-#: about 4.4 s against about 11 ms per such pair on 2 CPU cores of a slow host (23 GB/s).
-PROGRAM_COST_PAIRS = 430
+#: about 3.7 s against about 1.8 ms per such pair on 2 CPU cores of a slow host (23 GB/s).
+PROGRAM_COST_PAIRS = 2000
 
 
 @dataclass(frozen=True)
 class OverlaySettings:
     """Settings of the overlay optimisation (hashable: they key the compiled function).
 
-    ``iterations``: the most L-BFGS iterations; ``axis_orders``: a key of
-    :data:`AXIS_ORDERS`; ``linesearch_steps``: the most zoom
-    line-search steps per iteration (under vmap every lane waits for the longest search,
-    so optax's default of 20 costs time and no score); ``tolerance``:
-    a pair settles once its best score changes by no more than this in one iteration.
+    ``iterations``: the most BFGS iterations; ``axis_orders``: a key of
+    :data:`AXIS_ORDERS`; a pair settles once its best score has changed by no more than
+    ``tolerance`` in each of ``patience`` iterations in a row (a rejected trial step leaves a
+    start's score as it was for an iteration).
     """
 
     iterations: int
@@ -75,8 +82,8 @@ class OverlaySettings:
     allow_reflection: bool
     use_correspondence: bool
     alpha: float = DEFAULT_ALPHA
-    linesearch_steps: int = 3
     tolerance: float = 1e-9
+    patience: int = 3
 
     @property
     def starts_per_pair(self) -> int:
@@ -157,90 +164,149 @@ def start_linear_maps(ref, ref_w, fit, fit_w, spread: jax.Array, settings: Overl
 
 def overlay_pair_setup(ref, fit, ref_w, fit_w, spread, settings: OverlaySettings):
     """What one pair's optimisation needs: ``starts (S, 3, 3)``, the centroids ``c_ref``,
-    ``c_fit (3,)`` and the self-overlaps ``V_AA``, ``V_BB`` (computed once: V_BB is invariant
-    under rigid motion)."""
+    ``c_fit (3,)``, the fit's radius of gyration ``radius`` (Å; 1 for an empty fit) and the
+    self-overlaps ``V_AA``, ``V_BB`` (computed once: V_BB is invariant under rigid motion)."""
     alpha = settings.alpha
+    c_fit = weighted_centroid(fit, fit_w)
+    radius = jnp.sqrt(jnp.sum(fit_w[:, None] * (fit - c_fit) ** 2) / jnp.maximum(jnp.sum(fit_w), 1e-300))
     return {
         "starts": start_linear_maps(ref, ref_w, fit, fit_w, spread, settings),
         "c_ref": weighted_centroid(ref, ref_w),
-        "c_fit": weighted_centroid(fit, fit_w),
+        "c_fit": c_fit,
+        "radius": jnp.where(radius > 0, radius, 1.0),
         "v_aa": overlap_volume(ref, ref_w, ref, ref_w, alpha),
         "v_bb": overlap_volume(fit, fit_w, fit, fit_w, alpha),
     }
 
 
-def overlay_score(params, start, ref, fit, ref_w, fit_w, setup, alpha):
-    """Tanimoto score of the fit moved by ``x ↦ R(q) start (x − c_fit) + c_ref + t``."""
-    moved = (fit - setup["c_fit"]) @ (quaternion_matrix(params["q"]) @ start).T + setup["c_ref"] + params["t"]
+def overlay_linear(x, start, setup) -> jax.Array:
+    """``(3, 3)`` linear map R(x) · start of the parameters ``x (6,)``: R is the rotation of
+    the quaternion (1, x[:3] / radius) (Gibbs' vector, measured in the fit's radius of
+    gyration so that a unit of rotation moves the fit's points about as far as a unit of
+    translation x[3:], in Å)."""
+    return quaternion_matrix(jnp.concatenate([jnp.ones(1), x[:3] / setup["radius"]])) @ start
+
+
+def overlay_score(x, start, ref, fit, ref_w, fit_w, setup, alpha):
+    """Tanimoto score of the fit moved by ``p ↦ R(x) start (p − c_fit) + c_ref + x[3:]``."""
+    moved = (fit - setup["c_fit"]) @ overlay_linear(x, start, setup).T + setup["c_ref"] + x[3:]
     return tanimoto(overlap_volume(ref, ref_w, moved, fit_w, alpha), setup["v_aa"], setup["v_bb"])
+
+
+class BfgsLane(NamedTuple):
+    """One start's BFGS state: position ``x (n,)``, loss ``f``, gradient ``g (n,)``, inverse
+    Hessian estimate ``h (n, n)``, length of the next trial step ``step`` (1 after an
+    accepted step) and ``fresh`` (no step accepted yet: ``h`` is still the first guess)."""
+
+    x: jax.Array
+    f: jax.Array
+    g: jax.Array
+    h: jax.Array
+    step: jax.Array
+    fresh: jax.Array
+
+
+def bfgs_start(value_and_grad, x) -> BfgsLane:
+    """The lane at ``x``: first trial ``x − FIRST_STEP · g / |g|``."""
+    f, g = value_and_grad(x)
+    h = jnp.eye(len(x)) * FIRST_STEP / jnp.maximum(jnp.linalg.norm(g), 1e-300)
+    return BfgsLane(x, f, g, h, jnp.ones(()), jnp.ones((), dtype=bool))
+
+
+def bfgs_iteration(value_and_grad, lane: BfgsLane) -> BfgsLane:
+    """One trial of x + step · d with d = −h g (−g where that is not a descent direction), at
+    the cost of one value and gradient, with no inner loop (vmapped lanes stay in step).
+
+    Accepted when the loss falls by Armijo's rule, f(x + s) ≤ f + ARMIJO · gᵀs; h then gets
+    BFGS's update (Nocedal & Wright, eq. 6.17; first rescaled to (sᵀy / yᵀy) I, eq. 6.20)
+
+        h ← (I − ρ s yᵀ) h (I − ρ y sᵀ) + ρ s sᵀ,   s = Δx, y = Δg, ρ = 1 / sᵀy,
+
+    skipped unless sᵀy > 0, and the next trial is a whole step again. Rejected, x stays and
+    the next trial is shortened to the minimum of the quadratic through f, gᵀd and the
+    trial's loss, kept within :data:`SHRINK` of the trial."""
+    d = -lane.h @ lane.g
+    descent = lane.g @ d < 0
+    d = jnp.where(descent, d, -lane.g)
+    slope = lane.g @ d * lane.step  # gᵀs of the trial step s = step · d
+    x = lane.x + lane.step * d
+    f, g = value_and_grad(x)
+    accepted = jnp.isfinite(f) & (f <= lane.f + ARMIJO * slope)
+    s, y = x - lane.x, g - lane.g
+    sy = s @ y
+    curved = sy > 0
+    h = jnp.where(lane.fresh, jnp.eye(len(x)) * sy / jnp.maximum(y @ y, 1e-300), lane.h)
+    rho = 1.0 / jnp.where(curved, sy, 1.0)
+    v = jnp.eye(len(x)) - rho * jnp.outer(s, y)
+    h = jnp.where(curved, v @ h @ v.T + rho * jnp.outer(s, s), lane.h)
+    curvature = 2 * (f - lane.f - slope)  # of the quadratic along d, times step²
+    shortened = jnp.where(curvature > 0, -slope / jnp.where(curvature > 0, curvature, 1.0), SHRINK[0])
+    shortened = lane.step * jnp.clip(shortened, *SHRINK)
+    return BfgsLane(
+        x=jnp.where(accepted, x, lane.x),
+        f=jnp.where(accepted, f, lane.f),
+        g=jnp.where(accepted, g, lane.g),
+        h=jnp.where(accepted, h, lane.h),
+        step=jnp.where(accepted, 1.0, shortened),
+        fresh=lane.fresh & ~accepted,
+    )
 
 
 def overlay_batch(ref, fit, ref_w, fit_w, *, spread, settings: OverlaySettings):
     """Best rigid overlay of a batch of b pairs ``(b, N, 3)``, ``(b, M, 3)`` with weights
     ``(b, N)``, ``(b, M)``: ``(aligned (b, M, 3), transforms (b, 4, 4), scores (b,))``.
 
-    Every start of every pair runs L-BFGS (optax; zoom line search of at most
-    ``settings.linesearch_steps`` steps) inside one ``lax.while_loop``, vmapped over pairs
-    and starts. A pair settles (its parameters stop changing) once its best score over the
-    starts changes by no more than ``settings.tolerance`` in one iteration; the loop ends
-    when every pair has settled, or after ``settings.iterations`` iterations. Vmapped lanes
-    run in lockstep, so a fixed iteration count (or waiting for every start) would spend
-    most of the time on starts that have converged or cannot win; settling per pair keeps
-    each pair's result independent of the batch it is in.
+    Every start of every pair runs BFGS (:func:`bfgs_iteration`) on the 6 parameters of
+    :func:`overlay_score` inside one ``lax.while_loop``, vmapped over pairs and starts. A pair
+    settles (its parameters stop changing) once its best score over the starts has changed
+    by no more than ``settings.tolerance`` in each of ``settings.patience`` iterations in a
+    row; the loop ends when every pair has settled, or after ``settings.iterations``
+    iterations. Vmapped lanes run in lockstep, so a fixed iteration count (or waiting for
+    every start) would spend most of the time on starts that have converged or cannot win;
+    settling per pair keeps each pair's result independent of the batch it is in.
     """
-    alpha = settings.alpha
-    optimiser = optax.lbfgs(
-        linesearch=optax.scale_by_zoom_linesearch(settings.linesearch_steps, initial_guess_strategy="one")
-    )
     setup = jax.vmap(lambda *pair: overlay_pair_setup(*pair, spread, settings))(ref, fit, ref_w, fit_w)
     pairs = (ref, fit, ref_w, fit_w, setup)
 
-    def lane_step(params, state, start, pair):
-        """One L-BFGS iteration of one start of one pair; returns the loss before the step."""
+    def lane_value_and_grad(start, pair):
+        return jax.value_and_grad(lambda x: -overlay_score(x, start, *pair, settings.alpha))
 
-        def loss(params):
-            return -overlay_score(params, start, *pair, alpha)
+    def per_lane(function):  # over pairs, then starts
+        return jax.vmap(jax.vmap(function, in_axes=(0, 0, None)))
 
-        value, grad = optax.value_and_grad_from_state(loss)(params, state=state)
-        updates, state = optimiser.update(grad, state, params, value=value, grad=grad, value_fn=loss)
-        return optax.apply_updates(params, updates), state, value
-
-    step_all = jax.vmap(jax.vmap(lane_step, in_axes=(0, 0, 0, None)))  # over pairs, then starts
+    iterate = per_lane(lambda lane, start, pair: bfgs_iteration(lane_value_and_grad(start, pair), lane))
 
     def step(carry):
-        params, state, best, active, iteration = carry
-        moved_params, moved_state, value = step_all(params, state, setup["starts"], pairs)
-        # each pair's best score at the current parameters (the loss is −score; NaN-safe)
-        now_best = jnp.max(jnp.where(jnp.isnan(value), -jnp.inf, -value), axis=1)
-        active = active & ((iteration < 2) | (jnp.abs(now_best - best) > settings.tolerance))
+        lanes, best, quiet, iteration = carry
+        active = quiet < settings.patience
 
-        def keep_settled(moved, current):  # a settled pair keeps its parameters from now on
-            return jnp.where(active.reshape(-1, *[1] * (moved.ndim - 1)), moved, current)
+        def keep_settled(new, current):  # a settled pair keeps its parameters from now on
+            return jnp.where(active.reshape(-1, *[1] * (new.ndim - 1)), new, current)
 
-        params = jax.tree.map(keep_settled, moved_params, params)
-        state = jax.tree.map(keep_settled, moved_state, state)
-        return params, state, now_best, active, iteration + 1
+        lanes = jax.tree.map(keep_settled, iterate(lanes, setup["starts"], pairs), lanes)
+        now_best = jnp.max(jnp.where(jnp.isnan(lanes.f), -jnp.inf, -lanes.f), axis=1)  # the loss is −score
+        quiet = jnp.where(jnp.abs(now_best - best) <= settings.tolerance, quiet + 1, 0)
+        return lanes, now_best, quiet, iteration + 1
 
     def keep_going(carry):
-        *_, active, iteration = carry
-        return (iteration < settings.iterations) & jnp.any(active)
+        _, _, quiet, iteration = carry
+        return (iteration < settings.iterations) & jnp.any(quiet < settings.patience)
 
-    lanes = setup["starts"].shape[:2]  # (b, S)
-    params = {"q": jnp.zeros((*lanes, 4)).at[..., 0].set(1.0), "t": jnp.zeros((*lanes, 3))}
-    state = jax.vmap(jax.vmap(optimiser.init))(params)
-    carry = (params, state, jnp.full(lanes[0], -jnp.inf), jnp.ones(lanes[0], dtype=bool), 0)
-    params, *_ = jax.lax.while_loop(keep_going, step, carry)
+    b, starts = setup["starts"].shape[:2]
+    lanes = per_lane(lambda x, start, pair: bfgs_start(lane_value_and_grad(start, pair), x))(
+        jnp.zeros((b, starts, 6)), setup["starts"], pairs
+    )
+    carry = (lanes, jnp.full(b, -jnp.inf), jnp.zeros(b, dtype=int), 0)
+    lanes, *_ = jax.lax.while_loop(keep_going, step, carry)
 
-    def best_of_pair(params, ref, fit, ref_w, fit_w, setup):
-        scores = jax.vmap(lambda p, start: overlay_score(p, start, ref, fit, ref_w, fit_w, setup, alpha))(
-            params, setup["starts"]
-        )
-        best = jnp.argmax(jnp.where(jnp.isnan(scores), -jnp.inf, scores))
-        linear = quaternion_matrix(params["q"][best]) @ setup["starts"][best]
-        translation = setup["c_ref"] + params["t"][best] - linear @ setup["c_fit"]
+    def best_of_pair(lanes, fit, setup):
+        scores = jnp.where(jnp.isnan(lanes.f), -jnp.inf, -lanes.f)
+        best = jnp.argmax(scores)
+        linear = overlay_linear(lanes.x[best], setup["starts"][best], setup)
+        translation = setup["c_ref"] + lanes.x[best, 3:] - linear @ setup["c_fit"]
         return fit @ linear.T + translation, homogeneous(linear, translation), scores[best]
 
-    return jax.vmap(best_of_pair)(params, *pairs)
+    return jax.vmap(best_of_pair)(lanes, fit, setup)
 
 
 def occupied_widths(ref_w: np.ndarray, fit_w: np.ndarray, step: int) -> np.ndarray:
@@ -290,7 +356,7 @@ def _overlay_program(settings: OverlaySettings, devices: int, per_call: int, wid
     dtype = jax.dtypes.canonicalize_dtype(np.float64)
     points, weights = ((per_call, width, 3), (per_call, width))
     specs = [jax.ShapeDtypeStruct(shape, dtype) for shape in (points, points, weights, weights)]
-    key = program_key("overlay", (settings, optax.__version__), specs, devices)
+    key = program_key("overlay", settings, specs, devices)
     return stored_program(function, specs, pair_sharding(devices), key, directory)
 
 

@@ -2,7 +2,7 @@
 
 JAX's persistent compilation cache skips XLA's compile, but every fresh process still
 traces the Python function to a jaxpr and lowers it before it can look the program up:
-for the overlay's L-BFGS loop (optax, vmapped over starts and pairs, inside ``shard_map``)
+for the overlay's BFGS loop (vmapped over starts and pairs, inside ``shard_map``)
 that is seconds of every align job (bench/results/summary.md, 13d).
 :func:`stored_program` traces a function once per argument shape, keeps the serialized
 StableHLO (``jax.export``) under ``exported/`` of the compilation cache directory, and later

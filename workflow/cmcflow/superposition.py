@@ -119,8 +119,9 @@ def distributed(batch_function, devices: int):
     argument and result is split along its leading (pair) axis, so each device gets its
     own slice of the batch."""
     mesh = pair_mesh(devices)
-    # check_vma=False: optax's line search builds constants inside lax.cond that the
-    # varying-axes check rejects; pairs are independent (no collectives), so nothing is lost.
+    # check_vma=False: the batch functions start their loops from constants (zeros, identity
+    # matrices) that the varying-axes check wants cast with lax.pcast; pairs are independent
+    # (no collectives), so the check guards nothing here.
     return jax.jit(jax.shard_map(batch_function, mesh=mesh, in_specs=P(PAIRS), out_specs=P(PAIRS), check_vma=False))
 
 
