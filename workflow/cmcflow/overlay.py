@@ -6,10 +6,10 @@ rigid motions x ↦ L x + t: BFGS on (rotation, translation) from several starts
 points correspond), all starts of all pairs of a device's batch in one ``lax.while_loop``
 that stops when every score has settled. The BFGS is written here, one trial step per
 iteration and no inner line-search loop, because vmapped over starts an optax L-BFGS
-iteration (zoom line search) cost 5–7 values and gradients of the score. No correspondence between
-points is needed. With ``allow_reflection`` the mirrored fit is tried too (distance data
-cannot tell a structure from its mirror image) and the better kept: its transform has
-det L = −1.
+iteration (zoom line search) cost 5–8 values and gradients of the score. No
+correspondence between points is needed. With ``allow_reflection`` the mirrored fit is
+tried too (distance data cannot tell a structure from its mirror image) and the better
+kept: its transform has det L = −1.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ AXIS_ORDERS = {
 ARMIJO = 1e-4
 #: A rejected trial step is shortened to between these fractions of itself.
 SHRINK = (0.1, 0.5)
+#: Floor of a divisor that may be 0 (an empty pair): float32's smallest normal number.
+TINY = float(np.finfo(np.float32).tiny)
 #: Length of the first trial step (in the parameters' units, about Å of displacement).
 FIRST_STEP = 0.5
 #: Widths that programs are compiled for are multiples of this many points.
@@ -168,7 +170,7 @@ def overlay_pair_setup(ref, fit, ref_w, fit_w, spread, settings: OverlaySettings
     self-overlaps ``V_AA``, ``V_BB`` (computed once: V_BB is invariant under rigid motion)."""
     alpha = settings.alpha
     c_fit = weighted_centroid(fit, fit_w)
-    radius = jnp.sqrt(jnp.sum(fit_w[:, None] * (fit - c_fit) ** 2) / jnp.maximum(jnp.sum(fit_w), 1e-300))
+    radius = jnp.sqrt(jnp.sum(fit_w[:, None] * (fit - c_fit) ** 2) / jnp.maximum(jnp.sum(fit_w), TINY))
     return {
         "starts": start_linear_maps(ref, ref_w, fit, fit_w, spread, settings),
         "c_ref": weighted_centroid(ref, ref_w),
@@ -209,7 +211,7 @@ class BfgsLane(NamedTuple):
 def bfgs_start(value_and_grad, x) -> BfgsLane:
     """The lane at ``x``: first trial ``x − FIRST_STEP · g / |g|``."""
     f, g = value_and_grad(x)
-    h = jnp.eye(len(x)) * FIRST_STEP / jnp.maximum(jnp.linalg.norm(g), 1e-300)
+    h = jnp.eye(len(x)) * FIRST_STEP / jnp.maximum(jnp.linalg.norm(g), TINY)
     return BfgsLane(x, f, g, h, jnp.ones(()), jnp.ones((), dtype=bool))
 
 
@@ -235,7 +237,7 @@ def bfgs_iteration(value_and_grad, lane: BfgsLane) -> BfgsLane:
     s, y = x - lane.x, g - lane.g
     sy = s @ y
     curved = sy > 0
-    h = jnp.where(lane.fresh, jnp.eye(len(x)) * sy / jnp.maximum(y @ y, 1e-300), lane.h)
+    h = jnp.where(lane.fresh, jnp.eye(len(x)) * sy / jnp.maximum(y @ y, TINY), lane.h)
     rho = 1.0 / jnp.where(curved, sy, 1.0)
     v = jnp.eye(len(x)) - rho * jnp.outer(s, y)
     h = jnp.where(curved, v @ h @ v.T + rho * jnp.outer(s, s), lane.h)
