@@ -64,7 +64,7 @@ WIDTH_STEP = 8
 #: One is fastest on CPU devices: a call runs until its slowest pair settles.
 PAIRS_PER_DEVICE = 1
 #: What one more program (tracing and compiling it) costs, in pairs aligned at 32 points:
-#: about 3.7 s against about 1.8 ms per such pair on 2 CPU cores of a slow host (23 GB/s).
+#: about 3.7 s against about 1.8 ms per such pair on 2 CPU cores of a slow host (20 GB/s).
 PROGRAM_COST_PAIRS = 2000
 
 
