@@ -61,8 +61,12 @@ def release_compiled_programs():
     mappings, 695 after this; test_models 12,530), and the whole suite in one process
     reached the kernel's limit of 65,530 per process (vm.max_map_count): XLA died with a
     segmentation fault, while compiling or serialising, always at the same late test.
-    Programs compiled again come from the persistent cache."""
+    Programs compiled again come from the persistent cache; the samplers of one-program runs
+    (:data:`~cmcflow.sample.job_sampler`) hold theirs, and go too."""
+    from cmcflow.sample import job_sampler
+
     yield
+    job_sampler.cache_clear()
     jax.clear_caches()
     gc.collect()
 

@@ -44,7 +44,11 @@ def simulated(model_name: str, rows: int, features: int, seed: int):
 
 
 def shard_runs(spec, options, X, y, parts, settings=SETTINGS, seed=11):
-    """Sample every shard as the sample stage does: the runs, and each shard's model arguments."""
+    """Sample every shard as the sample stage does: the runs, and each shard's model arguments.
+    As a job of several shards samples them (``sample.shards_per_job`` > 1, ``one_program``):
+    every shard of one padded size runs one compiled program, with the draws of a job per
+    shard (:func:`test_one_job_compiles_nuts_and_the_hessian_once_for_shards_of_one_shape`);
+    compiling a program per shard would be most of these tests' time."""
     pad_to = padded_size([len(rows) for rows in parts], 64)
     runs, kwargs = [], []
     for index, rows in enumerate(parts):
@@ -58,6 +62,7 @@ def shard_runs(spec, options, X, y, parts, settings=SETTINGS, seed=11):
             seed=seed,
             settings=settings,
             chains=DEVICES,
+            one_program=True,
         )
         runs.append(idata)
         kwargs.append(model_kwargs(features, options))
