@@ -53,5 +53,4 @@ with reported_errors():
             chains=snakemake.params.chains,
             chain_method=chain_method,
             checkpoint_path=f"{snakemake.params.checkpoints}/shard-{shard_id(shard)}.pkl",
-            one_program=len(shards) > 1,  # NUTS traced and compiled once for the batch
         )

@@ -46,10 +46,7 @@ def simulated(model_name: str, rows: int, features: int, seed: int):
 
 def shard_runs(spec, options, X, y, parts, settings=SETTINGS, seed=11):
     """Sample every shard as the sample stage does: the runs, and each shard's model arguments.
-    As a job of several shards samples them (``sample.shards_per_job`` > 1, ``one_program``):
-    every shard of one padded size runs one compiled program, with the draws of a job per
-    shard (:func:`test_one_job_compiles_nuts_and_the_hessian_once_for_shards_of_one_shape`);
-    compiling a program per shard would be most of these tests' time."""
+    Every shard of one padded size runs one compiled program (``one_program``)."""
     pad_to = padded_size([len(rows) for rows in parts], 64)
     runs, kwargs = [], []
     for index, rows in enumerate(parts):
@@ -63,7 +60,6 @@ def shard_runs(spec, options, X, y, parts, settings=SETTINGS, seed=11):
             seed=seed,
             settings=settings,
             chains=DEVICES,
-            one_program=True,
         )
         runs.append(idata)
         kwargs.append(model_kwargs(features, options))
@@ -228,8 +224,8 @@ def test_one_job_compiles_nuts_and_the_hessian_once_for_shards_of_one_shape():
     """Several shards in one job (``sample.shards_per_job``, ``one_program``) run the first
     shard's programs: for the next shard of the same shapes nothing is lowered or compiled
     (NumPyro's own ``"parallel"`` traces and loads the chains' program again for every run:
-    0.2 of a 0.7 s shard), and its draws are those of a run of its own. A shard of another
-    padded size compiles its own: the clock counts."""
+    0.2 of a 0.7 s shard), and its draws are those of NumPyro's own program, closed over the
+    shard's data. A shard of another padded size compiles its own: the clock counts."""
     spec, options, X, y = simulated("logistic", rows=600, features=3, seed=8)
     settings = NutsSettings(
         num_warmup=100, num_samples=100, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False
@@ -255,3 +251,45 @@ def test_one_job_compiles_nuts_and_the_hessian_once_for_shards_of_one_shape():
     alone, _ = run(np.arange(200, 400), 256, 1, one_program=False)
     np.testing.assert_array_equal(second.posterior["beta"].values, alone.posterior["beta"].values)
     assert run(np.arange(400, 600), 320, 2)[1]["compile_seconds"] > 0.0
+
+
+#: A sample job of one shard of the logistic model (arguments: shard, compilation cache,
+#: precision), as scripts/sample.py runs it: prints its compile seconds.
+SHARD_JOB = """
+import json, sys
+from cmcflow.jaxenv import configure_jax
+configure_jax(devices=4, precision=sys.argv[3], compilation_cache_dir=sys.argv[2])
+from cmcflow.featurize import padded_size
+from cmcflow.models import get_model, resolve_options
+from cmcflow.sample import NutsSettings, sample_run
+spec, shard = get_model("logistic"), int(sys.argv[1])
+table, _ = spec.simulate(400, 8, features=3)
+part = table.iloc[200 * shard : 200 * (shard + 1)]
+features = spec.featurize({"features": part[["x0", "x1", "x2"]].to_numpy(), "label": part["y"].to_numpy()}, 256, {})
+settings = NutsSettings(num_warmup=100, num_samples=100, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False)
+run, report = sample_run(spec, features, resolve_options(spec, {}), num_shards=2, shard=shard, seed=0,
+                         settings=settings, chains=4)
+print(json.dumps({"compile_seconds": report["compile_seconds"]}))
+"""
+
+
+def test_a_sample_job_loads_the_program_another_shards_job_compiled(tmp_path):
+    """A sample job runs NUTS with the data as the program's arguments (``one_program``), so
+    the next shard's job, in a process of its own, finds the program in the persistent
+    cache instead of compiling it again (a program closed over the data would be new for
+    every shard)."""
+    import json
+    import subprocess
+    import sys
+
+    from cmcflow.jaxenv import PRECISION
+
+    def job(shard):
+        arguments = [sys.executable, "-c", SHARD_JOB, str(shard), str(tmp_path), PRECISION.name]
+        done = subprocess.run(arguments, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])["compile_seconds"]
+
+    first, following = job(0), job(1)
+    print(f"compile seconds: first job {first:.2f}, next shard's job {following:.2f}")
+    assert following < 0.5 * first, (first, following)

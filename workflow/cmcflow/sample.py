@@ -106,12 +106,33 @@ class NutsKeepingUnconstrained(NUTS):
         return constrained_and_unconstrained
 
 
+#: Alignment (bytes) of host memory that XLA's CPU client takes without a copy.
+XLA_CPU_ALIGNMENT = 64
+
+
+def aligned_host_array(value) -> np.ndarray:
+    """``value`` copied into host memory aligned to :data:`XLA_CPU_ALIGNMENT` bytes. Every
+    virtual CPU device takes such an array without a copy (``jax.device_put`` aliases it),
+    so the chains of one program read one copy of the data: with four copies, one per
+    device, NUTS sampled 16–22% slower (``bench/results/shared_program.md``)."""
+    value = np.asarray(value)
+    buffer = np.empty(value.nbytes + XLA_CPU_ALIGNMENT, dtype=np.uint8)
+    start = -buffer.ctypes.data % XLA_CPU_ALIGNMENT
+    aligned = buffer[start : start + value.nbytes].view(value.dtype).reshape(value.shape)
+    aligned[...] = value
+    return aligned
+
+
 class ParallelChains:
     """A NumPyro ``chain_method``: one chain per device (``jax.pmap``, as NumPyro's
     ``"parallel"``), with the model's data arrays passed to the program instead of closed
     over, so that a job's one :class:`~numpyro.infer.MCMC` (:data:`job_sampler`) traces its
     chains' program once and runs every shard of the same shapes with it (NumPyro's
-    ``"parallel"`` traces, lowers and loads it again for every run).
+    ``"parallel"`` traces, lowers and loads it again for every run), and so that the program
+    is the same for every shard of a run's padded size: one job compiles it, the others load
+    it from the persistent compilation cache (closed over, the data are constants of the
+    program, and every shard's is new). The arrays reach the devices as one aliased host
+    copy (:func:`aligned_host_array`).
 
     NumPyro calls it with ``partial(mcmc._single_chain_mcmc, args=…, kwargs=…, …)`` and maps
     the result over ``(rng_key, init_state, init_params)``."""
@@ -134,7 +155,8 @@ class ParallelChains:
 
             self._programs[key] = jax.pmap(one_chain, in_axes=(0, None))
         program = self._programs[key]
-        return lambda map_args: program(map_args, arrays)
+        shared = {name: aligned_host_array(value) for name, value in arrays.items()}
+        return lambda map_args: program(map_args, shared)
 
 
 @functools.cache
@@ -157,9 +179,9 @@ def nuts_sampler(
     prior_power)``. ``one_program``: the model's arguments are the program's
     (``jit_model_args``; with ``"parallel"`` chains, :class:`ParallelChains`), so that one
     sampler (:data:`job_sampler`) runs every shard of a job's shape with one compiled
-    program; otherwise NumPyro closes the program over the data, which samples a large
-    shard faster (a P4 shard: 26 s against 29 s) but traces and loads the program again for
-    every run (0.2 s)."""
+    program, and the jobs of a run share it through the persistent compilation cache;
+    otherwise NumPyro closes the program over the data, which makes a new program for every
+    shard (``bench/shared_program.py`` compares the two)."""
     kernel = NutsKeepingUnconstrained(
         tempered(model, prior_power),
         target_accept_prob=settings.target_accept_prob,
@@ -194,7 +216,7 @@ def run_nuts(
     init_params: Mapping[str, jax.Array] | None = None,
     chain_method: str = "parallel",
     checkpoint: Checkpoint | None = None,
-    one_program: bool = False,
+    one_program: bool = True,
 ) -> NutsDraws:
     """NUTS on ``temper_priors(model, prior_power)(**kwargs)``, ``num_chains`` chains.
 
@@ -203,9 +225,11 @@ def run_nuts(
     ``chain_method``: NumPyro's; the stage always runs ``"parallel"`` (one chain per
     device), ``bench/sample_chains.py`` compares it with ``"sequential"`` and ``"vectorized"``.
 
-    ``one_program``: the job samples several shards of one shape (``sample.shards_per_job``
-    > 1), so the job's sampler (:data:`job_sampler`) traces and compiles NUTS once for all
-    of them (:func:`nuts_sampler`); the draws are the same either way.
+    ``one_program``: the model's data are the program's arguments (:func:`nuts_sampler`):
+    a job's sampler (:data:`job_sampler`) traces and compiles NUTS once for all the shards
+    of one shape it samples (``sample.shards_per_job`` > 1), and a job finds the program
+    another shard's job compiled in the persistent cache; ``False``: NumPyro's own way, a
+    program closed over the data. The draws are the same either way.
 
     Without a ``checkpoint``, warmup and draws are one program. With one, warmup runs
     first, then the draws in blocks of ``checkpoint.every``, each block continuing the
@@ -275,7 +299,7 @@ def sample_run(
     chains: int,
     chain_method: str = "parallel",
     checkpoint_path: str | os.PathLike | None = None,
-    one_program: bool = False,
+    one_program: bool = True,
 ) -> tuple[Run, dict]:
     """NUTS on shard ``shard`` (or on all rows: ``num_shards=1``, ``shard=-1``), ``chains``
     chains (``chain_method`` as in :func:`run_nuts`: "parallel", one per device, or
@@ -284,7 +308,7 @@ def sample_run(
     ``checkpoint_path``: where the run keeps its checkpoint (``settings.checkpoint_every``
     > 0); a checkpoint there of this same run (features, options, settings, versions) is
     resumed. The caller removes it once the run is written. ``one_program``: as in
-    :func:`run_nuts` (a job of several shards).
+    :func:`run_nuts`.
     Returns the run (``posterior``, ``unconstrained_posterior``, ``sample_stats`` and, but for
     rigid models, ``curvature``; run facts in ``posterior.attrs``; :data:`~cmcflow.runs.Run`)
     and its diagnostics dict.
@@ -399,7 +423,7 @@ def sample_shard_files(
     chains: int,
     chain_method: str = "parallel",
     checkpoint_path: str | os.PathLike | None = None,
-    one_program: bool = False,
+    one_program: bool = True,
 ) -> dict:
     """:func:`sample_run` on shard ``shard``, written to its posterior (NetCDF) and
     diagnostics (JSON) files; returns the diagnostics.
