@@ -6,7 +6,7 @@ Benchmarks are not tests: each measures what users pay for on this machine, repe
 Run them on an otherwise idle machine; they take about 2 hours on 2 cores: P4 about 35
 minutes (three repeats of 8 shards and a 5-minute full-data run), plus 19 minutes once for
 its accuracy reference (full-data NUTS, 4 x 2,500 draws, kept beside its working
-directory), the others about 45.
+directory), the others about an hour.
 
     python bench/run.py                 # all of them
     python bench/run.py P1 P2           # some; the summary still lists every result present
@@ -16,6 +16,7 @@ directory), the others about 45.
 |---|---|---|
 | P1 | sample_chains.py | NUTS chains parallel over 4 devices vs sequential vs vectorized |
 | P2 | compile_cache.py | a sample job with a cold vs a warm compilation cache |
+| P2 | shared_program.py | a sample job after another shard's: the program closed over the data vs taking them |
 | P3 | align_throughput.py | batched shard_map alignment vs a per-pair loop |
 | P4 | cmc_vs_full.py | CMC (K = 8) vs full-data NUTS: wall time and accuracy |
 | I3 | importance_qmc.py | the correction's Monte Carlo error by proposal scheme, on P4's run |
@@ -47,7 +48,7 @@ from common import RESULTS, machine
 BENCH = Path(__file__).resolve().parent
 SCRIPTS = {
     "P1": ["sample_chains.py"],
-    "P2": ["compile_cache.py"],
+    "P2": ["compile_cache.py", "shared_program.py"],
     "P3": ["align_throughput.py"],
     "P4": ["cmc_vs_full.py"],
     "I3": ["importance_qmc.py"],
