@@ -229,7 +229,8 @@ def run_nuts(
     a job's sampler (:data:`job_sampler`) traces and compiles NUTS once for all the shards
     of one shape it samples (``sample.shards_per_job`` > 1), and a job finds the program
     another shard's job compiled in the persistent cache; ``False``: NumPyro's own way, a
-    program closed over the data. The draws are the same either way.
+    program closed over the data. The draws are the same either way (tested on the logistic
+    model; the full-data job keeps ``False``: see ``scripts/sample_fulldata.py``).
 
     Without a ``checkpoint``, warmup and draws are one program. With one, warmup runs
     first, then the draws in blocks of ``checkpoint.every``, each block continuing the
