@@ -40,7 +40,6 @@ with reported_errors():
         chains=snakemake.params.chains,
         chain_method=chain_layout(snakemake.params.jax["platform"], snakemake.params.chains)[1],
         checkpoint_path=checkpoint,
-        one_program=False,  # no other job has its shape: NumPyro's own program, closed over the data
     )
     if spec.symmetry == "rigid":
         from cmcflow.align import align_run, build_reference

@@ -71,15 +71,27 @@ def test_align_stage_is_only_in_rigid_models_dags(structure_run, tmp_path):
 
 
 def test_the_fulldata_run_of_a_structure_is_aligned_into_one_frame(structure_run):
-    """Unaligned, each chain of a full-data structure run sits in its own frame (its summary
-    then mixes frames: R-hat far above 1); aligned, its chains agree and its mean recovers
-    the truth as the combination's does."""
+    """The full-data run of a rigid model is aligned before its diagnostics and summary are
+    computed, and its aligned chains share one frame: the median R-hat over the coordinates
+    is near 1 and the mean recovers the truth as the combination's does.
+
+    The median, not the largest: a chain may sit for a hundred draws or more in a local mode
+    where one point is flipped through the plane of its partners (a worse fit, larger
+    sigma), which R-hat rightly flags on that point and its neighbours, and which no frame
+    removes. Over 12 runs of this test's data (seeds 0–5, the data as the program's
+    arguments and closed over), three had such a chain: max R-hat 1.17–1.32, median
+    1.009–1.017, and 1.05–1.09 for the same draws unaligned. The bound 1.03 lies between.
+    """
     structure_run.run("fulldata")
     results = structure_run.workdir / "results/tiny"
     diagnostics = json.loads((results / "fulldata/diagnostics.json").read_text())
-    assert diagnostics["max_r_hat"] < 1.05 and diagnostics["mean_align_rmsd"] > 0, diagnostics["max_r_hat"]
+    assert diagnostics["mean_align_rmsd"] > 0
+    r_hat = np.array([row["r_hat"] for label, row in diagnostics["parameters"].items() if label.startswith("coords")])
     full = az.from_netcdf(results / "fulldata/posterior.nc")
     assert "align_rmsd" in full.sample_stats
+    # the diagnostics are the written (aligned) draws' own
+    np.testing.assert_allclose(np.sort(r_hat), np.sort(az.rhat(full.posterior)["coords"].values.ravel()), atol=1e-3)
+    assert np.median(r_hat) < 1.03, np.median(r_hat)
     truth = np.asarray(json.loads((results / "input/truth.json").read_text())["coords"])
     mean = full.posterior["coords"].values.reshape(-1, 20, 3).mean(axis=0)
     in_truth_frame = align_kabsch(truth[None], mean[None], np.ones((1, 20), bool), allow_reflection=True).points[0]
