@@ -232,9 +232,9 @@ def run_nuts(
     program closed over the data. The two programs do the same arithmetic, but XLA compiles
     data held as constants and data passed as arguments differently and may round them
     differently in the last bit: on the tests' logistic shards the draws are the same bit
-    for bit; on the structure model (float32 distances) they part within a few
-    warmup iterations, as NUTS's trajectories amplify any difference: another valid run of
-    the same sampler, as another seed would give.
+    for bit; on the structure model (float32 distances) they part within a few warmup
+    iterations, as NUTS's trajectories amplify any difference: another valid run of the
+    same sampler, as another seed would give.
 
     Without a ``checkpoint``, warmup and draws are one program. With one, warmup runs
     first, then the draws in blocks of ``checkpoint.every``, each block continuing the
