@@ -4,11 +4,15 @@ The roofline bench (roofline.py) finds XLA's logistic gradient at 10^6 rows abou
 memory-bandwidth bound: reverse-mode differentiation reads XT twice (beta XT, then XT r, two
 XLA loops). This bench measures a fused kernel that reads XT once
 (``bench/native/logistic_fused.cc``: value and gradient of the logistic log-likelihood in
-row blocks that stay in cache, 2 threads, mixed precision as the workflow's default),
+row blocks that stay in cache, on XLA's intra-op thread pool, mixed precision as the
+workflow's default),
 called from JAX through the XLA FFI, against the workflow's own gradient (the logistic
 model's potential, ``jax.value_and_grad``) in the same process, at 10^5 and 10^6 rows of
-20 features. The kernel is not used by the workflow: it measures what a native kernel
-would buy, to say what bounds 13b's gradient target.
+20 features. The kernel gets the data as the program's arguments, as the workflow's sample
+program does; the same kernel with the data closed over (constants of the program, which
+XLA copies before each custom call) is timed beside it. The kernel is not used by the
+workflow: it measures what a native kernel would buy, to say what bounds 13b's gradient
+target.
 
 Bound: the bytes of the model's data arrays ÷ the machine's copy bandwidth (roofline.py's
 STREAM-style copy over every core). Each run is a fresh process; the kernel's value and
@@ -70,12 +74,18 @@ def worker(library: str) -> dict:
             eta = (coef[:-1].astype(jnp.float32) @ XT).astype(jnp.float64) + coef[-1] + offset
             return jnp.sum(mask * (y * eta - jax.nn.softplus(eta)))
 
-        fused = jax.jit(
-            lambda coef: jax.ffi.ffi_call(
-                "logistic_fused",
-                (jax.ShapeDtypeStruct((), jnp.float64), jax.ShapeDtypeStruct((FEATURES + 1,), jnp.float64)),
-            )(*data, coef)
+        kernel = jax.ffi.ffi_call(
+            "logistic_fused",
+            (jax.ShapeDtypeStruct((), jnp.float64), jax.ShapeDtypeStruct((FEATURES + 1,), jnp.float64)),
         )
+        # the data as the program's arguments, as the workflow passes them (sample.run_nuts)
+        fused_program = jax.jit(lambda coef, *arrays: kernel(*arrays, coef))
+
+        def fused(coef):
+            return fused_program(coef, *data)
+
+        # the data closed over: constants of the program, which XLA copies before each custom call
+        fused_constants = jax.jit(lambda coef: kernel(*data, coef))
         value, gradient = fused(coefficients)
         reference_value, reference_gradient = jax.jit(jax.value_and_grad(xla_log_likelihood))(coefficients, *data)
         agreement = max(
@@ -86,6 +96,7 @@ def worker(library: str) -> dict:
             "data_bytes": sum(int(kwargs[name].nbytes) for name in ("XT", "y", "offset", "mask")),
             "xla_gradient_seconds": float(np.median(gradient_times(spec.numpyro_model, kwargs))),
             "fused_seconds": float(np.median(call_times(fused, coefficients))),
+            "fused_constants_seconds": float(np.median(call_times(fused_constants, coefficients))),
             "relative_difference": agreement,
         }
     return results
@@ -117,25 +128,26 @@ def main(repeats: int) -> None:
             "xla_gradient_seconds": spread([entry["xla_gradient_seconds"] for entry in entries]),
             "fused_seconds": spread([entry["fused_seconds"] for entry in entries]),
             "xla_over_bound": spread([entry["xla_gradient_seconds"] / bound for entry in entries]),
+            "fused_constants_seconds": spread([entry["fused_constants_seconds"] for entry in entries]),
             "fused_over_bound": spread([entry["fused_seconds"] / bound for entry in entries]),
             "relative_difference": max(entry["relative_difference"] for entry in entries),
         }
-    large = sizes[str(ROWS[-1])]
-    fused_ratio, xla_ratio = large["fused_over_bound"]["median"], large["xla_over_bound"]["median"]
+    # the target holds at >= 10^5 rows: the largest ratio over the sizes
+    fused_ratio = max(entry["fused_over_bound"]["median"] for entry in sizes.values())
+    xla_ratio = max(entry["xla_over_bound"]["median"] for entry in sizes.values())
     targets = [
         target(
             "13b",
-            "one-pass logistic gradient, bench-only C++ kernel (XLA FFI, 2 threads; not in the workflow) / "
-            "bandwidth bound, 10^6 rows, mixed",
+            "one-pass logistic gradient, bench-only C++ kernel (XLA FFI, XLA's thread pool; not in the workflow) / "
+            "bandwidth bound, >= 10^5 rows, mixed (largest)",
             f"{fused_ratio:.2f}x (the workflow's XLA gradient: {xla_ratio:.2f}x, same runs)",
             f"<= {GRADIENT_TARGET}x",
             fused_ratio <= GRADIENT_TARGET,
             None
             if fused_ratio <= GRADIENT_TARGET
             else (
-                f"reading the data once, the kernel still takes {fused_ratio:.2f}x the bound, and "
-                f"{sizes[str(ROWS[0])]['fused_over_bound']['median']:.2f}x it at {ROWS[0]:,} rows, whose data "
-                "mostly fit in cache: its own arithmetic per row and thread start-up bound it, not memory"
+                f"reading the data once, the kernel still takes {fused_ratio:.2f}x the bound (largest over "
+                f"{', '.join(f'{rows:,}' for rows in ROWS)} rows): its own arithmetic per row, not memory"
             ),
         )
     ]
@@ -145,19 +157,22 @@ def main(repeats: int) -> None:
         f"Logistic log-likelihood and gradient, {FEATURES} features, mixed precision; bound = the data's bytes "
         f"÷ {bandwidth['median'] / 1e9:.1f} GB/s (copy over every core; the kernel reads the 1-byte mask as "
         f"4-byte floats, more than the bound counts: as a bool buffer it ran slower). Median (min–max) of {repeats} "
-        "fresh processes. The kernel (bench/native/logistic_fused.cc) is not used by the workflow.",
+        "fresh processes. The kernel (bench/native/logistic_fused.cc) is not used by the workflow. Both get the "
+        "data as the program's arguments, as the workflow's sample program does; the last column is the same "
+        "kernel with the data closed over: XLA then copies its constants before each custom call.",
         "",
         "| rows | data read (MB) | bound (ms) | XLA gradient (ms) | XLA / bound | fused (ms) | fused / bound "
-        "| largest relative difference |",
-        "|---|---|---|---|---|---|---|---|",
+        "| largest relative difference | fused, data as constants (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for rows, entry in sizes.items():
         xla_ms = {key: value * 1e3 for key, value in entry["xla_gradient_seconds"].items() if key != "runs"}
         fused_ms = {key: value * 1e3 for key, value in entry["fused_seconds"].items() if key != "runs"}
+        constants_ms = {key: value * 1e3 for key, value in entry["fused_constants_seconds"].items() if key != "runs"}
         table.append(
             f"| {int(rows):,} | {entry['data_bytes'] / 1e6:.1f} | {entry['bandwidth_bound_seconds'] * 1e3:.3f} | "
             f"{cell(xla_ms, 3)} | {cell(entry['xla_over_bound'])} | {cell(fused_ms, 3)} | "
-            f"{cell(entry['fused_over_bound'])} | {entry['relative_difference']:.1e} |"
+            f"{cell(entry['fused_over_bound'])} | {entry['relative_difference']:.1e} | {cell(constants_ms, 3)} |"
         )
     write_results(
         "fused_gradient",

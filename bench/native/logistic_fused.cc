@@ -5,17 +5,25 @@
 // the intercept). Outputs: value float64 () = sum_j mask_j (y_j eta_j - softplus(eta_j)) and
 // its gradient float64 (P + 1), eta = beta . XT + intercept + offset. Mixed precision as the
 // workflow's `mixed`: per-row arithmetic in float32, sums over blocks of rows in float64.
-// Each of kThreads threads takes a contiguous range of rows, in blocks of kBlock rows: a
+// The rows are cut into chunks of kChunk rows, taken one at a time from a shared counter by
+// the calling thread and by helpers scheduled on XLA's own intra-op thread pool (no thread
+// started per call; a pool busy with other devices' calls only means fewer helpers, never
+// a wait on a task that has not started). Each chunk is read in blocks of kBlock rows: a
 // block's eta from P strided reads, then its residuals, then XT r from the same block while
-// it is still in cache, so XT is read from memory once.
+// it is still in cache, so XT is read from memory once. The chunks' partial sums are added
+// in chunk order: the result does not depend on which thread took which chunk.
 #include <cmath>
 #include <cstdint>
-#include <thread>
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
 #include <vector>
 #include "xla/ffi/api/ffi.h"
 namespace ffi = xla::ffi;
 
-constexpr int kThreads = 2;
+constexpr int64_t kChunk = 16384;
 constexpr int64_t kBlock = 512;
 
 static void Rows(const float* xt, const float* y, const float* off, const float* mask, const double* coef,
@@ -64,26 +72,59 @@ static void Rows(const float* xt, const float* y, const float* off, const float*
   for (int64_t p = 0; p <= P; ++p) grad[p] = g[p];
 }
 
-static ffi::Error Impl(ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> off,
-                       ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F64> coef, ffi::ResultBuffer<ffi::F64> value,
-                       ffi::ResultBuffer<ffi::F64> grad) {
-  const int64_t P = xt.dimensions()[0], R = xt.dimensions()[1];
-  const int T = kThreads;
-  std::vector<double> vals(T), grads(T * (P + 1));
-  std::vector<std::thread> pool;
-  for (int t = 0; t < T; ++t) {
-    const int64_t lo = R * t / T, hi = R * (t + 1) / T;
-    auto work = [&, t, lo, hi] { Rows(xt.typed_data(), y.typed_data(), off.typed_data(), mask.typed_data(),
-                                      coef.typed_data(), P, R, lo, hi, &vals[t], &grads[t * (P + 1)]); };
-    if (t + 1 < T) pool.emplace_back(work); else work();
+namespace {
+// One call's rows and the chunks' partial sums; shared with the helpers, which may start
+// after the call has returned (and then find no chunk left).
+struct Chunks {
+  const float *xt, *y, *off, *mask;
+  const double* coef;
+  int64_t P, R, count;
+  std::vector<double> values, grads;
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mutex;
+  std::condition_variable finished;
+
+  void Take() {
+    for (int64_t c; (c = next.fetch_add(1)) < count;) {
+      const int64_t lo = c * kChunk, hi = std::min(R, lo + kChunk);
+      Rows(xt, y, off, mask, coef, P, R, lo, hi, &values[c], &grads[c * (P + 1)]);
+      if (done.fetch_add(1) + 1 == count) {
+        std::lock_guard<std::mutex> lock(mutex);
+        finished.notify_all();
+      }
+    }
   }
-  for (auto& th : pool) th.join();
+};
+}  // namespace
+
+static ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> y,
+                       ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F64> coef,
+                       ffi::ResultBuffer<ffi::F64> value, ffi::ResultBuffer<ffi::F64> grad) {
+  auto chunks = std::make_shared<Chunks>();
+  chunks->xt = xt.typed_data();
+  chunks->y = y.typed_data();
+  chunks->off = off.typed_data();
+  chunks->mask = mask.typed_data();
+  chunks->coef = coef.typed_data();
+  chunks->P = xt.dimensions()[0];
+  chunks->R = xt.dimensions()[1];
+  chunks->count = (chunks->R + kChunk - 1) / kChunk;
+  chunks->values.assign(chunks->count, 0.0);
+  chunks->grads.assign(chunks->count * (chunks->P + 1), 0.0);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks->count) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([chunks] { chunks->Take(); });
+  chunks->Take();
+  {
+    std::unique_lock<std::mutex> lock(chunks->mutex);
+    chunks->finished.wait(lock, [&] { return chunks->done.load() == chunks->count; });
+  }
+  const int64_t P = chunks->P;
   double v = 0.0;
-  for (int t = 0; t < T; ++t) v += vals[t];
+  for (int64_t c = 0; c < chunks->count; ++c) v += chunks->values[c];
   *value->typed_data() = v;
   for (int64_t p = 0; p <= P; ++p) {
     double s = 0.0;
-    for (int t = 0; t < T; ++t) s += grads[t * (P + 1) + p];
+    for (int64_t c = 0; c < chunks->count; ++c) s += chunks->grads[c * (P + 1) + p];
     grad->typed_data()[p] = s;
   }
   return ffi::Error::Success();
@@ -91,6 +132,7 @@ static ffi::Error Impl(ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> y, ffi::B
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Logistic, Impl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
