@@ -1,186 +1,228 @@
-"""13b — what a one-pass gradient would reach: a bench-only C++ kernel against XLA's.
+"""13b — the logistic likelihood's one-pass kernel (``sample.fused_likelihood``) against XLA.
 
-The roofline bench (roofline.py) finds XLA's logistic gradient at 10^6 rows about 3x the
-memory-bandwidth bound: reverse-mode differentiation reads XT twice (beta XT, then XT r, two
-XLA loops). This bench measures a fused kernel that reads XT once
-(``bench/native/logistic_fused.cc``: value and gradient of the logistic log-likelihood in
-row blocks that stay in cache, on XLA's intra-op thread pool, mixed precision as the
-workflow's default),
-called from JAX through the XLA FFI, against the workflow's own gradient (the logistic
-model's potential, ``jax.value_and_grad``) in the same process, at 10^5 and 10^6 rows of
-20 features. The kernel gets the data as the program's arguments, as the workflow's sample
-program does; the same kernel with the data closed over (constants of the program, which
-XLA copies before each custom call) is timed beside it. The kernel is not used by the
-workflow: it measures what a native kernel would buy, to say what bounds 13b's gradient
-target.
+XLA's reverse-mode gradient of the logistic log-likelihood reads XT twice (β·XT, then XT r:
+two XLA loops; bench/results/roofline.md). :mod:`cmcflow.fused` computes value and gradient
+in one pass (``workflow/cmcflow/kernels/logistic.cc`` through the XLA FFI, on XLA's thread
+pool, mixed precision). This bench measures, with the kernel on and off in the same fresh
+process (``jax.precision: mixed``, the default):
 
-Bound: the bytes of the model's data arrays ÷ the machine's copy bandwidth (roofline.py's
-STREAM-style copy over every core). Each run is a fresh process; the kernel's value and
-gradient must agree with XLA's to 1e-4 (relative).
+* **gradient**: one jitted value and gradient of the logistic model's potential, its data
+  the program's arguments as in the sample program, at 10^5 and 10^6 rows of 20 features,
+  one JAX device; against the bandwidth bound (the data's bytes ÷ the machine's copy
+  bandwidth over every core, roofline.py's);
+* **NUTS**: one sample run as a sample job makes it on a shard of P4's size (125,000 rows x
+  20 features, 4 chains x (500 + 500), one per device, priors tempered to 1/8): sampling
+  seconds (compiling excluded), leapfrog steps, and the two posteriors' largest difference
+  of means in posterior sd (another rounding: NUTS's paths part, as with another seed).
+
+The measurement that chose ``sample.fused_likelihood: true``.
 
 Usage: python bench/fused_gradient.py [--repeats 3]
-Needs a C++17 compiler (``g++``); compiled with -march=native for this host only.
-Writes bench/results/fused_gradient.json and .md.
+Needs a C++17 compiler (``g++``, or ``$CXX``). Writes bench/results/fused_gradient.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
+import time
 
 import numpy as np
 from common import cell, spread, target, write_results
-from roofline import FEATURES, GRADIENT_TARGET, call_times, copy_bandwidth, gradient_times, logistic_kwargs
+from roofline import FEATURES, GRADIENT_TARGET, copy_bandwidth, gradient_times, logistic_kwargs
 
-SOURCE = Path(__file__).resolve().parent / "native" / "logistic_fused.cc"
 ROWS = (100_000, 1_000_000)
-TOLERANCE = 1e-4
+NUTS_ROWS, NUTS_SHARDS, NUTS_CHAINS, NUTS_ITERATIONS = 125_000, 8, 4, 500
 
 
-def build(include_dir: str, library: Path) -> None:
-    """Compile the kernel into the shared ``library`` (vectorised exp and log: libmvec)."""
-    command = ["g++", "-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC"]
-    subprocess.run([*command, f"-I{include_dir}", str(SOURCE), "-o", str(library), "-lmvec"], check=True)
+def switch(on: bool) -> None:
+    """The kernel on or off for what is traced next (programs traced before are dropped)."""
+    import jax
+
+    from cmcflow import fused
+    from cmcflow.sample import job_sampler
+
+    fused._state["enabled"] = on
+    fused._state["used"] = False
+    job_sampler.cache_clear()
+    jax.clear_caches()
 
 
-def worker(library: str) -> dict:
-    """One process: per size, the data's bytes, XLA's gradient and the fused kernel's seconds."""
+def gradient_worker(build_dir: str) -> dict:
+    """One process, one device: per size, the data's bytes and the gradient's seconds, XLA's
+    and the kernel's."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "workflow"))
     from cmcflow.jaxenv import configure_jax
 
     configure_jax(devices=1, precision="mixed", compilation_cache_dir=None)
-    import jax
-    import jax.numpy as jnp
-
+    from cmcflow import fused
     from cmcflow.models import get_model
 
-    jax.ffi.register_ffi_target(
-        "logistic_fused", jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(library).Logistic), platform="cpu"
-    )
+    assert fused.enable(build_dir), "the kernel did not build: see the warning above"
     spec = get_model("logistic")
     results = {}
     for rows in ROWS:
-        kwargs, rng = logistic_kwargs(spec, rows)
-        data = [jnp.asarray(kwargs[name], jnp.float32) for name in ("XT", "y", "offset", "mask")]
-        coefficients = jnp.asarray(rng.normal(0.0, 0.3, FEATURES + 1))
-
-        def xla_log_likelihood(coef, XT, y, offset, mask):
-            eta = (coef[:-1].astype(jnp.float32) @ XT).astype(jnp.float64) + coef[-1] + offset
-            return jnp.sum(mask * (y * eta - jax.nn.softplus(eta)))
-
-        kernel = jax.ffi.ffi_call(
-            "logistic_fused",
-            (jax.ShapeDtypeStruct((), jnp.float64), jax.ShapeDtypeStruct((FEATURES + 1,), jnp.float64)),
-        )
-        # the data as the program's arguments, as the workflow passes them (sample.run_nuts)
-        fused_program = jax.jit(lambda coef, *arrays: kernel(*arrays, coef))
-
-        def fused(coef):
-            return fused_program(coef, *data)
-
-        # the data closed over: constants of the program, which XLA copies before each custom call
-        fused_constants = jax.jit(lambda coef: kernel(*data, coef))
-        value, gradient = fused(coefficients)
-        reference_value, reference_gradient = jax.jit(jax.value_and_grad(xla_log_likelihood))(coefficients, *data)
-        agreement = max(
-            abs(float(value - reference_value)) / abs(float(reference_value)),
-            float(jnp.max(jnp.abs(gradient - reference_gradient)) / jnp.max(jnp.abs(reference_gradient))),
-        )
-        results[str(rows)] = {
-            "data_bytes": sum(int(kwargs[name].nbytes) for name in ("XT", "y", "offset", "mask")),
-            "xla_gradient_seconds": float(np.median(gradient_times(spec.numpyro_model, kwargs))),
-            "fused_seconds": float(np.median(call_times(fused, coefficients))),
-            "fused_constants_seconds": float(np.median(call_times(fused_constants, coefficients))),
-            "relative_difference": agreement,
-        }
+        kwargs, _ = logistic_kwargs(spec, rows)
+        entry = {"data_bytes": sum(int(value.nbytes) for value in kwargs.values() if hasattr(value, "nbytes"))}
+        for name, on in (("xla", False), ("fused", True)):
+            switch(on)
+            entry[f"{name}_seconds"] = float(np.median(gradient_times(spec.numpyro_model, kwargs)))
+            assert fused.used() == on
+        results[str(rows)] = entry
     return results
 
 
-def main(repeats: int) -> None:
-    import jax.ffi
+def nuts_worker(build_dir: str) -> dict:
+    """One process, 4 devices: a P4-sized shard sampled as a sample job does, XLA's
+    likelihood then the kernel's."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "workflow"))
+    from cmcflow.jaxenv import COMPILE_CLOCK, configure_jax
 
-    with tempfile.TemporaryDirectory() as scratch:
-        library = Path(scratch) / "liblogistic_fused.so"
-        build(jax.ffi.include_dir(), library)
-        bandwidths, runs = [], []
+    configure_jax(devices=NUTS_CHAINS, precision="mixed", compilation_cache_dir=None)
+    import jax
+
+    from cmcflow import fused
+    from cmcflow.models import get_model
+    from cmcflow.sample import NutsSettings, run_nuts
+
+    assert fused.enable(build_dir), "the kernel did not build: see the warning above"
+    spec = get_model("logistic")
+    kwargs, _ = logistic_kwargs(spec, NUTS_ROWS)
+    settings = NutsSettings(
+        num_warmup=NUTS_ITERATIONS,
+        num_samples=NUTS_ITERATIONS,
+        target_accept_prob=0.8,
+        max_tree_depth=10,
+        dense_mass=False,
+    )
+    results, draws = {}, {}
+    for name, on in (("xla", False), ("fused", True)):
+        switch(on)
+        compiled_before, started = COMPILE_CLOCK.seconds, time.perf_counter()
+        run = run_nuts(
+            spec.numpyro_model,
+            kwargs,
+            prior_power=1 / NUTS_SHARDS,
+            settings=settings,
+            num_chains=NUTS_CHAINS,
+            rng_key=jax.random.PRNGKey(0),
+        )
+        results[f"{name}_seconds"] = time.perf_counter() - started - (COMPILE_CLOCK.seconds - compiled_before)
+        results[f"{name}_steps"] = int(np.sum(run.stats["num_steps"]))
+        draws[name] = np.concatenate(
+            [np.reshape(run.samples[site], (NUTS_CHAINS * NUTS_ITERATIONS, -1)) for site in ("beta", "intercept")], 1
+        )
+        assert fused.used() == on
+    sd = draws["xla"].std(axis=0)
+    results["largest_mean_difference_sd"] = float(np.max(np.abs(draws["fused"].mean(0) - draws["xla"].mean(0)) / sd))
+    results["sd_ratio_range"] = [float(np.min(draws["fused"].std(0) / sd)), float(np.max(draws["fused"].std(0) / sd))]
+    return results
+
+
+def run_worker(kind: str, build_dir: str) -> dict:
+    output = subprocess.run(
+        [sys.executable, __file__, "--worker", kind, "--build-dir", build_dir], capture_output=True, text=True
+    )
+    if output.returncode:
+        raise RuntimeError(f"the {kind} worker failed:\n{output.stderr[-3000:]}")
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def main(repeats: int) -> None:
+    with tempfile.TemporaryDirectory() as build_dir:
+        bandwidths, gradient_runs, nuts_runs = [], [], []
         for _ in range(repeats):
             bandwidths.append(copy_bandwidth(os.cpu_count()))
-            output = subprocess.run(
-                [sys.executable, __file__, "--worker", str(library)], capture_output=True, text=True, check=True
-            ).stdout
-            runs.append(json.loads(output.strip().splitlines()[-1]))
+            gradient_runs.append(run_worker("gradient", build_dir))
+            nuts_runs.append(run_worker("nuts", build_dir))
     bandwidth = spread(bandwidths)
     sizes = {}
     for rows in map(str, ROWS):
-        entries = [run[rows] for run in runs]
+        entries = [run[rows] for run in gradient_runs]
         bound = entries[0]["data_bytes"] / bandwidth["median"]
-        if max(entry["relative_difference"] for entry in entries) > TOLERANCE:
-            raise RuntimeError(f"the fused kernel disagrees with XLA at {rows} rows: {entries}")
         sizes[rows] = {
             "data_bytes": entries[0]["data_bytes"],
             "bandwidth_bound_seconds": bound,
-            "xla_gradient_seconds": spread([entry["xla_gradient_seconds"] for entry in entries]),
-            "fused_seconds": spread([entry["fused_seconds"] for entry in entries]),
-            "xla_over_bound": spread([entry["xla_gradient_seconds"] / bound for entry in entries]),
-            "fused_constants_seconds": spread([entry["fused_constants_seconds"] for entry in entries]),
-            "fused_over_bound": spread([entry["fused_seconds"] / bound for entry in entries]),
-            "relative_difference": max(entry["relative_difference"] for entry in entries),
+            **{f"{name}_seconds": spread([entry[f"{name}_seconds"] for entry in entries]) for name in ("xla", "fused")},
+            **{
+                f"{name}_over_bound": spread([entry[f"{name}_seconds"] / bound for entry in entries])
+                for name in ("xla", "fused")
+            },
+            "xla_over_fused": spread([entry["xla_seconds"] / entry["fused_seconds"] for entry in entries]),
         }
+    nuts = {
+        key: spread([run[key] for run in nuts_runs])
+        for key in ("xla_seconds", "fused_seconds", "xla_steps", "fused_steps", "largest_mean_difference_sd")
+    }
+    nuts["xla_over_fused"] = spread([run["xla_seconds"] / run["fused_seconds"] for run in nuts_runs])
+    ratios = [run["sd_ratio_range"] for run in nuts_runs]
+    nuts["sd_ratio_range"] = [min(low for low, _ in ratios), max(high for _, high in ratios)]
     # the issue's target holds at >= 10^5 rows: the largest ratio over the sizes
     fused_ratio = max(entry["fused_over_bound"]["median"] for entry in sizes.values())
     xla_ratio = max(entry["xla_over_bound"]["median"] for entry in sizes.values())
     targets = [
         target(
             "13b",
-            "one-pass logistic gradient, bench-only C++ kernel (XLA FFI, XLA's thread pool; not in the workflow) / "
-            "bandwidth bound, >= 10^5 rows, mixed (largest)",
-            f"{fused_ratio:.2f}x (the workflow's XLA gradient: {xla_ratio:.2f}x, same runs)",
+            "logistic gradient with the fused likelihood (the default) / bandwidth bound, >= 10^5 rows, mixed "
+            "(largest)",
+            f"{fused_ratio:.2f}x (XLA's gradient: {xla_ratio:.2f}x, same runs)",
             f"<= {GRADIENT_TARGET}x",
             fused_ratio <= GRADIENT_TARGET,
-            None
-            if fused_ratio <= GRADIENT_TARGET
-            else (
-                f"reading the data once, the kernel still takes {fused_ratio:.2f}x the bound (largest over "
-                f"{', '.join(f'{rows:,}' for rows in ROWS)} rows): its own arithmetic per row, not memory"
-            ),
-        )
+            f"reading the data once, the kernel still takes {fused_ratio:.2f}x the bound (largest over "
+            f"{', '.join(f'{rows:,}' for rows in ROWS)} rows): its own arithmetic per row, not memory",
+        ),
     ]
     table = [
-        "# 13b what a one-pass gradient reaches: a bench-only C++ kernel (XLA FFI) against XLA's gradient",
+        "# 13b the logistic likelihood's one-pass kernel (sample.fused_likelihood) against XLA",
         "",
-        f"Logistic log-likelihood and gradient, {FEATURES} features, mixed precision; bound = the data's bytes "
-        f"÷ {bandwidth['median'] / 1e9:.1f} GB/s (copy over every core; the kernel reads the 1-byte mask as "
-        f"4-byte floats, more than the bound counts: as a bool buffer it ran slower). Median (min–max) of {repeats} "
-        "fresh processes. The kernel (bench/native/logistic_fused.cc) is not used by the workflow. Both get the "
-        "data as the program's arguments, as the workflow's sample program does; the last column is the same "
-        "kernel with the data closed over: XLA then copies its constants before each custom call.",
+        f"jax.precision mixed; {FEATURES} features. Bound = the data's bytes ÷ {bandwidth['median'] / 1e9:.1f} GB/s "
+        f"(copy over every core). Median (min–max) of {repeats} fresh processes, kernel and XLA in each.",
         "",
-        "| rows | data read (MB) | bound (ms) | XLA gradient (ms) | XLA / bound | fused (ms) | fused / bound "
-        "| largest relative difference | fused, data as constants (ms) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Gradient (one device; the data the program's arguments, as in the sample program):",
+        "",
+        "| rows | data read (MB) | bound (ms) | XLA (ms) | XLA / bound | fused (ms) | fused / bound | XLA / fused |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for rows, entry in sizes.items():
-        xla_ms = {key: value * 1e3 for key, value in entry["xla_gradient_seconds"].items() if key != "runs"}
+        xla_ms = {key: value * 1e3 for key, value in entry["xla_seconds"].items() if key != "runs"}
         fused_ms = {key: value * 1e3 for key, value in entry["fused_seconds"].items() if key != "runs"}
-        constants_ms = {key: value * 1e3 for key, value in entry["fused_constants_seconds"].items() if key != "runs"}
         table.append(
             f"| {int(rows):,} | {entry['data_bytes'] / 1e6:.1f} | {entry['bandwidth_bound_seconds'] * 1e3:.3f} | "
             f"{cell(xla_ms, 3)} | {cell(entry['xla_over_bound'])} | {cell(fused_ms, 3)} | "
-            f"{cell(entry['fused_over_bound'])} | {entry['relative_difference']:.1e} | {cell(constants_ms, 3)} |"
+            f"{cell(entry['fused_over_bound'])} | {cell(entry['xla_over_fused'])} |"
         )
+    table += [
+        "",
+        f"NUTS on a shard of P4's size ({NUTS_ROWS:,} rows, {NUTS_CHAINS} chains x ({NUTS_ITERATIONS} + "
+        f"{NUTS_ITERATIONS}), one per device, as a sample job runs it; compiling excluded):",
+        "",
+        "| likelihood | sampling (s) | leapfrog steps | ms per step and chain |",
+        "|---|---|---|---|",
+    ]
+    for name in ("xla", "fused"):
+        per_step = spread([run[f"{name}_seconds"] / run[f"{name}_steps"] * NUTS_CHAINS * 1e3 for run in nuts_runs])
+        table.append(
+            f"| {name} | {cell(nuts[f'{name}_seconds'], 1)} | {cell(nuts[f'{name}_steps'], 0)} | {cell(per_step)} |"
+        )
+    table += [
+        "",
+        f"Sampling XLA / fused: {cell(nuts['xla_over_fused'])}. The two posteriors: largest difference of means "
+        f"{cell(nuts['largest_mean_difference_sd'], 3)} posterior sd, sd ratios "
+        f"{nuts['sd_ratio_range'][0]:.3f}–{nuts['sd_ratio_range'][1]:.3f} (Monte Carlo error of two runs of "
+        f"{NUTS_CHAINS * NUTS_ITERATIONS:,} draws).",
+    ]
     write_results(
         "fused_gradient",
         {
-            "benchmark": "13b fused gradient",
+            "benchmark": "13b fused likelihood",
             "repeats": repeats,
             "bandwidth": bandwidth,
             "sizes": sizes,
+            "nuts": nuts,
             "targets": targets,
         },
         table,
@@ -190,9 +232,11 @@ def main(repeats: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", help="(internal) time the kernel in this library")
+    parser.add_argument("--worker", choices=("gradient", "nuts"), help="(internal) one measuring process")
+    parser.add_argument("--build-dir", help="(internal) where the kernel is built")
     arguments = parser.parse_args()
     if arguments.worker:
-        print(json.dumps(worker(arguments.worker)))
+        worker = gradient_worker if arguments.worker == "gradient" else nuts_worker
+        print(json.dumps(worker(arguments.build_dir)))
     else:
         main(arguments.repeats)

@@ -2,9 +2,11 @@
 
 For 10^4, 10^5 and 10^6 rows of 20 features, in each ``jax.precision``, on one JAX device:
 
-* **gradient**: the median time of one jitted value-and-gradient of the potential energy,
-  against the memory-bandwidth bound: the bytes of every data array the gradient must read
-  once (X, y, offset, weight, mask) ÷ this machine's bandwidth. The bandwidth is measured
+* **gradient**: the median time of one jitted value-and-gradient of the potential energy
+  (its data the program's arguments, as in the sample program; under ``mixed`` the fused
+  likelihood, ``sample.fused_likelihood``'s default), against the memory-bandwidth bound:
+  the bytes of every data array the gradient must read once (X, y, offset, weight, mask) ÷
+  this machine's bandwidth. The bandwidth is measured
   here with a STREAM-style copy (``numpy.copyto`` of 512 MiB, read + write bytes counted,
   with 1 and with all cores; the larger is the machine's);
 * **NUTS**: the wall time of one chain (warmup and sampling, compilation excluded) against
@@ -70,7 +72,10 @@ def worker(precision: str) -> dict:
     import jax.numpy as jnp
     from numpyro.infer import MCMC, NUTS
 
+    from cmcflow.fused import enable_in_job
     from cmcflow.models import get_model
+
+    enable_in_job(None)  # the default sample.fused_likelihood: the kernel where it applies (mixed)
 
     spec = get_model("logistic")
     results = {}
@@ -122,12 +127,18 @@ def logistic_kwargs(spec, rows: int):
 
 def gradient_times(model, kwargs: dict) -> list[float]:
     """Seconds of each call of the jitted value and gradient of ``model``'s potential energy
-    at its initial point (compiled first)."""
+    at its initial point (compiled first), the data arrays the program's arguments, as in
+    the sample program (closed over, they are the program's constants, which XLA copies
+    before a custom call such as the fused likelihood's)."""
     import jax
-    from numpyro.infer.util import initialize_model
+    import jax.numpy as jnp
+    from numpyro.infer.util import initialize_model, potential_energy
 
     setup = initialize_model(jax.random.PRNGKey(0), model, model_kwargs=kwargs)
-    return call_times(jax.jit(jax.value_and_grad(setup.potential_fn)), setup.param_info.z)
+    arrays = {name: jnp.asarray(value) for name, value in kwargs.items() if isinstance(value, np.ndarray)}
+    static = {name: value for name, value in kwargs.items() if name not in arrays}
+    program = jax.jit(jax.value_and_grad(lambda z, data: potential_energy(model, (), {**data, **static}, z)))
+    return call_times(lambda z: program(z, arrays), setup.param_info.z)
 
 
 def call_times(function, argument) -> list[float]:
@@ -210,7 +221,8 @@ def main(repeats: int) -> None:
         targets.append(
             target(
                 "13b",
-                f"logistic gradient / bandwidth bound, >= 10^5 rows, {precision} (largest)",
+                f"logistic gradient / bandwidth bound, >= 10^5 rows, {precision}"
+                f"{' (the fused likelihood, the default)' if precision == 'mixed' else ''} (largest)",
                 f"{worst:.2f}x",
                 f"<= {GRADIENT_TARGET}x",
                 worst <= GRADIENT_TARGET,
@@ -288,12 +300,18 @@ def gradient_bound(sizes: dict, precision: str) -> str:
     read of the data, and that read against the bandwidth bound."""
     large = sizes[f"{precision} {ROWS[-1]}"]
     read_over_bound = large["read_once_seconds"]["median"] / large["bandwidth_bound_seconds"]
+    if precision == "mixed":  # the fused likelihood's kernel reads the data once
+        return (
+            f"at 10^6 rows the fused likelihood takes {large['gradient_over_bound']['median']:.2f}x the one-pass "
+            f"bound and {large['gradient_over_read_once']['median']:.2f}x one XLA read of the data (itself "
+            f"{read_over_bound:.2f}x the bound): its per-row arithmetic (fused_gradient.md)"
+        )
     return (
         f"at 10^6 rows the gradient takes {large['gradient_over_bound']['median']:.2f}x the one-pass bound and "
         f"{large['gradient_over_read_once']['median']:.2f}x one XLA read of the data (itself {read_over_bound:.2f}x "
         "the bound); reverse-mode differentiation reads XT twice (beta XT, then XT r: separate XLA loops) and "
-        "computes the per-row terms between them, so two reads are this program's floor: one pass needs a "
-        "fused kernel (an XLA custom call)"
+        "computes the per-row terms between them, so two reads are XLA's floor. The fused likelihood reads "
+        "once, but takes float32 data with float64 parameters: jax.precision mixed, the default, only"
     )
 
 

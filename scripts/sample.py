@@ -24,6 +24,10 @@ with reported_errors():
 
     settings = dict(snakemake.params.sample)
     seed = settings.pop("seed")
+    if settings.pop("fused_likelihood"):
+        from cmcflow.fused import enable_in_job
+
+        enable_in_job(snakemake.params.jax["compilation_cache_dir"])
     if snakemake.rule == "sample_batch":
         os.makedirs(snakemake.output.batch, exist_ok=True)
         outputs = [

@@ -27,6 +27,10 @@ with reported_errors():
     checkpoint = Path(snakemake.params.checkpoints) / "fulldata.pkl"
     settings = dict(snakemake.params.sample)
     seed = settings.pop("seed")
+    if settings.pop("fused_likelihood"):
+        from cmcflow.fused import enable_in_job
+
+        enable_in_job(snakemake.params.jax["compilation_cache_dir"])
     idata, report = sample_features(
         spec,
         all_rows_features(

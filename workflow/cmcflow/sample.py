@@ -22,6 +22,7 @@ import numpyro
 import xarray as xr
 from numpyro.infer import MCMC, NUTS, init_to_uniform
 
+from cmcflow import fused
 from cmcflow.checkpoint import Checkpoint, SavedRun, run_key
 from cmcflow.consensus import HESSIAN_MAX_PARAMETERS
 from cmcflow.jaxenv import COMPILE_CLOCK, PRECISION
@@ -372,6 +373,8 @@ def sample_run(
         "padded_rows": int(np.shape(features["mask"])[0]),
         "devices": len(jax.devices()),
         "precision": PRECISION.name,
+        # 1: the likelihood's one-pass kernel (sample.fused_likelihood) computed it
+        "fused_likelihood": int(fused.used()),
         "num_chains": chains,
         "chain_method": chain_method,
         "seed": seed,

@@ -31,12 +31,22 @@ def logistic_model(XT, y, offset, mask, prior_sd, weight=None):
     weights into the trace's metadata, which ArviZ's ``from_numpyro`` cannot compare from
     one run to the next in one process.) The binomial form costs three log-gamma functions
     per row, in float64 under x64, so the Bernoulli form serves tables without weights.
+
+    In a sample job (``sample.fused_likelihood``) the Bernoulli sum is one factor computed
+    by :mod:`cmcflow.fused`, which reads ``XT`` once per gradient where XLA reads it twice;
+    the same log density, another rounding. A model of your own leaves this out.
     """
+    import jax.numpy as jnp
     import numpyro
     import numpyro.distributions as dist
 
+    from cmcflow import fused
+
     intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
     beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([XT.shape[0]]).to_event(1))
+    if weight is None and fused.applies(XT, y, offset, mask):
+        numpyro.factor("y", fused.logistic_log_likelihood(jnp.append(beta, intercept), XT, y, offset, mask))
+        return
     intercept, beta = in_data_precision(XT, intercept, beta)
     logits = intercept + beta @ XT + offset
     with numpyro.plate("rows", XT.shape[1]):

@@ -1,8 +1,8 @@
-// One pass over the data for the logistic log-likelihood and its gradient (bench-only
-// prototype for issue 13 b, bench/fused_gradient.py; not used by the workflow).
+// The logistic log-likelihood and its gradient in one pass over the data (cmcflow.fused:
+// built per CPU type on first use, called from JAX through the XLA FFI).
 //
-// Inputs: XT float32 (P, R), y, offset float32 (R), mask float32 (R), coef float64 (P + 1: beta, then
-// the intercept). Outputs: value float64 () = sum_j mask_j (y_j eta_j - softplus(eta_j)) and
+// Inputs: XT float32 (P, R), y, offset float32 (R), mask bool (R), coef float64 (P + 1: beta,
+// then the intercept). Outputs: value float64 () = sum_j mask_j (y_j eta_j - softplus(eta_j)) and
 // its gradient float64 (P + 1), eta = beta . XT + intercept + offset. Mixed precision as the
 // workflow's `mixed`: per-row arithmetic in float32, sums over blocks of rows in float64.
 // The rows are cut into chunks of kChunk rows, taken one at a time from a shared counter by
@@ -26,7 +26,7 @@ namespace ffi = xla::ffi;
 constexpr int64_t kChunk = 16384;
 constexpr int64_t kBlock = 512;
 
-static void Rows(const float* xt, const float* y, const float* off, const float* mask, const double* coef,
+static void Rows(const float* xt, const float* y, const float* off, const uint8_t* mask, const double* coef,
                  int64_t P, int64_t R, int64_t lo, int64_t hi, double* value, double* grad) {
   constexpr int64_t B = kBlock;
   float eta[B]; float r[B];
@@ -53,7 +53,7 @@ static void Rows(const float* xt, const float* y, const float* off, const float*
     for (int64_t j = 0; j < n; ++j) {
       const float e = ef[j], t = tf[j];
       const float s = (e >= 0.0f ? 1.0f : t) / (1.0f + t);
-      const float m = mask[j0 + j], yy = y[j0 + j];
+      const float m = static_cast<float>(mask[j0 + j]), yy = y[j0 + j];
       val += (double)(m * (yy * e - (std::fmax(e, 0.0f) + lf[j])));
       const float rj = m * (yy - s);
       r[j] = rj;
@@ -76,7 +76,8 @@ namespace {
 // One call's rows and the chunks' partial sums; shared with the helpers, which may start
 // after the call has returned (and then find no chunk left).
 struct Chunks {
-  const float *xt, *y, *off, *mask;
+  const float *xt, *y, *off;
+  const uint8_t* mask;
   const double* coef;
   int64_t P, R, count;
   std::vector<double> values, grads;
@@ -98,13 +99,13 @@ struct Chunks {
 }  // namespace
 
 static ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> y,
-                       ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F64> coef,
+                       ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F64> coef,
                        ffi::ResultBuffer<ffi::F64> value, ffi::ResultBuffer<ffi::F64> grad) {
   auto chunks = std::make_shared<Chunks>();
   chunks->xt = xt.typed_data();
   chunks->y = y.typed_data();
   chunks->off = off.typed_data();
-  chunks->mask = mask.typed_data();
+  chunks->mask = reinterpret_cast<const uint8_t*>(mask.typed_data());  // bool: one byte, 0 or 1
   chunks->coef = coef.typed_data();
   chunks->P = xt.dimensions()[0];
   chunks->R = xt.dimensions()[1];
@@ -136,7 +137,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Logistic, Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F64>>()
                                   .Ret<ffi::Buffer<ffi::F64>>()
                                   .Ret<ffi::Buffer<ffi::F64>>());

@@ -1,0 +1,146 @@
+"""The logistic likelihood's one-pass kernel (cmcflow.fused) against XLA's sum of the same.
+
+Whether the model uses the kernel is decided when the model is traced, and compiled
+programs are kept per model and shapes: each test here uses shapes of its own (and the
+module's programs are released after it, conftest), so that no program traced one way is
+found by a test of the other.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import PRECISION
+
+from cmcflow import fused
+from cmcflow.models import get_model, resolve_options
+from cmcflow.sample import NutsSettings, sample_features
+from cmcflow.transforms import model_kwargs, potential_hessian
+
+pytestmark = pytest.mark.skipif(PRECISION != "mixed", reason="the kernel takes float32 data: jax.precision mixed")
+
+SPEC = get_model("logistic")
+
+
+@pytest.fixture
+def kernel_on(tmp_path, monkeypatch):
+    """The kernel built into ``tmp_path`` and on, for this test only."""
+    monkeypatch.setitem(fused._state, "enabled", False)
+    monkeypatch.setitem(fused._state, "used", False)
+    assert fused.enable(tmp_path)
+    return tmp_path
+
+
+def logistic_data(rows: int, features: int, seed: int):
+    table, _ = SPEC.simulate(rows, seed, features=features)
+    columns = {"features": table[[f"x{i}" for i in range(features)]].to_numpy(), "label": table["y"].to_numpy()}
+    return SPEC.featurize(columns, rows, {})
+
+
+def potential(kwargs, position):
+    from numpyro.infer.util import potential_energy
+
+    return potential_energy(SPEC.numpyro_model, (), kwargs, position)
+
+
+def test_kernel_value_gradient_and_hessian_match_xla(kernel_on, monkeypatch):
+    features = logistic_data(rows=2_900, features=5, seed=1)
+    kwargs = {
+        name: jnp.asarray(value) if isinstance(value, np.ndarray) else value
+        for name, value in model_kwargs(features, resolve_options(SPEC, {})).items()
+    }
+    position = {"intercept": jnp.asarray(0.2), "beta": jnp.asarray([0.5, -0.3, 0.1, 0.8, -1.2])}
+
+    def evaluate():
+        value, gradient = jax.value_and_grad(lambda p: potential(kwargs, p))(position)
+        return value, gradient, potential_hessian(SPEC.numpyro_model, kwargs, position)
+
+    fused_value, fused_gradient, fused_hessian = evaluate()
+    assert fused.used()
+    monkeypatch.setitem(fused._state, "enabled", False)
+    jax.clear_caches()
+    xla_value, xla_gradient, xla_hessian = evaluate()
+    # per-row terms in float32 either way, summed in float64 (kernel) or float32 blocks (XLA)
+    np.testing.assert_allclose(fused_value, xla_value, rtol=1e-6)
+    for site in position:
+        np.testing.assert_allclose(fused_gradient[site], xla_gradient[site], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(fused_hessian, xla_hessian, rtol=1e-5, atol=1e-3)
+
+
+def test_kernel_maps_over_a_batch_of_parameters(kernel_on):
+    features = model_kwargs(logistic_data(rows=1_700, features=2, seed=2), resolve_options(SPEC, {}))
+    data = [jnp.asarray(features[name]) for name in ("XT", "y")]
+    offset, mask = jnp.asarray(features["offset"]), jnp.asarray(features["mask"])
+    coefficients = jnp.asarray([[0.1, -0.2, 0.3], [1.0, 0.5, -0.5], [0.0, 0.0, 0.0]])
+
+    def log_likelihood(coef):
+        return fused.logistic_log_likelihood(coef, *data, offset, mask)
+
+    values, gradients = jax.jit(jax.vmap(jax.value_and_grad(log_likelihood)))(coefficients)
+    for coef, value, gradient in zip(coefficients, values, gradients):
+        eta = coef[:-1] @ np.asarray(features["XT"], np.float64) + coef[-1] + np.asarray(features["offset"])
+        y = np.asarray(features["y"], np.float64)
+        residual = y - 1 / (1 + np.exp(-eta))
+        np.testing.assert_allclose(value, np.sum(y * eta - np.logaddexp(0, eta)), rtol=1e-5)
+        expected = np.append(np.asarray(features["XT"], np.float64) @ residual, residual.sum())
+        np.testing.assert_allclose(gradient, expected, rtol=1e-4, atol=1e-3)
+    assert np.isnan(log_likelihood(jnp.full(3, jnp.nan)))  # NUTS sees a NaN as a divergence
+
+
+def test_nuts_with_the_kernel_samples_the_same_posterior(kernel_on, monkeypatch):
+    """Two NUTS runs of one shard, kernel and XLA: their means agree within Monte Carlo
+    error (4 chains x 400 draws, ESS ~ 1,000: the difference of two means has sd ~ 0.045
+    posterior sd; tolerance 0.2 sd is > 4 of those)."""
+    features = logistic_data(rows=2_300, features=3, seed=3)
+    settings = NutsSettings(
+        num_warmup=300, num_samples=400, target_accept_prob=0.8, max_tree_depth=10, dense_mass=False
+    )
+
+    def posterior():
+        idata, report = sample_features(
+            SPEC, features, resolve_options(SPEC, {}), num_shards=2, shard=0, seed=5, settings=settings, chains=4
+        )
+        assert report["max_r_hat"] < 1.02
+        return idata
+
+    with_kernel = posterior()
+    assert with_kernel.posterior.attrs["fused_likelihood"] == 1
+    monkeypatch.setitem(fused._state, "enabled", False)
+    monkeypatch.setitem(fused._state, "used", False)
+    jax.clear_caches()
+    from cmcflow.sample import job_sampler
+
+    job_sampler.cache_clear()
+    with_xla = posterior()
+    assert with_xla.posterior.attrs["fused_likelihood"] == 0
+    for site in ("intercept", "beta"):
+        kernel_draws, xla_draws = with_kernel.posterior[site].values, with_xla.posterior[site].values
+        sd = xla_draws.std(axis=(0, 1))
+        assert np.all(np.abs(kernel_draws.mean(axis=(0, 1)) - xla_draws.mean(axis=(0, 1))) / sd < 0.2), site
+        assert np.all(np.abs(kernel_draws.std(axis=(0, 1)) / sd - 1) < 0.15), site
+
+
+def test_no_compiler_leaves_xla_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(fused._state, "registered", False)
+    monkeypatch.setitem(fused._state, "enabled", False)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger="cmcflow.fused"):
+        assert not fused.enable(tmp_path / "kernels")
+    assert "XLA computes the likelihood" in caplog.text
+    features = model_kwargs(logistic_data(rows=100, features=2, seed=4), resolve_options(SPEC, {}))
+    assert not fused.applies(*(jnp.asarray(features[name]) for name in ("XT", "y", "offset", "mask")))
+    assert not list((tmp_path / "kernels").glob("*"))  # no half-written library
+
+
+def test_a_compile_error_is_reported_and_leaves_no_library(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(fused._state, "registered", False)
+    monkeypatch.setitem(fused._state, "enabled", False)
+    monkeypatch.setattr(fused, "FLAGS", (*fused.FLAGS, "-include", "no_such_header.h"))
+    with caplog.at_level(logging.WARNING, logger="cmcflow.fused"):
+        assert not fused.enable(tmp_path)
+    assert "did not build" in caplog.text and "no_such_header.h" in caplog.text
+    assert not list(tmp_path.glob("*"))

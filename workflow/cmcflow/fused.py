@@ -1,0 +1,184 @@
+"""The logistic log-likelihood and its gradient in one pass over the data: a C++ kernel
+(``kernels/logistic.cc``) called through the XLA FFI, built on first use for this CPU.
+
+    ℓ(c) = Σ_j m_j (y_j η_j − log(1 + e^{η_j})),   η_j = β · x_j + b + offset_j,
+    ∇_β ℓ = Σ_j m_j (y_j − σ(η_j)) x_j,   ∂ℓ/∂b = Σ_j m_j (y_j − σ(η_j)),
+
+with ``c = (β, b)`` ``(P + 1,)`` float64 and the data ``XT (P, R)``, ``y``, ``offset`` ``(R,)``
+float32 and ``mask (R,)`` bool, as the logistic model holds them under ``jax.precision:
+mixed``: per-row arithmetic in float32, sums in float64. XLA's reverse-mode gradient of the
+same sum reads ``XT`` twice (β·XT, then XT r); the kernel reads it once, in row blocks that
+stay in cache, on XLA's own thread pool (bench/results/fused_gradient.md).
+
+Sample jobs turn it on (:func:`enable`, ``sample.fused_likelihood``); elsewhere (reweight's
+batches of draws, where XLA's matrix products read the data once for many draws) and
+where it does not apply (:func:`applies`) the model computes the same sum with XLA. A
+build that fails (no compiler) leaves XLA's sum in place, with a warning in the job's log.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from cmcflow.jaxenv import cpu_signature, host_cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "kernels" / "logistic.cc"
+#: The kernel's name in XLA's registry of FFI targets.
+TARGET = "cmcflow_logistic_fused"
+#: g++ flags: vectorised exp and log (libmvec) need -ffast-math; -march=native builds for
+#: the CPU it runs on, hence one library per CPU type (:func:`library_path`).
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
+
+#: ``registered``: the kernel is in XLA's registry (once per process: XLA refuses a second
+#: library under one name); ``enabled``: models use it; ``used``: a model has.
+_state = {"registered": False, "enabled": False, "used": False}
+
+
+def library_path(build_dir: str | os.PathLike) -> Path:
+    """Where the kernel built for this CPU type, this source, these flags and this JAX lives
+    under ``build_dir``."""
+    import jax
+
+    key = "|".join([SOURCE.read_text(), " ".join(FLAGS), jax.__version__, cpu_signature()])
+    return Path(build_dir) / f"logistic-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def build(build_dir: str | os.PathLike) -> Path:
+    """The kernel's shared library under ``build_dir``, compiled (``$CXX``, else ``g++``)
+    unless it is there; written under a temporary name and renamed, so that jobs building
+    it at once each leave a whole library. Raises ``OSError`` (no compiler) or
+    ``subprocess.CalledProcessError`` (its messages in ``stderr``)."""
+    import jax.ffi
+
+    library = library_path(build_dir)
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    partial = library.with_name(f".{library.name}.{os.getpid()}")
+    compiler = os.environ.get("CXX", "g++")
+    command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial), "-lmvec"]
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        os.replace(partial, library)
+    finally:
+        partial.unlink(missing_ok=True)
+    return library
+
+
+def enable(build_dir: str | os.PathLike) -> bool:
+    """Build (or find) the kernel under ``build_dir`` and register it with XLA, so that
+    :func:`applies` holds where the data suit it; ``False``, with a warning, where it
+    cannot be built or loaded (the model then sums with XLA)."""
+    import jax.ffi
+
+    if not _state["registered"]:
+        try:
+            library = ctypes.cdll.LoadLibrary(str(build(build_dir)))
+        except subprocess.CalledProcessError as error:
+            message = error.stderr[-500:]
+            log.warning("the fused likelihood kernel did not build (%s); XLA computes the likelihood", message)
+            return False
+        except OSError as error:
+            log.warning("the fused likelihood kernel is not available (%s); XLA computes the likelihood", error)
+            return False
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Logistic), platform="cpu")
+        _state["registered"] = True
+        log.info("likelihood: the fused kernel %s", library._name)
+    _state["enabled"] = True
+    return True
+
+
+def enable_in_job(compilation_cache_dir: str | None) -> bool:
+    """:func:`enable` with the library kept beside the job's persistent compilation cache
+    (one per CPU type, built by the first job); without a cache, in a temporary directory
+    of this process."""
+    if compilation_cache_dir is not None:
+        return enable(Path(host_cache_dir(compilation_cache_dir)) / "kernels")
+    scratch = tempfile.mkdtemp(prefix="cmcflow-kernels-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return enable(scratch)
+
+
+def used() -> bool:
+    """Whether a model in this process has computed its likelihood with the kernel."""
+    return _state["used"]
+
+
+def applies(XT, y, offset, mask) -> bool:
+    """Whether :func:`logistic_log_likelihood` takes these data: the kernel is enabled, JAX
+    runs on the CPU in x64 mode, and the data are float32 (``mixed``) with a bool mask.
+    Decided when the model is traced: a program keeps the choice it was traced with."""
+    import jax
+    import jax.numpy as jnp
+
+    suits = (
+        _state["enabled"]
+        and jax.default_backend() == "cpu"
+        and jax.config.jax_enable_x64
+        and all(jnp.dtype(array.dtype) == jnp.float32 for array in (XT, y, offset))
+        and jnp.dtype(mask.dtype) == jnp.bool_
+    )
+    _state["used"] |= suits
+    return suits
+
+
+def logistic_log_likelihood(coef, XT, y, offset, mask):
+    """ℓ at ``coef (P + 1,)`` (β, then the intercept), a float64 scalar: one pass of the
+    kernel for the value and, under differentiation, the gradient with it. Its JVP is
+    ∇ℓ · t; differentiated twice (the Hessian the combination weighs a shard by), the
+    gradient's JVP is the Hessian-vector product H t = −X̃ᵀ (w ⊙ X̃ t), w_j = m_j σ(η_j)
+    (1 − σ(η_j)), X̃ the features with a column of ones, computed by XLA: the Hessian is
+    needed once per shard, the gradient at every leapfrog step. The data are not
+    differentiated. Under ``vmap``, one kernel call per set of parameters."""
+    return _differentiable()(coef, XT, y, offset, mask)
+
+
+@functools.cache
+def _differentiable():
+    """:func:`logistic_log_likelihood` as JAX functions with their JVPs, made on first use
+    (the model modules import this one where JAX is not: the shard stage)."""
+    import jax
+    import jax.numpy as jnp
+
+    def kernel(coef, XT, y, offset, mask):
+        shapes = (jax.ShapeDtypeStruct((), jnp.float64), jax.ShapeDtypeStruct(coef.shape, jnp.float64))
+        return jax.ffi.ffi_call(TARGET, shapes, vmap_method="sequential")(XT, y, offset, mask, coef)
+
+    @jax.custom_jvp
+    def value_and_gradient(coef, XT, y, offset, mask):
+        return kernel(coef, XT, y, offset, mask)
+
+    @value_and_gradient.defjvp
+    def value_and_gradient_jvp(primals, tangents):
+        coef, XT, y, offset, mask = primals
+        direction = tangents[0]
+        value, gradient = kernel(coef, XT, y, offset, mask)
+        eta = coef[:-1].astype(XT.dtype) @ XT + coef[-1].astype(XT.dtype) + offset
+        probability = jax.nn.sigmoid(eta)
+        weights = jnp.where(mask, probability * (1 - probability), 0)
+        projected = weights * (direction[:-1].astype(XT.dtype) @ XT + direction[-1].astype(XT.dtype))
+        curvature = jnp.append(XT @ projected, jnp.sum(projected)).astype(gradient.dtype)
+        return (value, gradient), (gradient @ direction, -curvature)
+
+    @jax.custom_jvp
+    def log_likelihood(coef, XT, y, offset, mask):
+        return kernel(coef, XT, y, offset, mask)[0]
+
+    @log_likelihood.defjvp
+    def log_likelihood_jvp(primals, tangents):
+        coef, *data = primals
+        value, gradient = value_and_gradient(coef, *data)
+        return value, gradient @ tangents[0]
+
+    return log_likelihood
