@@ -26,7 +26,7 @@ directory), the others about an hour.
 | R | real_data.py | three public data sets (K = 8) vs full-data NUTS; needs ``pip install -e '.[bench]'`` |
 | 13a | precision.py | float64 / float32 / mixed: a P4 shard's sampling time, and the statistical tests in each |
 | 13b | roofline.py | the logistic gradient against the memory-bandwidth bound; NUTS against steps x gradient |
-| 13b | fused_gradient.py | the fused likelihood (`sample.fused_likelihood`) against XLA: gradient vs the bound, NUTS on a P4 shard; needs ``g++`` |
+| 13b | fused_gradient.py | the fused likelihood against XLA: gradient vs the bound, a P4 shard's NUTS; needs ``g++`` |
 | 13c | shards_per_job.py | several shards per sample job: CPU seconds and jobs; a 10,000-shard dry run |
 | 13d | align_drugs.py | 256 pairs of drugs (RDKit) aligned in a fresh process, cold and warm cache; ``bench`` extra |
 
