@@ -135,7 +135,7 @@ def gradient_times(model, kwargs: dict) -> list[float]:
     from numpyro.infer.util import initialize_model, potential_energy
 
     setup = initialize_model(jax.random.PRNGKey(0), model, model_kwargs=kwargs)
-    arrays = {name: jnp.asarray(value) for name, value in kwargs.items() if isinstance(value, np.ndarray)}
+    arrays = {name: jnp.asarray(value) for name, value in kwargs.items() if isinstance(value, np.ndarray | jax.Array)}
     static = {name: value for name, value in kwargs.items() if name not in arrays}
     program = jax.jit(jax.value_and_grad(lambda z, data: potential_energy(model, (), {**data, **static}, z)))
     return call_times(lambda z: program(z, arrays), setup.param_info.z)

@@ -47,8 +47,10 @@ def potential(kwargs, position):
     return potential_energy(SPEC.numpyro_model, (), kwargs, position)
 
 
-def test_kernel_value_gradient_and_hessian_match_xla(kernel_on, monkeypatch):
-    features = logistic_data(rows=2_900, features=5, seed=1)
+# one chunk of the kernel's; several chunks (16,384 rows each) and a last step of < 64 rows
+@pytest.mark.parametrize("rows", [2_900, 37_001])
+def test_kernel_value_gradient_and_hessian_match_xla(kernel_on, monkeypatch, rows):
+    features = logistic_data(rows=rows, features=5, seed=1)
     kwargs = {
         name: jnp.asarray(value) if isinstance(value, np.ndarray) else value
         for name, value in model_kwargs(features, resolve_options(SPEC, {})).items()

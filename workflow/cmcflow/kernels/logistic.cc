@@ -4,14 +4,16 @@
 // Inputs: XT float32 (P, R), y, offset float32 (R), mask bool (R), coef float64 (P + 1: beta,
 // then the intercept). Outputs: value float64 () = sum_j mask_j (y_j eta_j - softplus(eta_j)) and
 // its gradient float64 (P + 1), eta = beta . XT + intercept + offset. Mixed precision as the
-// workflow's `mixed`: per-row arithmetic in float32, sums over blocks of rows in float64.
+// workflow's `mixed`: per-row arithmetic, and sums over at most 512 rows, in float32; the
+// sums of those sums in float64.
 // The rows are cut into chunks of kChunk rows, taken one at a time from a shared counter by
 // the calling thread and by helpers scheduled on XLA's own intra-op thread pool (no thread
 // started per call; a pool busy with other devices' calls only means fewer helpers, never
-// a wait on a task that has not started). Each chunk is read in blocks of kBlock rows: a
-// block's eta from P strided reads, then its residuals, then XT r from the same block while
-// it is still in cache, so XT is read from memory once. The chunks' partial sums are added
-// in chunk order: the result does not depend on which thread took which chunk.
+// a wait on a task that has not started). Each chunk is read in steps of kStep rows: a
+// step's eta summed in vector registers over the P feature rows, then its residuals, then
+// XT r from the same rows while they are still in the L1 cache, so XT is read from memory
+// once and eta is never stored between features. The chunks' partial sums are added in
+// chunk order: the result does not depend on which thread took which chunk.
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
@@ -24,52 +26,87 @@
 namespace ffi = xla::ffi;
 
 constexpr int64_t kChunk = 16384;
-constexpr int64_t kBlock = 512;
+constexpr int64_t kStep = 64;    // rows whose eta stay in registers
+constexpr int64_t kFlush = 512;  // rows a gradient lane sums in float32 before the float64 sum
 
-static void Rows(const float* xt, const float* y, const float* off, const uint8_t* mask, const double* coef,
-                 int64_t P, int64_t R, int64_t lo, int64_t hi, double* value, double* grad) {
-  constexpr int64_t B = kBlock;
-  float eta[B]; float r[B];
-  double val = 0.0;
-  std::vector<double> g(P + 1, 0.0);
-  const double b0 = coef[P];
-  for (int64_t j0 = lo; j0 < hi; j0 += B) {
-    const int64_t n = std::min(B, hi - j0);
-    for (int64_t j = 0; j < n; ++j) eta[j] = (float)b0 + off[j0 + j];
+typedef float V __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register (two AVX2 ones)
+static inline V Load(const float* p) { V v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline void Store(float* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
+static inline double Sum(V v) { double s = 0.0; for (int k = 0; k < 16; ++k) s += v[k]; return s; }
+
+// value and gradient of rows [j0, j0 + n), n <= kStep, added to val, gi and g
+template <bool kFull>
+static inline void Step(const float* xt, const float* y, const float* off, const uint8_t* mask, const double* coef,
+                        int64_t P, int64_t R, int64_t j0, int64_t n, double& val, double& gi, V* gv, double* g) {
+  alignas(64) float eta[kStep], r[kStep], tf[kStep], lf[kStep];
+  const float b0 = (float)coef[P];
+  if (kFull) {
+    const float* o = off + j0;
+    V e0 = Load(o) + b0, e1 = Load(o + 16) + b0, e2 = Load(o + 32) + b0, e3 = Load(o + 48) + b0;
     for (int64_t p = 0; p < P; ++p) {
       const float* row = xt + p * R + j0;
       const float bp = (float)coef[p];
-#pragma omp simd
+      e0 += bp * Load(row); e1 += bp * Load(row + 16); e2 += bp * Load(row + 32); e3 += bp * Load(row + 48);
+    }
+    Store(eta, e0); Store(eta + 16, e1); Store(eta + 32, e2); Store(eta + 48, e3);
+  } else {
+    for (int64_t j = 0; j < n; ++j) eta[j] = b0 + off[j0 + j];
+    for (int64_t p = 0; p < P; ++p) {
+      const float* row = xt + p * R + j0;
+      const float bp = (float)coef[p];
       for (int64_t j = 0; j < n; ++j) eta[j] += bp * row[j];
     }
-    double gi = 0.0;
-    float ef[B], tf[B];
+  }
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) { ef[j] = eta[j]; tf[j] = std::exp(-std::fabs(ef[j])); }
-    float lf[B];
+  for (int64_t j = 0; j < n; ++j) tf[j] = std::exp(-std::fabs(eta[j]));
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) lf[j] = std::log(1.0f + tf[j]);
-#pragma omp simd reduction(+ : val, gi)
-    for (int64_t j = 0; j < n; ++j) {
-      const float e = ef[j], t = tf[j];
-      const float s = (e >= 0.0f ? 1.0f : t) / (1.0f + t);
-      const float m = static_cast<float>(mask[j0 + j]), yy = y[j0 + j];
-      val += (double)(m * (yy * e - (std::fmax(e, 0.0f) + lf[j])));
-      const float rj = m * (yy - s);
-      r[j] = rj;
-      gi += rj;
+  for (int64_t j = 0; j < n; ++j) lf[j] = std::log(1.0f + tf[j]);
+  float v = 0.0f, s0 = 0.0f;
+#pragma omp simd reduction(+ : v, s0)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = eta[j], t = tf[j];
+    const float s = (e >= 0.0f ? 1.0f : t) / (1.0f + t);
+    const float m = static_cast<float>(mask[j0 + j]), yy = y[j0 + j];
+    v += m * (yy * e - (std::fmax(e, 0.0f) + lf[j]));
+    const float rj = m * (yy - s);
+    r[j] = rj;
+    s0 += rj;
+  }
+  val += v;
+  gi += s0;
+  if (kFull) {
+    const V r0 = Load(r), r1 = Load(r + 16), r2 = Load(r + 32), r3 = Load(r + 48);
+    for (int64_t p = 0; p < P; ++p) {
+      const float* row = xt + p * R + j0;
+      gv[p] += r0 * Load(row) + r1 * Load(row + 16) + r2 * Load(row + 32) + r3 * Load(row + 48);
     }
-    g[P] += gi;
+  } else {
     for (int64_t p = 0; p < P; ++p) {
       const float* row = xt + p * R + j0;
       float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < n; ++j) acc += row[j] * r[j];
-      g[p] += (double)acc;
+      g[p] += acc;
     }
   }
+}
+
+static void Rows(const float* xt, const float* y, const float* off, const uint8_t* mask, const double* coef,
+                 int64_t P, int64_t R, int64_t lo, int64_t hi, double* value, double* grad) {
+  double val = 0.0, gi = 0.0;
+  std::vector<double> g(P, 0.0);
+  std::vector<V> gv(P);
+  int64_t j0 = lo;
+  while (j0 + kStep <= hi) {
+    // float32 lanes over kFlush rows at most, then into the float64 sums
+    const int64_t stop = std::min(hi - kStep + 1, j0 + kFlush);
+    for (int64_t p = 0; p < P; ++p) gv[p] = V{};
+    for (; j0 < stop; j0 += kStep) Step<true>(xt, y, off, mask, coef, P, R, j0, kStep, val, gi, gv.data(), nullptr);
+    for (int64_t p = 0; p < P; ++p) g[p] += Sum(gv[p]);
+  }
+  if (j0 < hi) Step<false>(xt, y, off, mask, coef, P, R, j0, hi - j0, val, gi, nullptr, g.data());
   *value = val;
-  for (int64_t p = 0; p <= P; ++p) grad[p] = g[p];
+  for (int64_t p = 0; p < P; ++p) grad[p] = g[p];
+  grad[P] = gi;
 }
 
 namespace {
