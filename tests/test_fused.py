@@ -47,7 +47,7 @@ def potential(kwargs, position):
     return potential_energy(SPEC.numpyro_model, (), kwargs, position)
 
 
-# one chunk of the kernel's; several chunks (16,384 rows each) and a last step of < 64 rows
+# one chunk of the kernel's; several chunks (16,384 rows each) and a last step of a few rows
 @pytest.mark.parametrize("rows", [2_900, 37_001])
 def test_kernel_value_gradient_and_hessian_match_xla(kernel_on, monkeypatch, rows):
     features = logistic_data(rows=rows, features=5, seed=1)
@@ -146,3 +146,13 @@ def test_a_compile_error_is_reported_and_leaves_no_library(tmp_path, monkeypatch
         assert not fused.enable(tmp_path)
     assert "did not build" in caplog.text and "no_such_header.h" in caplog.text
     assert not list(tmp_path.glob("*"))
+
+
+def test_a_gpu_job_builds_no_kernel(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(fused._state, "enabled", False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with caplog.at_level(logging.INFO, logger="cmcflow.fused"):
+        assert not fused.enable_in_job(str(tmp_path))
+    assert "for CPU jobs" in caplog.text
+    assert not fused.enabled()
+    assert not list(tmp_path.rglob("*.so"))

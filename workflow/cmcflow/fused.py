@@ -102,12 +102,23 @@ def enable(build_dir: str | os.PathLike) -> bool:
 def enable_in_job(compilation_cache_dir: str | None) -> bool:
     """:func:`enable` with the library kept beside the job's persistent compilation cache
     (one per CPU type, built by the first job); without a cache, in a temporary directory
-    of this process."""
+    of this process. ``False``, building nothing, in a job whose JAX runs on a GPU (the
+    kernel is a CPU one: :func:`applies`)."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        log.info("likelihood: XLA's (the fused kernel is for CPU jobs; this one runs on %s)", jax.default_backend())
+        return False
     if compilation_cache_dir is not None:
         return enable(Path(host_cache_dir(compilation_cache_dir)) / "kernels")
     scratch = tempfile.mkdtemp(prefix="cmcflow-kernels-")
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     return enable(scratch)
+
+
+def enabled() -> bool:
+    """Whether models traced from now on use the kernel where :func:`applies` holds."""
+    return _state["enabled"]
 
 
 def used() -> bool:

@@ -336,6 +336,8 @@ def sample_run(
                 settings={**asdict(settings), "checkpoint_every": None},
                 chains=[chains, chain_method],
                 precision=PRECISION.name,
+                # the kernel's draws and XLA's are two roundings of one posterior: not one run
+                fused_likelihood=fused.enabled(),
                 versions=[jax.__version__, numpyro.__version__],
                 # what each saved block of draws holds (NutsDraws.samples)
                 samples="constrained, and latent unconstrained",

@@ -26,10 +26,15 @@
 namespace ffi = xla::ffi;
 
 constexpr int64_t kChunk = 16384;
-constexpr int64_t kStep = 64;    // rows whose eta stay in registers
+// rows whose eta stay in vector registers: 8 registers of AVX-512's 32, or 16 AVX2 ones
+#if defined(__AVX512F__)
+constexpr int64_t kStep = 128;
+#else
+constexpr int64_t kStep = 64;
+#endif
 constexpr int64_t kFlush = 512;  // rows a gradient lane sums in float32 before the float64 sum
 
-typedef float V __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register (two AVX2 ones)
+typedef float V __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
 static inline V Load(const float* p) { V v; __builtin_memcpy(&v, p, sizeof v); return v; }
 static inline void Store(float* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
 static inline double Sum(V v) { double s = 0.0; for (int k = 0; k < 16; ++k) s += v[k]; return s; }
@@ -41,14 +46,18 @@ static inline void Step(const float* xt, const float* y, const float* off, const
   alignas(64) float eta[kStep], r[kStep], tf[kStep], lf[kStep];
   const float b0 = (float)coef[P];
   if (kFull) {
-    const float* o = off + j0;
-    V e0 = Load(o) + b0, e1 = Load(o + 16) + b0, e2 = Load(o + 32) + b0, e3 = Load(o + 48) + b0;
+    constexpr int NV = kStep / 16;  // vectors per step
+    V e[NV];
+#pragma GCC unroll 16
+    for (int k = 0; k < NV; ++k) e[k] = Load(off + j0 + 16 * k) + b0;
     for (int64_t p = 0; p < P; ++p) {
       const float* row = xt + p * R + j0;
       const float bp = (float)coef[p];
-      e0 += bp * Load(row); e1 += bp * Load(row + 16); e2 += bp * Load(row + 32); e3 += bp * Load(row + 48);
+#pragma GCC unroll 16
+      for (int k = 0; k < NV; ++k) e[k] += bp * Load(row + 16 * k);
     }
-    Store(eta, e0); Store(eta + 16, e1); Store(eta + 32, e2); Store(eta + 48, e3);
+#pragma GCC unroll 16
+    for (int k = 0; k < NV; ++k) Store(eta + 16 * k, e[k]);
   } else {
     for (int64_t j = 0; j < n; ++j) eta[j] = b0 + off[j0 + j];
     for (int64_t p = 0; p < P; ++p) {
@@ -75,10 +84,16 @@ static inline void Step(const float* xt, const float* y, const float* off, const
   val += v;
   gi += s0;
   if (kFull) {
-    const V r0 = Load(r), r1 = Load(r + 16), r2 = Load(r + 32), r3 = Load(r + 48);
+    constexpr int NV = kStep / 16;
+    V rr[NV];
+#pragma GCC unroll 16
+    for (int k = 0; k < NV; ++k) rr[k] = Load(r + 16 * k);
     for (int64_t p = 0; p < P; ++p) {
       const float* row = xt + p * R + j0;
-      gv[p] += r0 * Load(row) + r1 * Load(row + 16) + r2 * Load(row + 32) + r3 * Load(row + 48);
+      V acc = rr[0] * Load(row);
+#pragma GCC unroll 16
+      for (int k = 1; k < NV; ++k) acc += rr[k] * Load(row + 16 * k);
+      gv[p] += acc;
     }
   } else {
     for (int64_t p = 0; p < P; ++p) {
