@@ -17,7 +17,7 @@ process (``jax.precision: mixed``, the default):
 
 The measurement that chose ``sample.fused_likelihood: true``.
 
-Usage: python bench/fused_gradient.py [--repeats 3]
+Usage: python bench/fused_gradient.py [--repeats 3] [--from-results]
 Needs a C++17 compiler (``g++``, or ``$CXX``). Writes bench/results/fused_gradient.json and .md.
 """
 
@@ -32,7 +32,7 @@ import tempfile
 import time
 
 import numpy as np
-from common import cell, spread, target, write_results
+from common import RESULTS, cell, spread, target, write_results
 from roofline import FEATURES, GRADIENT_TARGET, call_times, copy_bandwidth, gradient_times, logistic_kwargs
 
 ROWS = (100_000, 1_000_000)
@@ -137,11 +137,21 @@ def gradient_bound(sizes: dict) -> str:
     the kernel alone, and the rest of the potential's program."""
     rows, entry = max(sizes.items(), key=lambda item: item[1]["fused_over_bound"]["median"])
     fused_ms, kernel_ms = entry["fused_seconds"]["median"] * 1e3, entry["kernel_seconds"]["median"] * 1e3
-    return (
+    kernel = (
         f"at {int(rows):,} rows ({entry['data_bytes'] / 1e6:.1f} MB) the kernel alone takes {kernel_ms:.3f} ms "
-        f"({entry['kernel_over_bound']['median']:.2f}x the bound) and the rest of the potential's program (the "
-        f"priors, the parameters' assembly: small XLA operations) {fused_ms - kernel_ms:.3f} ms of the gradient's "
-        f"{fused_ms:.3f} ms"
+        f"({entry['kernel_over_bound']['median']:.2f}x the bound)"
+    )
+    low, high = entry["fused_seconds"]["min"] * 1e3, entry["fused_seconds"]["max"] * 1e3
+    if low <= kernel_ms <= high:
+        return (
+            f"{kernel}, within the gradient's spread ({low:.3f}–{high:.3f} ms): the rest of the potential's program "
+            f"(priors, the parameters' assembly) adds nothing measurable. The kernel reads the data once; its "
+            f"per-row arithmetic (exp, log and 2 x {FEATURES} multiply-adds a row) is what keeps it above a plain "
+            f"read (roofline.md: the gradient against one XLA read of the same data)"
+        )
+    return (
+        f"{kernel} and the rest of the potential's program (the priors, the parameters' assembly: small XLA "
+        f"operations) {fused_ms - kernel_ms:.3f} ms of the gradient's {fused_ms:.3f} ms"
     )
 
 
@@ -161,6 +171,13 @@ def main(repeats: int) -> None:
             bandwidths.append(copy_bandwidth(os.cpu_count()))
             gradient_runs.append(run_worker("gradient", build_dir))
             nuts_runs.append(run_worker("nuts", build_dir))
+    write_report({"bandwidths": bandwidths, "gradient": gradient_runs, "nuts": nuts_runs})
+
+
+def write_report(runs: dict, measured: str | None = None) -> None:
+    """The JSON (with every process's ``runs``) and the tables, from the measurements."""
+    bandwidths, gradient_runs, nuts_runs = runs["bandwidths"], runs["gradient"], runs["nuts"]
+    repeats = len(bandwidths)
     bandwidth = spread(bandwidths)
     sizes = {}
     for rows in map(str, ROWS):
@@ -251,9 +268,33 @@ def main(repeats: int) -> None:
             "sizes": sizes,
             "nuts": nuts,
             "targets": targets,
+            "runs": runs,
         },
         table,
+        measured=measured,
     )
+
+
+def runs_of(record: dict) -> dict:
+    """Every process's measurements from a results file: its ``runs``, or (a file written
+    before they were kept) rebuilt from the per-run lists of its spreads."""
+    if "runs" in record:
+        return record["runs"]
+    sizes, nuts = record["sizes"], record["nuts"]
+    gradient = [
+        {
+            rows: {"data_bytes": entry["data_bytes"]}
+            | {f"{name}_seconds": entry[f"{name}_seconds"]["runs"][index] for name in ("xla", "fused", "kernel")}
+            for rows, entry in sizes.items()
+        }
+        for index in range(record["repeats"])
+    ]
+    nuts_runs = [
+        {key: value["runs"][index] for key, value in nuts.items() if isinstance(value, dict)}
+        | {"sd_ratio_range": nuts["sd_ratio_range"]}
+        for index in range(record["repeats"])
+    ]
+    return {"bandwidths": record["bandwidth"]["runs"], "gradient": gradient, "nuts": nuts_runs}
 
 
 if __name__ == "__main__":
@@ -261,8 +302,16 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", choices=("gradient", "nuts"), help="(internal) one measuring process")
     parser.add_argument("--build-dir", help="(internal) where the kernel is built")
+    parser.add_argument(
+        "--from-results",
+        action="store_true",
+        help="measure nothing: rewrite the tables from bench/results/fused_gradient.json",
+    )
     arguments = parser.parse_args()
-    if arguments.worker:
+    if arguments.from_results:
+        record = json.loads((RESULTS / "fused_gradient.json").read_text())
+        write_report(runs_of(record), measured=record["written"])
+    elif arguments.worker:
         worker = gradient_worker if arguments.worker == "gradient" else nuts_worker
         print(json.dumps(worker(arguments.build_dir)))
     else:

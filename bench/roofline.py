@@ -19,7 +19,7 @@ model with the features stored rows-major, ``X (R, P)``, the layout before ``XT 
 
 Each precision runs in its own process (JAX's x64 mode is fixed at start-up), repeated.
 
-    python bench/roofline.py [--repeats 3]
+    python bench/roofline.py [--repeats 3] [--from-results]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from common import cell, spread, target, write_results
+from common import RESULTS, cell, spread, target, write_results
 
 ROWS = (10_000, 100_000, 1_000_000)
 FEATURES = 20
@@ -182,6 +182,13 @@ def main(repeats: int) -> None:
                 [sys.executable, __file__, "--worker", precision], capture_output=True, text=True, check=True
             ).stdout
             runs[precision].append(json.loads(output.strip().splitlines()[-1]))
+    write_report(bandwidths, runs)
+
+
+def write_report(bandwidths: dict, runs: dict, measured: str | None = None) -> None:
+    """The JSON (with every process's ``runs``) and the tables, from the measurements:
+    ``bandwidths`` {threads: [bytes/s per repeat]}, ``runs`` {precision: [worker results]}."""
+    repeats = len(next(iter(runs.values())))
     bandwidth = {name: spread(values) for name, values in bandwidths.items()}
     machine_bandwidth = max(entry["median"] for entry in bandwidth.values())
 
@@ -237,17 +244,17 @@ def main(repeats: int) -> None:
                 f"{nuts:.2f}x",
                 f"<= {NUTS_TARGET}x",
                 nuts <= NUTS_TARGET,
-                bound="NUTS' own work per step (tree building, momentum, energy) on small shards: see the table",
+                bound=nuts_bound(sizes, precision),
             )
         )
-    measured = ", ".join(
+    bandwidth_text = ", ".join(
         f"{name} {cell({k: v / 1e9 for k, v in entry.items() if k != 'runs'}, 1)} GB/s"
         for name, entry in bandwidth.items()
     )
     table = [
         "# Roofline: logistic gradient and NUTS against the memory-bandwidth bound (issue 13 b)",
         "",
-        f"Bandwidth (STREAM-style copy of 512 MiB, read + write): {measured}"
+        f"Bandwidth (STREAM-style copy of 512 MiB, read + write): {bandwidth_text}"
         f"; bound uses {machine_bandwidth / 1e9:.1f} GB/s. {repeats} runs per row; one JAX device, one chain;"
         f" {FEATURES} features; NUTS {NUTS_ITERATIONS} warmup + {NUTS_ITERATIONS} draws.",
         "",
@@ -290,9 +297,27 @@ def main(repeats: int) -> None:
             "machine_bandwidth": machine_bandwidth,
             "sizes": sizes,
             "targets": targets,
+            "runs": {"bandwidths": bandwidths, "workers": runs},
         },
         table,
+        measured=measured,
     )
+
+
+def runs_of(record: dict) -> tuple[dict, dict]:
+    """``bandwidths`` and ``runs`` (:func:`write_report`) from a results file: its ``runs``,
+    or (a file written before they were kept) rebuilt from the per-run lists of its spreads."""
+    if "runs" in record:
+        return record["runs"]["bandwidths"], record["runs"]["workers"]
+    bandwidths = {name: entry["runs"] for name, entry in record["bandwidth"].items()}
+    keys = ("gradient_seconds", "read_once_seconds", "rows_major_gradient_seconds", "leapfrog_steps", "nuts_seconds")
+    runs = {precision: [{} for _ in range(record["repeats"])] for precision in PRECISIONS}
+    for entry in record["sizes"].values():
+        for index, run in enumerate(runs[entry["precision"]]):
+            run[str(entry["rows"])] = {"data_bytes": entry["data_bytes"]} | {
+                key: entry[key]["runs"][index] for key in keys
+            }
+    return bandwidths, runs
 
 
 def gradient_bound(sizes: dict, precision: str) -> str:
@@ -301,10 +326,15 @@ def gradient_bound(sizes: dict, precision: str) -> str:
     large = sizes[f"{precision} {ROWS[-1]}"]
     read_over_bound = large["read_once_seconds"]["median"] / large["bandwidth_bound_seconds"]
     if precision == "mixed":  # the fused likelihood's kernel reads the data once
+        worst = max(
+            (sizes[f"{precision} {rows}"] for rows in ROWS if rows >= 100_000),
+            key=lambda entry: entry["gradient_over_bound"]["median"],
+        )
         return (
-            f"at 10^6 rows the fused likelihood takes {large['gradient_over_bound']['median']:.2f}x the one-pass "
-            f"bound and {large['gradient_over_read_once']['median']:.2f}x one XLA read of the data (itself "
-            f"{read_over_bound:.2f}x the bound): its per-row arithmetic (fused_gradient.md)"
+            f"at {worst['rows']:,} rows the fused likelihood takes {worst['gradient_over_bound']['median']:.2f}x the "
+            f"one-pass bound and {worst['gradient_over_read_once']['median']:.2f}x one XLA read of the data (itself "
+            f"{worst['read_once_seconds']['median'] / worst['bandwidth_bound_seconds']:.2f}x the bound): its "
+            "per-row arithmetic (fused_gradient.md)"
         )
     return (
         f"at 10^6 rows the gradient takes {large['gradient_over_bound']['median']:.2f}x the one-pass bound and "
@@ -315,12 +345,33 @@ def gradient_bound(sizes: dict, precision: str) -> str:
     )
 
 
+def nuts_bound(sizes: dict, precision: str) -> str:
+    """What NUTS adds to its gradients at the size where it adds most, from the table."""
+    worst = max(
+        (sizes[f"{precision} {rows}"] for rows in ROWS),
+        key=lambda entry: entry["nuts_over_steps_times_gradient"]["median"],
+    )
+    step_ms = worst["nuts_seconds"]["median"] / worst["leapfrog_steps"]["median"] * 1e3
+    gradient_ms = worst["gradient_seconds"]["median"] * 1e3
+    return (
+        f"at {worst['rows']:,} rows a NUTS step takes {step_ms:.3f} ms against one gradient's {gradient_ms:.3f} ms: "
+        f"{step_ms - gradient_ms:.3f} ms a step is NUTS' own work (the tree, momenta, energies), which does not "
+        "shrink with the data, so the smaller and faster the gradient, the larger the ratio"
+    )
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--from-results", action="store_true", help="measure nothing: rewrite the tables from bench/results/roofline.json"
+    )
     arguments = parser.parse_args()
-    if arguments.worker:
+    if arguments.from_results:
+        record = json.loads((RESULTS / "roofline.json").read_text())
+        write_report(*runs_of(record), measured=record["written"])
+    elif arguments.worker:
         print(json.dumps(worker(arguments.worker)))
     else:
         main(arguments.repeats)
