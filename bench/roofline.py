@@ -365,7 +365,9 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--from-results", action="store_true", help="measure nothing: rewrite the tables from bench/results/roofline.json"
+        "--from-results",
+        action="store_true",
+        help="measure nothing: rewrite the tables from bench/results/roofline.json",
     )
     arguments = parser.parse_args()
     if arguments.from_results:
