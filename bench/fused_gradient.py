@@ -275,28 +275,6 @@ def write_report(runs: dict, measured: str | None = None) -> None:
     )
 
 
-def runs_of(record: dict) -> dict:
-    """Every process's measurements from a results file: its ``runs``, or (a file written
-    before they were kept) rebuilt from the per-run lists of its spreads."""
-    if "runs" in record:
-        return record["runs"]
-    sizes, nuts = record["sizes"], record["nuts"]
-    gradient = [
-        {
-            rows: {"data_bytes": entry["data_bytes"]}
-            | {f"{name}_seconds": entry[f"{name}_seconds"]["runs"][index] for name in ("xla", "fused", "kernel")}
-            for rows, entry in sizes.items()
-        }
-        for index in range(record["repeats"])
-    ]
-    nuts_runs = [
-        {key: value["runs"][index] for key, value in nuts.items() if isinstance(value, dict)}
-        | {"sd_ratio_range": nuts["sd_ratio_range"]}
-        for index in range(record["repeats"])
-    ]
-    return {"bandwidths": record["bandwidth"]["runs"], "gradient": gradient, "nuts": nuts_runs}
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -310,7 +288,7 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if arguments.from_results:
         record = json.loads((RESULTS / "fused_gradient.json").read_text())
-        write_report(runs_of(record), measured=record["written"])
+        write_report(record["runs"], measured=record["written"])
     elif arguments.worker:
         worker = gradient_worker if arguments.worker == "gradient" else nuts_worker
         print(json.dumps(worker(arguments.build_dir)))

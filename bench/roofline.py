@@ -304,27 +304,10 @@ def write_report(bandwidths: dict, runs: dict, measured: str | None = None) -> N
     )
 
 
-def runs_of(record: dict) -> tuple[dict, dict]:
-    """``bandwidths`` and ``runs`` (:func:`write_report`) from a results file: its ``runs``,
-    or (a file written before they were kept) rebuilt from the per-run lists of its spreads."""
-    if "runs" in record:
-        return record["runs"]["bandwidths"], record["runs"]["workers"]
-    bandwidths = {name: entry["runs"] for name, entry in record["bandwidth"].items()}
-    keys = ("gradient_seconds", "read_once_seconds", "rows_major_gradient_seconds", "leapfrog_steps", "nuts_seconds")
-    runs = {precision: [{} for _ in range(record["repeats"])] for precision in PRECISIONS}
-    for entry in record["sizes"].values():
-        for index, run in enumerate(runs[entry["precision"]]):
-            run[str(entry["rows"])] = {"data_bytes": entry["data_bytes"]} | {
-                key: entry[key]["runs"][index] for key in keys
-            }
-    return bandwidths, runs
-
-
 def gradient_bound(sizes: dict, precision: str) -> str:
-    """What bounds the gradient at 10^6 rows, from the table: the gradient against one XLA
-    read of the data, and that read against the bandwidth bound."""
-    large = sizes[f"{precision} {ROWS[-1]}"]
-    read_over_bound = large["read_once_seconds"]["median"] / large["bandwidth_bound_seconds"]
+    """What bounds the gradient, from the table: the gradient against one XLA read of the
+    data, and that read against the bandwidth bound (mixed, the fused likelihood: at the
+    size >= 10^5 rows where it is furthest from the bound; otherwise at 10^6 rows)."""
     if precision == "mixed":  # the fused likelihood's kernel reads the data once
         worst = max(
             (sizes[f"{precision} {rows}"] for rows in ROWS if rows >= 100_000),
@@ -336,6 +319,8 @@ def gradient_bound(sizes: dict, precision: str) -> str:
             f"{worst['read_once_seconds']['median'] / worst['bandwidth_bound_seconds']:.2f}x the bound): its "
             "per-row arithmetic (fused_gradient.md)"
         )
+    large = sizes[f"{precision} {ROWS[-1]}"]
+    read_over_bound = large["read_once_seconds"]["median"] / large["bandwidth_bound_seconds"]
     return (
         f"at 10^6 rows the gradient takes {large['gradient_over_bound']['median']:.2f}x the one-pass bound and "
         f"{large['gradient_over_read_once']['median']:.2f}x one XLA read of the data (itself {read_over_bound:.2f}x "
@@ -372,7 +357,7 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if arguments.from_results:
         record = json.loads((RESULTS / "roofline.json").read_text())
-        write_report(*runs_of(record), measured=record["written"])
+        write_report(record["runs"]["bandwidths"], record["runs"]["workers"], measured=record["written"])
     elif arguments.worker:
         print(json.dumps(worker(arguments.worker)))
     else:
