@@ -75,7 +75,7 @@ def worker(precision: str) -> dict:
     from cmcflow.fused import enable_in_job
     from cmcflow.models import get_model
 
-    enable_in_job(None)  # the default sample.fused_likelihood: the kernel where it applies (mixed)
+    enable_in_job(True, None)  # the default sample.fused_likelihood: the kernel where it applies (mixed)
 
     spec = get_model("logistic")
     results = {}

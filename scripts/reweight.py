@@ -17,11 +17,13 @@ with reported_errors():
 
     from cmcflow.consensus import constrained_sites, layout_sites
     from cmcflow.featurize import load_features
+    from cmcflow.fused import enable_in_job
     from cmcflow.io import read_arrays, write_arrays
     from cmcflow.likelihood import log_likelihood_at
     from cmcflow.models import get_model
     from cmcflow.transforms import model_kwargs
 
+    enable_in_job(snakemake.params.fused_likelihood, snakemake.params.jax["compilation_cache_dir"])
     spec = get_model(snakemake.params.model["name"])
     features = load_features(snakemake.params.features)
     proposal = read_arrays(snakemake.input.proposal)

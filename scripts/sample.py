@@ -18,16 +18,14 @@ with reported_errors():
     import os
 
     from cmcflow.featurize import load_features
+    from cmcflow.fused import enable_in_job
     from cmcflow.models import get_model
     from cmcflow.sample import NutsSettings, sample_shard_files
     from cmcflow.shard import shard_id
 
     settings = dict(snakemake.params.sample)
     seed = settings.pop("seed")
-    if settings.pop("fused_likelihood"):
-        from cmcflow.fused import enable_in_job
-
-        enable_in_job(snakemake.params.jax["compilation_cache_dir"])
+    enable_in_job(settings.pop("fused_likelihood"), snakemake.params.jax["compilation_cache_dir"])
     if snakemake.rule == "sample_batch":
         os.makedirs(snakemake.output.batch, exist_ok=True)
         outputs = [

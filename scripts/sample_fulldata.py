@@ -18,6 +18,7 @@ with reported_errors():
     from pathlib import Path
 
     from cmcflow.featurize import all_rows_features
+    from cmcflow.fused import enable_in_job
     from cmcflow.io import atomic_path
     from cmcflow.models import get_model
     from cmcflow.runs import summary_table, write_run
@@ -27,10 +28,7 @@ with reported_errors():
     checkpoint = Path(snakemake.params.checkpoints) / "fulldata.pkl"
     settings = dict(snakemake.params.sample)
     seed = settings.pop("seed")
-    if settings.pop("fused_likelihood"):
-        from cmcflow.fused import enable_in_job
-
-        enable_in_job(snakemake.params.jax["compilation_cache_dir"])
+    enable_in_job(settings.pop("fused_likelihood"), snakemake.params.jax["compilation_cache_dir"])
     idata, report = sample_features(
         spec,
         all_rows_features(

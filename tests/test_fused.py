@@ -93,6 +93,38 @@ def test_kernel_maps_over_a_batch_of_parameters(kernel_on):
     assert np.isnan(log_likelihood(jnp.full(3, jnp.nan)))  # NUTS sees a NaN as a divergence
 
 
+def test_values_at_a_batch_of_parameters_in_one_call(kernel_on, monkeypatch):
+    """Reweight's path (cmcflow.likelihood): vmapped over the coefficients alone, one call
+    of the values kernel per batch, whose values are the one-set kernel's, and the model's
+    log-likelihood at proposal draws is XLA's (which sums in float32: 1e-6 relative)."""
+    from cmcflow.likelihood import log_likelihood_at
+
+    features = model_kwargs(logistic_data(rows=37_003, features=3, seed=6), resolve_options(SPEC, {}))
+    data = [jnp.asarray(features[name]) for name in ("XT", "y", "offset", "mask")]
+    coefficients = jnp.asarray(np.random.default_rng(0).normal(scale=0.5, size=(7, 4)))
+    batched = jax.jit(jax.vmap(lambda coef: fused.logistic_log_likelihood(coef, *data)))
+    assert fused.VALUES_TARGET in batched.lower(coefficients).as_text()
+    values = batched(coefficients)
+    one_at_a_time = [fused.logistic_log_likelihood(coef, *data) for coef in coefficients]
+    # the same float32 sums over steps of rows, which the compiler may associate otherwise
+    np.testing.assert_allclose(values, one_at_a_time, rtol=1e-8)
+    # batched data too: the one-set kernel, once per set
+    stacked = jnp.stack([data[0], 2 * data[0]])
+    both = jax.vmap(fused.logistic_log_likelihood, in_axes=(None, 0, None, None, None))(
+        coefficients[0], stacked, *data[1:]
+    )
+    np.testing.assert_allclose(both[0], one_at_a_time[0], rtol=1e-8)
+
+    kwargs = {name: jnp.asarray(value) if isinstance(value, np.ndarray) else value for name, value in features.items()}
+    draws = {"beta": np.asarray(coefficients[:, :-1]), "intercept": np.asarray(coefficients[:, -1])}
+    with_kernel = log_likelihood_at(SPEC.numpyro_model, kwargs, draws, rows=37_003)
+    monkeypatch.setitem(fused._state, "enabled", False)
+    jax.clear_caches()
+    with_xla = log_likelihood_at(SPEC.numpyro_model, kwargs, draws, rows=37_003)
+    np.testing.assert_allclose(with_kernel, values, rtol=1e-12)
+    np.testing.assert_allclose(with_kernel, with_xla, rtol=1e-6)
+
+
 def test_nuts_with_the_kernel_samples_the_same_posterior(kernel_on, monkeypatch):
     """Two NUTS runs of one shard, kernel and XLA: their means agree within Monte Carlo
     error (4 chains x 400 draws, ESS ~ 1,000: the difference of two means has sd ~ 0.045
@@ -152,7 +184,7 @@ def test_a_gpu_job_builds_no_kernel(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(fused._state, "enabled", False)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with caplog.at_level(logging.INFO, logger="cmcflow.fused"):
-        assert not fused.enable_in_job(str(tmp_path))
+        assert not fused.enable_in_job(True, str(tmp_path))
     assert "for CPU jobs" in caplog.text
     assert not fused.enabled()
     assert not list(tmp_path.rglob("*.so"))

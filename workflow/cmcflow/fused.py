@@ -10,10 +10,13 @@ mixed``: per-row arithmetic in float32, sums in float64. XLA's reverse-mode grad
 same sum reads ``XT`` twice (β·XT, then XT r); the kernel reads it once, in row blocks that
 stay in cache, on XLA's own thread pool (bench/results/fused_gradient.md).
 
-Sample jobs turn it on (:func:`enable`, ``sample.fused_likelihood``); elsewhere (reweight's
-batches of draws, where XLA's matrix products read the data once for many draws) and
-where it does not apply (:func:`applies`) the model computes the same sum with XLA. A
-build that fails (no compiler) leaves XLA's sum in place, with a warning in the job's log.
+The same library holds the value alone at a batch of coefficients ``(B, P + 1)``: each block
+of rows is read once for all B, so reweight's batches of proposal draws cost the per-row
+arithmetic, not B reads of the data, nor XLA's ``(B, R)`` intermediates.
+
+Sample and reweight jobs turn it on (:func:`enable`, ``sample.fused_likelihood``); where it
+does not apply (:func:`applies`) the model computes the same sum with XLA. A build that
+fails (no compiler) leaves XLA's sum in place, with a warning in the job's log.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from cmcflow.jaxenv import cpu_signature, host_cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "logistic.cc"
-#: The kernel's name in XLA's registry of FFI targets.
+#: The kernels' names in XLA's registry of FFI targets: value and gradient; values at a batch.
 TARGET = "cmcflow_logistic_fused"
+VALUES_TARGET = "cmcflow_logistic_values"
 #: g++ flags: vectorised exp and log (libmvec) need -ffast-math; -march=native builds for
 #: the CPU it runs on, hence one library per CPU type (:func:`library_path`).
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
@@ -93,19 +97,23 @@ def enable(build_dir: str | os.PathLike) -> bool:
             log.warning("the fused likelihood kernel is not available (%s); XLA computes the likelihood", error)
             return False
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Logistic), platform="cpu")
+        jax.ffi.register_ffi_target(VALUES_TARGET, jax.ffi.pycapsule(library.LogisticValues), platform="cpu")
         _state["registered"] = True
         log.info("likelihood: the fused kernel %s", library._name)
     _state["enabled"] = True
     return True
 
 
-def enable_in_job(compilation_cache_dir: str | None) -> bool:
-    """:func:`enable` with the library kept beside the job's persistent compilation cache
-    (one per CPU type, built by the first job); without a cache, in a temporary directory
-    of this process. ``False``, building nothing, in a job whose JAX runs on a GPU (the
-    kernel is a CPU one: :func:`applies`)."""
+def enable_in_job(wanted: bool, compilation_cache_dir: str | None) -> bool:
+    """:func:`enable` where ``wanted`` (``sample.fused_likelihood``), with the library kept
+    beside the job's persistent compilation cache (one per CPU type, built by the first
+    job); without a cache, in a temporary directory of this process. ``False``, building
+    nothing, where not wanted or in a job whose JAX runs on a GPU (the kernel is a CPU one:
+    :func:`applies`)."""
     import jax
 
+    if not wanted:
+        return False
     if jax.default_backend() != "cpu":
         log.info("likelihood: XLA's (the fused kernel is for CPU jobs; this one runs on %s)", jax.default_backend())
         return False
@@ -151,7 +159,9 @@ def logistic_log_likelihood(coef, XT, y, offset, mask):
     gradient's JVP is the Hessian-vector product H t = −X̃ᵀ (w ⊙ X̃ t), w_j = m_j σ(η_j)
     (1 − σ(η_j)), X̃ the features with a column of ones, computed by XLA: the Hessian is
     needed once per shard, the gradient at every leapfrog step. The data are not
-    differentiated. Under ``vmap``, one kernel call per set of parameters."""
+    differentiated. Under ``vmap`` over ``coef`` alone, undifferentiated (reweight's batches
+    of draws), one call of the values kernel for the batch ``(B, P + 1)``; differentiated, or
+    with batched data, one kernel call per set of parameters."""
     return _differentiable()(coef, XT, y, offset, mask)
 
 
@@ -165,6 +175,18 @@ def _differentiable():
     def kernel(coef, XT, y, offset, mask):
         shapes = (jax.ShapeDtypeStruct((), jnp.float64), jax.ShapeDtypeStruct(coef.shape, jnp.float64))
         return jax.ffi.ffi_call(TARGET, shapes, vmap_method="sequential")(XT, y, offset, mask, coef)
+
+    @jax.custom_batching.custom_vmap
+    def value(coef, XT, y, offset, mask):
+        return kernel(coef, XT, y, offset, mask)[0]
+
+    @value.def_vmap
+    def value_batched(axis_size, in_batched, coef, XT, y, offset, mask):
+        if in_batched[0] and not any(in_batched[1:]):  # coef (B, P + 1), the data shared
+            shape = jax.ShapeDtypeStruct(coef.shape[:1], jnp.float64)
+            return jax.ffi.ffi_call(VALUES_TARGET, shape, vmap_method="sequential")(XT, y, offset, mask, coef), True
+        in_axes = [0 if batched else None for batched in in_batched]
+        return jax.vmap(lambda *args: kernel(*args)[0], in_axes=in_axes)(coef, XT, y, offset, mask), True
 
     @jax.custom_jvp
     def value_and_gradient(coef, XT, y, offset, mask):
@@ -184,7 +206,7 @@ def _differentiable():
 
     @jax.custom_jvp
     def log_likelihood(coef, XT, y, offset, mask):
-        return kernel(coef, XT, y, offset, mask)[0]
+        return value(coef, XT, y, offset, mask)
 
     @log_likelihood.defjvp
     def log_likelihood_jvp(primals, tangents):

@@ -14,6 +14,8 @@ rule reweight:
     params:
         model=model_params,
         features=shard_features(feature_file),
+        # the sample jobs' one-pass kernel, here at batches of draws (cmcflow.fused)
+        fused_likelihood=setting_param("sample", "fused_likelihood"),
         jax=jax_param(1),
     log:
         f"{LOGS}/reweight/shard-{{shard}}.log",

@@ -1,11 +1,13 @@
 // The logistic log-likelihood and its gradient in one pass over the data (cmcflow.fused:
 // built per CPU type on first use, called from JAX through the XLA FFI).
 //
-// Inputs: XT float32 (P, R), y, offset float32 (R), mask bool (R), coef float64 (P + 1: beta,
-// then the intercept). Outputs: value float64 () = sum_j mask_j (y_j eta_j - softplus(eta_j)) and
-// its gradient float64 (P + 1), eta = beta . XT + intercept + offset. Mixed precision as the
-// workflow's `mixed`: per-row arithmetic, and sums over at most 512 rows, in float32; the
-// sums of those sums in float64.
+// Logistic: inputs XT float32 (P, R), y, offset float32 (R), mask bool (R), coef float64 (P + 1:
+// beta, then the intercept). Outputs: value float64 () = sum_j mask_j (y_j eta_j - softplus(eta_j))
+// and its gradient float64 (P + 1), eta = beta . XT + intercept + offset.
+// LogisticValues: the same data and coefs float64 (B, P + 1), B sets of coefficients; output the
+// B values float64 (B): each step of rows is read from memory once for all B of them.
+// Mixed precision as the workflow's `mixed`: per-row arithmetic, and sums over at most 512
+// rows, in float32; the sums of those sums in float64.
 // The rows are cut into chunks of kChunk rows, taken one at a time from a shared counter by
 // the calling thread and by helpers scheduled on XLA's own intra-op thread pool (no thread
 // started per call; a pool busy with other devices' calls only means fewer helpers, never
@@ -39,11 +41,10 @@ static inline V Load(const float* p) { V v; __builtin_memcpy(&v, p, sizeof v); r
 static inline void Store(float* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
 static inline double Sum(V v) { double s = 0.0; for (int k = 0; k < 16; ++k) s += v[k]; return s; }
 
-// value and gradient of rows [j0, j0 + n), n <= kStep, added to val, gi and g
+// eta of rows [j0, j0 + n), n <= kStep (n == kStep when kFull), into eta
 template <bool kFull>
-static inline void Step(const float* xt, const float* y, const float* off, const uint8_t* mask, const double* coef,
-                        int64_t P, int64_t R, int64_t j0, int64_t n, double& val, double& gi, V* gv, double* g) {
-  alignas(64) float eta[kStep], r[kStep], tf[kStep], lf[kStep];
+static inline void Eta(const float* xt, const float* off, const double* coef, int64_t P, int64_t R, int64_t j0,
+                       int64_t n, float* eta) {
   const float b0 = (float)coef[P];
   if (kFull) {
     constexpr int NV = kStep / 16;  // vectors per step
@@ -66,6 +67,33 @@ static inline void Step(const float* xt, const float* y, const float* off, const
       for (int64_t j = 0; j < n; ++j) eta[j] += bp * row[j];
     }
   }
+}
+
+// value of rows [j0, j0 + n), n <= kStep, at one set of coefficients, summed in float32
+template <bool kFull>
+static inline float StepValue(const float* xt, const float* y, const float* off, const uint8_t* mask,
+                              const double* coef, int64_t P, int64_t R, int64_t j0, int64_t n) {
+  alignas(64) float eta[kStep], tf[kStep], lf[kStep];
+  Eta<kFull>(xt, off, coef, P, R, j0, n, eta);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) tf[j] = std::exp(-std::fabs(eta[j]));
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) lf[j] = std::log(1.0f + tf[j]);
+  float v = 0.0f;
+#pragma omp simd reduction(+ : v)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = eta[j], m = static_cast<float>(mask[j0 + j]);
+    v += m * (y[j0 + j] * e - (std::fmax(e, 0.0f) + lf[j]));
+  }
+  return v;
+}
+
+// value and gradient of rows [j0, j0 + n), n <= kStep, added to val, gi and g
+template <bool kFull>
+static inline void Step(const float* xt, const float* y, const float* off, const uint8_t* mask, const double* coef,
+                        int64_t P, int64_t R, int64_t j0, int64_t n, double& val, double& gi, V* gv, double* g) {
+  alignas(64) float eta[kStep], r[kStep], tf[kStep], lf[kStep];
+  Eta<kFull>(xt, off, coef, P, R, j0, n, eta);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) tf[j] = std::exp(-std::fabs(eta[j]));
 #pragma omp simd
@@ -124,15 +152,28 @@ static void Rows(const float* xt, const float* y, const float* off, const uint8_
   grad[P] = gi;
 }
 
+// values of rows [lo, hi) at the B sets of coefficients coefs (B, P + 1): values (B)
+static void RowValues(const float* xt, const float* y, const float* off, const uint8_t* mask, const double* coefs,
+                      int64_t B, int64_t P, int64_t R, int64_t lo, int64_t hi, double* values) {
+  for (int64_t b = 0; b < B; ++b) values[b] = 0.0;
+  int64_t j0 = lo;
+  for (; j0 + kStep <= hi; j0 += kStep)
+    for (int64_t b = 0; b < B; ++b) values[b] += StepValue<true>(xt, y, off, mask, coefs + b * (P + 1), P, R, j0, kStep);
+  if (j0 < hi)
+    for (int64_t b = 0; b < B; ++b) values[b] += StepValue<false>(xt, y, off, mask, coefs + b * (P + 1), P, R, j0, hi - j0);
+}
+
 namespace {
 // One call's rows and the chunks' partial sums; shared with the helpers, which may start
-// after the call has returned (and then find no chunk left).
+// after the call has returned (and then find no chunk left). B sets of coefficients with
+// values only, or (B = 1) one with the gradient too.
 struct Chunks {
   const float *xt, *y, *off;
   const uint8_t* mask;
   const double* coef;
-  int64_t P, R, count;
-  std::vector<double> values, grads;
+  int64_t B, P, R, count;
+  bool gradient;
+  std::vector<double> values, grads;  // (count, B), (count, P + 1)
   std::atomic<int64_t> next{0}, done{0};
   std::mutex mutex;
   std::condition_variable finished;
@@ -140,7 +181,10 @@ struct Chunks {
   void Take() {
     for (int64_t c; (c = next.fetch_add(1)) < count;) {
       const int64_t lo = c * kChunk, hi = std::min(R, lo + kChunk);
-      Rows(xt, y, off, mask, coef, P, R, lo, hi, &values[c], &grads[c * (P + 1)]);
+      if (gradient)
+        Rows(xt, y, off, mask, coef, P, R, lo, hi, &values[c], &grads[c * (P + 1)]);
+      else
+        RowValues(xt, y, off, mask, coef, B, P, R, lo, hi, &values[c * B]);
       if (done.fetch_add(1) + 1 == count) {
         std::lock_guard<std::mutex> lock(mutex);
         finished.notify_all();
@@ -148,22 +192,24 @@ struct Chunks {
     }
   }
 };
-}  // namespace
 
-static ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> y,
-                       ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F64> coef,
-                       ffi::ResultBuffer<ffi::F64> value, ffi::ResultBuffer<ffi::F64> grad) {
+// the chunks taken by this thread and helpers on the pool, until all are done
+std::shared_ptr<Chunks> Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xt, ffi::Buffer<ffi::F32>& y,
+                            ffi::Buffer<ffi::F32>& off, ffi::Buffer<ffi::PRED>& mask, const double* coef, int64_t B,
+                            bool gradient) {
   auto chunks = std::make_shared<Chunks>();
   chunks->xt = xt.typed_data();
   chunks->y = y.typed_data();
   chunks->off = off.typed_data();
   chunks->mask = reinterpret_cast<const uint8_t*>(mask.typed_data());  // bool: one byte, 0 or 1
-  chunks->coef = coef.typed_data();
+  chunks->coef = coef;
+  chunks->B = B;
   chunks->P = xt.dimensions()[0];
   chunks->R = xt.dimensions()[1];
+  chunks->gradient = gradient;
   chunks->count = (chunks->R + kChunk - 1) / kChunk;
-  chunks->values.assign(chunks->count, 0.0);
-  chunks->grads.assign(chunks->count * (chunks->P + 1), 0.0);
+  chunks->values.assign(chunks->count * B, 0.0);
+  if (gradient) chunks->grads.assign(chunks->count * (chunks->P + 1), 0.0);
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks->count) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([chunks] { chunks->Take(); });
   chunks->Take();
@@ -171,6 +217,14 @@ static ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt, ffi::Buff
     std::unique_lock<std::mutex> lock(chunks->mutex);
     chunks->finished.wait(lock, [&] { return chunks->done.load() == chunks->count; });
   }
+  return chunks;
+}
+}  // namespace
+
+static ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> y,
+                       ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F64> coef,
+                       ffi::ResultBuffer<ffi::F64> value, ffi::ResultBuffer<ffi::F64> grad) {
+  auto chunks = Run(pool, xt, y, off, mask, coef.typed_data(), 1, true);
   const int64_t P = chunks->P;
   double v = 0.0;
   for (int64_t c = 0; c < chunks->count; ++c) v += chunks->values[c];
@@ -179,6 +233,21 @@ static ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt, ffi::Buff
     double s = 0.0;
     for (int64_t c = 0; c < chunks->count; ++c) s += chunks->grads[c * (P + 1) + p];
     grad->typed_data()[p] = s;
+  }
+  return ffi::Error::Success();
+}
+
+static ffi::Error ImplValues(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> y,
+                             ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F64> coefs,
+                             ffi::ResultBuffer<ffi::F64> values) {
+  if (coefs.dimensions().size() != 2 || coefs.dimensions()[1] != xt.dimensions()[0] + 1)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "coefs must be (B, P + 1)");
+  const int64_t B = coefs.dimensions()[0];
+  auto chunks = Run(pool, xt, y, off, mask, coefs.typed_data(), B, false);
+  for (int64_t b = 0; b < B; ++b) {
+    double v = 0.0;
+    for (int64_t c = 0; c < chunks->count; ++c) v += chunks->values[c * B + b];
+    values->typed_data()[b] = v;
   }
   return ffi::Error::Success();
 }
@@ -192,4 +261,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Logistic, Impl,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F64>>()
                                   .Ret<ffi::Buffer<ffi::F64>>()
+                                  .Ret<ffi::Buffer<ffi::F64>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LogisticValues, ImplValues,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()
                                   .Ret<ffi::Buffer<ffi::F64>>());
