@@ -7,7 +7,9 @@ one sample job).
 Runs the workflow itself (``snakemake --cores 2 all fulldata``): every sample job is its
 own process, one at a time (each takes both cores), as a cluster would run them side by
 side. From the rules' ``benchmark:`` files: the projected cluster wall is the slowest
-sample job plus the combine job; summed CPU time is over all sample jobs and combine.
+sample job plus the combine job; summed CPU time is over all sample jobs and combine; the
+correction's jobs (reweight, correct) are timed in a second pass of their own, one job at a
+time, as the sample jobs are.
 Accuracy compares the combined draws (default Hessian weights), the corrected posterior
 (its summary: the weighted draws' means and sds), and the same shard runs combined again in
 this process with draw weights, with a long full-data NUTS reference run once in its own
@@ -215,6 +217,10 @@ def main() -> None:
             else []
         )
         snakemake(args.workdir, config, "--cores", "2", "all", "fulldata", *rerun, timeout=6 * 3600)
+        # the correction's jobs once more, alone: above, the correct job (one thread) may share
+        # the two cores with another one-thread job, as it would not on a cluster
+        correction = ["--forcerun", "reweight", "correct"]
+        snakemake(args.workdir, config, "--cores", "2", str(results / "corrected" / "summary.csv"), *correction)
         runs.append(timings(results))
         done.write_text(json.dumps(runs, indent=2))
         print(runs[-1], flush=True)

@@ -13,7 +13,10 @@ process (``jax.precision: mixed``, the default):
 * **NUTS**: one sample run as a sample job makes it on a shard of P4's size (125,000 rows x
   20 features, 4 chains x (500 + 500), one per device, priors tempered to 1/8): sampling
   seconds (compiling excluded), leapfrog steps, and the two posteriors' largest difference
-  of means in posterior sd (another rounding: NUTS's paths part, as with another seed).
+  of means in posterior sd (another rounding: NUTS's paths part, as with another seed);
+* **reweight**: the shard's log-likelihood at P4's 4,096 proposal draws as a reweight job
+  computes it (:func:`cmcflow.likelihood.log_likelihood_at`, one device; the kernel's values
+  at a batch of coefficients), seconds (compiled first) and the largest relative difference.
 
 The measurement that chose ``sample.fused_likelihood: true``.
 
@@ -37,6 +40,8 @@ from roofline import FEATURES, GRADIENT_TARGET, call_times, copy_bandwidth, grad
 
 ROWS = (100_000, 1_000_000)
 NUTS_ROWS, NUTS_SHARDS, NUTS_CHAINS, NUTS_ITERATIONS = 125_000, 8, 4, 500
+#: P4's proposal draws (``correct.draws``), at which a reweight job evaluates its shard
+REWEIGHT_DRAWS = 4096
 
 
 def switch(on: bool) -> None:
@@ -132,6 +137,35 @@ def nuts_worker(build_dir: str) -> dict:
     return results
 
 
+def reweight_worker(build_dir: str) -> dict:
+    """One process, one device: a P4-sized shard's log-likelihood at ``REWEIGHT_DRAWS``
+    coefficients near the truth, XLA's then the kernel's."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "workflow"))
+    from cmcflow.jaxenv import configure_jax
+
+    configure_jax(devices=1, precision="mixed", compilation_cache_dir=None)
+    from cmcflow import fused
+    from cmcflow.likelihood import log_likelihood_at
+    from cmcflow.models import get_model
+
+    assert fused.enable(build_dir), "the kernel did not build: see the warning above"
+    spec = get_model("logistic")
+    kwargs, rng = logistic_kwargs(spec, NUTS_ROWS)
+    draws = {
+        "beta": rng.normal(0, 0.5, (REWEIGHT_DRAWS, FEATURES)),
+        "intercept": rng.normal(0, 0.1, REWEIGHT_DRAWS),
+    }
+    results, values = {}, {}
+    for name, on in (("xla", False), ("fused", True)):
+        switch(on)
+        times = call_times(lambda d: log_likelihood_at(spec.numpyro_model, kwargs, d, rows=NUTS_ROWS), draws)
+        results[f"{name}_seconds"] = float(np.median(times))
+        values[name] = log_likelihood_at(spec.numpyro_model, kwargs, draws, rows=NUTS_ROWS)
+        assert fused.used() == on
+    results["largest_relative_difference"] = float(np.max(np.abs(values["fused"] / values["xla"] - 1)))
+    return results
+
+
 def gradient_bound(sizes: dict) -> str:
     """What the fused gradient is made of at the size where it is furthest from the bound:
     the kernel alone, and the rest of the potential's program."""
@@ -166,12 +200,12 @@ def run_worker(kind: str, build_dir: str) -> dict:
 
 def main(repeats: int) -> None:
     with tempfile.TemporaryDirectory() as build_dir:
-        bandwidths, gradient_runs, nuts_runs = [], [], []
+        runs = {"bandwidths": [], "gradient": [], "nuts": [], "reweight": []}
         for _ in range(repeats):
-            bandwidths.append(copy_bandwidth(os.cpu_count()))
-            gradient_runs.append(run_worker("gradient", build_dir))
-            nuts_runs.append(run_worker("nuts", build_dir))
-    write_report({"bandwidths": bandwidths, "gradient": gradient_runs, "nuts": nuts_runs})
+            runs["bandwidths"].append(copy_bandwidth(os.cpu_count()))
+            for kind in ("gradient", "nuts", "reweight"):
+                runs[kind].append(run_worker(kind, build_dir))
+    write_report(runs)
 
 
 def write_report(runs: dict, measured: str | None = None) -> None:
@@ -203,6 +237,11 @@ def write_report(runs: dict, measured: str | None = None) -> None:
     nuts["xla_over_fused"] = spread([run["xla_seconds"] / run["fused_seconds"] for run in nuts_runs])
     ratios = [run["sd_ratio_range"] for run in nuts_runs]
     nuts["sd_ratio_range"] = [min(low for low, _ in ratios), max(high for _, high in ratios)]
+    reweight = {
+        key: spread([run[key] for run in runs["reweight"]])
+        for key in ("xla_seconds", "fused_seconds", "largest_relative_difference")
+    }
+    reweight["xla_over_fused"] = spread([run["xla_seconds"] / run["fused_seconds"] for run in runs["reweight"]])
     # the issue's target holds at >= 10^5 rows: the largest ratio over the sizes
     fused_ratio = max(entry["fused_over_bound"]["median"] for entry in sizes.values())
     xla_ratio = max(entry["xla_over_bound"]["median"] for entry in sizes.values())
@@ -258,6 +297,11 @@ def write_report(runs: dict, measured: str | None = None) -> None:
         f"{cell(nuts['largest_mean_difference_sd'], 3)} posterior sd, sd ratios "
         f"{nuts['sd_ratio_range'][0]:.3f}–{nuts['sd_ratio_range'][1]:.3f} (Monte Carlo error of two runs of "
         f"{NUTS_CHAINS * NUTS_ITERATIONS:,} draws).",
+        "",
+        f"Reweight: the same shard's log-likelihood at {REWEIGHT_DRAWS:,} draws (one device, as a reweight job; "
+        f"compiled first): XLA {cell(reweight['xla_seconds'], 2)} s, the kernel's values at a batch "
+        f"{cell(reweight['fused_seconds'], 2)} s, XLA / kernel {cell(reweight['xla_over_fused'])}; largest relative "
+        f"difference {reweight['largest_relative_difference']['max']:.1e} (XLA sums in float32).",
     ]
     write_results(
         "fused_gradient",
@@ -267,6 +311,7 @@ def write_report(runs: dict, measured: str | None = None) -> None:
             "bandwidth": bandwidth,
             "sizes": sizes,
             "nuts": nuts,
+            "reweight": reweight,
             "targets": targets,
             "runs": runs,
         },
@@ -278,7 +323,7 @@ def write_report(runs: dict, measured: str | None = None) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", choices=("gradient", "nuts"), help="(internal) one measuring process")
+    parser.add_argument("--worker", choices=("gradient", "nuts", "reweight"), help="(internal) one measuring process")
     parser.add_argument("--build-dir", help="(internal) where the kernel is built")
     parser.add_argument(
         "--from-results",
@@ -290,7 +335,7 @@ if __name__ == "__main__":
         record = json.loads((RESULTS / "fused_gradient.json").read_text())
         write_report(record["runs"], measured=record["written"])
     elif arguments.worker:
-        worker = gradient_worker if arguments.worker == "gradient" else nuts_worker
+        worker = {"gradient": gradient_worker, "nuts": nuts_worker, "reweight": reweight_worker}[arguments.worker]
         print(json.dumps(worker(arguments.build_dir)))
     else:
         main(arguments.repeats)
