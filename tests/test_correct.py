@@ -202,15 +202,17 @@ def test_corrected_posterior_is_calibrated_over_200_repeats(proposal):
         # scripts/reweight.py: the model at the proposal's draws
         (
             "from cmcflow.jaxenv import configure_jax; configure_jax(1, 'mixed', None); "
-            "import cmcflow.script, cmcflow.consensus, cmcflow.featurize, cmcflow.io, cmcflow.likelihood, "
-            "cmcflow.models, cmcflow.transforms",
-            ("arviz", "matplotlib", "scipy.stats"),
+            "import cmcflow.script, cmcflow.consensus, cmcflow.featurize, cmcflow.fused, cmcflow.io, "
+            "cmcflow.likelihood, cmcflow.models, cmcflow.transforms; "
+            "cmcflow.models.get_model('logistic'); cmcflow.models.get_model('negative_binomial')",
+            ("arviz", "matplotlib", "scipy.stats", "pandas", "pyarrow"),
         ),
     ],
 )
 def test_each_correction_job_imports_only_what_it_runs(job_imports, left_out):
     """The correct job imports neither JAX nor the model (combine stored what it needs of
-    them); a reweight job neither ArviZ nor SciPy's statistics: each module is a job's set-up."""
+    them); a reweight job neither ArviZ, SciPy's statistics nor pandas (it reads features,
+    not tables): each module is a job's set-up."""
     code = f"{job_imports}; import sys; print(sorted(name for name in {left_out!r} if name in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO / "workflow")
     assert result.returncode == 0, result.stderr

@@ -9,6 +9,9 @@ Cache: an entry is ``<cache_dir>/<key[:2]>/<key>.npz`` with ``<key>.sha256`` bes
 by role)``, so identical shards of different analyses share an entry. Entries are written atomically
 (temporary file + rename), checked against their digest on every read, and recomputed if
 the check fails. Arrays are stored without pickling and loaded with ``allow_pickle=False``.
+
+pandas is imported by the functions that read shard tables, not by the module: jobs that
+only load features (sample, reweight) do not pay its import.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from cmcflow.io import decode_arrays, encode_arrays, read_arrays, read_json, write_bytes_atomic, write_json_atomic
 from cmcflow.models import ModelSpec, role_arrays, source_digest
@@ -119,6 +121,8 @@ def featurize_shard(
 
     ``info_path`` receives a JSON record: cache key, hit or miss, rows, padded size.
     """
+    import pandas as pd
+
     manifest = read_json(Path(shard_dir) / MANIFEST_NAME)
     pad_to = padded_size(manifest["shard_rows"], pad_multiple)
     shard = pd.read_parquet(Path(shard_dir) / shard_file_name(shard_index))
@@ -144,6 +148,8 @@ def all_rows_features(
 
     Built from the validated shards, so the full-data run sees exactly the rows CMC sees.
     """
+    import pandas as pd
+
     manifest = read_json(Path(shard_dir) / MANIFEST_NAME)
     shards = [pd.read_parquet(Path(shard_dir) / shard_file_name(index)) for index in range(manifest["num_shards"])]
     table = pd.concat(shards).sort_values("row", kind="stable")

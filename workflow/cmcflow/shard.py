@@ -13,6 +13,10 @@ the input table.
 
 Output: one directory per analysis holding ``shard-0000.parquet`` … and ``manifest.json``,
 published atomically (a failed job leaves no directory behind).
+
+pandas and the table readers are imported inside :func:`shard_table`: the modules that
+import this one for its file names (featurize, and through it the sample and reweight
+jobs) do not pay their import.
 """
 
 from __future__ import annotations
@@ -23,12 +27,10 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from cmcflow.errors import InputError
 from cmcflow.io import atomic_directory, write_json_atomic
 from cmcflow.models import ModelSpec, role_arrays
-from cmcflow.table import read_table, validate_table
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,10 @@ def shard_table(
     row count of every shard, the strata and the model's facts about the whole table; the
     featurize stage reads the padded size and the facts from it.
     """
+    import pandas as pd
+
+    from cmcflow.table import read_table, validate_table
+
     strata = resolve_strata(list(strata), spec)
     table = read_table(table_path)
     arrays = validate_table(table, table_path, spec, columns)

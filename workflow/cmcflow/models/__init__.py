@@ -3,9 +3,10 @@
 A model is a :class:`ModelSpec`: a NumPyro model function, a featurizer that turns a
 table of rows into padded arrays, the input columns it needs (by *role*), its own
 hyperparameters, its symmetry, and optional hooks (facts about the whole table, initial
-values). Model modules import only NumPy at module level (the
-NumPyro model imports NumPyro inside its body), so the shard stage can read a model's
-column declaration without importing JAX.
+values). Model modules import neither JAX nor pandas at module level (the NumPyro model
+imports NumPyro inside its body, ``simulate`` imports pandas), so the shard stage reads a
+model's column declaration without importing JAX, and the jobs that only evaluate the
+model on featurized arrays (sample, reweight) do not import pandas.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import math
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from cmcflow.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Value kinds a column can declare; :mod:`cmcflow.table` checks each row against them:
 #: real (finite), binary (0 or 1), count (non-negative integer: counts, point indices),

@@ -12,11 +12,15 @@ Features of order one suit the default ``prior_sd`` (a factor of e^2.5 ≈ 12 pe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import correlated_features, in_data_precision, offset_regression_features
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Intercept, and the negative binomial's concentration, of simulated data.
 SIMULATED_INTERCEPT = 1.0
@@ -65,6 +69,8 @@ def _mean(intercept, XT, beta, offset):
 
 def simulated_table(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Correlated features of sd 0.5, coefficients from Normal(0, 0.5), and each row's mean."""
+    import pandas as pd
+
     rng = np.random.default_rng(seed)
     beta = rng.normal(0.0, 0.5, size=features)
     X = 0.5 * correlated_features(rng, rows, features)

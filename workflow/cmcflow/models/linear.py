@@ -10,11 +10,15 @@ The default scales suit features and outcome of order one; rescale your columns 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import correlated_features, in_data_precision, regression_features
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Noise sd and intercept of simulated data.
 SIMULATED_NOISE_SD = 1.5
@@ -37,6 +41,8 @@ def linear_model(XT, y, mask, prior_sd, noise_scale):
 
 def simulate(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:
     """Correlated Gaussian features; coefficients drawn once from Normal(0, 0.5)."""
+    import pandas as pd
+
     rng = np.random.default_rng(seed)
     beta = rng.normal(0.0, 0.5, size=features)
     X = correlated_features(rng, rows, features)

@@ -9,11 +9,15 @@ Exact posterior: precision  Λ = XᵀX / noise_sd² + I / prior_sd²,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import correlated_features, in_data_precision, regression_features
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def linear_gaussian_model(XT, y, mask, prior_sd, noise_sd):
@@ -42,6 +46,8 @@ SIMULATED_NOISE_SD = 1.0
 def simulate(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:
     """Correlated Gaussian features; true coefficients drawn once from Normal(0, 0.5);
     Gaussian noise of sd ``SIMULATED_NOISE_SD``."""
+    import pandas as pd
+
     rng = np.random.default_rng(seed)
     beta = rng.normal(0.0, 0.5, size=features)
     X = correlated_features(rng, rows, features)

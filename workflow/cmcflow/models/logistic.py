@@ -11,11 +11,15 @@ that stand for w_n identical observations).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import correlated_features, in_data_precision, weighted_regression_features
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def logistic_model(XT, y, offset, mask, prior_sd, weight=None):
@@ -58,6 +62,8 @@ def logistic_model(XT, y, offset, mask, prior_sd, weight=None):
 
 def simulate(rows: int, seed: int, features: int) -> tuple[pd.DataFrame, dict]:
     """Correlated Gaussian features; true coefficients drawn once from Normal(0, 0.5)."""
+    import pandas as pd
+
     rng = np.random.default_rng(seed)
     beta = rng.normal(0.0, 0.5, size=features)
     intercept = -0.5

@@ -13,15 +13,18 @@ distances can be ≤ 0 under noise: the likelihood takes them as they are; the M
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components, shortest_path
 
 from cmcflow.errors import InputError
 from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import in_data_precision, pad_rows
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Cα coordinates of human ubiquitin (PDB 1UBQ, public domain): the demo structure.
 UBIQUITIN = Path(__file__).resolve().parents[1] / "data" / "ubiquitin_1ubq_ca.csv"
@@ -145,6 +148,8 @@ def init_values(features: dict, options: dict, num_chains: int, rng: np.random.G
 
 def read_structure(path: Path = UBIQUITIN) -> np.ndarray:
     """``(N, 3)`` coordinates (Å) from a CSV with columns x, y, z ('#' lines are comments)."""
+    import pandas as pd
+
     return pd.read_csv(path, comment="#")[["x", "y", "z"]].to_numpy(dtype=np.float64)
 
 
@@ -154,6 +159,8 @@ def simulate(
     """Distance observations of ubiquitin's first ``points`` Cα atoms (all 76 by default):
     every pair closer than ``SIMULATED_CUTOFF`` observed in turn until ``rows`` rows, with
     Student-t noise of scale ``noise_scale`` Å."""
+    import pandas as pd
+
     coords = read_structure()[:points]
     i, j = np.triu_indices(len(coords), k=1)
     true_distance = np.linalg.norm(coords[i] - coords[j], axis=1)
