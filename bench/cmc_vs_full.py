@@ -9,7 +9,7 @@ own process, one at a time (each takes both cores), as a cluster would run them 
 side. From the rules' ``benchmark:`` files: the projected cluster wall is the slowest
 sample job plus the combine job; summed CPU time is over all sample jobs and combine; the
 correction's jobs (reweight, correct) are timed in a second pass of their own, one job at a
-time, as the sample jobs are.
+time, as the sample jobs are, and their imports in fresh processes (3 each).
 Accuracy compares the combined draws (default Hessian weights), the corrected posterior
 (its summary: the weighted draws' means and sds), and the same shard runs combined again in
 this process with draw weights, with a long full-data NUTS reference run once in its own
@@ -36,7 +36,17 @@ from pathlib import Path
 import arviz as az
 import numpy as np
 import pandas as pd
-from common import cell, logistic_analysis, schema_default, snakemake, spread, target, workflow_config, write_results
+from common import (
+    cell,
+    import_seconds,
+    logistic_analysis,
+    schema_default,
+    snakemake,
+    spread,
+    target,
+    workflow_config,
+    write_results,
+)
 
 ROWS, FEATURES, NUM_SHARDS = 1_000_000, 20, 8
 ANALYSIS = "p4"
@@ -47,6 +57,15 @@ REFERENCE_SAMPLES = 2500
 #: P4's slowest sample job when issue 13 was filed (float64), and its target: <= 0.55x, with
 #: P4's accuracy targets (mean error, sd ratios) still met
 SLOWEST_SHARD_BEFORE, SLOWEST_SHARD_TARGET = 112.0, 0.55
+#: What a reweight job and the correct job import before their own work (scripts/reweight.py,
+#: scripts/correct.py), timed in fresh processes: the part of the correction's wall that no
+#: faster computation shortens.
+JOB_IMPORTS = {
+    "reweight": "from cmcflow.jaxenv import configure_jax; configure_jax(1, 'mixed', None); "
+    "import cmcflow.script, cmcflow.consensus, cmcflow.featurize, cmcflow.fused, cmcflow.io, cmcflow.likelihood, "
+    "cmcflow.transforms; from cmcflow.models import get_model; get_model('logistic')",
+    "correct": "import cmcflow.script, cmcflow.correct",
+}
 
 
 def benchmark(path: Path) -> dict:
@@ -146,8 +165,9 @@ def reference_run(directory: Path) -> tuple[Path, dict]:
     }
 
 
-def correction_bound(results: Path) -> str:
-    """What the correction's wall is made of (the last run's)."""
+def correction_bound(results: Path, imports: dict) -> str:
+    """What the correction's wall is made of (the last run's), and how much of each job is
+    its imports (``imports``: :data:`JOB_IMPORTS`' seconds in fresh processes)."""
     walls = {
         "proposal": proposal_seconds(results),
         "reweight": max(benchmark(path)["wall"] for path in (results / "benchmarks" / "reweight").glob("*.tsv")),
@@ -155,9 +175,11 @@ def correction_bound(results: Path) -> str:
     }
     slowest = max(benchmark(path)["wall"] for path in (results / "benchmarks" / "sample").glob("shard-*.tsv"))
     return (
-        f"combine's proposal {walls['proposal']:.1f} s, the slowest reweight job {walls['reweight']:.1f} s (Python, "
-        f"JAX and the model's set-up, then the log-likelihood at every draw), correct {walls['correct']:.1f} s "
-        f"(ArviZ's import and PSIS, the corrected posterior's NetCDF), against a sample job of {slowest:.1f} s"
+        f"combine's proposal {walls['proposal']:.1f} s, the slowest reweight job {walls['reweight']:.1f} s (of which "
+        f"{imports['reweight']['median']:.1f} s its imports in a fresh process: JAX, NumPyro; then the model's "
+        f"set-up and the log-likelihood at every draw), correct {walls['correct']:.1f} s (of which "
+        f"{imports['correct']['median']:.1f} s its imports: ArviZ, with SciPy, xarray and Matplotlib; then PSIS and "
+        f"the corrected posterior's NetCDF), against a sample job of {slowest:.1f} s"
     )
 
 
@@ -225,6 +247,7 @@ def main() -> None:
         done.write_text(json.dumps(runs, indent=2))
         print(runs[-1], flush=True)
     figures = {key: spread([run[key] for run in runs]) for key in runs[0]}
+    imports = {job: import_seconds(statement) for job, statement in JOB_IMPORTS.items()}
     reference_results, reference = reference_run(args.workdir.with_name(f"{args.workdir.name}-reference"))
     full = az.from_netcdf(reference_results / "fulldata" / "posterior.nc").posterior
     qualities = {
@@ -289,7 +312,7 @@ def main() -> None:
             f"{figures['correction_ratio']['median']:.3f}",
             "<= 0.2",
             figures["correction_ratio"]["median"] <= 0.2,
-            correction_bound(results),
+            correction_bound(results, imports),
         ),
     ]
     labels = {
@@ -336,6 +359,7 @@ def main() -> None:
             "figures": figures,
             "accuracy": qualities,
             "importance": {key: importance[key] for key in ("khat", "effective_sample_size", "proposal_draws")},
+            "correction_job_imports": imports,
             "reference": reference,
             "targets": targets,
         },

@@ -62,6 +62,22 @@ def timed(call: Callable[[], object], repeats: int) -> tuple[list[float], list[f
     return seconds, cpu_seconds, result
 
 
+def import_seconds(statement: str, repeats: int = 3) -> dict:
+    """Wall seconds of ``statement`` in fresh Python processes (interpreter start excluded)."""
+    import subprocess
+
+    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+    runs = [
+        float(
+            subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO / "workflow"
+            ).stdout
+        )
+        for _ in range(repeats)
+    ]
+    return spread(runs)
+
+
 def cell(summary: dict, digits: int = 2) -> str:
     """A markdown cell ``median (min–max)``."""
     return f"{summary['median']:.{digits}f} ({summary['min']:.{digits}f}–{summary['max']:.{digits}f})"

@@ -24,7 +24,17 @@ import shutil
 from pathlib import Path
 
 import h5py
-from common import RESULTS, cell, logistic_analysis, snakemake, spread, target, workflow_config, write_results
+from common import (
+    RESULTS,
+    cell,
+    import_seconds,
+    logistic_analysis,
+    snakemake,
+    spread,
+    target,
+    workflow_config,
+    write_results,
+)
 
 TARGET = 0.35
 OVERHEAD_TARGET = 1.5  # seconds, issue 13 (e)
@@ -34,25 +44,6 @@ JOB_IMPORTS = (
     "from cmcflow.jaxenv import configure_jax; configure_jax(4, 'mixed', None); "
     "import cmcflow.featurize, cmcflow.models, cmcflow.sample"
 )
-
-
-def import_seconds(statement: str, repeats: int = 3) -> dict:
-    """Wall seconds of ``statement`` in fresh Python processes (interpreter start excluded)."""
-    import subprocess
-    import sys
-
-    from common import REPO
-
-    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
-    runs = [
-        float(
-            subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO / "workflow"
-            ).stdout
-        )
-        for _ in range(repeats)
-    ]
-    return spread(runs)
 
 
 def job_facts(workdir: Path) -> dict:
