@@ -129,28 +129,10 @@ def logistic_kwargs(spec, rows: int):
     return model_kwargs(spec.featurize({"features": X, "label": y}, rows, {}), {"prior_sd": 2.5}), rng
 
 
-def gradient_times(model, kwargs: dict) -> list[float]:
-    """Seconds of each call of the jitted value and gradient of ``model``'s potential energy
-    at its initial point (compiled first), the data arrays the program's arguments, as in
-    the sample program (closed over, they are the program's constants, which XLA copies
-    before a custom call such as the fused likelihood's)."""
-    import jax
-    import jax.numpy as jnp
-    from numpyro.infer.util import initialize_model, potential_energy
-
-    setup = initialize_model(jax.random.PRNGKey(0), model, model_kwargs=kwargs)
-    arrays = {name: jnp.asarray(value) for name, value in kwargs.items() if isinstance(value, np.ndarray | jax.Array)}
-    static = {name: value for name, value in kwargs.items() if name not in arrays}
-    program = jax.jit(jax.value_and_grad(lambda z, data: potential_energy(model, (), {**data, **static}, z)))
-    return call_times(lambda z: program(z, arrays), setup.param_info.z)
-
-
-def loop_gradient_seconds(model, kwargs: dict, calls: int) -> float:
-    """Seconds per gradient of ``calls`` gradients one after another inside one compiled
-    ``fori_loop``, as NUTS calls them (each at a point moved by the last gradient, so none
-    can be skipped or hoisted); the median over :func:`call_times`' calls of the loop. A call
-    from Python (:func:`gradient_times`) also pays JAX's dispatch and the wake-up of XLA's
-    pool threads, which the loop's back-to-back gradients do not."""
+def potential_gradient(model, kwargs: dict):
+    """The value and gradient of ``model``'s potential energy as a function of ``(z, data)``,
+    the data arrays (JAX arrays: the program's arguments, as in the sample program) and the
+    model's initial point ``z``."""
     import jax
     import jax.numpy as jnp
     from numpyro.infer.util import initialize_model, potential_energy
@@ -159,6 +141,30 @@ def loop_gradient_seconds(model, kwargs: dict, calls: int) -> float:
     arrays = {name: jnp.asarray(value) for name, value in kwargs.items() if isinstance(value, np.ndarray | jax.Array)}
     static = {name: value for name, value in kwargs.items() if name not in arrays}
     gradient = jax.value_and_grad(lambda z, data: potential_energy(model, (), {**data, **static}, z))
+    return gradient, arrays, setup.param_info.z
+
+
+def gradient_times(model, kwargs: dict) -> list[float]:
+    """Seconds of each call of the jitted value and gradient of ``model``'s potential energy
+    at its initial point (compiled first), the data arrays the program's arguments, as in
+    the sample program (closed over, they are the program's constants, which XLA copies
+    before a custom call such as the fused likelihood's)."""
+    import jax
+
+    gradient, arrays, z = potential_gradient(model, kwargs)
+    program = jax.jit(gradient)
+    return call_times(lambda z: program(z, arrays), z)
+
+
+def loop_gradient_seconds(model, kwargs: dict, calls: int) -> float:
+    """Seconds per gradient of ``calls`` gradients one after another inside one compiled
+    ``fori_loop``, as NUTS calls them (each at a point moved by the last gradient, so none
+    can be skipped or hoisted); the median over :func:`call_times`' calls of the loop. A call
+    from Python (:func:`gradient_times`) also pays JAX's dispatch and the wait for its
+    result, which back-to-back gradients in one program do not."""
+    import jax
+
+    gradient, arrays, z = potential_gradient(model, kwargs)
 
     @jax.jit
     def loop(z, data):
@@ -169,7 +175,7 @@ def loop_gradient_seconds(model, kwargs: dict, calls: int) -> float:
 
         return jax.lax.fori_loop(0, calls, step, (z, 0.0))
 
-    return float(np.median(call_times(lambda z: loop(z, arrays), setup.param_info.z))) / calls
+    return float(np.median(call_times(lambda z: loop(z, arrays), z))) / calls
 
 
 def call_times(function, argument) -> list[float]:
