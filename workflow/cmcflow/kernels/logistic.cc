@@ -69,16 +69,22 @@ static inline void Eta(const float* xt, const float* off, const double* coef, in
   }
 }
 
+// softplus(eta) = max(eta, 0) + log(1 + exp(-|eta|)) of n <= kStep rows: tf = exp(-|eta|) (the
+// gradient's sigmoid needs it too) and lf = log(1 + tf)
+static inline void Softplus(const float* eta, int64_t n, float* tf, float* lf) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) tf[j] = std::exp(-std::fabs(eta[j]));
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) lf[j] = std::log(1.0f + tf[j]);
+}
+
 // value of rows [j0, j0 + n), n <= kStep, at one set of coefficients, summed in float32
 template <bool kFull>
 static inline float StepValue(const float* xt, const float* y, const float* off, const uint8_t* mask,
                               const double* coef, int64_t P, int64_t R, int64_t j0, int64_t n) {
   alignas(64) float eta[kStep], tf[kStep], lf[kStep];
   Eta<kFull>(xt, off, coef, P, R, j0, n, eta);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) tf[j] = std::exp(-std::fabs(eta[j]));
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) lf[j] = std::log(1.0f + tf[j]);
+  Softplus(eta, n, tf, lf);
   float v = 0.0f;
 #pragma omp simd reduction(+ : v)
   for (int64_t j = 0; j < n; ++j) {
@@ -94,10 +100,7 @@ static inline void Step(const float* xt, const float* y, const float* off, const
                         int64_t P, int64_t R, int64_t j0, int64_t n, double& val, double& gi, V* gv, double* g) {
   alignas(64) float eta[kStep], r[kStep], tf[kStep], lf[kStep];
   Eta<kFull>(xt, off, coef, P, R, j0, n, eta);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) tf[j] = std::exp(-std::fabs(eta[j]));
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) lf[j] = std::log(1.0f + tf[j]);
+  Softplus(eta, n, tf, lf);
   float v = 0.0f, s0 = 0.0f;
 #pragma omp simd reduction(+ : v, s0)
   for (int64_t j = 0; j < n; ++j) {
