@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import PRECISION
 
-from cmcflow import fused
+from cmcflow import fused, transforms
 from cmcflow.models import get_model, resolve_options
 from cmcflow.sample import NutsSettings, sample_features
 from cmcflow.transforms import model_kwargs, potential_hessian
@@ -63,6 +63,11 @@ def test_kernel_value_gradient_and_hessian_match_xla(kernel_on, monkeypatch, row
 
     fused_value, fused_gradient, fused_hessian = evaluate()
     assert fused.used()
+    # the kernel's Hessian program kept beside the compilation cache, then loaded from there
+    for _ in range(2):
+        transforms._stored_hessian.cache_clear()
+        stored = potential_hessian(SPEC.numpyro_model, kwargs, position, identity="test_fused")
+        np.testing.assert_array_equal(stored, fused_hessian)
     monkeypatch.setitem(fused._state, "enabled", False)
     jax.clear_caches()
     xla_value, xla_gradient, xla_hessian = evaluate()

@@ -40,6 +40,7 @@ SOURCE = Path(__file__).resolve().parent / "kernels" / "logistic.cc"
 #: The kernels' names in XLA's registry of FFI targets: value and gradient; values at a batch.
 TARGET = "cmcflow_logistic_fused"
 VALUES_TARGET = "cmcflow_logistic_values"
+TARGETS = (TARGET, VALUES_TARGET)
 #: g++ flags: vectorised exp and log (libmvec) need -ffast-math; -march=native builds for
 #: the CPU it runs on, hence one library per CPU type (:func:`library_path`).
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")

@@ -367,7 +367,7 @@ def sample_run(
     dimension = sum(int(np.prod(value.shape[2:], dtype=int)) for value in unconstrained.values())
     # a rigid model's frame is fixed by align, after sampling: its draws weigh it
     if spec.symmetry != "rigid" and dimension <= HESSIAN_MAX_PARAMETERS:
-        run["curvature"] = curvature(tempered(model, 1.0 / num_shards), kwargs, unconstrained)
+        run["curvature"] = curvature(spec, num_shards, kwargs, unconstrained)
     curvature_seconds = time.perf_counter() - started
     run_facts = {
         "num_shards": num_shards,
@@ -469,13 +469,17 @@ def sample_shard_files(
     return report
 
 
-def curvature(model, kwargs: Mapping, unconstrained: xr.Dataset) -> xr.Dataset:
-    """The ``curvature`` group of a run: ``precision`` ``(D, D)``, the Hessian of ``model``'s
-    potential energy (:func:`~cmcflow.transforms.potential_hessian`) at the mean of the
-    run's ``unconstrained`` draws (its ``unconstrained_posterior``), sites in that group's
-    order. Combine weighs the shard by it (``combine.weights: hessian``)."""
+def curvature(spec: ModelSpec, num_shards: int, kwargs: Mapping, unconstrained: xr.Dataset) -> xr.Dataset:
+    """The ``curvature`` group of a run: ``precision`` ``(D, D)``, the Hessian of the potential
+    energy of ``spec``'s model tempered for ``num_shards`` shards
+    (:func:`~cmcflow.transforms.potential_hessian`) at the mean of the run's ``unconstrained``
+    draws (its ``unconstrained_posterior``), sites in that group's order. Combine weighs the
+    shard by it (``combine.weights: hessian``)."""
     mean = {name: unconstrained[name].values.mean(axis=(0, 1)) for name in unconstrained.data_vars}
-    precision = potential_hessian(model, kwargs, mean)
+    model, digest = spec.numpyro_model, source_digest(spec.numpyro_model)
+    # what keys its stored program; a model without source (defined interactively) is traced
+    identity = f"{spec.name} {digest} prior power 1/{num_shards}" if digest else None
+    precision = potential_hessian(tempered(model, 1.0 / num_shards), kwargs, mean, identity)
     return xr.Dataset({"precision": (("flat_row", "flat_column"), precision)}, attrs={"at": "posterior mean"})
 
 

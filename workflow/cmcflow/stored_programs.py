@@ -3,7 +3,9 @@
 JAX's persistent compilation cache skips XLA's compile, but every fresh process still
 traces the Python function to a jaxpr and lowers it before it can look the program up:
 for the overlay's BFGS loop (vmapped over starts and pairs, inside ``shard_map``)
-that is seconds of every align job (bench/results/summary.md, 13d).
+that is seconds of every align job (bench/results/summary.md, 13d); for the Hessian a
+sample job weighs its shard by (the model traced through two derivatives), a tenth of a
+second of every sample job (bench/results/compile_cache.md).
 :func:`stored_program` traces a function once per argument shape, keeps the serialized
 StableHLO (``jax.export``) under ``exported/`` of the compilation cache directory, and later
 processes load it instead of tracing; the compile that follows is then a cache hit.
@@ -69,16 +71,20 @@ def stored_programs_dir() -> Path | None:
 
 def stored_program(
     function: Callable,
-    specs: Sequence[jax.ShapeDtypeStruct],
+    specs: Sequence,
     sharding: jax.sharding.Sharding,
     key: str,
     directory: Path | None,
+    custom_calls: Sequence[str] = (),
 ) -> Callable:
     """``function`` (a ``jax.jit`` function; every argument and result laid out by ``sharding``)
-    as a jitted program for arguments of ``specs``, loaded from ``directory/<key>.jaxexport`` when a
-    readable one is there, else traced (``jax.export``) and stored there (written to a
-    temporary file and renamed, so concurrent jobs never read half a program; where it cannot
-    be written, with a warning, and the job goes on). With
+    as a jitted program for arguments of ``specs`` (``jax.ShapeDtypeStruct`` or pytrees of
+    them), loaded from ``directory/<key>.jaxexport`` when a readable one is there, else
+    traced (``jax.export``) and stored there (written to a temporary file and renamed, so
+    concurrent jobs never read half a program; where it cannot be written, with a warning,
+    and the job goes on). ``custom_calls``: names of this
+    process's own FFI targets the program may call (JAX refuses to export calls without a
+    compatibility guarantee; these are registered by the process that loads the program). With
     ``directory`` ``None`` nothing is stored and ``function`` is returned as it is. A stored
     program runs the same StableHLO as a fresh trace: results are identical."""
     if directory is None:
@@ -91,7 +97,8 @@ def stored_program(
         except Exception:  # unreadable (truncated, another format): trace it again below
             exported = None
     if exported is None:
-        exported = export.export(function)(*specs)
+        checks = [export.DisabledSafetyCheck.custom_call(name) for name in custom_calls]
+        exported = export.export(function, disabled_checks=checks)(*specs)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             temporary = directory / f".{key}.{os.getpid()}.{uuid.uuid4().hex}"

@@ -6,16 +6,27 @@ Uses JAX: the caller must have run :func:`cmcflow.jaxenv.configure_jax` first.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 from numpyro import handlers
 from numpyro.infer import init_to_uniform
 from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 
+from cmcflow import fused
 from cmcflow.jaxenv import PRECISION
+from cmcflow.stored_programs import program_key, stored_program, stored_programs_dir
+
+
+def parameter_dtype() -> np.dtype:
+    """The parameters' floating type: float64 in JAX's x64 mode, else float32."""
+    return jax.dtypes.canonicalize_dtype(np.float64)
+
 
 #: Draws pushed through the model at once by :func:`map_draws`.
 TRANSFORM_BATCH = 256
@@ -91,7 +102,9 @@ def split_static(kwargs: Mapping) -> tuple[dict, tuple | None]:
     return arrays, static
 
 
-def potential_hessian(model: Callable, kwargs: Mapping, position: Mapping[str, np.ndarray]) -> np.ndarray:
+def potential_hessian(
+    model: Callable, kwargs: Mapping, position: Mapping[str, np.ndarray], identity: str | None = None
+) -> np.ndarray:
     """The Hessian ``(D, D)`` of ``model(**kwargs)``'s potential energy U = −log p(θ, y) in the
     unconstrained space (log-Jacobians of the support transforms included) at ``position``
     ``{site: (…)}``, the sites flattened in the given order, each row-major (as
@@ -99,13 +112,40 @@ def potential_hessian(model: Callable, kwargs: Mapping, position: Mapping[str, n
     posterior's Gaussian (Laplace) approximation: a weight computed from the model, without
     the Monte Carlo noise of a covariance estimated from draws. One compiled program per
     model, options and shapes: the data arrays are its arguments.
+
+    ``identity``: what the model is, for later processes (its source's digest, its
+    tempering, the likelihood it computes with); given, and with a persistent compilation
+    cache, the traced program is kept there (:func:`cmcflow.stored_programs.stored_program`)
+    and a later job loads it instead of tracing the model again.
     """
     shapes = tuple((name, tuple(np.shape(value))) for name, value in position.items())
-    flat = jnp.concatenate([jnp.ravel(jnp.asarray(value)) for value in position.values()])
+    flat = np.concatenate([np.ravel(value) for value in position.values()]).astype(parameter_dtype())
     arrays, static = split_static(kwargs)
     if static is None:  # options that cannot key a program: one of this call's own
         return np.asarray(jax.jit(lambda flat: _hessian(model, (), shapes, kwargs, flat))(flat))
-    return np.asarray(_compiled_hessian(model, static, shapes, arrays, flat))
+    directory = stored_programs_dir()
+    if identity is None or directory is None:
+        return np.asarray(_compiled_hessian(model, static, shapes, arrays, flat))
+    specs = tuple((name, np.shape(value), np.dtype(value.dtype).name) for name, value in sorted(arrays.items()))
+    return np.asarray(_stored_hessian(model, static, shapes, specs, identity, directory)(arrays, flat))
+
+
+@functools.cache
+def _stored_hessian(
+    model: Callable, static: tuple, shapes: tuple, specs: tuple, identity: str, directory: Path
+) -> Callable:
+    """The Hessian's program for data arrays of ``specs`` ``((name, shape, dtype), …)``,
+    loaded from ``directory`` or traced and kept there: one per process and key."""
+    arguments = (
+        {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in specs},
+        jax.ShapeDtypeStruct((sum(int(np.prod(shape, dtype=int)) for _, shape in shapes),), parameter_dtype()),
+    )
+    # the kernel, where enabled, is in the traced program: a process without it traces its own
+    settings = (identity, static, shapes, f"fused_likelihood={fused.enabled()}")
+    key = program_key("hessian", settings, jax.tree.leaves(arguments), devices=1)
+    program = jax.jit(functools.partial(_hessian, model, static, shapes))
+    sharding = SingleDeviceSharding(jax.devices()[0])
+    return stored_program(program, arguments, sharding, key, directory, custom_calls=fused.TARGETS)
 
 
 def flat_potential(model: Callable, kwargs: Mapping, shapes: tuple) -> Callable[[jax.Array], jax.Array]:
