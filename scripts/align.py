@@ -20,7 +20,7 @@ with reported_errors():
     from cmcflow.io import read_json
     from cmcflow.models import get_model
     from cmcflow.overlay import OverlaySettings
-    from cmcflow.runs import diagnostics, is_failed, write_run
+    from cmcflow.runs import diagnostics, is_failed, run_groups, write_run
 
     spec = get_model(snakemake.params.model)
     settings = snakemake.params.align
@@ -45,7 +45,7 @@ with reported_errors():
     )
     report = {
         **{key: value for key, value in aligned.posterior.attrs.items() if not key.startswith("nuts_")},
-        **diagnostics(aligned, list(aligned.unconstrained_posterior.data_vars)),
+        **diagnostics(run_groups(aligned), list(aligned.unconstrained_posterior.data_vars)),
         "mean_align_rmsd": float(aligned.sample_stats["align_rmsd"].mean()),
         "min_align_score": float(aligned.sample_stats["align_score"].min()),
     }

@@ -46,7 +46,7 @@ with reported_errors():
     if spec.symmetry == "rigid":
         from cmcflow.align import align_run, build_reference
         from cmcflow.overlay import OverlaySettings
-        from cmcflow.runs import diagnostics
+        from cmcflow.runs import diagnostics, run_groups
 
         align = snakemake.params.align
         reference, _ = build_reference([idata], spec.point_site, align["allow_reflection"])
@@ -58,7 +58,7 @@ with reported_errors():
             use_correspondence=True,
         )
         idata = align_run(idata, reference, spec.point_site, align["method"], align["allow_reflection"], overlay)
-        report |= diagnostics(idata, list(idata.unconstrained_posterior.data_vars))
+        report |= diagnostics(run_groups(idata), list(idata.unconstrained_posterior.data_vars))
         report["mean_align_rmsd"] = float(idata.sample_stats["align_rmsd"].mean())
     write_run(idata, report, snakemake.output.posterior, snakemake.output.diagnostics)
     with atomic_path(snakemake.output.summary) as tmp:

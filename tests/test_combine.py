@@ -121,8 +121,9 @@ def test_locate_by_distances_removes_the_contraction_of_a_spread_out_mean():
 
 
 def test_read_run_gives_what_arviz_reads_for_a_run_and_a_failure_record(tmp_path):
-    """Combine's fast reader returns the same groups, values, dims, coordinates and
-    attributes as ``az.from_netcdf``."""
+    """A run written without xarray (``write_run``) reads back in ArviZ as it was (booleans,
+    text coordinates, attributes), and combine's fast reader returns the same groups,
+    values, dims, coordinates and attributes as ``az.from_netcdf``."""
     import arviz as az
     import xarray as xr
 
@@ -143,6 +144,9 @@ def test_read_run_gives_what_arviz_reads_for_a_run_and_a_failure_record(tmp_path
     write_run(run, {}, tmp_path / "run.nc", tmp_path / "run.json")
     write_run(*failed_run(5, "NUTS raised: bad init"), tmp_path / "failed.nc", tmp_path / "failed.json")
 
+    written = az.from_netcdf(tmp_path / "run.nc")  # what ArviZ reads is what was written
+    for group in run.groups():
+        xr.testing.assert_identical(written[group], run[group])
     for name in ("run.nc", "failed.nc"):
         expected, read = az.from_netcdf(tmp_path / name), read_run(tmp_path / name)
         assert set(read.groups()) == set(expected.groups()) - {"sample_stats"}

@@ -274,11 +274,11 @@ import numpy as np
 from cmcflow.sample import tempered
 from cmcflow.stored_programs import stored_programs_dir
 from cmcflow.transforms import model_kwargs, potential_hessian
-mean = {name: values.values.mean(axis=(0, 1)) for name, values in run["unconstrained_posterior"].items()}
+mean = {name: values.mean(axis=(0, 1)) for name, values in run["unconstrained_posterior"].arrays().items()}
 traced = potential_hessian(tempered(spec.numpyro_model, 0.5), model_kwargs(features, options), mean)
 stored = sorted(path.name for path in stored_programs_dir().iterdir())
 print(json.dumps({"compile_seconds": report["compile_seconds"], "stored_programs": stored,
-                  "hessian_as_traced": bool(np.array_equal(run["curvature"]["precision"].values, traced))}))
+                  "hessian_as_traced": bool(np.array_equal(run["curvature"]["precision"], traced))}))
 """
 
 

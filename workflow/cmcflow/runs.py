@@ -6,72 +6,125 @@ combine uses) and ``sample_stats``; beside it a diagnostics JSON. A sample job w
 run raised writes a *failure record* instead (:func:`failed_run`): a ``posterior`` group
 with no draws and the error in its attributes.
 
-A sample job holds its run as a plain mapping, group name -> xarray Dataset (:data:`Run`),
-and writes it without importing ArviZ (whose import is a third of a sample job's own
-overhead); the stages after it read runs as ArviZ InferenceData (:func:`read_run`). Both
-have the same groups and are written by :func:`write_run`.
+A sample job holds its run as a plain mapping, group name -> :class:`Group` (:data:`Run`:
+numpy arrays, their dimensions and the group's attributes), and writes it without importing
+xarray or ArviZ (whose imports were a fifth and a third of a sample job's own overhead);
+the stages after it read runs as ArviZ InferenceData (:func:`read_run`). Both have the same
+groups and are written by :func:`write_run`.
 
 This module imports neither JAX nor the sampler, so every stage can read and write runs,
-nor ArviZ until a function that returns InferenceData is called.
+nor xarray, pandas or ArviZ until a function that uses them is called.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import xarray as xr
 
 from cmcflow import convergence
 from cmcflow.io import atomic_path, write_json_atomic
 
 if TYPE_CHECKING:
     import arviz as az
+    import pandas as pd
+    import xarray as xr
 
-#: A run as a sample job holds it: group name -> Dataset, in ArviZ's layout.
-Run = Mapping[str, xr.Dataset]
+
+@dataclass
+class Group:
+    """One group of a run, as a netCDF group holds it: ``variables`` ``{name: (dims,
+    values)}``, ``coords`` ``{dim: values}`` (the dimensions' coordinates; ArviZ's draws have
+    integer ones, ``0 … n − 1``) and ``attrs``. What an xarray Dataset of the group holds,
+    as plain numpy (:meth:`to_dataset`, :meth:`from_dataset`)."""
+
+    variables: dict[str, tuple[tuple[str, ...], np.ndarray]]
+    coords: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """The values of variable ``name``."""
+        return self.variables[name][1]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.variables
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``{name: values}`` of every variable, in order."""
+        return {name: values for name, (_, values) in self.variables.items()}
+
+    @classmethod
+    def from_dataset(cls, dataset: xr.Dataset) -> Group:
+        """The group an xarray Dataset holds; raises ``ValueError`` for a coordinate that is
+        not a dimension's (a netCDF group of a run has none)."""
+        extra = [name for name in dataset.coords if name not in dataset.dims]
+        if extra:
+            raise ValueError(f"a run's groups have coordinates of dimensions only, not {extra}")
+        return cls(
+            {name: (variable.dims, variable.values) for name, variable in dataset.data_vars.items()},
+            {name: coordinate.values for name, coordinate in dataset.coords.items()},
+            dict(dataset.attrs),
+        )
+
+    def to_dataset(self) -> xr.Dataset:
+        """The group as an xarray Dataset."""
+        import xarray as xr
+
+        return xr.Dataset(self.variables, coords=self.coords, attrs=self.attrs)
 
 
-def draws_dataset(arrays: Mapping[str, np.ndarray], library=None) -> xr.Dataset:
+#: A run as a sample job holds it: group name -> group, in ArviZ's layout.
+Run = Mapping[str, Group]
+
+
+def run_groups(run: Run | az.InferenceData) -> dict[str, Group]:
+    """A run's groups, from a :data:`Run` or from ArviZ InferenceData."""
+    if all(isinstance(group, Group) for group in run.values()):
+        return dict(run)
+    return {name: Group.from_dataset(run[name]) for name in run.groups()}  # InferenceData
+
+
+def draws_group(arrays: Mapping[str, np.ndarray], library=None) -> Group:
     """Draws ``{name: (chains, draws, *shape)}`` as one group in ArviZ's layout (as
     ``arviz.dict_to_dataset`` lays it out): dimensions ``chain``, ``draw``, ``<name>_dim_<i>``,
     each with integer coordinates; ``created_at``, and the sampling ``library`` (a module) and
     its version, in the attributes."""
-    data, coords = {}, {}
+    variables, coords = {}, {}
     for name, values in arrays.items():
         values = np.asarray(values)
         dims = ("chain", "draw", *(f"{name}_dim_{axis}" for axis in range(values.ndim - 2)))
-        data[name] = (dims, values)
+        variables[name] = (dims, values)
         coords.update({dim: np.arange(size) for dim, size in zip(dims, values.shape)})
     attrs = {"created_at": datetime.now(UTC).isoformat()}
     if library is not None:
         attrs |= {"inference_library": library.__name__, "inference_library_version": library.__version__}
-    return xr.Dataset(data, coords=coords, attrs=attrs)
+    return Group(variables, coords, attrs)
 
 
-def diagnostics(run: Run | az.InferenceData, var_names: list[str]) -> dict:
+def diagnostics(run: Run, var_names: list[str]) -> dict:
     """Diagnostics of one run (:mod:`cmcflow.convergence`, ArviZ's estimators): per element
     of the ``var_names`` sites rank-normalised split R-hat, bulk/tail ESS and the Monte Carlo
     error of the mean (``parameters``, ArviZ's labels) and their extremes; divergences,
     E-BFMI per chain, and the share of iterations whose trajectory reached NUTS' largest tree
-    (``tree_depth_saturation``; the limit is the run's ``nuts_max_tree_depth`` attribute)."""
+    (``tree_depth_saturation``; the limit is the run's ``nuts_max_tree_depth`` attribute).
+    ArviZ InferenceData: :func:`run_groups` first."""
     posterior, stats = run["posterior"], run["sample_stats"]
     table = {}
     for name in var_names:
-        values = posterior[name].values
+        values = posterior[name]
         flat = values.reshape(*values.shape[:2], -1)
         for column, label in enumerate(element_labels(name, values.shape[2:])):
             table[label] = convergence.element_diagnostics(flat[:, :, column])
-    diverging = stats["diverging"].values
-    bfmi = convergence.bfmi(stats["energy"].values)
+    diverging = stats["diverging"]
+    bfmi = convergence.bfmi(stats["energy"])
     max_depth = posterior.attrs.get("nuts_max_tree_depth")
     saturation = {}
     if max_depth is not None and "tree_depth" in stats:
-        saturation["tree_depth_saturation"] = float(np.mean(stats["tree_depth"].values >= max_depth))
+        saturation["tree_depth_saturation"] = float(np.mean(stats["tree_depth"] >= max_depth))
     return {
         **saturation,
         "max_r_hat": max(row["r_hat"] for row in table.values()),
@@ -98,7 +151,11 @@ def failed_run(shard: int, error: str) -> tuple[Run, dict]:
     """What a sample job writes when NUTS raised on its shard: no draws, the error. Combine
     then applies ``combine.on_failed_shard`` (fail the run, or go on without the shard)."""
     attrs = {"failed": 1, "shard": shard, "error": error}
-    return {"posterior": xr.Dataset({"failed": 1}, attrs=attrs)}, {"failed": True, "shard": shard, "error": error}
+    return {"posterior": Group({"failed": ((), np.array(1))}, attrs=attrs)}, {
+        "failed": True,
+        "shard": shard,
+        "error": error,
+    }
 
 
 #: What an XLA error says when the device ran out of memory.
@@ -136,6 +193,8 @@ def element_labels(name: str, shape: tuple[int, ...]) -> list[str]:
 def constrained_moments(shard: int, posterior) -> pd.DataFrame:
     """Mean and sd over all draws of every element of every site of a shard's ``posterior``
     group (constrained): rows (shard, parameter, mean, sd)."""
+    import pandas as pd
+
     rows = []
     for name, values in posterior.data_vars.items():
         flat = values.values.reshape(-1, int(np.prod(values.shape[2:], dtype=int)))
@@ -161,6 +220,7 @@ def read_run(
     """
     import arviz as az
     import h5py
+    import xarray as xr
 
     def attribute(value):  # as netCDF readers give it: str, and a one-element array as a scalar
         if isinstance(value, np.ndarray) and value.shape == (1,):
@@ -198,13 +258,40 @@ def write_run(
 
 
 def write_netcdf(run: Run | az.InferenceData, path: str | os.PathLike) -> None:
-    """Write a run atomically, each group a netCDF group, numeric variables zlib-compressed:
-    as ``InferenceData.to_netcdf`` writes it, for a :data:`Run` too (without ArviZ)."""
-    groups = run if isinstance(run, Mapping) else {name: run[name] for name in run.groups()}
-    with atomic_path(path) as tmp:
-        for position, (name, group) in enumerate(groups.items()):
-            encoding = {key: {"zlib": True} for key, values in group.variables.items() if values.dtype.kind in "biuf"}
-            group.to_netcdf(str(tmp), mode="a" if position else "w", group=name, engine="h5netcdf", encoding=encoding)
+    """Write a run atomically, each group a netCDF group (:func:`write_group`): the file
+    ``InferenceData.to_netcdf`` writes, without xarray or ArviZ (a sample job imports
+    neither)."""
+    import h5netcdf
+
+    with atomic_path(path) as tmp, h5netcdf.File(tmp, "w") as file:
+        for name, group in run_groups(run).items():
+            write_group(file.create_group(name), group)
+
+
+def write_group(out, group: Group) -> None:
+    """``group`` into the empty netCDF group ``out`` (an ``h5netcdf.Group``) as xarray encodes
+    it: dimensions with their coordinates; numbers zlib-compressed (but scalars); text as
+    variable-length strings; booleans as int8 marked ``dtype: bool`` (netCDF has no boolean
+    type; xarray reads them back as booleans). Attributes must be numbers or strings
+    (``TypeError``)."""
+    import h5py
+
+    for key, value in group.attrs.items():
+        if isinstance(value, (bool, np.bool_)) or value is None:
+            raise TypeError(f"attribute {key!r} is {value!r}: netCDF attributes are numbers and strings")
+        out.attrs[key] = value
+    sizes = {dim: size for dims, values in group.variables.values() for dim, size in zip(dims, np.shape(values))}
+    out.dimensions = sizes | {dim: len(values) for dim, values in group.coords.items()}
+    arrays = {dim: ((dim,), values) for dim, values in group.coords.items()} | group.variables
+    for key, (dims, values) in arrays.items():
+        values, attrs, options = np.asarray(values), {}, {}
+        if values.dtype == np.bool_:
+            values, attrs = values.astype(np.int8), {"dtype": "bool"}
+        if values.dtype.kind in "US":
+            values, options = values.astype(object), {"dtype": h5py.string_dtype()}
+        elif values.ndim:
+            options = {"compression": "gzip"}
+        out.create_variable(key, dims, data=values, **options).attrs.update(attrs)
 
 
 def write_combined(

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 import numpyro
-import xarray as xr
 from numpyro.infer import MCMC, NUTS, init_to_uniform
 
 from cmcflow import fused
@@ -27,7 +26,7 @@ from cmcflow.checkpoint import Checkpoint, SavedRun, run_key
 from cmcflow.consensus import HESSIAN_MAX_PARAMETERS
 from cmcflow.jaxenv import COMPILE_CLOCK, PRECISION
 from cmcflow.models import ModelSpec, source_digest
-from cmcflow.runs import Run, diagnostics, draws_dataset, failed_run, is_transient, write_run
+from cmcflow.runs import Group, Run, diagnostics, draws_group, failed_run, is_transient, write_run
 from cmcflow.screening import TREE_DEPTH_WARNING
 from cmcflow.tempering import temper_priors
 from cmcflow.transforms import model_kwargs, potential_hessian, split_static, unconstrain_draws
@@ -361,9 +360,9 @@ def sample_run(
     sampling_seconds = time.perf_counter() - started - compile_seconds
 
     run = run_record(draws)
-    latents = list(run["unconstrained_posterior"].data_vars)
+    unconstrained = run["unconstrained_posterior"].arrays()
+    latents = list(unconstrained)
     started = time.perf_counter()
-    unconstrained = run["unconstrained_posterior"]
     dimension = sum(int(np.prod(value.shape[2:], dtype=int)) for value in unconstrained.values())
     # a rigid model's frame is fixed by align, after sampling: its draws weigh it
     if spec.symmetry != "rigid" and dimension <= HESSIAN_MAX_PARAMETERS:
@@ -416,7 +415,7 @@ def sample_features(*args, **kwargs) -> tuple[az.InferenceData, dict]:
     import arviz as az
 
     run, report = sample_run(*args, **kwargs)
-    return az.InferenceData(**run), report
+    return az.InferenceData(**{name: group.to_dataset() for name, group in run.items()}), report
 
 
 def sample_shard_files(
@@ -469,21 +468,21 @@ def sample_shard_files(
     return report
 
 
-def curvature(spec: ModelSpec, num_shards: int, kwargs: Mapping, unconstrained: xr.Dataset) -> xr.Dataset:
+def curvature(spec: ModelSpec, num_shards: int, kwargs: Mapping, unconstrained: Mapping[str, np.ndarray]) -> Group:
     """The ``curvature`` group of a run: ``precision`` ``(D, D)``, the Hessian of the potential
     energy of ``spec``'s model tempered for ``num_shards`` shards
     (:func:`~cmcflow.transforms.potential_hessian`) at the mean of the run's ``unconstrained``
-    draws (its ``unconstrained_posterior``), sites in that group's order. Combine weighs the
-    shard by it (``combine.weights: hessian``)."""
-    mean = {name: unconstrained[name].values.mean(axis=(0, 1)) for name in unconstrained.data_vars}
+    draws ``{site: (chains, draws, …)}`` (its ``unconstrained_posterior``), sites in that
+    order. Combine weighs the shard by it (``combine.weights: hessian``)."""
+    mean = {name: values.mean(axis=(0, 1)) for name, values in unconstrained.items()}
     model, digest = spec.numpyro_model, source_digest(spec.numpyro_model)
     # what keys its stored program; a model without source (defined interactively) is traced
     identity = f"{spec.name} {digest} prior power 1/{num_shards}" if digest else None
     precision = potential_hessian(tempered(model, 1.0 / num_shards), kwargs, mean, identity)
-    return xr.Dataset({"precision": (("flat_row", "flat_column"), precision)}, attrs={"at": "posterior mean"})
+    return Group({"precision": (("flat_row", "flat_column"), precision)}, attrs={"at": "posterior mean"})
 
 
-def run_record(draws: NutsDraws) -> dict[str, xr.Dataset]:
+def run_record(draws: NutsDraws) -> dict[str, Group]:
     """The run's groups, in ArviZ's layout: ``posterior`` (every site's draws),
     ``sample_stats`` (named as ArviZ's ``from_numpyro`` names them: ``diverging``, ``energy``,
     ``n_steps`` and ``tree_depth`` = floor(log2 n_steps) + 1) and ``unconstrained_posterior``
@@ -496,7 +495,7 @@ def run_record(draws: NutsDraws) -> dict[str, xr.Dataset]:
     stats["tree_depth"] = np.log2(stats["n_steps"]).astype(int) + 1
     constrained, unconstrained = draws.split()
     return {
-        "posterior": draws_dataset(constrained, library=numpyro),
-        "unconstrained_posterior": draws_dataset(unconstrained),
-        "sample_stats": draws_dataset(stats, library=numpyro),
+        "posterior": draws_group(constrained, library=numpyro),
+        "unconstrained_posterior": draws_group(unconstrained),
+        "sample_stats": draws_group(stats, library=numpyro),
     }

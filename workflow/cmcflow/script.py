@@ -4,6 +4,7 @@ into one clear line instead of a traceback; and last: end the finished job at on
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -23,6 +24,17 @@ def open_log(path: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+
+
+def collect_cycles_rarely() -> None:
+    """Run CPython's cyclic garbage collector rarely in this process: young objects every
+    50,000 net allocations instead of 700, older generations 20 times more rarely still
+    (default: 10). A JAX job allocates millions of short-lived objects importing and tracing;
+    under the default thresholds a warm sample job spent 0.2 s in the collector (three full
+    collections, 0.15 s of it, each scanning every object its imports made). Garbage without
+    cycles is freed at once either way; a job's cycles come mostly from tracing its
+    programs, which a batch of shards does once, and young cycles are still collected."""
+    gc.set_threshold(50_000, 20, 20)
 
 
 @contextlib.contextmanager
