@@ -59,11 +59,13 @@ def test_bfmi_and_constant_draws_as_arviz():
 
 
 def test_a_sample_job_imports_no_arviz():
-    """What scripts/sample.py imports leaves ArviZ out (the reason for this module)."""
+    """What scripts/sample.py imports leaves ArviZ out (the reason for this module), and
+    xarray and pandas (a run is held and written as numpy: ``cmcflow.runs.Group``)."""
     code = (
         "from cmcflow.jaxenv import configure_jax; configure_jax(4, 'mixed', None); "
-        "import sys, cmcflow.script, cmcflow.featurize, cmcflow.models, cmcflow.sample, cmcflow.shard; "
-        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('arviz', 'matplotlib')))"
+        "import sys, cmcflow.script, cmcflow.featurize, cmcflow.fused, cmcflow.models, cmcflow.sample, "
+        "cmcflow.shard; cmcflow.models.get_model('logistic'); "
+        "print(sorted({name.split('.')[0] for name in sys.modules} & {'arviz', 'matplotlib', 'xarray', 'pandas'}))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO / "workflow")
     assert result.returncode == 0, result.stderr
