@@ -9,7 +9,8 @@ its ``benchmark:`` file; its log's facts split it into compiling (including fetc
 from the cache), sampling, and the rest (Python and library imports, JAX set-up,
 converting and writing the draws, the Hessian the combination weighs the shard by). The
 imports of a sample job are timed in fresh processes (3): the job script's own
-(``configure_jax`` and the sample stage's modules; a sample job does not import ArviZ).
+(``configure_jax`` and the sample stage's modules; a sample job imports neither ArviZ nor
+xarray nor pandas).
 
 Usage: python bench/compile_cache.py [--repeats 3] [--workdir /tmp/cmcflow-bench/compile-cache] [--from-results]
 Writes bench/results/compile_cache.json and .md.
@@ -141,14 +142,13 @@ def write_report(rows: list[dict], repeats: int, imports: dict, measured: str | 
             f"{warm['rest']['median']:.1f} s",
             f"<= {OVERHEAD_TARGET} s",
             warm["rest"]["median"] <= OVERHEAD_TARGET,
-            f"the job's imports take {imports['job']['median']:.1f} s in a fresh process (JAX, NumPyro, pandas, "
-            f"xarray), the Hessian the "
-            f"combination weighs the shard by {warm['curvature']['median']:.1f} s; the remaining "
+            f"the job's imports take {imports['job']['median']:.1f} s in a fresh process (JAX, NumPyro; no "
+            f"ArviZ, xarray or pandas: a run is numpy until written), the Hessian the "
+            f"combination weighs the shard by {warm['curvature']['median']:.2f} s (a stored program); the remaining "
             f"{warm['rest']['median'] - imports['job']['median'] - warm['curvature']['median']:.1f} s is Python's "
             "start, JAX's set-up, loading the fused likelihood's kernel, tracing the model outside NUTS (its "
-            "latent sites; the draws mapped to the unconstrained space), reading the features and writing the run "
-            "(no ArviZ: its import was 0.7 s "
-            "of the 2.5 s measured before). sample.shards_per_job pays it once per batch "
+            "latent sites; the draws mapped to the unconstrained space), reading the features and writing the run. "
+            "sample.shards_per_job pays it once per batch "
             "(bench/results/shards_per_job.md)",
         ),
     ]
@@ -161,7 +161,7 @@ def write_report(rows: list[dict], repeats: int, imports: dict, measured: str | 
         "|---|---|---|---|---|---|",
         *[
             f"| {row['cache']} | {cell(row['wall'], 1)} | {cell(row['compile'], 1)} | {cell(row['sampling'], 1)} "
-            f"| {cell(row['rest'], 1)} | {cell(row['curvature'], 1)} |"
+            f"| {cell(row['rest'], 1)} | {cell(row['curvature'], 2)} |"
             for row in rows
         ],
         "",
