@@ -4,8 +4,9 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../workflow")  # this checkout's cmcflow (conda envs lack it)
 
-from cmcflow.script import open_log, reported_errors
+from cmcflow.script import collect_cycles_rarely, open_log, reported_errors
 
+collect_cycles_rarely()
 open_log(snakemake.log[0])
 
 with reported_errors():

@@ -263,7 +263,9 @@ def test_overlay_programs_are_stored_once_and_loaded_with_identical_results(tmp_
 
     exports = []
     real_export = stored_programs.export.export
-    monkeypatch.setattr(stored_programs.export, "export", lambda f: exports.append(f) or real_export(f))
+    monkeypatch.setattr(
+        stored_programs.export, "export", lambda f, **options: exports.append(f) or real_export(f, **options)
+    )
     rng = np.random.default_rng(10)
     ref, fit, _ = moved_clouds(rng, batch=2, points=12, mirrored=False)
     mask = np.ones((2, 12), dtype=bool)
