@@ -8,8 +8,9 @@ with no draws and the error in its attributes.
 
 A sample job holds its run as a plain mapping, group name -> :class:`Group` (:data:`Run`:
 numpy arrays, their dimensions and the group's attributes), and writes it without importing
-xarray or ArviZ (whose imports were a fifth and a third of a sample job's own overhead);
-the stages after it read runs as ArviZ InferenceData (:func:`read_run`). Both have the same
+xarray or ArviZ (their imports were much of a sample job's own overhead:
+bench/results/compile_cache.md); the stages after it read runs as ArviZ InferenceData
+(:func:`read_run`). Both have the same
 groups and are written by :func:`write_run`.
 
 This module imports neither JAX nor the sampler, so every stage can read and write runs,

@@ -30,12 +30,11 @@ def collect_cycles_rarely() -> None:
     """Run CPython's cyclic garbage collector rarely in this process: young objects every
     50,000 net allocations instead of 700, older generations 20 times more rarely still
     (default: 10). For the short jobs whose seconds are mostly imports and tracing (sample,
-    reweight, correct), which allocate millions of objects that live on: under the default
-    thresholds a warm sample job spent 0.2 s in the collector (three full collections, 0.15 s
-    of it, each scanning every object its imports made), importing the correct job's modules
-    0.37 s on a busy host (0.12 s so). Garbage without cycles is freed at once either way;
-    these jobs' cycles come mostly from tracing their programs, which a batch of shards does
-    once, and young cycles are still collected."""
+    reweight, correct): they allocate millions of objects that live on, and each full
+    collection scans them all (under the default thresholds, a fifth of a second of a warm
+    sample job: README, "Many small shards"). Garbage without cycles is freed at once
+    either way; these jobs' cycles come mostly from tracing their programs, which a batch of
+    shards does once, and young cycles are still collected."""
     gc.set_threshold(50_000, 20, 20)
 
 
