@@ -152,11 +152,8 @@ def failed_run(shard: int, error: str) -> tuple[Run, dict]:
     """What a sample job writes when NUTS raised on its shard: no draws, the error. Combine
     then applies ``combine.on_failed_shard`` (fail the run, or go on without the shard)."""
     attrs = {"failed": 1, "shard": shard, "error": error}
-    return {"posterior": Group({"failed": ((), np.array(1))}, attrs=attrs)}, {
-        "failed": True,
-        "shard": shard,
-        "error": error,
-    }
+    report = {"failed": True, "shard": shard, "error": error}
+    return {"posterior": Group({"failed": ((), np.array(1))}, attrs=attrs)}, report
 
 
 #: What an XLA error says when the device ran out of memory.
@@ -216,12 +213,11 @@ def read_run(
     xarray's decoding layer, which costs combine tens of times more per file, and combine
     reads every shard once or twice.
     Kept: variables with their dimension names, dimension coordinates, group attributes.
-    Not kept: variables' own attributes (ArviZ writes none; the NaN ``_FillValue`` of float
-    variables changes nothing) and netCDF's internal bookkeeping attributes.
+    Not kept: variables' own attributes (the only one :func:`write_group` writes marks a
+    boolean, which this reads as int8) and netCDF's internal bookkeeping attributes.
     """
     import arviz as az
     import h5py
-    import xarray as xr
 
     def attribute(value):  # as netCDF readers give it: str, and a one-element array as a scalar
         if isinstance(value, np.ndarray) and value.shape == (1,):
@@ -246,7 +242,7 @@ def read_run(
                 dims = tuple(dim[0].name.rsplit("/", 1)[-1] for dim in variable.dims)
                 data[key] = (dims, values(variable))
             attrs = {key: attribute(value) for key, value in file[name].attrs.items() if not key.startswith("_N")}
-            datasets[name] = xr.Dataset(data, coords=coords, attrs=attrs)
+            datasets[name] = Group(data, coords, attrs).to_dataset()
     return az.InferenceData(**datasets)
 
 
