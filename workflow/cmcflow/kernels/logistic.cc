@@ -34,6 +34,9 @@ constexpr int64_t kStep = 128;
 #else
 constexpr int64_t kStep = 64;
 #endif
+// the gradient asks for the rows this far ahead of its step into L2 (prefetcht2) as it reads each
+// feature row, so that memory streams the next steps while this one computes its exp and log
+constexpr int64_t kAhead = 4 * kStep;
 constexpr int64_t kFlush = 512;  // rows a gradient lane sums in float32 before the float64 sum
 
 typedef float V __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
@@ -41,19 +44,25 @@ static inline V Load(const float* p) { V v; __builtin_memcpy(&v, p, sizeof v); r
 static inline void Store(float* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
 static inline double Sum(V v) { double s = 0.0; for (int k = 0; k < 16; ++k) s += v[k]; return s; }
 
-// eta of rows [j0, j0 + n), n <= kStep (n == kStep when kFull), into eta
-template <bool kFull>
+// eta of rows [j0, j0 + n), n <= kStep (n == kStep when kFull), into eta; kPrefetch: ask for
+// the feature rows kAhead rows on (within XT) as each is read
+template <bool kFull, bool kPrefetch>
 static inline void Eta(const float* xt, const float* off, const double* coef, int64_t P, int64_t R, int64_t j0,
                        int64_t n, float* eta) {
   const float b0 = (float)coef[P];
   if (kFull) {
     constexpr int NV = kStep / 16;  // vectors per step
+    const bool ahead = kPrefetch && j0 + kAhead + kStep <= R;
     V e[NV];
 #pragma GCC unroll 16
     for (int k = 0; k < NV; ++k) e[k] = Load(off + j0 + 16 * k) + b0;
     for (int64_t p = 0; p < P; ++p) {
       const float* row = xt + p * R + j0;
       const float bp = (float)coef[p];
+      if (ahead) {
+#pragma GCC unroll 16
+        for (int k = 0; k < NV; ++k) __builtin_prefetch(row + kAhead + 16 * k, 0, 1);
+      }
 #pragma GCC unroll 16
       for (int k = 0; k < NV; ++k) e[k] += bp * Load(row + 16 * k);
     }
@@ -83,7 +92,7 @@ template <bool kFull>
 static inline float StepValue(const float* xt, const float* y, const float* off, const uint8_t* mask,
                               const double* coef, int64_t P, int64_t R, int64_t j0, int64_t n) {
   alignas(64) float eta[kStep], tf[kStep], lf[kStep];
-  Eta<kFull>(xt, off, coef, P, R, j0, n, eta);
+  Eta<kFull, false>(xt, off, coef, P, R, j0, n, eta);
   Softplus(eta, n, tf, lf);
   float v = 0.0f;
 #pragma omp simd reduction(+ : v)
@@ -99,7 +108,7 @@ template <bool kFull>
 static inline void Step(const float* xt, const float* y, const float* off, const uint8_t* mask, const double* coef,
                         int64_t P, int64_t R, int64_t j0, int64_t n, double& val, double& gi, V* gv, double* g) {
   alignas(64) float eta[kStep], r[kStep], tf[kStep], lf[kStep];
-  Eta<kFull>(xt, off, coef, P, R, j0, n, eta);
+  Eta<kFull, true>(xt, off, coef, P, R, j0, n, eta);
   Softplus(eta, n, tf, lf);
   float v = 0.0f, s0 = 0.0f;
 #pragma omp simd reduction(+ : v, s0)
