@@ -119,17 +119,25 @@ def logistic_kwargs(spec, rows: int):
     return model_kwargs(spec.featurize({"features": X, "label": y}, rows, {}), {"prior_sd": 2.5}), rng
 
 
+def split_data(kwargs: dict) -> tuple[dict, dict]:
+    """The model's keyword arguments split into its data arrays (as JAX arrays: a program's
+    arguments, as in the sample program) and the rest (static options)."""
+    import jax
+    import jax.numpy as jnp
+
+    arrays = {name: jnp.asarray(value) for name, value in kwargs.items() if isinstance(value, np.ndarray | jax.Array)}
+    return arrays, {name: value for name, value in kwargs.items() if name not in arrays}
+
+
 def potential_gradient(model, kwargs: dict):
     """The value and gradient of ``model``'s potential energy as a function of ``(z, data)``,
     the data arrays (JAX arrays: the program's arguments, as in the sample program) and the
     model's initial point ``z``."""
     import jax
-    import jax.numpy as jnp
     from numpyro.infer.util import initialize_model, potential_energy
 
     setup = initialize_model(jax.random.PRNGKey(0), model, model_kwargs=kwargs)
-    arrays = {name: jnp.asarray(value) for name, value in kwargs.items() if isinstance(value, np.ndarray | jax.Array)}
-    static = {name: value for name, value in kwargs.items() if name not in arrays}
+    arrays, static = split_data(kwargs)
     gradient = jax.value_and_grad(lambda z, data: potential_energy(model, (), {**data, **static}, z))
     return gradient, arrays, setup.param_info.z
 
@@ -178,8 +186,7 @@ def nuts_run_times(model, kwargs: dict) -> tuple[list[float], int]:
     import jax.numpy as jnp
     from numpyro.infer import NUTS
 
-    arrays = {name: jnp.asarray(value) for name, value in kwargs.items() if isinstance(value, np.ndarray | jax.Array)}
-    static = {name: value for name, value in kwargs.items() if name not in arrays}
+    arrays, static = split_data(kwargs)
     kernel = NUTS(model)
 
     @jax.jit
