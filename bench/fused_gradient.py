@@ -7,7 +7,8 @@ pool, mixed precision). This bench measures, with the kernel on and off in the s
 process (``jax.precision: mixed``, the default):
 
 * **gradient**: one jitted value and gradient of the logistic model's potential, its data
-  the program's arguments as in the sample program, at 10^5 and 10^6 rows of 20 features,
+  the program's arguments as in the sample program (the kernel's laid out as a sample job
+  lays them out: ``XT`` as its tiles), at 10^5 and 10^6 rows of 20 features,
   one JAX device; against the bandwidth bound (the data's bytes ÷ the machine's copy
   bandwidth over every core, roofline.py's);
 * **NUTS**: one sample run as a sample job makes it on a shard of P4's size (125,000 rows x
@@ -78,11 +79,12 @@ def gradient_worker(build_dir: str) -> dict:
         entry = {"data_bytes": sum(int(value.nbytes) for value in kwargs.values() if hasattr(value, "nbytes"))}
         for name, on in (("xla", False), ("fused", True)):
             switch(on)
-            entry[f"{name}_seconds"] = float(np.median(gradient_times(spec.numpyro_model, kwargs)))
+            laid_out = spec.device_layout(kwargs)  # the kernel's: XT as its tiles
+            entry[f"{name}_seconds"] = float(np.median(gradient_times(spec.numpyro_model, laid_out)))
             assert fused.used() == on
         # the kernel alone: the likelihood's value and gradient, without the rest of the
         # potential's program (priors, the parameters' assembly)
-        data = [jnp.asarray(kwargs[name]) for name in ("XT", "y", "offset", "mask")]
+        data = [jnp.asarray(laid_out[name]) for name in ("XT", "y", "offset", "mask")]
         program = jax.jit(jax.value_and_grad(fused.logistic_log_likelihood))
         coefficients = jnp.zeros(FEATURES + 1)
         entry["kernel_seconds"] = float(np.median(call_times(lambda coef: program(coef, *data), coefficients)))
@@ -116,10 +118,11 @@ def nuts_worker(build_dir: str) -> dict:
     results, draws = {}, {}
     for name, on in (("xla", False), ("fused", True)):
         switch(on)
+        laid_out = spec.device_layout(kwargs)
         compiled_before, started = COMPILE_CLOCK.seconds, time.perf_counter()
         run = run_nuts(
             spec.numpyro_model,
-            kwargs,
+            laid_out,
             prior_power=1 / NUTS_SHARDS,
             settings=settings,
             num_chains=NUTS_CHAINS,
@@ -158,9 +161,10 @@ def reweight_worker(build_dir: str) -> dict:
     results, values = {}, {}
     for name, on in (("xla", False), ("fused", True)):
         switch(on)
-        times = call_times(lambda d: log_likelihood_at(spec.numpyro_model, kwargs, d, rows=NUTS_ROWS), draws)
+        laid_out = spec.device_layout(kwargs)
+        times = call_times(lambda d: log_likelihood_at(spec.numpyro_model, laid_out, d, rows=NUTS_ROWS), draws)
         results[f"{name}_seconds"] = float(np.median(times))
-        values[name] = log_likelihood_at(spec.numpyro_model, kwargs, draws, rows=NUTS_ROWS)
+        values[name] = log_likelihood_at(spec.numpyro_model, laid_out, draws, rows=NUTS_ROWS)
         assert fused.used() == on
     results["largest_relative_difference"] = float(np.max(np.abs(values["fused"] / values["xla"] - 1)))
     return results

@@ -4,9 +4,9 @@ For 10^4, 10^5 and 10^6 rows of 20 features, in each ``jax.precision``, on one J
 
 * **gradient**: the median time of one jitted value-and-gradient of the potential energy
   (its data the program's arguments, as in the sample program; under ``mixed`` the fused
-  likelihood, ``sample.fused_likelihood``'s default), against the memory-bandwidth bound:
-  the bytes of every data array the gradient must read once (X, y, offset, weight, mask) ÷
-  this machine's bandwidth. The bandwidth is measured
+  likelihood, ``sample.fused_likelihood``'s default, reading the features as its tiles, as a
+  sample job lays them out), against the memory-bandwidth bound: the bytes of every data
+  array the gradient must read once (X, y, offset, weight, mask) ÷ this machine's bandwidth. The bandwidth is measured
   here with a STREAM-style copy (``numpy.copyto`` of 512 MiB, read + write bytes counted,
   with 1 and with all cores; the larger is the machine's);
 * **NUTS**: the wall time of one chain (warmup and sampling) against the leapfrog steps it
@@ -86,13 +86,14 @@ def worker(precision: str) -> dict:
     for rows in ROWS:
         kwargs, _ = logistic_kwargs(spec, rows)
         data_bytes = sum(int(value.nbytes) for value in kwargs.values() if hasattr(value, "nbytes"))
-        times = gradient_times(spec.numpyro_model, kwargs)
-        in_loop = loop_gradient_seconds(spec.numpyro_model, kwargs, calls=max(10, int(0.05 / np.median(times))))
+        laid_out = spec.device_layout(kwargs)  # as a sample job lays them out (mixed: the kernel's tiles)
+        times = gradient_times(spec.numpyro_model, laid_out)
+        in_loop = loop_gradient_seconds(spec.numpyro_model, laid_out, calls=max(10, int(0.05 / np.median(times))))
         rows_major_kwargs = {key: value for key, value in kwargs.items() if key != "XT"} | {"X": kwargs["XT"].T.copy()}
         read_once = jax.jit(lambda arrays: sum(jnp.sum(array) for array in arrays))
         arrays = [value for value in kwargs.values() if hasattr(value, "nbytes")]
 
-        nuts_times, steps = nuts_run_times(spec.numpyro_model, kwargs)
+        nuts_times, steps = nuts_run_times(spec.numpyro_model, laid_out)
         results[str(rows)] = {
             "data_bytes": data_bytes,
             "gradient_seconds": float(np.median(times)),

@@ -32,7 +32,7 @@ with reported_errors():
     constrained = constrained_sites(proposal)
     log_likelihood = log_likelihood_at(
         spec.numpyro_model,
-        model_kwargs(features, snakemake.params.model["options"]),
+        spec.device_layout(model_kwargs(features, snakemake.params.model["options"])),
         {name: constrained[name] for name in layout_sites(str(proposal["layout"]))},
         rows=len(features["mask"]),
     )

@@ -78,6 +78,54 @@ def test_kernel_value_gradient_and_hessian_match_xla(kernel_on, monkeypatch, row
     np.testing.assert_allclose(fused_hessian, xla_hessian, rtol=1e-5, atol=1e-3)
 
 
+# fewer rows than a tile; whole tiles; several chunks and a last tile mostly padding
+@pytest.mark.parametrize("rows", [100, 2_944, 37_003])
+def test_the_kernel_reads_the_features_tiles_as_the_features(kernel_on, rows):
+    """A job's layout (fused.device_layout): the kernel's value, gradient and batched values
+    on the tiles are the same numbers as on XT (P, R), the same float32 steps summed in the
+    same order; the Hessian (XLA's products with the tiles) agrees to float32 rounding."""
+    flat = model_kwargs(logistic_data(rows=rows, features=4, seed=7), resolve_options(SPEC, {}))
+    tiled = SPEC.device_layout(flat)
+    assert tiled["XT"].shape == (-(-rows // fused.TILE_ROWS), 4, fused.TILE_ROWS)
+    last_tile, last_row = divmod(rows - 1, fused.TILE_ROWS)
+    np.testing.assert_array_equal(tiled["XT"][last_tile, :, last_row], flat["XT"][:, -1])
+    assert not np.any(tiled["XT"][last_tile, :, last_row + 1 :])
+    position = {"intercept": jnp.asarray(-0.4), "beta": jnp.asarray([0.3, -0.7, 0.2, 1.1])}
+    coefficients = jnp.asarray(np.random.default_rng(1).normal(scale=0.5, size=(5, 5)))
+
+    def evaluate(kwargs):
+        value, gradient = jax.value_and_grad(lambda p: potential(kwargs, p))(position)
+        data = [kwargs[name] for name in ("XT", "y", "offset", "mask")]
+        values = jax.vmap(lambda coef: fused.logistic_log_likelihood(coef, *data))(coefficients)
+        return value, gradient, values, potential_hessian(SPEC.numpyro_model, kwargs, position)
+
+    (flat_value, flat_gradient, flat_values, flat_hessian) = evaluate(flat)
+    (tiled_value, tiled_gradient, tiled_values, tiled_hessian) = evaluate(tiled)
+    np.testing.assert_array_equal(tiled_value, flat_value)
+    for site in position:
+        np.testing.assert_array_equal(tiled_gradient[site], flat_gradient[site])
+    np.testing.assert_array_equal(tiled_values, flat_values)
+    np.testing.assert_allclose(tiled_hessian, flat_hessian, rtol=1e-5)
+
+
+def test_tiles_only_where_the_kernel_computes_the_likelihood(kernel_on, monkeypatch):
+    flat = model_kwargs(logistic_data(rows=300, features=2, seed=8), resolve_options(SPEC, {}))
+    # weights: XLA's binomial sum, on XT as it is
+    assert SPEC.device_layout({**flat, "weight": jnp.ones(300)})["XT"].ndim == 2
+    tiled = SPEC.device_layout(flat)
+    # tiles of a width the kernel's steps do not divide are refused, with the shapes it takes
+    data = [tiled[name] for name in ("y", "offset", "mask")]
+    odd = jnp.asarray(np.asarray(flat["XT"]).reshape(2, 3, 100).transpose(1, 0, 2))
+    with pytest.raises(Exception, match=r"XT must be \(P, R\) or tiles"):
+        jax.block_until_ready(fused.logistic_log_likelihood(jnp.zeros(3), odd, *data))
+    monkeypatch.setitem(fused._state, "enabled", False)
+    jax.clear_caches()
+    assert SPEC.device_layout(flat)["XT"].ndim == 2
+    position = {"intercept": jnp.asarray(0.0), "beta": jnp.zeros(2)}
+    with pytest.raises(ValueError, match="tiles"):
+        potential(tiled, position)
+
+
 def test_kernel_maps_over_a_batch_of_parameters(kernel_on):
     features = model_kwargs(logistic_data(rows=1_700, features=2, seed=2), resolve_options(SPEC, {}))
     data = [jnp.asarray(features[name]) for name in ("XT", "y")]

@@ -10,6 +10,11 @@ mixed``: per-row arithmetic in float32, sums in float64. XLA's reverse-mode grad
 same sum reads ``XT`` twice (β·XT, then XT r); the kernel reads it once, in row blocks that
 stay in cache, on XLA's own thread pool (bench/results/fused_gradient.md).
 
+The kernel also reads ``XT`` as tiles (:func:`feature_tiles`): each block of rows of every
+feature one stretch of memory, one stream to read instead of P (bench/results/roofline.md).
+Where the kernel computes the logistic model's likelihood, a job lays its features out so
+(:func:`device_layout`: the model's ``ModelSpec.device_layout``).
+
 The same library holds the value alone at a batch of coefficients ``(B, P + 1)``: each block
 of rows is read once for all B, so reweight's batches of proposal draws cost the per-row
 arithmetic, not B reads of the data, nor XLA's ``(B, R)`` intermediates.
@@ -32,6 +37,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from cmcflow.jaxenv import cpu_signature, host_cache_dir
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,9 @@ SOURCE = Path(__file__).resolve().parent / "kernels" / "logistic.cc"
 TARGET = "cmcflow_logistic_fused"
 VALUES_TARGET = "cmcflow_logistic_values"
 TARGETS = (TARGET, VALUES_TARGET)
+#: Rows per tile of :func:`feature_tiles`: a multiple of the kernel's step of rows (128
+#: with AVX-512, else 64), and a stretch of P × 512 bytes of float32.
+TILE_ROWS = 128
 #: g++ flags: vectorised exp and log (libmvec) need -ffast-math; -march=native builds for
 #: the CPU it runs on, hence one library per CPU type (:func:`library_path`).
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
@@ -139,23 +149,58 @@ def applies(XT, y, offset, mask) -> bool:
     """Whether :func:`logistic_log_likelihood` takes these data: the kernel is enabled, JAX
     runs on the CPU in x64 mode, and the data are float32 (``mixed``) with a bool mask.
     Decided when the model is traced: a program keeps the choice it was traced with."""
+    suits = _suits(XT, y, offset, mask)
+    _state["used"] |= suits
+    return suits
+
+
+def _suits(XT, y, offset, mask) -> bool:
+    """:func:`applies`, without recording a use."""
     import jax
     import jax.numpy as jnp
 
-    suits = (
+    return (
         _state["enabled"]
         and jax.default_backend() == "cpu"
         and jax.config.jax_enable_x64
         and all(jnp.dtype(array.dtype) == jnp.float32 for array in (XT, y, offset))
         and jnp.dtype(mask.dtype) == jnp.bool_
     )
-    _state["used"] |= suits
-    return suits
+
+
+def feature_tiles(XT: np.ndarray) -> np.ndarray:
+    """``XT (P, R)`` as the kernel's tiles ``(⌈R / T⌉, P, T)``, ``T`` = :data:`TILE_ROWS`:
+    tile ``t`` holds the rows ``[t T, t T + T)`` of feature 0, then of feature 1, …; the
+    last tile's rows beyond ``R`` are zeros (the kernel reads ``R`` rows: ``y``'s)."""
+    features, rows = XT.shape
+    count = -(-rows // TILE_ROWS)
+    padded = np.zeros((features, count * TILE_ROWS), dtype=XT.dtype)
+    padded[:, :rows] = XT
+    return np.ascontiguousarray(padded.reshape(features, count, TILE_ROWS).transpose(1, 0, 2))
+
+
+def feature_count(XT) -> int:
+    """P of the features ``XT``: ``(P, R)``, or tiles ``(R_t, P, T)``."""
+    return XT.shape[1] if XT.ndim == 3 else XT.shape[0]
+
+
+def device_layout(kwargs: dict) -> dict:
+    """The logistic model's keyword arguments (:func:`cmcflow.transforms.model_kwargs`)
+    with ``XT`` as :func:`feature_tiles` where the kernel will compute the likelihood (it
+    is enabled, :func:`applies`, no weights), else as they are. One copy of the features
+    per job (about ten gradients' time), then every gradient reads one stream of them."""
+    import jax.numpy as jnp
+
+    data = [kwargs[name] for name in ("XT", "y", "offset", "mask")]
+    if kwargs.get("weight") is not None or kwargs["XT"].ndim != 2 or not _suits(*data):
+        return kwargs
+    return {**kwargs, "XT": jnp.asarray(feature_tiles(np.asarray(kwargs["XT"])))}
 
 
 def logistic_log_likelihood(coef, XT, y, offset, mask):
     """ℓ at ``coef (P + 1,)`` (β, then the intercept), a float64 scalar: one pass of the
-    kernel for the value and, under differentiation, the gradient with it. Its JVP is
+    kernel for the value and, under differentiation, the gradient with it. ``XT``: ``(P,
+    R)`` or its :func:`feature_tiles`. Its JVP is
     ∇ℓ · t; differentiated twice (the Hessian the combination weighs a shard by), the
     gradient's JVP is the Hessian-vector product H t = −X̃ᵀ (w ⊙ X̃ t), w_j = m_j σ(η_j)
     (1 − σ(η_j)), X̃ the features with a column of ones, computed by XLA: the Hessian is
@@ -198,12 +243,27 @@ def _differentiable():
         coef, XT, y, offset, mask = primals
         direction = tangents[0]
         value, gradient = kernel(coef, XT, y, offset, mask)
-        eta = coef[:-1].astype(XT.dtype) @ XT + coef[-1].astype(XT.dtype) + offset
+        eta = times_features(coef[:-1].astype(XT.dtype), XT, len(y)) + coef[-1].astype(XT.dtype) + offset
         probability = jax.nn.sigmoid(eta)
         weights = jnp.where(mask, probability * (1 - probability), 0)
-        projected = weights * (direction[:-1].astype(XT.dtype) @ XT + direction[-1].astype(XT.dtype))
-        curvature = jnp.append(XT @ projected, jnp.sum(projected)).astype(gradient.dtype)
+        projected = weights * (
+            times_features(direction[:-1].astype(XT.dtype), XT, len(y)) + direction[-1].astype(XT.dtype)
+        )
+        curvature = jnp.append(features_times(XT, projected), jnp.sum(projected)).astype(gradient.dtype)
         return (value, gradient), (gradient @ direction, -curvature)
+
+    def times_features(vector, XT, rows):
+        """``vector (P,)`` · the features: ``(R,)``."""
+        if XT.ndim == 2:
+            return vector @ XT
+        return jnp.einsum("p,tpk->tk", vector, XT).reshape(-1)[:rows]
+
+    def features_times(XT, vector):
+        """The features · ``vector (R,)``: ``(P,)``."""
+        if XT.ndim == 2:
+            return XT @ vector
+        padded = jnp.pad(vector, (0, XT.shape[0] * XT.shape[2] - len(vector)))
+        return jnp.einsum("tpk,tk->p", XT, padded.reshape(XT.shape[0], XT.shape[2]))
 
     @jax.custom_jvp
     def log_likelihood(coef, XT, y, offset, mask):

@@ -319,7 +319,7 @@ def sample_run(
     and its diagnostics dict.
     """
     model = spec.numpyro_model
-    kwargs = model_kwargs(features, options)
+    kwargs = spec.device_layout(model_kwargs(features, options))
     checkpoint = None
     if checkpoint_path is not None and settings.checkpoint_every:
         checkpoint = Checkpoint(

@@ -1,8 +1,10 @@
 // The logistic log-likelihood and its gradient in one pass over the data (cmcflow.fused:
 // built per CPU type on first use, called from JAX through the XLA FFI).
 //
-// Logistic: inputs XT float32 (P, R), y, offset float32 (R), mask bool (R), coef float64 (P + 1:
-// beta, then the intercept). Outputs: value float64 () = sum_j mask_j (y_j eta_j - softplus(eta_j))
+// Logistic: inputs XT float32, y, offset float32 (R), mask bool (R), coef float64 (P + 1: beta,
+// then the intercept). XT holds the features one row per feature, (P, R), or in tiles (R_t, P, T):
+// tile t the rows [t T, t T + T) of every feature, feature after feature, the last one padded
+// (cmcflow.fused.feature_tiles), so that a step's rows of all P features are one stretch of memory. Outputs: value float64 () = sum_j mask_j (y_j eta_j - softplus(eta_j))
 // and its gradient float64 (P + 1), eta = beta . XT + intercept + offset.
 // LogisticValues: the same data and coefs float64 (B, P + 1), B sets of coefficients; output the
 // B values float64 (B): each step of rows is read from memory once for all B of them.
@@ -14,7 +16,8 @@
 // a wait on a task that has not started). Each chunk is read in steps of kStep rows: a
 // step's eta summed in vector registers over the P feature rows, then its residuals, then
 // XT r from the same rows while they are still in the L1 cache, so XT is read from memory
-// once and eta is never stored between features. The chunks' partial sums are added in
+// once and eta is never stored between features. A step never crosses a tile: (P, R) is one
+// tile of R rows, and tiles of T rows have T a multiple of kStep. The chunks' partial sums are added in
 // chunk order: the result does not depend on which thread took which chunk.
 #include <cmath>
 #include <cstdint>
@@ -23,6 +26,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 #include "xla/ffi/api/ffi.h"
 namespace ffi = xla::ffi;
@@ -44,11 +48,16 @@ static inline V Load(const float* p) { V v; __builtin_memcpy(&v, p, sizeof v); r
 static inline void Store(float* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
 static inline double Sum(V v) { double s = 0.0; for (int k = 0; k < 16; ++k) s += v[k]; return s; }
 
+// feature p of row j in XT laid out in tiles of T rows
+static inline const float* RowAt(const float* xt, int64_t P, int64_t T, int64_t p, int64_t j) {
+  return xt + (j / T) * P * T + p * T + j % T;
+}
+
 // eta of rows [j0, j0 + n), n <= kStep (n == kStep when kFull), into eta; kPrefetch: ask for
 // the feature rows kAhead rows on (within XT) as each is read
 template <bool kFull, bool kPrefetch>
-static inline void Eta(const float* xt, const float* off, const double* coef, int64_t P, int64_t R, int64_t j0,
-                       int64_t n, float* eta) {
+static inline void Eta(const float* xt, const float* off, const double* coef, int64_t P, int64_t R, int64_t T,
+                       int64_t j0, int64_t n, float* eta) {
   const float b0 = (float)coef[P];
   if (kFull) {
     constexpr int NV = kStep / 16;  // vectors per step
@@ -57,11 +66,12 @@ static inline void Eta(const float* xt, const float* off, const double* coef, in
 #pragma GCC unroll 16
     for (int k = 0; k < NV; ++k) e[k] = Load(off + j0 + 16 * k) + b0;
     for (int64_t p = 0; p < P; ++p) {
-      const float* row = xt + p * R + j0;
+      const float* row = RowAt(xt, P, T, p, j0);
       const float bp = (float)coef[p];
       if (ahead) {
+        const float* later = RowAt(xt, P, T, p, j0 + kAhead);
 #pragma GCC unroll 16
-        for (int k = 0; k < NV; ++k) __builtin_prefetch(row + kAhead + 16 * k, 0, 1);
+        for (int k = 0; k < NV; ++k) __builtin_prefetch(later + 16 * k, 0, 1);
       }
 #pragma GCC unroll 16
       for (int k = 0; k < NV; ++k) e[k] += bp * Load(row + 16 * k);
@@ -71,7 +81,7 @@ static inline void Eta(const float* xt, const float* off, const double* coef, in
   } else {
     for (int64_t j = 0; j < n; ++j) eta[j] = b0 + off[j0 + j];
     for (int64_t p = 0; p < P; ++p) {
-      const float* row = xt + p * R + j0;
+      const float* row = RowAt(xt, P, T, p, j0);
       const float bp = (float)coef[p];
       for (int64_t j = 0; j < n; ++j) eta[j] += bp * row[j];
     }
@@ -90,9 +100,9 @@ static inline void Softplus(const float* eta, int64_t n, float* tf, float* lf) {
 // value of rows [j0, j0 + n), n <= kStep, at one set of coefficients, summed in float32
 template <bool kFull>
 static inline float StepValue(const float* xt, const float* y, const float* off, const uint8_t* mask,
-                              const double* coef, int64_t P, int64_t R, int64_t j0, int64_t n) {
+                              const double* coef, int64_t P, int64_t R, int64_t T, int64_t j0, int64_t n) {
   alignas(64) float eta[kStep], tf[kStep], lf[kStep];
-  Eta<kFull, false>(xt, off, coef, P, R, j0, n, eta);
+  Eta<kFull, false>(xt, off, coef, P, R, T, j0, n, eta);
   Softplus(eta, n, tf, lf);
   float v = 0.0f;
 #pragma omp simd reduction(+ : v)
@@ -106,9 +116,10 @@ static inline float StepValue(const float* xt, const float* y, const float* off,
 // value and gradient of rows [j0, j0 + n), n <= kStep, added to val, gi and g
 template <bool kFull>
 static inline void Step(const float* xt, const float* y, const float* off, const uint8_t* mask, const double* coef,
-                        int64_t P, int64_t R, int64_t j0, int64_t n, double& val, double& gi, V* gv, double* g) {
+                        int64_t P, int64_t R, int64_t T, int64_t j0, int64_t n, double& val, double& gi, V* gv,
+                        double* g) {
   alignas(64) float eta[kStep], r[kStep], tf[kStep], lf[kStep];
-  Eta<kFull, true>(xt, off, coef, P, R, j0, n, eta);
+  Eta<kFull, true>(xt, off, coef, P, R, T, j0, n, eta);
   Softplus(eta, n, tf, lf);
   float v = 0.0f, s0 = 0.0f;
 #pragma omp simd reduction(+ : v, s0)
@@ -129,7 +140,7 @@ static inline void Step(const float* xt, const float* y, const float* off, const
 #pragma GCC unroll 16
     for (int k = 0; k < NV; ++k) rr[k] = Load(r + 16 * k);
     for (int64_t p = 0; p < P; ++p) {
-      const float* row = xt + p * R + j0;
+      const float* row = RowAt(xt, P, T, p, j0);
       V acc = rr[0] * Load(row);
 #pragma GCC unroll 16
       for (int k = 1; k < NV; ++k) acc += rr[k] * Load(row + 16 * k);
@@ -137,7 +148,7 @@ static inline void Step(const float* xt, const float* y, const float* off, const
     }
   } else {
     for (int64_t p = 0; p < P; ++p) {
-      const float* row = xt + p * R + j0;
+      const float* row = RowAt(xt, P, T, p, j0);
       float acc = 0.0f;
       for (int64_t j = 0; j < n; ++j) acc += row[j] * r[j];
       g[p] += acc;
@@ -146,7 +157,7 @@ static inline void Step(const float* xt, const float* y, const float* off, const
 }
 
 static void Rows(const float* xt, const float* y, const float* off, const uint8_t* mask, const double* coef,
-                 int64_t P, int64_t R, int64_t lo, int64_t hi, double* value, double* grad) {
+                 int64_t P, int64_t R, int64_t T, int64_t lo, int64_t hi, double* value, double* grad) {
   double val = 0.0, gi = 0.0;
   std::vector<double> g(P, 0.0);
   std::vector<V> gv(P);
@@ -155,10 +166,10 @@ static void Rows(const float* xt, const float* y, const float* off, const uint8_
     // float32 lanes over kFlush rows at most, then into the float64 sums
     const int64_t stop = std::min(hi - kStep + 1, j0 + kFlush);
     for (int64_t p = 0; p < P; ++p) gv[p] = V{};
-    for (; j0 < stop; j0 += kStep) Step<true>(xt, y, off, mask, coef, P, R, j0, kStep, val, gi, gv.data(), nullptr);
+    for (; j0 < stop; j0 += kStep) Step<true>(xt, y, off, mask, coef, P, R, T, j0, kStep, val, gi, gv.data(), nullptr);
     for (int64_t p = 0; p < P; ++p) g[p] += Sum(gv[p]);
   }
-  if (j0 < hi) Step<false>(xt, y, off, mask, coef, P, R, j0, hi - j0, val, gi, nullptr, g.data());
+  if (j0 < hi) Step<false>(xt, y, off, mask, coef, P, R, T, j0, hi - j0, val, gi, nullptr, g.data());
   *value = val;
   for (int64_t p = 0; p < P; ++p) grad[p] = g[p];
   grad[P] = gi;
@@ -166,13 +177,13 @@ static void Rows(const float* xt, const float* y, const float* off, const uint8_
 
 // values of rows [lo, hi) at the B sets of coefficients coefs (B, P + 1): values (B)
 static void RowValues(const float* xt, const float* y, const float* off, const uint8_t* mask, const double* coefs,
-                      int64_t B, int64_t P, int64_t R, int64_t lo, int64_t hi, double* values) {
+                      int64_t B, int64_t P, int64_t R, int64_t T, int64_t lo, int64_t hi, double* values) {
   for (int64_t b = 0; b < B; ++b) values[b] = 0.0;
   int64_t j0 = lo;
   for (; j0 + kStep <= hi; j0 += kStep)
-    for (int64_t b = 0; b < B; ++b) values[b] += StepValue<true>(xt, y, off, mask, coefs + b * (P + 1), P, R, j0, kStep);
+    for (int64_t b = 0; b < B; ++b) values[b] += StepValue<true>(xt, y, off, mask, coefs + b * (P + 1), P, R, T, j0, kStep);
   if (j0 < hi)
-    for (int64_t b = 0; b < B; ++b) values[b] += StepValue<false>(xt, y, off, mask, coefs + b * (P + 1), P, R, j0, hi - j0);
+    for (int64_t b = 0; b < B; ++b) values[b] += StepValue<false>(xt, y, off, mask, coefs + b * (P + 1), P, R, T, j0, hi - j0);
 }
 
 namespace {
@@ -183,7 +194,7 @@ struct Chunks {
   const float *xt, *y, *off;
   const uint8_t* mask;
   const double* coef;
-  int64_t B, P, R, count;
+  int64_t B, P, R, T, count;
   bool gradient;
   std::vector<double> values, grads;  // (count, B), (count, P + 1)
   std::atomic<int64_t> next{0}, done{0};
@@ -194,9 +205,9 @@ struct Chunks {
     for (int64_t c; (c = next.fetch_add(1)) < count;) {
       const int64_t lo = c * kChunk, hi = std::min(R, lo + kChunk);
       if (gradient)
-        Rows(xt, y, off, mask, coef, P, R, lo, hi, &values[c], &grads[c * (P + 1)]);
+        Rows(xt, y, off, mask, coef, P, R, T, lo, hi, &values[c], &grads[c * (P + 1)]);
       else
-        RowValues(xt, y, off, mask, coef, B, P, R, lo, hi, &values[c * B]);
+        RowValues(xt, y, off, mask, coef, B, P, R, T, lo, hi, &values[c * B]);
       if (done.fetch_add(1) + 1 == count) {
         std::lock_guard<std::mutex> lock(mutex);
         finished.notify_all();
@@ -205,10 +216,29 @@ struct Chunks {
   }
 };
 
+// P, R and the tile's rows T of XT (P, R) or (R_t, P, T) beside R rows of y; an error where
+// the shapes do not fit together
+ffi::Error Shape(ffi::Buffer<ffi::F32>& xt, ffi::Buffer<ffi::F32>& y, int64_t& P, int64_t& R, int64_t& T) {
+  const auto dims = xt.dimensions();
+  R = y.dimensions()[0];
+  if (dims.size() == 2 && dims[1] == R) {
+    P = dims[0];
+    T = std::max<int64_t>(R, 1);
+    return ffi::Error::Success();
+  }
+  if (dims.size() == 3 && dims[2] % kStep == 0 && dims[0] * dims[2] >= R && (dims[0] - 1) * dims[2] < R) {
+    P = dims[1];
+    T = dims[2];
+    return ffi::Error::Success();
+  }
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    "XT must be (P, R) or tiles (R_t, P, T) of R rows, T a multiple of " + std::to_string(kStep));
+}
+
 // the chunks taken by this thread and helpers on the pool, until all are done
 std::shared_ptr<Chunks> Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xt, ffi::Buffer<ffi::F32>& y,
                             ffi::Buffer<ffi::F32>& off, ffi::Buffer<ffi::PRED>& mask, const double* coef, int64_t B,
-                            bool gradient) {
+                            int64_t P, int64_t R, int64_t T, bool gradient) {
   auto chunks = std::make_shared<Chunks>();
   chunks->xt = xt.typed_data();
   chunks->y = y.typed_data();
@@ -216,8 +246,9 @@ std::shared_ptr<Chunks> Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xt, ff
   chunks->mask = reinterpret_cast<const uint8_t*>(mask.typed_data());  // bool: one byte, 0 or 1
   chunks->coef = coef;
   chunks->B = B;
-  chunks->P = xt.dimensions()[0];
-  chunks->R = xt.dimensions()[1];
+  chunks->P = P;
+  chunks->R = R;
+  chunks->T = T;
   chunks->gradient = gradient;
   chunks->count = (chunks->R + kChunk - 1) / kChunk;
   chunks->values.assign(chunks->count * B, 0.0);
@@ -236,8 +267,9 @@ std::shared_ptr<Chunks> Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xt, ff
 static ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> y,
                        ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F64> coef,
                        ffi::ResultBuffer<ffi::F64> value, ffi::ResultBuffer<ffi::F64> grad) {
-  auto chunks = Run(pool, xt, y, off, mask, coef.typed_data(), 1, true);
-  const int64_t P = chunks->P;
+  int64_t P, R, T;
+  if (auto error = Shape(xt, y, P, R, T); !error.success()) return error;
+  auto chunks = Run(pool, xt, y, off, mask, coef.typed_data(), 1, P, R, T, true);
   double v = 0.0;
   for (int64_t c = 0; c < chunks->count; ++c) v += chunks->values[c];
   *value->typed_data() = v;
@@ -252,10 +284,12 @@ static ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt, ffi::Buff
 static ffi::Error ImplValues(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> y,
                              ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F64> coefs,
                              ffi::ResultBuffer<ffi::F64> values) {
-  if (coefs.dimensions().size() != 2 || coefs.dimensions()[1] != xt.dimensions()[0] + 1)
+  int64_t P, R, T;
+  if (auto error = Shape(xt, y, P, R, T); !error.success()) return error;
+  if (coefs.dimensions().size() != 2 || coefs.dimensions()[1] != P + 1)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "coefs must be (B, P + 1)");
   const int64_t B = coefs.dimensions()[0];
-  auto chunks = Run(pool, xt, y, off, mask, coefs.typed_data(), B, false);
+  auto chunks = Run(pool, xt, y, off, mask, coefs.typed_data(), B, P, R, T, false);
   for (int64_t b = 0; b < B; ++b) {
     double v = 0.0;
     for (int64_t c = 0; c < chunks->count; ++c) v += chunks->values[c * B + b];

@@ -64,6 +64,11 @@ def no_table_facts(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return {}
 
 
+def same_layout(kwargs: dict) -> dict:
+    """The default ``device_layout``: the model's arrays as the featurizer laid them out."""
+    return kwargs
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything cmcflow needs to know about a model.
@@ -101,6 +106,10 @@ class ModelSpec:
             constrained initial values, or ``None`` for NumPyro's dispersed uniform start.
         simulate: ``simulate(rows, seed, **shape) -> (table, truth)`` for demo data (shape:
             the config's other ``input.simulate`` keys, e.g. ``features``), or ``None``.
+        device_layout: ``device_layout(kwargs) -> kwargs``: the model's keyword arguments
+            (:func:`cmcflow.transforms.model_kwargs`) laid out for how this process computes
+            the model, as sample and reweight jobs call it (the logistic model: the fused
+            kernel's feature tiles, :func:`cmcflow.fused.device_layout`); the same values.
     """
 
     name: str
@@ -117,6 +126,7 @@ class ModelSpec:
     table_facts: Callable[[Mapping[str, np.ndarray]], dict[str, Any]] = no_table_facts
     init_values: Callable[..., dict[str, np.ndarray]] | None = None
     simulate: Callable[..., tuple[pd.DataFrame, dict[str, Any]]] | None = None
+    device_layout: Callable[[dict], dict] = same_layout
 
     def __post_init__(self) -> None:
         if self.symmetry not in ("none", "rigid"):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cmcflow import fused
 from cmcflow.models import POSITIVE, ModelSpec, Role
 from cmcflow.models.rows import correlated_features, in_data_precision, weighted_regression_features
 
@@ -26,7 +27,9 @@ def logistic_model(XT, y, offset, mask, prior_sd, weight=None):
     """``XT (P, R)`` (the features transposed: one row per feature), ``y (R,)`` in {0, 1},
     ``offset (R,)``, ``mask (R,)`` bool (False on padding rows), and ``weight (R,)`` >= 0
     where the table has a weight column
-    (:func:`~cmcflow.models.rows.weighted_regression_features`).
+    (:func:`~cmcflow.models.rows.weighted_regression_features`). In a job whose likelihood
+    the fused kernel computes, ``XT`` comes as the kernel's tiles ``(R_t, P, T)``
+    (:func:`cmcflow.fused.device_layout`).
 
     Without weights each row is a Bernoulli observation. A row of weight w counts as w
     identical rows: w y events in w trials, Binomial(w, sigmoid(η)).log_prob(w y) =
@@ -44,13 +47,13 @@ def logistic_model(XT, y, offset, mask, prior_sd, weight=None):
     import numpyro
     import numpyro.distributions as dist
 
-    from cmcflow import fused
-
     intercept = numpyro.sample("intercept", dist.Normal(0.0, prior_sd))
-    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([XT.shape[0]]).to_event(1))
+    beta = numpyro.sample("beta", dist.Normal(0.0, prior_sd).expand([fused.feature_count(XT)]).to_event(1))
     if weight is None and fused.applies(XT, y, offset, mask):
         numpyro.factor("y", fused.logistic_log_likelihood(jnp.append(beta, intercept), XT, y, offset, mask))
         return
+    if XT.ndim != 2:
+        raise ValueError("the features as the fused kernel's tiles, but the kernel does not compute this likelihood")
     intercept, beta = in_data_precision(XT, intercept, beta)
     logits = intercept + beta @ XT + offset
     with numpyro.plate("rows", XT.shape[1]):
@@ -79,6 +82,7 @@ SPEC = ModelSpec(
     numpyro_model=logistic_model,
     featurize=weighted_regression_features,
     featurizer_version="4",
+    device_layout=fused.device_layout,
     roles=(
         Role("features", "real", multiple=True, description="the regression's feature columns"),
         Role("label", "binary", default="y", description="the 0/1 outcome"),
