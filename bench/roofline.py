@@ -390,8 +390,9 @@ def gradient_bound(sizes: dict, precision: str) -> str:
         return (
             f"at {worst['rows']:,} rows the fused likelihood takes {worst['gradient_over_bound']['median']:.2f}x the "
             f"one-pass bound and {worst['gradient_over_read_once']['median']:.2f}x one XLA read of the data (itself "
-            f"{worst['read_once_seconds']['median'] / worst['bandwidth_bound_seconds']:.2f}x the bound): its "
-            "per-row arithmetic (fused_gradient.md)"
+            f"{worst['read_once_seconds']['median'] / worst['bandwidth_bound_seconds']:.2f}x the bound): the kernel "
+            "reads the data once, in one stream of tiles; what it adds to the read is its per-row arithmetic (exp, "
+            "log, 2 x 20 multiply-adds), which the data's stream from memory overlaps only in part (fused_gradient.md)"
         )
     large = sizes[f"{precision} {ROWS[-1]}"]
     read_over_bound = large["read_once_seconds"]["median"] / large["bandwidth_bound_seconds"]

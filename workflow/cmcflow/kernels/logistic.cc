@@ -2,9 +2,10 @@
 // built per CPU type on first use, called from JAX through the XLA FFI).
 //
 // Logistic: inputs XT float32, y, offset float32 (R), mask bool (R), coef float64 (P + 1: beta,
-// then the intercept). XT holds the features one row per feature, (P, R), or in tiles (R_t, P, T):
-// tile t the rows [t T, t T + T) of every feature, feature after feature, the last one padded
-// (cmcflow.fused.feature_tiles), so that a step's rows of all P features are one stretch of memory. Outputs: value float64 () = sum_j mask_j (y_j eta_j - softplus(eta_j))
+// then the intercept). XT holds the features one row per feature, (P, R), or in tiles
+// (R_t, P, T): tile t the rows [t T, t T + T) of every feature, feature after feature, the last
+// one zero-padded (cmcflow.fused.feature_tiles), so that a step's rows of all P features are
+// one stretch of memory. Outputs: value float64 () = sum_j mask_j (y_j eta_j - softplus(eta_j))
 // and its gradient float64 (P + 1), eta = beta . XT + intercept + offset.
 // LogisticValues: the same data and coefs float64 (B, P + 1), B sets of coefficients; output the
 // B values float64 (B): each step of rows is read from memory once for all B of them.
@@ -17,8 +18,8 @@
 // step's eta summed in vector registers over the P feature rows, then its residuals, then
 // XT r from the same rows while they are still in the L1 cache, so XT is read from memory
 // once and eta is never stored between features. A step never crosses a tile: (P, R) is one
-// tile of R rows, and tiles of T rows have T a multiple of kStep. The chunks' partial sums are added in
-// chunk order: the result does not depend on which thread took which chunk.
+// tile of R rows, and tiles of T rows have T a multiple of kStep. The chunks' partial sums
+// are added in chunk order: the result does not depend on which thread took which chunk.
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
