@@ -167,7 +167,8 @@ static void Rows(const float* xt, const float* y, const float* off, const uint8_
     // float32 lanes over kFlush rows at most, then into the float64 sums
     const int64_t stop = std::min(hi - kStep + 1, j0 + kFlush);
     for (int64_t p = 0; p < P; ++p) gv[p] = V{};
-    for (; j0 < stop; j0 += kStep) Step<true>(xt, y, off, mask, coef, P, R, T, j0, kStep, val, gi, gv.data(), nullptr);
+    for (; j0 < stop; j0 += kStep)
+      Step<true>(xt, y, off, mask, coef, P, R, T, j0, kStep, val, gi, gv.data(), nullptr);
     for (int64_t p = 0; p < P; ++p) g[p] += Sum(gv[p]);
   }
   if (j0 < hi) Step<false>(xt, y, off, mask, coef, P, R, T, j0, hi - j0, val, gi, nullptr, g.data());
@@ -182,9 +183,11 @@ static void RowValues(const float* xt, const float* y, const float* off, const u
   for (int64_t b = 0; b < B; ++b) values[b] = 0.0;
   int64_t j0 = lo;
   for (; j0 + kStep <= hi; j0 += kStep)
-    for (int64_t b = 0; b < B; ++b) values[b] += StepValue<true>(xt, y, off, mask, coefs + b * (P + 1), P, R, T, j0, kStep);
+    for (int64_t b = 0; b < B; ++b)
+      values[b] += StepValue<true>(xt, y, off, mask, coefs + b * (P + 1), P, R, T, j0, kStep);
   if (j0 < hi)
-    for (int64_t b = 0; b < B; ++b) values[b] += StepValue<false>(xt, y, off, mask, coefs + b * (P + 1), P, R, T, j0, hi - j0);
+    for (int64_t b = 0; b < B; ++b)
+      values[b] += StepValue<false>(xt, y, off, mask, coefs + b * (P + 1), P, R, T, j0, hi - j0);
 }
 
 namespace {
