@@ -186,10 +186,10 @@ def gradient_bound(sizes: dict) -> str:
         f"priors, the parameters' assembly: small XLA operations) {fused_ms - kernel_ms:.3f} ms of the gradient's "
         f"{fused_ms:.3f} ms. The kernel reads the data once; at {int(small_rows):,} rows "
         f"({small['data_bytes'] / 1e6:.1f} MB, in cache) its time a row, scaled to {int(rows):,} rows, is "
-        f"{in_cache_ms:.3f} ms ({in_cache_ms / 1e3 / entry['bandwidth_bound_seconds']:.2f}x the bound; with each "
-        "call's fixed cost, the helper thread's start and XLA's dispatch, scaled too): its per-row arithmetic "
-        "(exp, log and 2 x 20 multiply-adds a row) and the data's stream from memory each take about the "
-        "bound's time, and overlap only in part"
+        f"{in_cache_ms:.3f} ms ({in_cache_ms / 1e3 / entry['bandwidth_bound_seconds']:.2f}x the bound), an upper "
+        "bound on its arithmetic (each call's fixed cost, the helper thread's start and XLA's dispatch, is scaled "
+        f"too): its per-row arithmetic (exp, log and 2 x {FEATURES} multiply-adds a row) and the data's stream "
+        "from memory each take up to about the bound's time, and overlap only in part"
     )
 
 
