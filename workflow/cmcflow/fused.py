@@ -173,10 +173,11 @@ def feature_tiles(XT: np.ndarray) -> np.ndarray:
     tile ``t`` holds the rows ``[t T, t T + T)`` of feature 0, then of feature 1, …; the
     last tile's rows beyond ``R`` are zeros (the kernel reads ``R`` rows: ``y``'s)."""
     features, rows = XT.shape
-    count = -(-rows // TILE_ROWS)
-    padded = np.zeros((features, count * TILE_ROWS), dtype=XT.dtype)
-    padded[:, :rows] = XT
-    return np.ascontiguousarray(padded.reshape(features, count, TILE_ROWS).transpose(1, 0, 2))
+    full, rest = divmod(rows, TILE_ROWS)
+    tiles = np.zeros((full + (rest > 0), features, TILE_ROWS), dtype=XT.dtype)
+    tiles[:full] = XT[:, : full * TILE_ROWS].reshape(features, full, TILE_ROWS).transpose(1, 0, 2)
+    tiles[full:, :, :rest] = XT[:, full * TILE_ROWS :]
+    return tiles
 
 
 def feature_count(XT) -> int:
