@@ -241,3 +241,32 @@ def test_a_gpu_job_builds_no_kernel(tmp_path, monkeypatch, caplog):
     assert "for CPU jobs" in caplog.text
     assert not fused.enabled()
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_softplus_and_sigmoid_keep_their_relative_accuracy_far_into_the_tails(kernel_on):
+    """The kernel's own exp and log1p (polynomials): the value and gradient of rows whose
+    eta spans [-100, 100] match float64 to float32 accuracy, and so do those of rows deep in
+    the negative tail alone, where exp(eta) is far below float32's epsilon (log(1.0f + t)
+    would be 0 there) and every term is tiny."""
+
+    def value_and_gradient(eta, y):
+        xt = jnp.asarray(eta[None, :])
+        data = (jnp.asarray(y), jnp.zeros(eta.size, jnp.float32), jnp.ones(eta.size, bool))
+        return jax.value_and_grad(fused.logistic_log_likelihood)(jnp.asarray([1.0, 0.0]), xt, *data)
+
+    def float64(eta, y):
+        eta, y = eta.astype(np.float64), y.astype(np.float64)
+        residual = y - 1 / (1 + np.exp(-eta))
+        return np.sum(y * eta - np.logaddexp(0, eta)), np.array([residual @ eta, residual.sum()])
+
+    rng = np.random.default_rng(3)
+    everywhere = rng.uniform(-100, 100, 3_000).astype(np.float32)
+    tail = rng.uniform(-86, -17, 3_000).astype(np.float32)  # exp(eta) < 4.2e-8
+    for eta, y, rtol in [
+        (everywhere, (rng.random(everywhere.size) < 0.5).astype(np.float32), 1e-6),
+        (tail, np.zeros(tail.size, np.float32), 1e-5),
+    ]:
+        value, gradient = value_and_gradient(eta, y)
+        expected_value, expected_gradient = float64(eta, y)
+        np.testing.assert_allclose(value, expected_value, rtol=rtol)
+        np.testing.assert_allclose(gradient, expected_gradient, rtol=rtol)
