@@ -307,6 +307,13 @@ std::shared_ptr<Chunks> Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xt, ff
 }
 }  // namespace
 
+// NaN or infinite, read from the bits (-ffast-math assumes neither and folds std::isfinite)
+static inline bool NotFinite(double x) {
+  uint64_t bits;
+  __builtin_memcpy(&bits, &x, sizeof bits);
+  return (bits >> 52 & 0x7ff) == 0x7ff;
+}
+
 static ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt, ffi::Buffer<ffi::F32> y,
                        ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F64> coef,
                        ffi::ResultBuffer<ffi::F64> value, ffi::ResultBuffer<ffi::F64> grad) {
@@ -321,6 +328,10 @@ static ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xt, ffi::Buff
     for (int64_t c = 0; c < chunks->count; ++c) s += chunks->grads[c * (P + 1) + p];
     grad->typed_data()[p] = s;
   }
+  // NaN coefficients: the value is NaN, and so the gradient, as XLA's would be (the per-row
+  // loop, under -ffast-math, need not carry a NaN into the residuals)
+  if (NotFinite(v))
+    for (int64_t p = 0; p <= P; ++p) grad->typed_data()[p] = v;
   return ffi::Error::Success();
 }
 
