@@ -13,7 +13,7 @@ statistical tests all pass; precisions within ``EQUALLY_FAST`` of the fastest co
 equally fast, and of those the one with the most float64 wins (float64, then mixed, then
 float32). P4 itself (``cmc_vs_full.py``) runs in the default.
 
-    python bench/precision.py [--repeats 3] [--skip-tests]
+    python bench/precision.py [--repeats 3] [--skip-tests | --keep-tests]
     python bench/precision.py --tables-only   # rewrite the table from the JSON
 """
 
@@ -104,7 +104,9 @@ def largest_printed_error(printed: list[str]) -> float:
     return max(values) if values else float("nan")
 
 
-def main(repeats: int, skip_tests: bool) -> None:
+def main(repeats: int, skip_tests: bool, keep_tests: bool) -> None:
+    """The speed runs, then the tests (none with ``skip_tests``; with ``keep_tests`` those
+    recorded in the JSON, with the time they were run: for a change that moves only speed)."""
     runs = {precision: [] for precision in PRECISIONS}
     for _ in range(repeats):
         for precision in PRECISIONS:
@@ -112,8 +114,17 @@ def main(repeats: int, skip_tests: bool) -> None:
                 [sys.executable, __file__, "--worker", precision], capture_output=True, text=True, check=True
             ).stdout
             runs[precision].append(json.loads(output.strip().splitlines()[-1]))
+    if keep_tests:
+        record = json.loads((RESULTS / "precision.json").read_text())
+        write_report(runs, record["tests"], repeats, tests_written=tests_run_at(record))
+        return
     tests = {} if skip_tests else {precision: run_tests(precision) for precision in PRECISIONS}
     write_report(runs, tests, repeats)
+
+
+def tests_run_at(record: dict) -> str:
+    """When the recorded statistical tests ran (older records: when the record was written)."""
+    return record.get("tests_written", record["written"])
 
 
 def choose(speed: dict, tests: dict) -> str:
@@ -124,7 +135,11 @@ def choose(speed: dict, tests: dict) -> str:
     return next(p for p in passing if speed[p]["sampling_seconds"]["median"] <= EQUALLY_FAST * fastest)
 
 
-def write_report(runs: dict, tests: dict, repeats: int, measured: str | None = None) -> None:
+def write_report(
+    runs: dict, tests: dict, repeats: int, measured: str | None = None, tests_written: str | None = None
+) -> None:
+    """The JSON and the tables; ``tests_written``: when the tests ran, where not with the runs."""
+    tests_at = tests_written or measured or time.strftime("%Y-%m-%d %H:%M:%S")
     reference = np.mean([run["beta_mean"] for run in runs["float64"]], axis=0)
     reference_sd = np.mean([run["beta_sd"] for run in runs["float64"]], axis=0)
     speed = {}
@@ -171,7 +186,7 @@ def write_report(runs: dict, tests: dict, repeats: int, measured: str | None = N
     if tests:
         table += [
             "",
-            f"Statistical tests ({', '.join(TESTS)}) per precision:",
+            f"Statistical tests ({', '.join(TESTS)}) per precision, run {tests_at}:",
             "",
             "| precision | passed | failed | largest mean error printed (sd) | wall (s) | failures |",
             "|---|---|---|---|---|---|",
@@ -191,6 +206,7 @@ def write_report(runs: dict, tests: dict, repeats: int, measured: str | None = N
             "runs": runs,
             "speed": speed,
             "tests": tests,
+            "tests_written": tests_at,
             "chosen": chosen,
             "targets": targets,
         },
@@ -203,6 +219,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-tests", action="store_true", help="speed only")
+    parser.add_argument("--keep-tests", action="store_true", help="speed; the tests as recorded, with their date")
     parser.add_argument("--tables-only", action="store_true", help="rewrite the table from the JSON")
     parser.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
@@ -210,6 +227,6 @@ if __name__ == "__main__":
         print(json.dumps(worker(arguments.worker)))
     elif arguments.tables_only:
         record = json.loads((RESULTS / "precision.json").read_text())
-        write_report(record["runs"], record["tests"], record["repeats"], record["written"])
+        write_report(record["runs"], record["tests"], record["repeats"], record["written"], tests_run_at(record))
     else:
-        main(arguments.repeats, arguments.skip_tests)
+        main(arguments.repeats, arguments.skip_tests, arguments.keep_tests)
