@@ -2,7 +2,9 @@
 
 1. **Speed**: the sample stage on one shard of P4's size (logistic, 125,000 rows x 20
    features, NUTS 500 + 500, 4 chains on 4 devices), each precision in its own process,
-   repeated: sampling and compile seconds, leapfrog steps per draw.
+   repeated: sampling and compile seconds, leapfrog steps per draw; the likelihood as a
+   sample job computes it (``sample.fused_likelihood``: the fused kernel where it applies,
+   which is mixed precision).
 2. **Accuracy**: the statistical tests (exact linear-Gaussian, CMC and the corrected
    posterior against full-data NUTS for every regression model, the structure model end to
    end) run in each precision (``CMCFLOW_TEST_PRECISION``): which pass, and the errors
@@ -43,9 +45,12 @@ def worker(precision: str) -> dict:
     from cmcflow.jaxenv import configure_jax
 
     configure_jax(devices=4, precision=precision, compilation_cache_dir=None)
+    from cmcflow.fused import enable_in_job
     from cmcflow.models import get_model
     from cmcflow.models.rows import correlated_features
     from cmcflow.sample import NutsSettings, sample_features
+
+    enable_in_job(True, None)  # as a sample job with the default sample.fused_likelihood (mixed only)
 
     spec = get_model("logistic")
     rng = np.random.default_rng(0)
