@@ -21,8 +21,6 @@ from cmcflow.models import get_model, resolve_options
 from cmcflow.sample import NutsSettings, sample_features
 from cmcflow.transforms import model_kwargs, potential_hessian
 
-pytestmark = pytest.mark.skipif(PRECISION != "mixed", reason="the kernel takes float32 data: jax.precision mixed")
-
 SPEC = get_model("logistic")
 
 
@@ -158,7 +156,8 @@ def test_values_at_a_batch_of_parameters_in_one_call(kernel_on, monkeypatch):
     data = [jnp.asarray(features[name]) for name in ("XT", "y", "offset", "mask")]
     coefficients = jnp.asarray(np.random.default_rng(0).normal(scale=0.5, size=(7, 4)))
     batched = jax.jit(jax.vmap(lambda coef: fused.logistic_log_likelihood(coef, *data)))
-    assert fused.VALUES_TARGET in batched.lower(coefficients).as_text()
+    precision = fused.KERNELS[(data[0].dtype.name, coefficients.dtype.name)][0]
+    assert fused.target(precision, values=True) in batched.lower(coefficients).as_text()
     values = batched(coefficients)
     one_at_a_time = [fused.logistic_log_likelihood(coef, *data) for coef in coefficients]
     # the same float32 sums over steps of rows, which the compiler may associate otherwise
@@ -245,30 +244,56 @@ def test_a_gpu_job_builds_no_kernel(tmp_path, monkeypatch, caplog):
     assert not list(tmp_path.rglob("*.so"))
 
 
-def test_softplus_and_sigmoid_keep_their_relative_accuracy_far_into_the_tails(kernel_on):
-    """The kernel's own exp and log1p (polynomials): the value and gradient of rows whose
-    eta spans [-100, 100] match float64 to float32 accuracy, and so do those of rows deep in
-    the negative tail alone, where exp(eta) is far below float32's epsilon (log(1.0f + t)
-    would be 0 there) and every term is tiny."""
+#: each kernel's (data, coefficients) dtypes; float64 ones exist only in x64 processes
+PRECISIONS = [
+    pytest.param(
+        data,
+        coefficients,
+        id=precision,
+        marks=pytest.mark.skipif("float64" in (data, coefficients) and not jax.config.jax_enable_x64, reason="no x64"),
+    )
+    for (data, coefficients), (precision, *_) in fused.KERNELS.items()
+]
 
-    def value_and_gradient(eta, y):
-        xt = jnp.asarray(eta[None, :])
-        data = (jnp.asarray(y), jnp.zeros(eta.size, jnp.float32), jnp.ones(eta.size, bool))
-        return jax.value_and_grad(fused.logistic_log_likelihood)(jnp.asarray([1.0, 0.0]), xt, *data)
 
-    def float64(eta, y):
-        eta, y = eta.astype(np.float64), y.astype(np.float64)
+@pytest.mark.parametrize(("data_dtype", "coef_dtype"), PRECISIONS)
+def test_softplus_and_sigmoid_keep_their_relative_accuracy_far_into_the_tails(kernel_on, data_dtype, coef_dtype):
+    """Each precision's kernel, with its own exp and log1p (polynomials): the value, gradient
+    and batched values of rows whose eta spans the data type's range match float64 to the
+    data type's accuracy, and so do those of rows deep in the negative tail alone, where
+    exp(eta) is far below the type's epsilon (log(1 + t) computed as log of a rounded 1 + t
+    would be 0 there) and every term is tiny. The results have the coefficients' type."""
+    single = data_dtype == "float32"
+    reach, tail_start = (100, -17) if single else (700, -37)  # exp(tail_start) < epsilon / 2
+    rtol, tail_rtol = (1e-6, 1e-5) if single else (1e-13, 1e-12)
+    coefficients = jnp.asarray([[1.0, 0.0], [0.5, -0.3], [-0.2, 0.1]], coef_dtype)
+
+    def evaluate(eta, y):
+        xt = jnp.asarray(eta[None, :], data_dtype)
+        data = (jnp.asarray(y, data_dtype), jnp.zeros(eta.size, data_dtype), jnp.ones(eta.size, bool))
+        value, gradient = jax.value_and_grad(fused.logistic_log_likelihood)(coefficients[0], xt, *data)
+        values = jax.vmap(lambda coef: fused.logistic_log_likelihood(coef, xt, *data))(coefficients)
+        assert value.dtype == gradient.dtype == values.dtype == coef_dtype
+        return value, gradient, values
+
+    def float64(eta, y, coef):
+        eta = coef[0] * eta.astype(np.float64) + coef[1]
         residual = y - 1 / (1 + np.exp(-eta))
-        return np.sum(y * eta - np.logaddexp(0, eta)), np.array([residual @ eta, residual.sum()])
+        return np.sum(y * eta - np.logaddexp(0, eta)), residual
 
     rng = np.random.default_rng(3)
-    everywhere = rng.uniform(-100, 100, 3_000).astype(np.float32)
-    tail = rng.uniform(-86, -17, 3_000).astype(np.float32)  # exp(eta) < 4.2e-8
-    for eta, y, rtol in [
-        (everywhere, (rng.random(everywhere.size) < 0.5).astype(np.float32), 1e-6),
-        (tail, np.zeros(tail.size, np.float32), 1e-5),
+    everywhere = rng.uniform(-reach, reach, 3_000).astype(data_dtype)
+    tail = rng.uniform(-reach, tail_start, 3_000).astype(data_dtype)
+    for eta, y, tolerance in [
+        (everywhere, (rng.random(everywhere.size) < 0.5).astype(np.float64), rtol),
+        (tail, np.zeros(tail.size), tail_rtol),
     ]:
-        value, gradient = value_and_gradient(eta, y)
-        expected_value, expected_gradient = float64(eta, y)
-        np.testing.assert_allclose(value, expected_value, rtol=rtol)
-        np.testing.assert_allclose(gradient, expected_gradient, rtol=rtol)
+        value, gradient, values = evaluate(eta, y)
+        exact = [float64(eta, y, np.asarray(coef, np.float64)) for coef in coefficients]
+        expected_value, residual = exact[0]
+        np.testing.assert_allclose(value, expected_value, rtol=tolerance)
+        np.testing.assert_allclose(gradient, [residual @ eta.astype(np.float64), residual.sum()], rtol=tolerance)
+        np.testing.assert_allclose(values, [v for v, _ in exact], rtol=tolerance)
+    # NUTS sees a NaN as a divergence; a NaN gradient too, as XLA's
+    value, gradient, _ = evaluate(np.full(4, np.nan), np.zeros(4))
+    assert np.isnan(value) and np.isnan(gradient).all()

@@ -4,11 +4,12 @@
     ℓ(c) = Σ_j m_j (y_j η_j − log(1 + e^{η_j})),   η_j = β · x_j + b + offset_j,
     ∇_β ℓ = Σ_j m_j (y_j − σ(η_j)) x_j,   ∂ℓ/∂b = Σ_j m_j (y_j − σ(η_j)),
 
-with ``c = (β, b)`` ``(P + 1,)`` float64 and the data ``XT (P, R)``, ``y``, ``offset`` ``(R,)``
-float32 and ``mask (R,)`` bool, as the logistic model holds them under ``jax.precision:
-mixed``: per-row arithmetic in float32, sums in float64. XLA's reverse-mode gradient of the
-same sum reads ``XT`` twice (β·XT, then XT r); the kernel reads it once, in row blocks that
-stay in cache, on XLA's own thread pool (bench/results/fused_gradient.md).
+with ``c = (β, b)`` ``(P + 1,)``, the data ``XT (P, R)``, ``y``, ``offset`` ``(R,)`` and
+``mask (R,)`` bool, in each ``jax.precision`` as the logistic model holds them (:data:`KERNELS`):
+``mixed``, data float32 and ``c`` float64; ``float32``; ``float64``. Per-row arithmetic in
+the data's type, sums in float64. XLA's reverse-mode gradient of the same sum reads ``XT``
+twice (β·XT, then XT r); the kernel reads it once, in row blocks that stay in cache, on XLA's
+own thread pool (bench/results/fused_gradient.md).
 
 The kernel also reads ``XT`` as tiles (:func:`feature_tiles`): each block of rows of every
 feature one stretch of memory, one stream to read instead of P (bench/results/roofline.md).
@@ -44,12 +45,25 @@ from cmcflow.jaxenv import cpu_signature, host_cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "logistic.cc"
-#: The kernels' names in XLA's registry of FFI targets: value and gradient; values at a batch.
-TARGET = "cmcflow_logistic_fused"
-VALUES_TARGET = "cmcflow_logistic_values"
-TARGETS = (TARGET, VALUES_TARGET)
-#: Rows per tile of :func:`feature_tiles`: a multiple of the kernel's step of rows (128
-#: with AVX-512, else 64), and a stretch of P × 512 bytes of float32.
+#: The kernel for each pair of dtypes (data, coefficients): its precision, and its library
+#: symbols for the value and gradient, and for the values at a batch of coefficients.
+KERNELS = {
+    ("float32", "float64"): ("mixed", "Logistic", "LogisticValues"),
+    ("float32", "float32"): ("float32", "LogisticF32", "LogisticF32Values"),
+    ("float64", "float64"): ("float64", "LogisticF64", "LogisticF64Values"),
+}
+
+
+def target(precision: str, values: bool = False) -> str:
+    """The name in XLA's registry of FFI targets of ``precision``'s kernel: value and
+    gradient, or (``values``) the values at a batch of coefficients."""
+    return f"cmcflow_logistic_{'values_' if values else ''}{precision}"
+
+
+#: Every kernel's target name (programs stored with them: cmcflow.transforms).
+TARGETS = tuple(target(precision, values) for precision, *_ in KERNELS.values() for values in (False, True))
+#: Rows per tile of :func:`feature_tiles`: a multiple of the kernel's step of rows in every
+#: precision (a feature's 512 bytes with AVX-512, else 256: at most 128 rows of float32).
 TILE_ROWS = 128
 #: g++ flags: the loops over rows vectorise only with -ffast-math; -march=native builds for
 #: the CPU it runs on, hence one library per CPU type (:func:`library_path`).
@@ -107,8 +121,9 @@ def enable(build_dir: str | os.PathLike) -> bool:
         except OSError as error:
             log.warning("the fused likelihood kernel is not available (%s); XLA computes the likelihood", error)
             return False
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Logistic), platform="cpu")
-        jax.ffi.register_ffi_target(VALUES_TARGET, jax.ffi.pycapsule(library.LogisticValues), platform="cpu")
+        for precision, value_symbol, values_symbol in KERNELS.values():
+            for name, symbol in ((target(precision), value_symbol), (target(precision, True), values_symbol)):
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
         _state["registered"] = True
         log.info("likelihood: the fused kernel %s", library._name)
     _state["enabled"] = True
@@ -147,8 +162,9 @@ def used() -> bool:
 
 def applies(XT, y, offset, mask) -> bool:
     """Whether :func:`logistic_log_likelihood` takes these data: the kernel is enabled, JAX
-    runs on the CPU in x64 mode, and the data are float32 (``mixed``) with a bool mask.
-    Decided when the model is traced: a program keeps the choice it was traced with."""
+    runs on the CPU, and the data are all float32 or all float64 with a bool mask (every
+    ``jax.precision``). Decided when the model is traced: a program keeps the choice it was
+    traced with."""
     suits = _suits(XT, y, offset, mask)
     _state["used"] |= suits
     return suits
@@ -159,11 +175,12 @@ def _suits(XT, y, offset, mask) -> bool:
     import jax
     import jax.numpy as jnp
 
+    dtypes = {jnp.dtype(array.dtype).name for array in (XT, y, offset)}
     return (
         _state["enabled"]
         and jax.default_backend() == "cpu"
-        and jax.config.jax_enable_x64
-        and all(jnp.dtype(array.dtype) == jnp.float32 for array in (XT, y, offset))
+        and len(dtypes) == 1
+        and dtypes <= {"float32", "float64"}
         and jnp.dtype(mask.dtype) == jnp.bool_
     )
 
@@ -219,9 +236,17 @@ def _differentiable():
     import jax
     import jax.numpy as jnp
 
+    def precision(coef, XT):
+        """The kernel's precision for these dtypes (:data:`KERNELS`)."""
+        dtypes = (jnp.dtype(XT.dtype).name, jnp.dtype(coef.dtype).name)
+        if dtypes not in KERNELS:
+            raise TypeError(f"the fused likelihood takes data and coefficients of dtypes {list(KERNELS)}, not {dtypes}")
+        return KERNELS[dtypes][0]
+
     def kernel(coef, XT, y, offset, mask):
-        shapes = (jax.ShapeDtypeStruct((), jnp.float64), jax.ShapeDtypeStruct(coef.shape, jnp.float64))
-        return jax.ffi.ffi_call(TARGET, shapes, vmap_method="sequential")(XT, y, offset, mask, coef)
+        shapes = (jax.ShapeDtypeStruct((), coef.dtype), jax.ShapeDtypeStruct(coef.shape, coef.dtype))
+        call = jax.ffi.ffi_call(target(precision(coef, XT)), shapes, vmap_method="sequential")
+        return call(XT, y, offset, mask, coef)
 
     @jax.custom_batching.custom_vmap
     def value(coef, XT, y, offset, mask):
@@ -230,8 +255,9 @@ def _differentiable():
     @value.def_vmap
     def value_batched(axis_size, in_batched, coef, XT, y, offset, mask):
         if in_batched[0] and not any(in_batched[1:]):  # coef (B, P + 1), the data shared
-            shape = jax.ShapeDtypeStruct(coef.shape[:1], jnp.float64)
-            return jax.ffi.ffi_call(VALUES_TARGET, shape, vmap_method="sequential")(XT, y, offset, mask, coef), True
+            shape = jax.ShapeDtypeStruct(coef.shape[:1], coef.dtype)
+            call = jax.ffi.ffi_call(target(precision(coef, XT), values=True), shape, vmap_method="sequential")
+            return call(XT, y, offset, mask, coef), True
         in_axes = [0 if batched else None for batched in in_batched]
         return jax.vmap(lambda *args: kernel(*args)[0], in_axes=in_axes)(coef, XT, y, offset, mask), True
 
