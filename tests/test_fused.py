@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PRECISION
 
 from cmcflow import fused, transforms
 from cmcflow.models import get_model, resolve_options
