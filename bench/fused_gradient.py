@@ -3,8 +3,8 @@
 XLA's reverse-mode gradient of the logistic log-likelihood reads XT twice (β·XT, then XT r:
 two XLA loops; bench/results/roofline.md). :mod:`cmcflow.fused` computes value and gradient
 in one pass (``workflow/cmcflow/kernels/logistic.cc`` through the XLA FFI, on XLA's thread
-pool, mixed precision). This bench measures, with the kernel on and off in the same fresh
-process (``jax.precision: mixed``, the default):
+pool, in every precision). This bench measures, with the kernel on and off in the same fresh
+process (``jax.precision: mixed``, the default; roofline.py times it in every precision):
 
 * **gradient**: one jitted value and gradient of the logistic model's potential, its data
   the program's arguments as in the sample program (the kernel's laid out as a sample job
@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 from common import RESULTS, cell, spread, target, write_results
-from roofline import FEATURES, GRADIENT_TARGET, call_times, copy_bandwidth, gradient_times, logistic_kwargs
+from roofline import FEATURES, call_times, copy_bandwidth, gradient_times, logistic_kwargs
 
 ROWS = (100_000, 1_000_000)
 NUTS_ROWS, NUTS_SHARDS, NUTS_CHAINS, NUTS_ITERATIONS = 125_000, 8, 4, 500
@@ -172,7 +172,7 @@ def reweight_worker(build_dir: str) -> dict:
     return results
 
 
-def gradient_bound(sizes: dict) -> str:
+def where_the_time_goes(sizes: dict) -> str:
     """What the fused gradient is made of at the size where it is furthest from the bound:
     the kernel alone, the rest of the potential's program, and the kernel's time a row with
     the data in cache (the smallest size) scaled to that size."""
@@ -189,7 +189,7 @@ def gradient_bound(sizes: dict) -> str:
         f"{in_cache_ms:.3f} ms ({in_cache_ms / 1e3 / entry['bandwidth_bound_seconds']:.2f}x the bound), an upper "
         "bound on its arithmetic (each call's fixed cost, the helper thread's start and XLA's dispatch, is scaled "
         f"too): its per-row arithmetic (exp, log and 2 x {FEATURES} multiply-adds a row) and the data's stream "
-        "from memory each take up to about the bound's time, and overlap only in part"
+        "from memory each take up to about the bound's time, and overlap only in part."
     )
 
 
@@ -247,18 +247,17 @@ def write_report(runs: dict, measured: str | None = None) -> None:
         for key in ("xla_seconds", "fused_seconds", "largest_relative_difference")
     }
     reweight["xla_over_fused"] = spread([run["xla_seconds"] / run["fused_seconds"] for run in runs["reweight"]])
-    # the issue's target holds at >= 10^5 rows: the largest ratio over the sizes
-    fused_ratio = max(entry["fused_over_bound"]["median"] for entry in sizes.values())
-    xla_ratio = max(entry["xla_over_bound"]["median"] for entry in sizes.values())
+    # the gradient against the bandwidth bound is roofline.py's target (every precision, copies at the same
+    # moments); this bench chose the default: the faster likelihood, the posteriors within Monte Carlo error
+    speedup = nuts["xla_over_fused"]["median"]
     targets = [
         target(
             "13b",
-            "logistic gradient with the fused likelihood (the default) / bandwidth bound, >= 10^5 rows, mixed "
-            "(largest)",
-            f"{fused_ratio:.2f}x (XLA's gradient: {xla_ratio:.2f}x, same runs)",
-            f"<= {GRADIENT_TARGET}x",
-            fused_ratio <= GRADIENT_TARGET,
-            gradient_bound(sizes),
+            "sample.fused_likelihood's default: a P4 shard's sampling, XLA's likelihood / the kernel's, mixed",
+            f"{speedup:.2f}x (means within {nuts['largest_mean_difference_sd']['max']:.3f} sd)",
+            "the default is the faster (> 1x)",
+            speedup > 1,
+            "the kernel samples slower than XLA's sum here: turn sample.fused_likelihood off by default",
         ),
     ]
     table = [
@@ -310,6 +309,8 @@ def write_report(runs: dict, measured: str | None = None) -> None:
         f"compiled first): XLA {cell(reweight['xla_seconds'], 2)} s, the kernel's values at a batch "
         f"{cell(reweight['fused_seconds'], 2)} s, XLA / kernel {cell(reweight['xla_over_fused'])}; largest relative "
         f"difference {reweight['largest_relative_difference']['max']:.1e} (XLA sums in float32).",
+        "",
+        f"Where the fused gradient's time goes: {where_the_time_goes(sizes)}",
     ]
     write_results(
         "fused_gradient",

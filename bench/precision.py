@@ -7,8 +7,8 @@
    which is mixed precision).
 2. **Accuracy**: the statistical tests (exact linear-Gaussian, CMC and the corrected
    posterior against full-data NUTS for every regression model, the structure model end to
-   end) run in each precision (``CMCFLOW_TEST_PRECISION``): which pass, and the errors
-   they print, in posterior sd.
+   end, the likelihood's kernel against float64 and XLA) run in each precision
+   (``CMCFLOW_TEST_PRECISION``): which pass, and the errors they print, in posterior sd.
 
 The default (``jax.precision`` in the config schema) is the fastest precision whose
 statistical tests all pass; precisions within ``EQUALLY_FAST`` of the fastest count as
@@ -36,7 +36,13 @@ PRECISIONS = ("float64", "float32", "mixed")
 ROWS, FEATURES = 125_000, 20
 #: Sampling times within this factor of the fastest count as equally fast.
 EQUALLY_FAST = 1.05
-TESTS = ["tests/test_statistics.py", "tests/test_models.py", "tests/test_structure.py", "tests/test_real_data.py"]
+TESTS = [
+    "tests/test_statistics.py",
+    "tests/test_models.py",
+    "tests/test_structure.py",
+    "tests/test_real_data.py",
+    "tests/test_fused.py",  # the likelihood's kernel in the precision, against float64 and XLA
+]
 
 
 def worker(precision: str) -> dict:
@@ -50,7 +56,7 @@ def worker(precision: str) -> dict:
     from cmcflow.models.rows import correlated_features
     from cmcflow.sample import NutsSettings, sample_features
 
-    enable_in_job(True, None)  # as a sample job with the default sample.fused_likelihood (mixed only)
+    enable_in_job(True, None)  # as a sample job with the default sample.fused_likelihood
 
     spec = get_model("logistic")
     rng = np.random.default_rng(0)

@@ -449,11 +449,12 @@ def gradient_bound(sizes: dict, precision: str) -> str:
     read_over_bound = worst["read_once_seconds"]["median"] * paired_bandwidth / worst["data_bytes"]
     return (
         f"at {worst['rows']:,} rows the gradient takes {worst['paired_gradient_over_bound']['median']:.2f}x the "
-        f"bound and {worst['gradient_over_read_once']['median']:.2f}x one XLA read of the data (a jitted sum, "
-        f"itself about {read_over_bound:.2f}x the bound at the copies' median bandwidth): the fused likelihood "
-        "reads the data once, in one stream of tiles; what it adds to a plain read is its per-row arithmetic "
-        "(exp, log, 2 x 20 multiply-adds), which the data's stream from memory overlaps only in part "
-        "(fused_gradient.md)"
+        f"bound; a plain read of the same data (XLA's jitted sum over every data array, next to no arithmetic) "
+        f"takes about {read_over_bound:.2f}x it at the copies' median bandwidth, and the gradient "
+        f"{worst['gradient_over_read_once']['median']:.2f}x that read. The fused likelihood reads the data once, "
+        "in one stream of tiles, so what bounds it is how fast this machine streams a read (slower than the "
+        "copy's read + write here), plus the part of its per-row arithmetic (exp, log, 2 x 20 multiply-adds) "
+        "that the stream does not hide (fused_gradient.md)"
     )
 
 
