@@ -24,7 +24,8 @@ For 10^4, 10^5 and 10^6 rows of 20 features, in each ``jax.precision``, on one J
 Beside the gradient it times, in the same process, the least an XLA program that reads the
 data needs (one jitted sum over every data array: one read), and the gradient of the same
 model with the features stored rows-major, ``X (R, P)``, the layout before ``XT (P, R)``
-(:func:`cmcflow.models.rows.regression_features`): the measurement that chose the layout;
+(:func:`cmcflow.models.rows.regression_features`), computed by XLA (the fused likelihood
+takes ``XT``): what the layout and the kernel are worth together;
 and the gradient called back to back inside one compiled loop, as NUTS calls it, without
 the dispatch a call from Python pays: what NUTS' own work per step is measured against.
 
@@ -405,11 +406,11 @@ def write_report(bandwidths: dict, runs: dict, measured: str | None = None) -> N
         "",
         "Where the gradient's time goes: one read of the data in XLA (a jitted sum over every data array), "
         "the same model's gradient with the features stored rows-major, X (R, P), the layout before XT (P, R), "
-        "and the gradient called back to back inside one compiled loop, as NUTS calls it (the table above times "
+        "computed by XLA (the fused likelihood takes XT), and the gradient called back to back inside one compiled loop, as NUTS calls it (the table above times "
         "one call from Python).",
         "",
         "| precision | rows | one read (ms) | one read / bound | gradient / one read "
-        "| gradient, rows-major X (ms) | rows-major / XT | gradient in a compiled loop (ms) |",
+        "| gradient, rows-major X, XLA (ms) | rows-major / the gradient | gradient in a compiled loop (ms) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for entry in sizes.values():
