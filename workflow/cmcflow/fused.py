@@ -216,7 +216,7 @@ def device_layout(kwargs: dict) -> dict:
 
 
 def logistic_log_likelihood(coef, XT, y, offset, mask):
-    """ℓ at ``coef (P + 1,)`` (β, then the intercept), a float64 scalar: one pass of the
+    """ℓ at ``coef (P + 1,)`` (β, then the intercept), a scalar of ``coef``'s dtype: one pass of the
     kernel for the value and, under differentiation, the gradient with it. ``XT``: ``(P,
     R)`` or its :func:`feature_tiles`. Its JVP is
     ∇ℓ · t; differentiated twice (the Hessian the combination weighs a shard by), the
