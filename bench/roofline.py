@@ -406,8 +406,8 @@ def write_report(bandwidths: dict, runs: dict, measured: str | None = None) -> N
         "",
         "Where the gradient's time goes: one read of the data in XLA (a jitted sum over every data array), "
         "the same model's gradient with the features stored rows-major, X (R, P), the layout before XT (P, R), "
-        "computed by XLA (the fused likelihood takes XT), and the gradient called back to back inside one compiled loop, as NUTS calls it (the table above times "
-        "one call from Python).",
+        "computed by XLA (the fused likelihood takes XT), and the gradient called back to back inside one "
+        "compiled loop, as NUTS calls it (the table above times one call from Python).",
         "",
         "| precision | rows | one read (ms) | one read / bound | gradient / one read "
         "| gradient, rows-major X, XLA (ms) | rows-major / the gradient | gradient in a compiled loop (ms) |",
