@@ -296,3 +296,10 @@ def test_softplus_and_sigmoid_keep_their_relative_accuracy_far_into_the_tails(ke
     # NUTS sees a NaN as a divergence; a NaN gradient too, as XLA's
     value, gradient, _ = evaluate(np.full(4, np.nan), np.zeros(4))
     assert np.isnan(value) and np.isnan(gradient).all()
+
+
+@pytest.mark.skipif(not jax.config.jax_enable_x64, reason="float64 data need x64")
+def test_dtypes_no_kernel_takes_are_refused_naming_them(kernel_on):
+    data = (jnp.zeros((2, 300)), jnp.zeros(300), jnp.zeros(300), jnp.ones(300, bool))  # float64
+    with pytest.raises(TypeError, match=r"not \('float64', 'float32'\)"):
+        fused.logistic_log_likelihood(jnp.zeros(3, jnp.float32), *data)
