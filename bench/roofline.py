@@ -10,11 +10,10 @@ For 10^4, 10^5 and 10^6 rows of 20 features, in each ``jax.precision``, on one J
   bandwidth. The bandwidth is measured here with a STREAM-style copy (``numpy.copyto`` of 512
   MiB, read + write bytes counted, over all cores), at the same moments as the gradient:
   rounds of one copy then the gradient's calls, in the worker's process, the ratio taken per
-  round and its median reported. This VM's memory bandwidth moves by half between minutes
-  (bench/results/roofline.md: the copies' best against their median), so a copy's best
-  against the gradient's median, measured minutes apart, compares two moments; the table
-  also shows that ratio (the copies of the main process, best of 5, with 1 and with all
-  cores);
+  round and its median reported, so that both are of one moment (the copy's rate moves
+  between minutes: roofline.md, the copies' median against their best); the table also
+  shows the gradient against the best of 5 copies of the main process, with 1 and with all
+  cores;
 * **NUTS**: the wall time of one chain (warmup and sampling) against the leapfrog steps it
   took × the gradient time: what NUTS adds to the gradients. The chain is one compiled
   program (NumPyro's NUTS kernel, initialised and stepped in one ``jax.jit``, as each chain
@@ -90,17 +89,10 @@ def paired_gradient_over_bound(function, argument, data_bytes: int, copy: Stream
     """``PAIRED_ROUNDS`` rounds of one ``copy``, then calls of the compiled ``function(argument)``
     (at least 5, and 0.05 s): per round, the calls' median time over the bound at that copy's
     bandwidth (``data_bytes`` ÷ bytes per second), and the copy's bytes per second."""
-    import jax
-
     ratios, bandwidths = [], []
     for _ in range(PAIRED_ROUNDS):
         bandwidth = copy()
-        times = []
-        deadline = time.perf_counter() + 0.05
-        while len(times) < 5 or time.perf_counter() < deadline:
-            started = time.perf_counter()
-            jax.block_until_ready(function(argument))
-            times.append(time.perf_counter() - started)
+        times = call_times(function, argument, calls=5, seconds=0.05, compile_first=False)
         ratios.append(float(np.median(times)) * bandwidth / data_bytes)
         bandwidths.append(bandwidth)
     return ratios, bandwidths
@@ -261,15 +253,16 @@ def nuts_run_times(model, kwargs: dict) -> tuple[list[float], int]:
     return times, steps
 
 
-def call_times(function, argument) -> list[float]:
-    """Seconds of each of at least 20 calls of ``function(argument)`` (2 s at most beyond
-    that, at most 2,000), after a first call that compiles it."""
+def call_times(function, argument, calls: int = 20, seconds: float = 2.0, compile_first: bool = True) -> list[float]:
+    """Seconds of each of at least ``calls`` calls of ``function(argument)`` (``seconds`` at
+    most beyond that, at most 2,000), after a first call that compiles it (``compile_first``)."""
     import jax
 
-    jax.block_until_ready(function(argument))
+    if compile_first:
+        jax.block_until_ready(function(argument))
     times = []
-    deadline = time.perf_counter() + 2.0
-    while len(times) < 20 or (time.perf_counter() < deadline and len(times) < 2000):
+    deadline = time.perf_counter() + seconds
+    while len(times) < calls or (time.perf_counter() < deadline and len(times) < 2000):
         started = time.perf_counter()
         jax.block_until_ready(function(argument))
         times.append(time.perf_counter() - started)
