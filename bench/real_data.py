@@ -173,6 +173,7 @@ def measure(results: Path) -> dict:
         "corrected": errors(pd.read_csv(results / "corrected/summary.csv", index_col="parameter"), full),
         "khat": importance["khat"],
         "effective_sample_size": importance["effective_sample_size"],
+        "proposal_components": importance["proposal_components"],
         "weighed_by_draws": record.get("weighed_by_draws", []),
         "excluded": record["excluded"],
         "parameters": len(full),
@@ -264,7 +265,8 @@ def write_tables(cases: dict, products: dict, measured: str | None = None) -> No
         *[
             f"| {DATA_SETS[ANALYSES[name][0]].source} | {DATA_SETS[ANALYSES[name][0]].model} | {c['parameters']} | "
             f"{ANALYSES[name][1]} | {weights} | "
-            f"{', '.join(str(entry['shard']) for entry in c['excluded']) or 'none'} | "
+            f"{', '.join(str(entry['shard']) for entry in c['excluded']) or 'none'}"
+            f"{' (mixture proposal)' if c['proposal_components'] > 1 else ''} | "
             f"{c['combined']['max_mean_error_sd']:.3f} ({c['combined']['worst_parameter']}) | "
             f"{c['combined']['sd_ratio'][0]:.3f}–{c['combined']['sd_ratio'][1]:.3f} | "
             f"{c['corrected']['max_mean_error_sd']:.3f} ({c['corrected']['worst_parameter']}) | "
@@ -280,7 +282,9 @@ def write_tables(cases: dict, products: dict, measured: str | None = None) -> No
         "`weights: hessian`; every shard: the outlier screen off (`combine.screen.max_outlier_z: 1000`), so the "
         "combination answers for the same rows as full-data NUTS. Where screening excluded shards, the "
         "combination is of the kept shards' rows only, while the correction targets every row (every shard that "
-        "did not fail): its k-hat then says how far apart the two are.",
+        "did not fail): its k-hat then says how far apart the two are. There the proposal is a mixture (half its "
+        "draws from the kept shards' Gaussian product, half from every shard's), so that the screened-out rows "
+        "shape it too.",
         "",
         "## What bounds plain consensus: the noise-free Gaussian product",
         "",

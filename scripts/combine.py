@@ -46,7 +46,9 @@ with reported_errors():
     proposal = {}
     if snakemake.params.correct is not None:  # the importance correction runs
         started = time.perf_counter()
-        proposal = draw_proposal(spec.numpyro_model, kwargs, combination.gaussian, snakemake.params.correct)
+        proposal = draw_proposal(
+            spec.numpyro_model, kwargs, combination.gaussian, snakemake.params.correct, combination.every_shard
+        )
         combination.record["proposal_seconds"] = time.perf_counter() - started
     write_combined(
         combination.idata,

@@ -137,6 +137,51 @@ def test_proposal_draws_are_the_proposal_spread_evenly(kind):
     assert importance.proposal_draws(mean, covariance, 1000, kind, 5.0, np.random.default_rng(3))[0].shape == (1000, 3)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "student_t"])
+def test_a_mixture_proposal_draws_half_from_each_component_at_the_mixture_density(kind):
+    """Two components: the first half of the draws is the first component's Sobol' net, the
+    second half the second's; every draw's log density is the mixture's, log(q₁/2 + q₂/2).
+    One component is :func:`importance.proposal_draws` itself, bit for bit."""
+    first, second = (np.zeros(2), np.eye(2)), (np.array([6.0, -3.0]), np.array([[2.0, 0.5], [0.5, 1.0]]))
+    draws, log_q = importance.mixture_draws([first, second], 4096, kind, 5.0, np.random.default_rng(5))
+
+    def density(mean, covariance):
+        return (
+            stats.multivariate_normal(mean, covariance)
+            if kind == "gaussian"
+            else stats.multivariate_t(mean, covariance, 5.0)
+        )
+
+    expected = np.logaddexp(density(*first).logpdf(draws), density(*second).logpdf(draws)) - np.log(2)
+    np.testing.assert_allclose(log_q, expected, rtol=1e-12)
+    for half, (mean, _) in zip((draws[:2048], draws[2048:]), (first, second)):
+        np.testing.assert_allclose(half.mean(axis=0), mean, atol=0.01)
+    alone = importance.mixture_draws([first], 1000, kind, 5.0, np.random.default_rng(5))
+    for mine, plain in zip(alone, importance.proposal_draws(*first, 1000, kind, 5.0, np.random.default_rng(5))):
+        np.testing.assert_array_equal(mine, plain)
+
+
+def test_a_defensive_mixture_reaches_a_target_one_of_its_components_misses():
+    """The target is near the second component, 4 sd from the first: the first alone gives
+    k̂ >= 0.7; the half-and-half mixture recovers the target's mean and sd with k̂ < 0.5 and
+    about half its draws' worth (the half from the far component carries next to no weight)."""
+    target_mean, target_sd = np.array([4.0, 0.0]), np.array([1.1, 0.9])
+    near, far = (np.array([3.8, 0.1]), np.diag(target_sd**2)), (np.zeros(2), np.eye(2))
+
+    def log_target(draws):
+        return -0.5 * np.sum(((draws - target_mean) / target_sd) ** 2, axis=1)
+
+    draws, log_q = importance.proposal_draws(*far, 4096, "gaussian", 5.0, np.random.default_rng(6))
+    assert importance.smoothed_weights(log_target(draws), log_q)[1] >= importance.KHAT_RELIABLE
+    draws, log_q = importance.mixture_draws([far, near], 4096, "gaussian", 5.0, np.random.default_rng(6))
+    log_weights, khat = importance.smoothed_weights(log_target(draws), log_q)
+    mean, sd = importance.weighted_moments(draws, log_weights)
+    assert khat < 0.5
+    np.testing.assert_allclose(mean, target_mean, atol=0.02)
+    np.testing.assert_allclose(sd, target_sd, rtol=0.02)
+    assert 1500 < importance.effective_sample_size(log_weights) <= 2048
+
+
 def test_weighted_summary_is_the_summary_of_the_draws_the_weights_count():
     """Integer weights are repeated draws: the weighted summary of draws with weights 1, 2, 3
     is ArviZ's summary of the draws repeated that often (mean and sd exactly, quantiles

@@ -141,3 +141,43 @@ def test_combine_shards_streams_the_same_shrunk_consensus_without_the_screened_o
     # the shapes were pooled over the kept shards only: the same as combining just those
     kept = block_consensus([shards[shard] for shard in record["used"]], [np.arange(6)], shrinkage="auto", chains=4)
     np.testing.assert_allclose(in_memory.posterior["beta"].values.reshape(400, 6), kept.draws(), rtol=1e-9, atol=1e-12)
+
+
+def test_the_every_shard_product_adds_the_screened_out_shard_back():
+    """Where the screen leaves a shard out, the combination also carries the Gaussian product
+    of every shard, the screened-out one included, weighed as the kept ones (here by the
+    inverse of each shard's draw covariance): the importance correction's target holds that
+    shard's rows. With nothing screened out there is none."""
+    import arviz as az
+    import numpyro
+    import numpyro.distributions as dist
+
+    from cmcflow import combine
+
+    def model():
+        numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([6]))
+
+    shards = exchangeable_shards(np.random.default_rng(9), shards=6, draws=400)
+    shards[2] = shards[2] + np.array([0, 0, 0, 9.0, 0, 0])
+    runs = []
+    for draws in shards:
+        layout = {"beta": draws.reshape(4, 100, 6)}
+        run = az.from_dict(posterior=layout)
+        run.add_groups(unconstrained_posterior=layout)
+        runs.append(run)
+    settings = CombineSettings(
+        "consensus", 0, 0.0, THRESHOLDS, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws"
+    )
+    combination = combine.combine_shards(runs.__getitem__, 6, model, {}, settings, diagnostics=[HEALTHY] * 6)
+    assert [entry["shard"] for entry in combination.record["excluded"]] == [2]
+    precisions = [np.linalg.inv(np.cov(draws.T)) for draws in shards]
+    covariance = np.linalg.inv(sum(precisions))
+    mean = covariance @ sum(precision @ draws.mean(0) for precision, draws in zip(precisions, shards))
+    np.testing.assert_allclose(combination.every_shard["covariance"], covariance, rtol=1e-9)
+    np.testing.assert_allclose(combination.every_shard["mean"], mean, rtol=1e-9, atol=1e-12)
+    assert combination.every_shard["layout"] == combination.gaussian["layout"]
+    assert np.abs(combination.gaussian["mean"][3] - mean[3]) > 0.5  # the kept shards' product misses shard 2
+    kept_only = combine.combine_shards(
+        lambda shard: runs[[0, 1, 3, 4, 5][shard]], 5, model, {}, settings, diagnostics=[HEALTHY] * 5
+    )
+    assert kept_only.every_shard is None

@@ -14,8 +14,9 @@ draws are then pushed through the model's support transforms (NumPyro's
 5. a rigid model observed through distances is located by them (:mod:`cmcflow.locate`);
 6. :func:`combined_record` writes down what was done;
 7. where the importance correction runs, :func:`draw_proposal` draws its proposal from the
-   Gaussian product, with the prior and the constrained sites at every draw (the model is
-   traced here already; a job of its own would pay Python, JAX and the model again).
+   Gaussian product (and, where the screen left shards out, from :func:`every_shard_product`
+   too), with the prior and the constrained sites at every draw (the model is traced here
+   already; a job of its own would pay Python, JAX and the model again).
 
 Above ``STREAMING_ABOVE`` shards the draws are read twice (scan, combine) and never held
 together, so memory does not grow with K.
@@ -23,6 +24,7 @@ together, so memory does not grow with K.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -154,14 +156,17 @@ def combine_draws(
 
 class Combination(NamedTuple):
     """What :func:`combine_shards` returns: the combined InferenceData, the shard record
-    (:func:`combined_record`), every shard's constrained means and sds, and the Gaussian
+    (:func:`combined_record`), every shard's constrained means and sds, the Gaussian
     product of the kept shards (``mean (D,)``, ``covariance (D, D)``, the sites' ``layout``:
-    what the importance correction proposes from)."""
+    what the importance correction proposes from) and, where the screen left out shards
+    whose draws are finite, the product of every such shard too (:func:`every_shard_product`;
+    else ``None``)."""
 
     idata: az.InferenceData
     record: dict
     moments: pd.DataFrame
     gaussian: dict
+    every_shard: dict | None = None
 
 
 @dataclass
@@ -420,7 +425,34 @@ def combine_shards(
     idata.posterior.attrs["num_shards_used"] = len(kept)
     mean, covariance = accumulator.gaussian_product()
     gaussian = {"mean": mean, "covariance": covariance, "layout": site_layout(scan.like)}
-    return Combination(idata, record, pd.concat(scan.moments, ignore_index=True), gaussian)
+    every_shard = None
+    screened_out = sorted(
+        summary.shard for summary in scan.summaries if summary.finite and summary.shard not in set(kept)
+    )
+    if screened_out and point_site is None:  # rigid models are not corrected
+        every_shard = every_shard_product(accumulator, (weighed(shard) for shard in screened_out), scan.sites)
+        every_shard["layout"] = gaussian["layout"]
+    return Combination(idata, record, pd.concat(scan.moments, ignore_index=True), gaussian, every_shard)
+
+
+def every_shard_product(
+    accumulator: ConsensusAccumulator,
+    screened_out: Iterable[tuple[Mapping[str, np.ndarray], np.ndarray | None]],
+    sites: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """The Gaussian product of the kept shards (``accumulator``) and the ``screened_out``
+    ones (each its draws ``{site: (S, …)}`` and the covariance that weighs it, or ``None``:
+    its draws'), weighed as the kept ones were: ``mean (D,)`` and ``covariance (D, D)``.
+
+    The importance correction's target holds every shard's rows, the screened-out ones'
+    too, so this product is closer to it where those shards were left out for rows that
+    truly differ (influential rows, model misfit) and further where their runs went wrong;
+    the proposal mixes it with the kept shards' product (:func:`draw_proposal`)."""
+    every = copy.deepcopy(accumulator)
+    for draws, covariance in screened_out:
+        every.add(flatten(draws, sites), covariance)
+    mean, covariance = every.gaussian_product()
+    return {"mean": mean, "covariance": covariance}
 
 
 def combined_idata(
@@ -437,15 +469,28 @@ def combined_idata(
     )
 
 
-def draw_proposal(model: Callable, kwargs: Mapping, gaussian: Mapping[str, np.ndarray], settings: Mapping) -> dict:
+def draw_proposal(
+    model: Callable,
+    kwargs: Mapping,
+    gaussian: Mapping[str, np.ndarray],
+    settings: Mapping,
+    every_shard: Mapping[str, np.ndarray] | None = None,
+) -> dict:
     """The importance correction's proposal (:func:`cmcflow.importance.propose`, the config's
     ``correct`` section) for the Gaussian product ``gaussian`` (``mean (D,)``, ``covariance
     (D, D)``, ``layout``), with what the later stages need of the model at its draws, so that
     only reweight evaluates the model again: ``draws (M, D)`` (unconstrained),
     ``log_density (M,)`` (log q), ``log_prior (M,)`` (log p(T θ) + log |J_T(θ)|, the whole
     prior) and every site of the model constrained, deterministic ones included
-    (:func:`cmcflow.consensus.pack_constrained`)."""
-    proposal = importance.propose(gaussian, settings)
+    (:func:`cmcflow.consensus.pack_constrained`).
+
+    ``every_shard``: the product of every shard, the screened-out ones too
+    (:attr:`Combination.every_shard`); given, the proposal is the equal mixture of the two
+    (half the draws from each): defensive, as the correction's target holds the
+    screened-out shards' rows while the screen may have left them out for a run that went
+    wrong; whichever product is closer to the target carries the weights, at a cost of at
+    most half the effective sample size."""
+    proposal = importance.propose([gaussian] + ([every_shard] if every_shard is not None else []), settings)
     draws = unflatten_draws(proposal["draws"], str(proposal["layout"]))
     constrained = constrain_draws(model, kwargs, draws, batch_ndims=1)
     return {**proposal, "log_prior": log_prior(model, kwargs, draws, 1.0), **pack_constrained(constrained)}

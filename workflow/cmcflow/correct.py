@@ -145,6 +145,8 @@ def write_correction(inputs, outputs, settings: Mapping) -> dict:
     record = {
         **{key: value for key, value in figures.items() if not key.startswith("unconstrained_")},
         "proposal": settings["proposal"],
+        # 2: half the draws from the product of every shard, the screened-out ones too
+        "proposal_components": int(proposal["components"]),
         **({"df": settings["df"]} if settings["proposal"] == "student_t" else {}),
         "target_shards": target,
         # the log-likelihoods' (the reweight jobs')

@@ -22,11 +22,11 @@ either.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import arviz as az
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 #: k̂ below this: the corrected posterior is exact up to Monte Carlo error (Vehtari et al.).
 KHAT_RELIABLE = 0.7
@@ -54,18 +54,58 @@ def proposal_draws(
     means and sds of a near-Gaussian target carry far less Monte Carlo error than from
     independent draws (bench/results/importance_qmc.md). A power of two keeps Sobol'
     balance; other M take the first M points of the next power of two."""
+    return mixture_draws([(mean, covariance)], num_draws, kind, df, rng)
+
+
+def mixture_draws(
+    components: Sequence[tuple[np.ndarray, np.ndarray]],
+    num_draws: int,
+    kind: str,
+    df: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`proposal_draws` from a mixture of C components ``[(mean (D,), covariance (D, D)), …]``
+    of one ``kind``: the M Sobol' points cut into C consecutive blocks of n_c ≈ M / C (with
+    M and C powers of two, each block is itself a balanced Sobol' net), block c mapped through
+    component c. Each draw's log density is the mixture's, log Σ_c (n_c / M) q_c(θ) (the
+    balance heuristic of multiple importance sampling, Veach and Guibas 1995; Owen and Zhou
+    2000): weights π / that density are unbiased, and never exceed M / n_c times what
+    component c alone would give, so a component far from π costs at most that factor in
+    effective sample size (defensive importance sampling). One component: the plain proposal."""
     if kind not in PROPOSALS:
         raise ValueError(f"unknown proposal {kind!r}; choose one of {PROPOSALS}")
-    dimensions = len(mean) + (kind == "student_t")
+    dimensions = len(components[0][0]) + (kind == "student_t")
     points = stats.qmc.Sobol(dimensions, scramble=True, seed=rng).random_base2(max(0, math.ceil(math.log2(num_draws))))
     # scrambled points lie in [0, 1); keep Φ⁻¹ finite at 0
     points = np.clip(points[:num_draws], np.finfo(float).tiny, 1.0 - np.finfo(float).epsneg)
+    blocks = np.array_split(np.arange(num_draws), len(components))
+    draws = np.concatenate(
+        [
+            mapped_points(points[block], mean, covariance, kind, df)
+            for block, (mean, covariance) in zip(blocks, components)
+        ]
+    )
+    log_densities = [log_density(draws, mean, covariance, kind, df) for mean, covariance in components]
+    if len(components) == 1:
+        return draws, log_densities[0]
+    shares = np.log([len(block) / num_draws for block in blocks])
+    return draws, special.logsumexp(np.stack(log_densities) + shares[:, None], axis=0)
+
+
+def mapped_points(points: np.ndarray, mean: np.ndarray, covariance: np.ndarray, kind: str, df: float) -> np.ndarray:
+    """Points ``(n, D)`` (``(n, D + 1)`` for ``"student_t"``) in (0, 1) mapped to draws ``(n, D)``
+    of the proposal (:func:`proposal_draws`)."""
     scaled = stats.norm.ppf(points[:, : len(mean)]) @ np.linalg.cholesky(covariance).T
     if kind == "gaussian":
-        draws = mean + scaled
-        return draws, stats.multivariate_normal(mean, covariance).logpdf(draws).reshape(num_draws)
-    draws = mean + scaled / np.sqrt(stats.chi2.ppf(points[:, -1], df) / df)[:, None]
-    return draws, stats.multivariate_t(mean, covariance, df=df).logpdf(draws).reshape(num_draws)
+        return mean + scaled
+    return mean + scaled / np.sqrt(stats.chi2.ppf(points[:, -1], df) / df)[:, None]
+
+
+def log_density(draws: np.ndarray, mean: np.ndarray, covariance: np.ndarray, kind: str, df: float) -> np.ndarray:
+    """log q ``(M,)`` of ``draws (M, D)`` under the proposal of ``kind`` (:func:`proposal_draws`)."""
+    if kind == "gaussian":
+        return stats.multivariate_normal(mean, covariance).logpdf(draws).reshape(len(draws))
+    return stats.multivariate_t(mean, covariance, df=df).logpdf(draws).reshape(len(draws))
 
 
 def smoothed_weights(log_target: np.ndarray, log_proposal: np.ndarray) -> tuple[np.ndarray, float]:
@@ -136,12 +176,17 @@ def verdict(khat: float, effective_sample_size: float) -> str:
     return f"k̂ = {khat:.2f} < {KHAT_RELIABLE}: the corrected posterior is exact up to Monte Carlo error"
 
 
-def propose(gaussian: Mapping[str, np.ndarray], settings: Mapping) -> dict[str, np.ndarray]:
-    """The proposal for ``gaussian`` (combine's ``mean (D,)``, ``covariance (D, D)`` and
-    ``layout``) and the config's ``correct`` section: ``draws (M, D)``, ``log_density (M,)``
-    and the layout."""
+def propose(gaussians: Sequence[Mapping[str, np.ndarray]], settings: Mapping) -> dict[str, np.ndarray]:
+    """The proposal for ``gaussians`` (combine's Gaussian products, each ``mean (D,)``,
+    ``covariance (D, D)`` and ``layout``; several: their equal mixture,
+    :func:`mixture_draws`) and the config's ``correct`` section: ``draws (M, D)``,
+    ``log_density (M,)``, the layout and the number of ``components``."""
     rng = np.random.default_rng(settings["seed"])
-    draws, log_q = proposal_draws(
-        gaussian["mean"], gaussian["covariance"], settings["draws"], settings["proposal"], settings["df"], rng
+    draws, log_q = mixture_draws(
+        [(gaussian["mean"], gaussian["covariance"]) for gaussian in gaussians],
+        settings["draws"],
+        settings["proposal"],
+        settings["df"],
+        rng,
     )
-    return {"draws": draws, "log_density": log_q, "layout": gaussian["layout"]}
+    return {"draws": draws, "log_density": log_q, "layout": gaussians[0]["layout"], "components": len(gaussians)}

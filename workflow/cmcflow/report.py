@@ -255,8 +255,8 @@ def exactness_section(importance: dict | None) -> str:
     return (
         "<h2>How exact is this result?</h2>"
         f"<p style='color:{colour}'><b>{html.escape(importance['verdict'])}.</b></p>"
-        f"<p>{importance['proposal_draws']} draws from the kept shards' {html.escape(importance['proposal'])} "
-        f"product, weighted against the exact posterior of the rows of {len(importance['target_shards'])} shards "
+        f"<p>{importance['proposal_draws']} draws from {proposal_source(importance)}, weighted against the exact "
+        f"posterior of the rows of {len(importance['target_shards'])} shards "
         "(every shard whose sampling did not fail; Pareto-smoothed importance sampling): "
         f"effective sample size {importance['effective_sample_size']:.0f}. The combination's means were up to "
         f"{importance['largest_combined_shift_sd']:.2f} posterior sd from the corrected ones (largest: {worst})"
@@ -266,6 +266,17 @@ def exactness_section(importance: dict | None) -> str:
             else "; neither the combination nor the correction can be trusted here.</p>"
         )
         + screened_out_sentence(importance["screened_out"])
+    )
+
+
+def proposal_source(importance: dict) -> str:
+    """Where the correction's proposal draws came from, in words."""
+    kind = html.escape(importance["proposal"])
+    if importance["proposal_components"] == 1:
+        return f"the kept shards' {kind} product"
+    return (
+        f"a {kind} mixture: half from the kept shards' product and half from every shard's, the screened-out "
+        "ones too (the exact posterior holds their rows)"
     )
 
 
