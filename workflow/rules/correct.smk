@@ -1,5 +1,6 @@
 # Importance correction of the combination (not for rigid models; see Analysis.corrected):
-# combine draws a proposal from the kept shards' Gaussian product; every shard's
+# combine draws a proposal from the kept shards' Gaussian product (half from every shard's,
+# the screened-out ones too, where screening left shards out); every shard's
 # log-likelihood at its draws, and Pareto-smoothed importance weights that measure and
 # remove CMC's error.
 
@@ -34,7 +35,7 @@ rule reweight:
 
 
 rule correct:
-    """PSIS weights of the proposal against the exact posterior of the kept shards: k-hat, ESS, corrected draws."""
+    """PSIS weights of the proposal against the exact posterior of all unfailed shards: k-hat, ESS, corrected draws."""
     input:
         proposal=owned(COMBINED_GAUSSIAN),
         log_likelihoods=per_shard(SHARD_LOG_LIKELIHOOD),
