@@ -262,3 +262,26 @@ def test_each_correction_job_imports_only_what_it_runs(job_imports, left_out):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO / "workflow")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_report_says_where_the_proposal_came_from():
+    """The report's "How exact is this result?" names the proposal: the kept shards'
+    product, or, where the screen left shards out, the mixture with every shard's."""
+    from cmcflow.report import exactness_section
+
+    record = {
+        "verdict": importance.verdict(0.43, 336.0),
+        "reliable": True,
+        "combined_shift_sd": {"beta[0]": 0.2, "sigma": -1.3},
+        "largest_combined_shift_sd": 1.3,
+        "proposal_draws": 4096,
+        "proposal": "gaussian",
+        "proposal_components": 1,
+        "target_shards": [0, 1, 2, 3],
+        "effective_sample_size": 336.0,
+        "screened_out": [],
+    }
+    assert "4096 draws from the kept shards' gaussian product, weighted" in exactness_section(record)
+    mixed = exactness_section(record | {"proposal_components": 2, "screened_out": [1, 2]})
+    assert "half from the kept shards' product and half from every shard's" in mixed
+    assert "Shards 1, 2 were screened out of the combination" in mixed
