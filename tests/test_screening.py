@@ -181,3 +181,10 @@ def test_the_every_shard_product_adds_the_screened_out_shard_back():
         lambda shard: runs[[0, 1, 3, 4, 5][shard]], 5, model, {}, settings, diagnostics=[HEALTHY] * 5
     )
     assert kept_only.every_shard is None
+    # a shard whose chains never moved (R-hat NaN) has no covariance to weigh it by: no product, no failure
+    runs[2] = az.from_dict(posterior={"beta": np.ones((4, 100, 6))})
+    runs[2].add_groups(unconstrained_posterior={"beta": np.ones((4, 100, 6))})
+    diagnostics = [HEALTHY] * 6
+    diagnostics[2] = HEALTHY | {"max_r_hat": float("nan")}
+    stuck = combine.combine_shards(runs.__getitem__, 6, model, {}, settings, diagnostics=diagnostics)
+    assert [entry["shard"] for entry in stuck.record["excluded"]] == [2] and stuck.every_shard is None

@@ -431,7 +431,14 @@ def combine_shards(
     )
     if screened_out and point_site is None:  # rigid models are not corrected
         every_shard = every_shard_product(accumulator, (weighed(shard) for shard in screened_out), scan.sites)
-        every_shard["layout"] = gaussian["layout"]
+        if every_shard is None:
+            log.warning(
+                "shards %s: no Gaussian product with them (a covariance is singular); the correction proposes from "
+                "the kept shards' alone",
+                screened_out,
+            )
+        else:
+            every_shard["layout"] = gaussian["layout"]
     return Combination(idata, record, pd.concat(scan.moments, ignore_index=True), gaussian, every_shard)
 
 
@@ -447,11 +454,18 @@ def every_shard_product(
     The importance correction's target holds every shard's rows, the screened-out ones'
     too, so this product is closer to it where those shards were left out for rows that
     truly differ (influential rows, model misfit) and further where their runs went wrong;
-    the proposal mixes it with the kept shards' product (:func:`draw_proposal`)."""
+    the proposal mixes it with the kept shards' product (:func:`draw_proposal`). ``None``
+    where a screened-out shard's draws leave a covariance singular (draws that never moved)."""
     every = copy.deepcopy(accumulator)
-    for draws, covariance in screened_out:
-        every.add(flatten(draws, sites), covariance)
-    mean, covariance = every.gaussian_product()
+    try:
+        for draws, covariance in screened_out:
+            every.add(flatten(draws, sites), covariance)
+        mean, covariance = every.gaussian_product()
+        np.linalg.cholesky(covariance)
+    except np.linalg.LinAlgError:
+        return None
+    if not (np.isfinite(mean).all() and np.isfinite(covariance).all()):
+        return None
     return {"mean": mean, "covariance": covariance}
 
 
