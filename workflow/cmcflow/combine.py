@@ -426,9 +426,7 @@ def combine_shards(
     mean, covariance = accumulator.gaussian_product()
     gaussian = {"mean": mean, "covariance": covariance, "layout": site_layout(scan.like)}
     every_shard = None
-    screened_out = sorted(
-        summary.shard for summary in scan.summaries if summary.finite and summary.shard not in set(kept)
-    )
+    screened_out = sorted({summary.shard for summary in scan.summaries if summary.finite} - set(kept))
     if screened_out and point_site is None:  # rigid models are not corrected
         every_shard = every_shard_product(accumulator, (weighed(shard) for shard in screened_out), scan.sites)
         if every_shard is None:
