@@ -100,27 +100,34 @@ def test_streaming_parametric_has_the_gaussian_product_moments():
     np.testing.assert_allclose(streamed.std(0), sd, rtol=0.05)
 
 
+def beta_model():
+    """A model of one site ``beta (6,)``, as the runs of :func:`beta_run` draw it."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([6]))
+
+
+def beta_run(draws):
+    """A shard run of ``draws (400, 6)`` of :func:`beta_model`'s ``beta``, as 4 chains of 100 (unconstrained
+    and constrained alike)."""
+    import arviz as az
+
+    layout = {"beta": draws.reshape(4, 100, 6)}
+    run = az.from_dict(posterior=layout)
+    run.add_groups(unconstrained_posterior=layout)
+    return run
+
+
 def test_combine_shards_streams_the_same_shrunk_consensus_without_the_screened_out_shard(monkeypatch):
     """The pooled shape for covariance shrinkage is summed while the shards are first read;
     a shard that screening excludes is taken back out of it. Streaming (two reads) and the
     in-memory path must then agree, and the record gives λ for the kept shards only."""
-    import arviz as az
-    import numpyro
-    import numpyro.distributions as dist
-
     from cmcflow import combine
-
-    def model():
-        numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([6]))
 
     shards = exchangeable_shards(np.random.default_rng(8), shards=10, draws=400)
     shards[4] = shards[4] + np.array([0, 9.0, 0, 0, 0, 0])
-    runs = []
-    for draws in shards:
-        layout = {"beta": draws.reshape(4, 100, 6)}
-        run = az.from_dict(posterior=layout)
-        run.add_groups(unconstrained_posterior=layout)
-        runs.append(run)
+    runs = [beta_run(draws) for draws in shards]
 
     def combined(streaming_above):
         monkeypatch.setattr(combine, "STREAMING_ABOVE", streaming_above)
@@ -128,7 +135,7 @@ def test_combine_shards_streams_the_same_shrunk_consensus_without_the_screened_o
             "consensus", 0, "auto", THRESHOLDS, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws"
         )
         return combine.combine_shards(
-            runs.__getitem__, len(runs), model, {}, settings, diagnostics=[HEALTHY] * len(runs)
+            runs.__getitem__, len(runs), beta_model, {}, settings, diagnostics=[HEALTHY] * len(runs)
         )
 
     (in_memory, record, *_), (streamed, streamed_record, *_) = combined(500), combined(5)
@@ -148,27 +155,15 @@ def test_the_every_shard_product_adds_the_screened_out_shard_back():
     of every shard, the screened-out one included, weighed as the kept ones (here by the
     inverse of each shard's draw covariance): the importance correction's target holds that
     shard's rows. With nothing screened out there is none."""
-    import arviz as az
-    import numpyro
-    import numpyro.distributions as dist
-
     from cmcflow import combine
-
-    def model():
-        numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([6]))
 
     shards = exchangeable_shards(np.random.default_rng(9), shards=6, draws=400)
     shards[2] = shards[2] + np.array([0, 0, 0, 9.0, 0, 0])
-    runs = []
-    for draws in shards:
-        layout = {"beta": draws.reshape(4, 100, 6)}
-        run = az.from_dict(posterior=layout)
-        run.add_groups(unconstrained_posterior=layout)
-        runs.append(run)
+    runs = [beta_run(draws) for draws in shards]
     settings = CombineSettings(
         "consensus", 0, 0.0, THRESHOLDS, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws"
     )
-    combination = combine.combine_shards(runs.__getitem__, 6, model, {}, settings, diagnostics=[HEALTHY] * 6)
+    combination = combine.combine_shards(runs.__getitem__, 6, beta_model, {}, settings, diagnostics=[HEALTHY] * 6)
     assert [entry["shard"] for entry in combination.record["excluded"]] == [2]
     precisions = [np.linalg.inv(np.cov(draws.T)) for draws in shards]
     covariance = np.linalg.inv(sum(precisions))
@@ -178,13 +173,12 @@ def test_the_every_shard_product_adds_the_screened_out_shard_back():
     assert combination.every_shard["layout"] == combination.gaussian["layout"]
     assert np.abs(combination.gaussian["mean"][3] - mean[3]) > 0.5  # the kept shards' product misses shard 2
     kept_only = combine.combine_shards(
-        lambda shard: runs[[0, 1, 3, 4, 5][shard]], 5, model, {}, settings, diagnostics=[HEALTHY] * 5
+        lambda shard: runs[[0, 1, 3, 4, 5][shard]], 5, beta_model, {}, settings, diagnostics=[HEALTHY] * 5
     )
     assert kept_only.every_shard is None
     # a shard whose chains never moved (R-hat NaN) has no covariance to weigh it by: no product, no failure
-    runs[2] = az.from_dict(posterior={"beta": np.ones((4, 100, 6))})
-    runs[2].add_groups(unconstrained_posterior={"beta": np.ones((4, 100, 6))})
+    runs[2] = beta_run(np.ones((400, 6)))
     diagnostics = [HEALTHY] * 6
     diagnostics[2] = HEALTHY | {"max_r_hat": float("nan")}
-    stuck = combine.combine_shards(runs.__getitem__, 6, model, {}, settings, diagnostics=diagnostics)
+    stuck = combine.combine_shards(runs.__getitem__, 6, beta_model, {}, settings, diagnostics=diagnostics)
     assert [entry["shard"] for entry in stuck.record["excluded"]] == [2] and stuck.every_shard is None
