@@ -444,7 +444,7 @@ def every_shard_product(
     accumulator: ConsensusAccumulator,
     screened_out: Iterable[tuple[Mapping[str, np.ndarray], np.ndarray | None]],
     sites: Sequence[str],
-) -> dict[str, np.ndarray]:
+) -> dict[str, np.ndarray] | None:
     """The Gaussian product of the kept shards (``accumulator``) and the ``screened_out``
     ones (each its draws ``{site: (S, …)}`` and the covariance that weighs it, or ``None``:
     its draws'), weighed as the kept ones were: ``mean (D,)`` and ``covariance (D, D)``.

@@ -5,11 +5,12 @@ Consensus Monte Carlo is exact only when every subposterior is Gaussian. Its err
 measured, and removed, because the full log-likelihood is the sum of the shards' own:
 with θ in the unconstrained space, the combination's target is
 
-    log π(θ) = λ · (log p(T θ) + log |J_T(θ)|) + Σ_s ℓ_s(T θ),
+    log π(θ) = log p(T θ) + log |J_T(θ)| + Σ_s ℓ_s(T θ),
 
-λ = (kept shards) / K the prior power the combination holds and ℓ_s shard s's untempered
-log-likelihood. Draws θ_j from a proposal q close to π (the Gaussian product of the
-shards' approximations, or a Student-t of the same location and scale) get log weights
+the whole prior and ℓ_s shard s's untempered log-likelihood, summed over every shard whose
+sampling did not fail. Draws θ_j from a proposal q close to π (the Gaussian product of the
+shards' approximations, or a Student-t of the same location and scale; where screening
+left shards out, an equal mixture with the product of every shard) get log weights
 log w_j = log π(θ_j) − log q(θ_j). Pareto-smoothed importance sampling (Vehtari et al.
 2024; ArviZ's ``psislw``) smooths the largest weights and estimates the Pareto shape k̂ of
 their tail: below 0.7 the weighted draws estimate π's expectations with Monte Carlo error
