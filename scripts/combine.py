@@ -42,6 +42,7 @@ with reported_errors():
         point_site=spec.point_site,
         point_pairs=point_pairs,
         sample_paths=snakemake.params.sample_paths,
+        corrected=snakemake.params.correct is not None,
     )
     proposal = {}
     if snakemake.params.correct is not None:  # the importance correction runs

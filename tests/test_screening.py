@@ -163,7 +163,9 @@ def test_the_every_shard_product_adds_the_screened_out_shard_back():
     settings = CombineSettings(
         "consensus", 0, 0.0, THRESHOLDS, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws"
     )
-    combination = combine.combine_shards(runs.__getitem__, 6, beta_model, {}, settings, diagnostics=[HEALTHY] * 6)
+    combination = combine.combine_shards(
+        runs.__getitem__, 6, beta_model, {}, settings, diagnostics=[HEALTHY] * 6, corrected=True
+    )
     assert [entry["shard"] for entry in combination.record["excluded"]] == [2]
     precisions = [np.linalg.inv(np.cov(draws.T)) for draws in shards]
     covariance = np.linalg.inv(sum(precisions))
@@ -173,12 +175,20 @@ def test_the_every_shard_product_adds_the_screened_out_shard_back():
     assert combination.every_shard["layout"] == combination.gaussian["layout"]
     assert np.abs(combination.gaussian["mean"][3] - mean[3]) > 0.5  # the kept shards' product misses shard 2
     kept_only = combine.combine_shards(
-        lambda shard: runs[[0, 1, 3, 4, 5][shard]], 5, beta_model, {}, settings, diagnostics=[HEALTHY] * 5
+        lambda shard: runs[[0, 1, 3, 4, 5][shard]],
+        5,
+        beta_model,
+        {},
+        settings,
+        diagnostics=[HEALTHY] * 5,
+        corrected=True,
     )
     assert kept_only.every_shard is None
     # a shard whose chains never moved (R-hat NaN) has no covariance to weigh it by: no product, no failure
     runs[2] = beta_run(np.ones((400, 6)))
     diagnostics = [HEALTHY] * 6
     diagnostics[2] = HEALTHY | {"max_r_hat": float("nan")}
-    stuck = combine.combine_shards(runs.__getitem__, 6, beta_model, {}, settings, diagnostics=diagnostics)
+    stuck = combine.combine_shards(
+        runs.__getitem__, 6, beta_model, {}, settings, diagnostics=diagnostics, corrected=True
+    )
     assert [entry["shard"] for entry in stuck.record["excluded"]] == [2] and stuck.every_shard is None

@@ -343,6 +343,7 @@ def combine_shards(
     point_site: str | None = None,
     point_pairs: np.ndarray | None = None,
     sample_paths: Sequence[str] | None = None,
+    corrected: bool = False,
 ) -> Combination:
     """Screen and combine the shard runs ``load(0) … load(K − 1)`` of ``model(**model_kwargs)``.
 
@@ -350,8 +351,9 @@ def combine_shards(
     ``settings.screen`` is given); ``point_site``: a rigid model's aligned point cloud;
     ``point_pairs (P, 2)``: the point pairs whose distances the data observe, given which
     the combined structure is located by them; ``sample_paths``: the sample jobs' outputs by
-    shard, named in the message when failed shards stop the run. Returns the
-    :class:`Combination`.
+    shard, named in the message when failed shards stop the run; ``corrected``: the
+    importance correction runs, so the product of every shard is formed where the screen
+    left some out (:attr:`Combination.every_shard`). Returns the :class:`Combination`.
 
     Draws keep the shards' (chain, draw) layout: combined draw (c, j) merges draw (c, j) of
     every shard. The chains of a combined posterior are not independent MCMC chains, so
@@ -427,7 +429,7 @@ def combine_shards(
     gaussian = {"mean": mean, "covariance": covariance, "layout": site_layout(scan.like)}
     every_shard = None
     screened_out = sorted({summary.shard for summary in scan.summaries if summary.finite} - set(kept))
-    if screened_out and point_site is None:  # rigid models are not corrected
+    if corrected and screened_out:
         every_shard = every_shard_product(accumulator, (weighed(shard) for shard in screened_out), scan.sites)
         if every_shard is None:
             log.warning(
