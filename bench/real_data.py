@@ -9,8 +9,9 @@ Every data set at K = 8 (and diamonds at K = 4 too, the "fewer, larger shards" t
 advises where k̂ >= 0.7); dense mass matrix, 4 chains x (500 + 1000) draws. The workflow runs
 four times (``snakemake --cores 2 all fulldata``; the later runs rerun combine onwards
 only): ``combine.weights: draws`` and ``hessian`` (the default), each with the default
-screen and with the outlier screen off. For each: shards excluded, the combined and the
-corrected means' largest distance from full-data NUTS in full-data sd, sd ratios, k̂.
+screen and with the outlier screen off. For each: shards excluded, the kept shards'
+disagreement Q (combine's), the combined and the corrected means' largest distance from
+full-data NUTS in full-data sd, sd ratios, k̂.
 
 What bounds plain consensus is measured apart from the workflow, without sampling
 (:func:`gaussian_product`): the product of the shards' Laplace approximations (each
@@ -176,6 +177,7 @@ def measure(results: Path) -> dict:
         "proposal_components": importance["proposal_components"],
         "weighed_by_draws": record.get("weighed_by_draws", []),
         "excluded": record["excluded"],
+        "disagreement": record.get("disagreement"),
         "parameters": len(full),
         "max_shard_tree_depth_saturation": max(entry.get("tree_depth_saturation", 0.0) for entry in diagnostics),
     }
@@ -201,6 +203,14 @@ def main() -> None:
         snakemake(args.workdir, config, "--cores", "2", "all", "fulldata", timeout=4 * 3600)
         cases[label] = {name: measure(args.workdir / "results" / name) for name in config["analyses"]}
     write_tables(cases, gaussian_products())
+
+
+def disagreement_cell(disagreement: dict | None) -> str:
+    """Q / (K' − 1)·D and its p-value, or a dash for a run recorded before combine measured it."""
+    if disagreement is None:
+        return "–"
+    statistic, degrees_of_freedom, p_value = disagreement.values()
+    return f"{statistic:.0f} / {degrees_of_freedom} = {statistic / degrees_of_freedom:.2f} ({p_value:.1g})"
 
 
 def gaussian_products() -> dict:
@@ -274,14 +284,15 @@ def write_tables(cases: dict, products: dict, measured: str | None = None) -> No
         "",
         "Errors: largest |mean − full-data mean| over the parameters, in full-data posterior sd (its parameter).",
         "",
-        "| data | model | parameters | K | weights | shards excluded | plain CMC error (sd) | plain sd ratio | "
-        "corrected error (sd) | corrected sd ratio | k-hat | ESS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data | model | parameters | K | weights | shards excluded | kept shards' Q / (K' − 1)·D (p) | "
+        "plain CMC error (sd) | plain sd ratio | corrected error (sd) | corrected sd ratio | k-hat | ESS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[
             f"| {DATA_SETS[ANALYSES[name][0]].source} | {DATA_SETS[ANALYSES[name][0]].model} | {c['parameters']} | "
             f"{ANALYSES[name][1]} | {weights} | "
             f"{', '.join(str(entry['shard']) for entry in c['excluded']) or 'none'}"
             f"{' (mixture proposal)' if c['proposal_components'] > 1 else ''} | "
+            f"{disagreement_cell(c.get('disagreement'))} | "
             f"{c['combined']['max_mean_error_sd']:.3f} ({c['combined']['worst_parameter']}) | "
             f"{c['combined']['sd_ratio'][0]:.3f}–{c['combined']['sd_ratio'][1]:.3f} | "
             f"{c['corrected']['max_mean_error_sd']:.3f} ({c['corrected']['worst_parameter']}) | "
@@ -299,7 +310,10 @@ def write_tables(cases: dict, products: dict, measured: str | None = None) -> No
         "combination is of the kept shards' rows only, while the correction targets every row (every shard that "
         "did not fail): its k-hat then says how far apart the two are. There the proposal is a mixture (half its "
         "draws from the kept shards' Gaussian product, half from every shard's), so that the screened-out rows "
-        "shape it too.",
+        "shape it too. Q: the kept shards' disagreement as combine records it (`combined/shards.json`; "
+        "Q = Σ_s (m_s − m̄)ᵀ W_s (m_s − m̄), m_s the shard's posterior mean, W_s its weight), about χ² with "
+        "(K' − 1)·D degrees of freedom where one model describes every shard's rows; p below 0.001 and combine "
+        "warns.",
         "",
         "## What bounds plain consensus: the noise-free Gaussian product",
         "",

@@ -9,7 +9,7 @@ import pytest
 from cmcflow.combine import CombineSettings, combine_draws, stream_combine
 from cmcflow.consensus import block_consensus, plan_consensus
 from cmcflow.errors import InputError
-from cmcflow.screening import ShardSummary, require_enough, screen, summarise
+from cmcflow.screening import DISAGREEMENT_P_VALUE, ShardSummary, require_enough, screen, summarise
 
 THRESHOLDS = {"max_divergence_rate": 0.05, "max_r_hat": 1.1, "min_ess": 40, "max_outlier_z": 5.0}
 HEALTHY = {"max_r_hat": 1.01, "min_ess_bulk": 800.0, "divergence_rate": 0.0}
@@ -98,6 +98,56 @@ def test_streaming_parametric_has_the_gaussian_product_moments():
     # 4000 draws: the sample mean is within 4 standard errors, the sd within 5%
     np.testing.assert_array_less(np.abs(streamed.mean(0) - mean), 4 * sd / np.sqrt(4000))
     np.testing.assert_allclose(streamed.std(0), sd, rtol=0.05)
+
+
+@pytest.mark.parametrize("method", ["consensus", "consensus_diag"])
+def test_disagreement_is_the_spread_of_the_shard_means_in_their_own_precisions(method):
+    """Q = Σ_s (m_s − m̄)ᵀ W_s (m_s − m̄), m̄ the product's mean, summed over the weight
+    blocks; streamed about the first shard's mean, so means far from 0 lose no digits."""
+    rng = np.random.default_rng(12)
+    shards = [1e6 + rng.normal(size=3) + rng.normal(size=(500, 3)) @ rng.normal(size=(3, 3)) for _ in range(5)]
+    _, accumulator = stream_combine(
+        ({"x": draws} for draws in shards), {"x": shards[0]}, plan_consensus(method, 0.0, None), jax.random.PRNGKey(0)
+    )
+    statistic, degrees_of_freedom = accumulator.disagreement()
+    covariances = [np.cov(draws.T) for draws in shards]
+    if method == "consensus_diag":
+        covariances = [np.diag(np.diag(covariance)) for covariance in covariances]
+    weights = [np.linalg.inv(covariance) for covariance in covariances]
+    means = [draws.mean(axis=0) for draws in shards]
+    mean = np.linalg.solve(sum(weights), sum(weight @ m for weight, m in zip(weights, means)))
+    expected = sum((m - mean) @ weight @ (m - mean) for weight, m in zip(weights, means))
+    assert degrees_of_freedom == 4 * 3
+    np.testing.assert_allclose(statistic, expected, rtol=1e-6)
+
+
+def test_disagreement_is_chi_squared_where_shards_agree_and_flags_overdispersed_shards():
+    """Exchangeable shards (each mean scattered about the truth by its own posterior sd: one
+    model describes every shard) give Q ~ χ² with (K − 1)·D = 42 degrees of freedom, for full
+    and diagonal weights; shards whose means scatter twice as far (a model that does not
+    describe every shard's rows alike) are flagged. 200 repeats: the mean of Q is within 4
+    standard errors (√(2·42/200) = 0.65) of 42."""
+    from scipy import stats
+
+    from cmcflow.screening import disagreement_test
+
+    def disagreement(shards, method):
+        plan = plan_consensus(method, 0.0, None)
+        _, accumulator = stream_combine(
+            ({"x": draws} for draws in shards), {"x": shards[0]}, plan, jax.random.PRNGKey(0)
+        )
+        return disagreement_test(*accumulator.disagreement())
+
+    for method in ("consensus", "consensus_diag"):
+        records = [disagreement(exchangeable_shards(np.random.default_rng(seed)), method) for seed in range(200)]
+        statistics = [record["statistic"] for record in records]
+        assert {record["degrees_of_freedom"] for record in records} == {42}
+        assert abs(np.mean(statistics) - 42) < 4 * 0.65, (method, np.mean(statistics))
+        assert stats.kstest(statistics, stats.chi2(42).cdf).pvalue > 0.01
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        spread = [2.0 * rng.normal(size=6) + rng.normal(size=(2000, 6)) for _ in range(8)]
+        assert disagreement(spread, "consensus")["p_value"] < DISAGREEMENT_P_VALUE, seed
 
 
 def beta_model():
@@ -192,3 +242,31 @@ def test_the_every_shard_product_adds_the_screened_out_shard_back():
         runs.__getitem__, 6, beta_model, {}, settings, diagnostics=diagnostics, corrected=True
     )
     assert [entry["shard"] for entry in stuck.record["excluded"]] == [2] and stuck.every_shard is None
+
+
+def test_combine_warns_where_the_kept_shards_disagree_and_the_report_says_so(caplog):
+    """Shards whose means scatter twice their posterior sd: combine records Q with its
+    p-value, warns, and the report explains; exchangeable shards raise neither."""
+    import logging
+
+    from cmcflow import combine
+    from cmcflow.report import disagreement_sentence
+
+    settings = CombineSettings(
+        "consensus", 0, 0.0, None, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws"
+    )
+    rng = np.random.default_rng(21)
+    spread = [2.0 * rng.normal(size=6) + rng.normal(size=(400, 6)) for _ in range(8)]
+    agreeing = exchangeable_shards(np.random.default_rng(22), draws=400)
+    for shards, alarm in ((spread, True), (agreeing, False)):
+        runs = [beta_run(draws) for draws in shards]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cmcflow.combine"):
+            record = combine.combine_shards(runs.__getitem__, 8, beta_model, {}, settings).record
+        figures = record["disagreement"]
+        assert figures["degrees_of_freedom"] == 7 * 6
+        assert (figures["p_value"] < DISAGREEMENT_P_VALUE) is alarm, figures
+        assert ("disagree more than their posteriors allow" in caplog.text) is alarm
+        sentence = disagreement_sentence(record)
+        assert sentence.startswith(f"<p>The kept shards' means disagree by Q = {figures['statistic']:.1f}") is not alarm
+        assert ("more than their posteriors allow" in sentence) is alarm

@@ -21,6 +21,7 @@ from conftest import PRECISION, REPO, Workflow, correction_jobs, tiny_config
 from cmcflow.consensus import unflatten_draws
 from cmcflow.io import read_arrays
 from cmcflow.resources import draws_mem_mb, light_mem_mb, sample_mem_mb
+from cmcflow.screening import DISAGREEMENT_P_VALUE
 
 pytestmark = pytest.mark.workflow
 
@@ -72,6 +73,8 @@ def test_every_output_is_produced(finished):
     shards = json.loads((results / "combined/shards.json").read_text())
     assert set(shards.pop("max_abs_z")) == {"0", "1"}
     assert 0.0 < shards.pop("proposal_seconds") < 60.0  # combine drew the correction's proposal
+    disagreement = shards.pop("disagreement")  # the simulated data follow the model: no alarm
+    assert disagreement["degrees_of_freedom"] == (2 - 1) * 4 and disagreement["p_value"] > DISAGREEMENT_P_VALUE
     proposal = read_arrays(results / "combined/gaussian.npz")
     assert proposal["draws"].shape == (4096, 4) and proposal["log_prior"].shape == (4096,)
     unconstrained = unflatten_draws(proposal["draws"], str(proposal["layout"]))
@@ -96,6 +99,7 @@ def test_every_output_is_produced(finished):
     assert list(moments.columns) == ["shard", "parameter", "mean", "sd"] and len(moments) == 2 * 4
     report = (results / "report/report.html").read_text()
     assert "Shard diagnostics" in report and "beta[2]" in report and "Time per stage" in report
+    assert f"The kept shards' means disagree by Q = {disagreement['statistic']:.1f}" in report
     assert "at max tree depth" in report
     assert report.count("src='data:image/png;base64,") == 2  # both figures embedded
     for figure in ("shards.png", "posterior.png"):

@@ -303,7 +303,7 @@ def combined_record(
 ) -> dict:
     """The shard record of a combination (``combined/shards.json``): method, weights, used
     and excluded shards with reasons, each shard's outlier score; ``facts``: more entries
-    (streaming, location, shrinkage intensities)."""
+    (streaming, location, shrinkage intensities, the kept shards' disagreement)."""
     return {
         "method": plan.method,
         "covariance": plan.covariance,
@@ -321,6 +321,7 @@ def combined_record(
 
 #: Entries of the shard record that are not copied into the combined posterior's attributes.
 RECORD_ONLY = (
+    "disagreement",
     "used",
     "excluded",
     "failed",
@@ -421,6 +422,15 @@ def combine_shards(
         facts["shrinkage_intensity"] = {str(shard): weight for shard, weight in zip(kept, accumulator.intensities)}
     if settings.screen is not None:
         facts["max_outlier_z"] = settings.screen["max_outlier_z"]
+    if len(kept) > 1:
+        facts["disagreement"] = screening.disagreement_test(*accumulator.disagreement())
+        if facts["disagreement"]["p_value"] < screening.DISAGREEMENT_P_VALUE:
+            log.warning(
+                "the kept shards' means disagree more than their posteriors allow: Q = %.1f against %d expected "
+                "(chi-squared p = %.2g); the model may not describe every shard's rows alike, and a Gaussian "
+                "combination may be biased",
+                *facts["disagreement"].values(),
+            )
     record = combined_record(plan, scan, kept, excluded, num_shards, **facts)
     idata = combined_idata(combined, scan, model, model_kwargs)
     idata.posterior.attrs.update({key: value for key, value in record.items() if key not in RECORD_ONLY})

@@ -218,6 +218,11 @@ class ConsensusAccumulator:
     its batch means). Where the shards share one shape (random or stratified splits) Σ̂ − T is
     mostly noise and λ nears 1; where their shapes truly differ, λ nears 0.
     :attr:`intensities` lists each added shard's λ (mean over its blocks).
+
+    :meth:`disagreement` gives how far the shards' means m_s lie from the product's mean m̄
+    in their own precisions, Q = Σ_s (m_s − m̄)ᵀ W_s (m_s − m̄) (summed over blocks), kept as
+    Σ_s (m_s − r)ᵀ W_s (m_s − r) about the first shard's mean r and finished as
+    Q = Σ_s (m_s − r)ᵀ W_s (m_s − r) − (m̄ − r)ᵀ (Σ_s W_s) (m̄ − r), so it streams too.
     """
 
     def __init__(
@@ -236,11 +241,17 @@ class ConsensusAccumulator:
         self.weighted_mean = np.zeros(dimension)
         self.shrinkage, self.shapes, self.chains = shrinkage, shapes, chains
         self.intensities: list[float] = []
+        self.shards = 0
+        self.reference: np.ndarray | None = None  # r: the first shard's mean (D,)
+        self.centred_square = 0.0  # Σ_s (m_s − r)ᵀ W_s (m_s − r)
 
     def add(self, draws: np.ndarray, covariance: np.ndarray | None = None) -> None:
         """Add one shard's draws ``(S, D)``, weighted by the inverse of the given
         ``covariance`` ``(D, D)`` restricted to each block (no shrinkage), or else by the
         inverse of the draws' own (shrunk) covariance."""
+        if self.reference is None:
+            self.reference = draws.mean(axis=0)
+        self.shards += 1
         intensities = []
         for size, index in self.groups.items():
             values = draws[:, index]  # (S, B, size)
@@ -265,6 +276,8 @@ class ConsensusAccumulator:
         self.precision[size] += weights
         self.weighted_draws[:, index] += np.einsum("bij,sbj->sbi", weights, values)
         self.weighted_mean[index] += np.einsum("bij,bj->bi", weights, values.mean(axis=0))
+        centred = values.mean(axis=0) - self.reference[index]  # (B, size)
+        self.centred_square += float(np.einsum("bi,bij,bj->", centred, weights, centred))
 
     def draws(self) -> np.ndarray:
         """The combined draws ``(S, D)``."""
@@ -283,6 +296,20 @@ class ConsensusAccumulator:
             covariances[size] = np.linalg.inv(self.precision[size])
             mean[index] = np.einsum("bij,bj->bi", covariances[size], self.weighted_mean[index])
         return mean, covariances
+
+    def disagreement(self) -> tuple[float, int]:
+        """Q (see the class docstring) and (K − 1)·D, K the shards added: where one model
+        describes every shard's rows and the subposteriors are Gaussian, each m_s scatters
+        about the truth with covariance W_s⁻¹, and Q ~ χ² with (K − 1)·D degrees of freedom
+        (Cochran's Q of meta-analysis, one block of all D; block-diagonal weights keep its
+        mean but widen its spread, as they leave out the correlations between blocks)."""
+        mean, _ = self.gaussian()
+        centred = mean - self.reference
+        pooled = sum(
+            float(np.einsum("bi,bij,bj->", centred[index], self.precision[size], centred[index]))
+            for size, index in self.groups.items()
+        )
+        return max(self.centred_square - pooled, 0.0), (self.shards - 1) * len(mean)
 
     def gaussian_product(self) -> tuple[np.ndarray, np.ndarray]:
         """The product of the shards' Gaussian approximations as one mean ``(D,)`` and one

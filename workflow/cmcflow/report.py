@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cmcflow.io import read_json
-from cmcflow.screening import TREE_DEPTH_WARNING
+from cmcflow.screening import DISAGREEMENT_P_VALUE, TREE_DEPTH_WARNING
 
 #: Per-shard diagnostics shown in the report, with their column titles.
 DIAGNOSTIC_COLUMNS = {
@@ -292,6 +292,28 @@ def screened_out_sentence(screened_out: list[int]) -> str:
     )
 
 
+def disagreement_sentence(shards: dict) -> str:
+    """How far the kept shards' means disagree (Cochran's Q against χ²), and what a
+    disagreement beyond their posteriors' spread means."""
+    if "disagreement" not in shards:
+        return ""
+    figures = shards["disagreement"]
+    measured = (
+        f"The kept shards' means disagree by Q = {figures['statistic']:.1f}, the sum over shards of each mean's "
+        f"squared distance from the combined mean in that shard's own precision: {figures['degrees_of_freedom']} "
+        "is expected where one model describes every shard's rows (χ², p = "
+        f"{figures['p_value']:.2g})"
+    )
+    if figures["p_value"] >= DISAGREEMENT_P_VALUE:
+        return f"<p>{measured}.</p>"
+    return (
+        f"<p style='color:#b42318'><b>{measured}: more than their posteriors allow.</b> The model may not describe "
+        "every shard's rows alike (misfit, a subpopulation in some shards), or the shards' posteriors are not "
+        "Gaussian; either way the Gaussian combination can be biased. The importance correction measures by how "
+        "much (<code>correct.enabled</code>); the per-shard marginals below show which parameters disagree.</p>"
+    )
+
+
 def shrinkage_sentence(shards: dict) -> str:
     """One line on how far each shard's covariance was shrunk toward the shared shape."""
     weights = np.array(list(shards["shrinkage_intensity"].values()))
@@ -345,6 +367,7 @@ def render_report(
         ),
         exactness_section(importance),
         "<h2>Shards and their combination</h2>",
+        disagreement_sentence(shards),
         image_tag(shards_png, "per-shard against combined marginals; shard heterogeneity"),
         "<h2>Combined posterior</h2>",
         image_tag(posterior_png, "combined posterior"),

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import special
 
 from cmcflow.errors import InputError
 
@@ -36,6 +37,9 @@ TREE_DEPTH_WARNING = 0.1
 #: σ²_s − σ² is floored at this fraction of σ²_s (a shard far more precise than the
 #: combination of all shards would otherwise divide by ~0).
 MIN_VARIANCE_EXCESS = 0.01
+#: Below this χ² p-value the kept shards' means disagree more than their posteriors allow
+#: (:func:`disagreement_test`): combine warns and the report says so.
+DISAGREEMENT_P_VALUE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,21 @@ def require_enough(kept: Sequence[int], excluded: Sequence[Mapping], num_shards:
             f"only {len(kept)} of {num_shards} shards are usable (combine.min_shards_fraction = {min_fraction}); "
             f"excluded: {reasons}"
         )
+
+
+def disagreement_test(statistic: float, degrees_of_freedom: int) -> dict:
+    """The kept shards' disagreement Q (:meth:`~cmcflow.consensus.ConsensusAccumulator.disagreement`)
+    against χ² with ``degrees_of_freedom``: ``{"statistic", "degrees_of_freedom", "p_value"}``.
+    A p-value below :data:`DISAGREEMENT_P_VALUE` says that one model does not describe every
+    shard's rows alike (misfit, a subpopulation in some shards) or that the subposteriors are
+    not Gaussian: either way a Gaussian combination can be biased, which the importance
+    correction measures. Where no shard is left out, this is what the outlier screen cannot
+    see: many shards each a little off."""
+    return {
+        "statistic": statistic,
+        "degrees_of_freedom": degrees_of_freedom,
+        "p_value": float(special.chdtrc(degrees_of_freedom, statistic)),
+    }
 
 
 def final_outlier_scores(summaries: Sequence[ShardSummary], kept: Sequence[int]) -> dict[int, float]:
