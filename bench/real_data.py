@@ -36,6 +36,7 @@ from common import RESULTS, schema_default, snakemake, target, workflow_config, 
 
 from cmcflow.examples import DATA_SETS
 from cmcflow.importance import is_reliable
+from cmcflow.screening import DISAGREEMENT_P_VALUE
 
 #: combine settings compared, each a rerun of combine onwards on the same shard runs: draw
 #: weights and Hessian weights (the default), each with the default screen and with every
@@ -209,8 +210,14 @@ def disagreement_cell(disagreement: dict | None) -> str:
     """Q / (K' − 1)·D and its p-value, or a dash for a run recorded before combine measured it."""
     if disagreement is None:
         return "–"
-    statistic, degrees_of_freedom, p_value = disagreement.values()
-    return f"{statistic:.0f} / {degrees_of_freedom} = {statistic / degrees_of_freedom:.2f} ({p_value:.1g})"
+    statistic, degrees_of_freedom = disagreement["statistic"], disagreement["degrees_of_freedom"]
+    p_value = disagreement["p_value"]
+    return f"{statistic:.0f} / {degrees_of_freedom} = {statistic / degrees_of_freedom:.2f} (p {p_value:.2g})"
+
+
+def warns(disagreement: dict | None) -> bool:
+    """Whether combine warned of the kept shards' disagreement."""
+    return disagreement is not None and disagreement["p_value"] < DISAGREEMENT_P_VALUE
 
 
 def gaussian_products() -> dict:
@@ -246,7 +253,8 @@ def write_tables(cases: dict, products: dict, measured: str | None = None) -> No
             f"({product['max_mean_error_sd']:.3f} sd, {product['worst_parameter']}): what bounds it is the "
             f"product of per-shard Gaussians itself, not its weights (the shards' modes disagree by "
             f"Q = {product['disagreement']:.0f} against (K − 1)·D = {product['disagreement_expected']} where "
-            "the model holds); the "
+            f"the model holds; combine's own Q from the draws: {disagreement_cell(same_rows.get('disagreement'))}"
+            f"{', and it warns' if warns(same_rows.get('disagreement')) else ''}); the "
             + (
                 f"correction against the exact likelihood removes it ({fixed['max_mean_error_sd']:.3f} sd, "
                 f"k-hat {khat:.2f})"
@@ -284,7 +292,7 @@ def write_tables(cases: dict, products: dict, measured: str | None = None) -> No
         "",
         "Errors: largest |mean − full-data mean| over the parameters, in full-data posterior sd (its parameter).",
         "",
-        "| data | model | parameters | K | weights | shards excluded | kept shards' Q / (K' − 1)·D (p) | "
+        "| data | model | parameters | K | weights | shards excluded | kept shards' Q / (K' − 1)·D | "
         "plain CMC error (sd) | plain sd ratio | corrected error (sd) | corrected sd ratio | k-hat | ESS |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[

@@ -423,13 +423,15 @@ def combine_shards(
     if settings.screen is not None:
         facts["max_outlier_z"] = settings.screen["max_outlier_z"]
     if len(kept) > 1:
-        facts["disagreement"] = screening.disagreement_test(*accumulator.disagreement())
-        if facts["disagreement"]["p_value"] < screening.DISAGREEMENT_P_VALUE:
+        disagreement = facts["disagreement"] = screening.disagreement_test(*accumulator.disagreement())
+        if disagreement["p_value"] < screening.DISAGREEMENT_P_VALUE:
             log.warning(
                 "the kept shards' means disagree more than their posteriors allow: Q = %.1f against %d expected "
                 "(chi-squared p = %.2g); the model may not describe every shard's rows alike, and a Gaussian "
                 "combination may be biased",
-                *facts["disagreement"].values(),
+                disagreement["statistic"],
+                disagreement["degrees_of_freedom"],
+                disagreement["p_value"],
             )
     record = combined_record(plan, scan, kept, excluded, num_shards, **facts)
     idata = combined_idata(combined, scan, model, model_kwargs)
