@@ -19,6 +19,7 @@ from cmcflow.compare import in_frame, k_stability, shift, verdict
 from cmcflow.config import SCHEMA, check_config, resolve_analyses
 from cmcflow.errors import ConfigError
 from cmcflow.runs import element_labels
+from cmcflow.screening import DISAGREEMENT_P_VALUE
 from cmcflow.sweep import grid, key_labels, point_name
 
 
@@ -213,6 +214,8 @@ def test_k_stability_holds_at_every_k_where_cmc_is_exact(stability_run):
     assert series["reference"] == "full data"
     assert [row["num_shards"] for row in series["rows"]] == [2, 4, 8]
     assert series["stable_up_to"] == 8, series["rows"]
+    # every shard's posterior is Gaussian and one model describes every row: Q ~ χ², no alarm
+    assert all(row["disagreement_p"] > DISAGREEMENT_P_VALUE for row in series["rows"]), series["rows"]
     assert series["verdict"] == "stable up to K = 8, the largest K swept"
     page = (stability_run.workdir / "results/gaussian/sweep/report.html").read_text()
     assert "stable up to K = 8" in page and "Distance between grid points" in page
@@ -224,6 +227,10 @@ def test_k_stability_finds_the_drift_of_shards_too_small_for_a_gaussian(stabilit
     assert small["stable"] and small["max_mean_shift"] < 0.2, small
     # 40 rows per shard: the combination moves by far more than its Monte Carlo error
     assert not large["stable"] and large["max_mean_shift"] > 0.5, large
+    # ... while the shards agree with each other (measured: p 0.45): skewed shards all lean the
+    # same way, a bias their disagreement Q cannot see and only the drift (or the correction) shows
+    print(f"disagreement p: K = 2 {small['disagreement_p']:.3g}, K = 25 {large['disagreement_p']:.3g}")
+    assert large["disagreement_p"] > DISAGREEMENT_P_VALUE, large
     assert series["verdict"] == "stable up to K = 2"
 
 

@@ -308,9 +308,9 @@ def disagreement_sentence(shards: dict) -> str:
         return f"<p>{measured}.</p>"
     return (
         f"<p style='color:#b42318'><b>{measured}: more than their posteriors allow.</b> The model may not describe "
-        "every shard's rows alike (misfit, a subpopulation in some shards), or the shards' posteriors are not "
-        "Gaussian; either way the Gaussian combination can be biased. The importance correction measures by how "
-        "much (<code>correct.enabled</code>); the per-shard marginals below show which parameters disagree.</p>"
+        "every shard's rows alike (misfit, a subpopulation in some shards), and the Gaussian combination can then "
+        "be biased. The importance correction measures by how much (<code>correct.enabled</code>); the per-shard "
+        "marginals below show which parameters disagree.</p>"
     )
 
 

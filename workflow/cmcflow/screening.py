@@ -137,10 +137,11 @@ def disagreement_test(statistic: float, degrees_of_freedom: int) -> dict:
     """The kept shards' disagreement Q (:meth:`~cmcflow.consensus.ConsensusAccumulator.disagreement`)
     against χ² with ``degrees_of_freedom``: ``{"statistic", "degrees_of_freedom", "p_value"}``.
     A p-value below :data:`DISAGREEMENT_P_VALUE` says that one model does not describe every
-    shard's rows alike (misfit, a subpopulation in some shards) or that the subposteriors are
-    not Gaussian: either way a Gaussian combination can be biased, which the importance
-    correction measures. Where no shard is left out, this is what the outlier screen cannot
-    see: many shards each a little off."""
+    shard's rows alike (misfit, a subpopulation in some shards), so that a Gaussian
+    combination can be biased (the importance correction measures by how much): many shards
+    each a little off, which the outlier screen cannot see. A large one does not clear the
+    combination: shards too small for a Gaussian posterior all lean the same way, a bias Q
+    cannot see (the correction and the K-stability check can)."""
     return {
         "statistic": statistic,
         "degrees_of_freedom": degrees_of_freedom,

@@ -27,6 +27,7 @@ from cmcflow.compare import (  # noqa: E402
 )
 from cmcflow.io import read_json  # noqa: E402
 from cmcflow.report import html_page, image_tag, key_parameters, png  # noqa: E402
+from cmcflow.screening import DISAGREEMENT_P_VALUE  # noqa: E402
 
 #: The swept key whose K-stability is checked.
 SHARD_COUNT = "shard.num_shards"
@@ -55,7 +56,7 @@ def long_summary(points: Sequence[Mapping], summaries: Mapping[str, pd.DataFrame
 def stability_series(
     points: Sequence[Mapping],
     summaries: Mapping[str, pd.DataFrame],
-    excluded: Mapping[str, int],
+    records: Mapping[str, Mapping],
     fulldata: Mapping[str, pd.DataFrame],
     thresholds: Mapping,
     point_site: str | None,
@@ -63,8 +64,12 @@ def stability_series(
 ) -> list[dict]:
     """The K-stability check per series of grid points that agree on every swept key but
     K, against the series' full-data run (K = 1) where one ran, else its smallest K. Each
-    row also counts the shards its combination left out (``excluded``: by point name): a
-    combination of fewer shards is a posterior of fewer rows, and moves for that reason."""
+    row also counts the shards its combination left out (from ``records``, combine's
+    shards.json by point name): a combination of fewer shards is a posterior of fewer rows,
+    and moves for that reason; and gives the p-value of the kept shards' disagreement
+    (:func:`~cmcflow.screening.disagreement_test`): shards that disagree with each other, a
+    different signal from the drift, which is a bias all shards share."""
+    excluded = {name: len(record["excluded"]) for name, record in records.items()}
     series: dict[tuple, list[Mapping]] = {}
     for point in points:
         fixed = tuple((key, value) for key, value in point["values"].items() if key != SHARD_COUNT)
@@ -89,6 +94,7 @@ def stability_series(
         )
         for row in rows:
             row["excluded_shards"] = excluded[row["point"]]
+            row["disagreement_p"] = records[row["point"]].get("disagreement", {}).get("p_value")
         reference_excluded = 0 if members[0]["fulldata"] else excluded[first["name"]]
         results.append(
             {
@@ -187,7 +193,7 @@ def render_sweep_report(
     full-data run's summary.csv or None}``.
     """
     summaries = {point["name"]: read_summary(point["summary"]) for point in points}
-    excluded = {point["name"]: len(read_json(point["shards"])["excluded"]) for point in points}
+    records = {point["name"]: read_json(point["shards"]) for point in points}
     fulldata = {point["fulldata"]: read_summary(point["fulldata"]) for point in points if point["fulldata"]}
     first = summaries[points[0]["name"]]
     framed = common_frame(summaries, first, point_site, allow_reflection)
@@ -205,7 +211,7 @@ def render_sweep_report(
                 in_frame(summaries[point["name"]], reference, *frame), in_frame(reference, reference, *frame)
             )
     series = (
-        stability_series(points, summaries, excluded, fulldata, thresholds, point_site, allow_reflection)
+        stability_series(points, summaries, records, fulldata, thresholds, point_site, allow_reflection)
         if SHARD_COUNT in keys
         else []
     )
@@ -213,7 +219,12 @@ def render_sweep_report(
         "sweep": sweep,
         "keys": list(keys),
         "points": [
-            {"name": point["name"], "values": point["values"], "excluded_shards": excluded[point["name"]]}
+            {
+                "name": point["name"],
+                "values": point["values"],
+                "excluded_shards": len(records[point["name"]]["excluded"]),
+                "disagreement": records[point["name"]].get("disagreement"),
+            }
             for point in points
         ],
         "distances": distances.to_dict(),
@@ -261,7 +272,11 @@ def stability_section(series: Sequence[Mapping], thresholds: Mapping) -> str:
         f"<p>A K is stable when, against the reference, no parameter's combined mean moved by "
         f"more than {thresholds['max_mean_shift']:g} reference sd and no sd changed by more than "
         f"{thresholds['max_sd_change']:.0%}. Consensus Monte Carlo is exact while every shard's "
-        "posterior is Gaussian; a drift as K grows shows where the shards became too small.</p>"
+        "posterior is Gaussian; a drift as K grows shows where the shards became too small. "
+        "<code>disagreement_p</code>: the p-value of the kept shards' disagreement Q (each point's report); "
+        f"below {DISAGREEMENT_P_VALUE:g} they disagree with each other more than their posteriors allow. The two "
+        "are different signals: shards too small for a Gaussian posterior all lean the same way, which moves the "
+        "combination while they still agree.</p>"
     ]
     for entry in series:
         fixed = ", ".join(f"{key}={value}" for key, value in entry["fixed"].items())
