@@ -152,6 +152,19 @@ def test_grid_points_share_the_jobs_of_the_stages_they_agree_on(tmp_path):
         "sweep_report": 1,
         "all": 1,
     }
+    # another split of the same rows: everything from shard on runs again, simulate does not
+    seeds = tiny_config(shard={"num_shards": 2}, sweep={"shard.seed": [0, 1]})
+    assert Workflow(tmp_path, without_correction(seeds)).planned_jobs() == {
+        "simulate": 1,
+        "shard": 2,
+        "featurize": 4,
+        "preflight": 2,
+        "sample": 4,
+        "combine": 2,
+        "report": 2,
+        "sweep_report": 1,
+        "all": 1,
+    }
     shards = tiny_config(sweep={"shard.num_shards": [2, 3], "fulldata": True})
     assert Workflow(tmp_path, without_correction(shards)).planned_jobs() == {
         "simulate": 1,
@@ -219,6 +232,8 @@ def test_k_stability_holds_at_every_k_where_cmc_is_exact(stability_run):
     assert series["verdict"] == "stable up to K = 8, the largest K swept"
     page = (stability_run.workdir / "results/gaussian/sweep/report.html").read_text()
     assert "stable up to K = 8" in page and "Distance between grid points" in page
+    assert "The shards' disagreement per grid point" in page
+    assert all(f"num_shards={k}</th>" in page for k in (2, 4, 8)), "a row per grid point"
 
 
 def test_k_stability_finds_the_drift_of_shards_too_small_for_a_gaussian(stability_run):

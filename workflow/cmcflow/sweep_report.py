@@ -256,6 +256,14 @@ def render_sweep_report(
         "(sqrt of the mean of the two variances).</p>",
         distances.to_html(float_format="{:.3g}".format),
     ]
+    sections += [
+        "<h2>The shards' disagreement per grid point</h2>",
+        "<p>The kept shards' disagreement Q against (K' − 1)·D and its p-value, as each point's report "
+        f"gives it; below {DISAGREEMENT_P_VALUE:g} its shards disagree more than their posteriors allow. "
+        "Points that differ only in <code>shard.seed</code> split the same rows another way: a Q high at "
+        "every seed is the model's (misfit), one point's alone is that split's chance.</p>",
+        disagreement_table(record["points"], labels).to_html(float_format="{:.3g}".format, na_rep="–"),
+    ]
     if against_full:
         table = pd.DataFrame(against_full).T.rename(index=labels)
         sections += [
@@ -264,6 +272,22 @@ def render_sweep_report(
             table.to_html(float_format="{:.3g}".format),
         ]
     return html_page(f"sweep {sweep}", sections), figure_png, long_summary(points, summaries), record
+
+
+def disagreement_table(points: Sequence[Mapping], labels: Mapping[str, str]) -> pd.DataFrame:
+    """One row per grid point: shards excluded, the kept shards' Q, its degrees of freedom
+    and p-value (``None``: fewer than two shards kept, or a record from before combine
+    measured it)."""
+    rows = {}
+    for point in points:
+        disagreement = point["disagreement"] or {}
+        rows[labels[point["name"]]] = {
+            "shards excluded": point["excluded_shards"],
+            "Q": disagreement.get("statistic"),
+            "(K' − 1)·D": disagreement.get("degrees_of_freedom"),
+            "p": disagreement.get("p_value"),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def stability_section(series: Sequence[Mapping], thresholds: Mapping) -> str:
