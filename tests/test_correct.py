@@ -285,3 +285,6 @@ def test_the_report_says_where_the_proposal_came_from():
     mixed = exactness_section(record | {"proposal_components": 2, "screened_out": [1, 2]})
     assert "half from the kept shards' product and half from every shard's" in mixed
     assert "Shards 1, 2 were screened out of the combination" in mixed
+    # without the correction (off, or a rigid model) the section says what measures the error instead
+    uncorrected = exactness_section(None)
+    assert "Not measured" in uncorrected and "fulldata: true" in uncorrected

@@ -247,7 +247,11 @@ def exactness_section(importance: dict | None) -> str:
     if importance is None:
         return (
             "<h2>How exact is this result?</h2><p>Not measured: the importance correction is off "
-            "(<code>correct.enabled</code>) or, for rigid models, not available.</p>"
+            "(<code>correct.enabled</code>) or, for rigid models, not available. A sweep measures it instead: "
+            "<code>sweep: {shard.num_shards: [...], fulldata: true}</code> runs your K beside smaller ones and "
+            "full-data NUTS, and its page says up to which K the combination stays close to the full "
+            'data (README, "Which K can I trust?"). The shards\' disagreement (below) sees misfit, not the bias of '
+            "shards too small for a Gaussian posterior.</p>"
         )
     shifts = pd.Series(importance["combined_shift_sd"]).abs().sort_values(ascending=False)
     worst = ", ".join(f"{html.escape(name)} {value:.2f}" for name, value in shifts.iloc[:5].items())
