@@ -112,16 +112,34 @@ def with_values(column: str, rows: list[int], value) -> pd.DataFrame:
 
 BAD_TABLES = {
     "missing column": (logistic_table().drop(columns="x1"), r"column\(s\) 'x1' missing"),
-    "NaN": (with_values("x1", [3, 4], np.nan), r"column 'x1': 2 of 50 rows are NaN or infinite"),
-    "infinite": (with_values("x1", [9], np.inf), r"column 'x1': 1 of 50 rows are NaN or infinite"),
-    "non-numeric": (with_values("x1", [5], "abc"), r"column 'x1': 1 of 50 rows are not numeric \(e.g. 'abc'\)"),
+    "NaN": (with_values("x1", [3, 4], np.nan), r"column 'x1': 2 of 50 rows are NaN or infinite \(first: row 4\)"),
+    "infinite": (with_values("x1", [9], np.inf), r"column 'x1': 1 of 50 rows are NaN or infinite \(first: row 10\)$"),
+    "non-numeric": (
+        with_values("x1", [5], "abc"),
+        r"column 'x1': 1 of 50 rows are not numeric \(first: row 6, 'abc'\)",
+    ),
     "empty": (logistic_table().iloc[:0], r"the table has no rows"),
-    "huge": (with_values("x1", [7], 1e308), r"column 'x1': 1 of 50 rows exceed 1e\+15 in magnitude \(rescale"),
+    "huge": (
+        with_values("x1", [7], 1e308),
+        r"column 'x1': 1 of 50 rows exceed 1e\+15 in magnitude \(first: row 8\) \(rescale",
+    ),
     "label outside support": (
         with_values("y", [0, 1, 2], 2),
-        r"column 'y': 3 of 50 rows are outside the model's support \{0, 1\}",
+        r"column 'y': 3 of 50 rows are outside the model's support \{0, 1\} \(first: row 1\)",
     ),
 }
+
+
+def test_count_and_weight_columns_name_their_first_bad_row():
+    from cmcflow.table import validate_table
+
+    table = pd.DataFrame({"x0": [0.1, 0.2, 0.3, 0.4], "y": [0, 2, 1.5, -1], "w": [1, -2, 1, 1]})
+    poisson = get_model("poisson")
+    with pytest.raises(InputError, match=r"column 'y': 2 of 4 rows are not non-negative integers \(first: row 3\)"):
+        validate_table(table, "t.csv", poisson, resolve_columns(poisson, {"features": ["x0"], "label": "y"}))
+    weighted = resolve_columns(LOGISTIC, {"features": ["x0"], "label": "y", "weight": "w"})
+    with pytest.raises(InputError, match=r"column 'w': 1 of 4 rows are negative \(a weight is >= 0\) \(first: row 2\)"):
+        validate_table(table.assign(y=[0, 1, 1, 0]), "t.csv", LOGISTIC, weighted)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TABLES))

@@ -173,7 +173,7 @@ def test_bad_input_fails_with_one_line_and_leaves_no_outputs(tmp_path):
     config = tiny_config(input={"path": "data.csv"}, columns={"features": ["x0"]})
     result = Workflow(tmp_path, config).run(check=False)
     assert result.returncode != 0
-    message = "cmcflow: error: data.csv: column 'x0': 1 of 4 rows are NaN or infinite"
+    message = "cmcflow: error: data.csv: column 'x0': 1 of 4 rows are NaN or infinite (first: row 3)"
     log = (tmp_path / "results/tiny/logs/shard.log").read_text().strip().splitlines()
     assert log[-1] == message
     assert message in result.stderr  # on the terminal too, without --show-failed-logs

@@ -90,40 +90,48 @@ def count_rows(path: str | os.PathLike) -> int:
         raise InputError(f"{path}: cannot read the table: {error}") from error
 
 
+def _bad_rows(bad: np.ndarray, what: str, values: pd.Series | None = None) -> str:
+    """``"3 of 2000 rows <what> (first: row 18)"`` for the boolean mask ``bad (rows,)``, with
+    the first bad value where ``values`` are given; rows are counted from 1 in the table's
+    order (a CSV's row r is its line r + 1, after the header)."""
+    first = int(np.argmax(bad))
+    value = "" if values is None else f", {values.iloc[first]!r}"
+    return f"{int(bad.sum())} of {len(bad)} rows {what} (first: row {first + 1}{value})"
+
+
 def _column_problems(values: pd.Series, kind: str) -> tuple[np.ndarray, list[str]]:
     """Convert one column to float64 and describe its bad rows (empty list: all good)."""
-    rows = len(values)
     if pd.api.types.is_bool_dtype(values):
         values = values.astype(np.int64)
     numeric = pd.to_numeric(values, errors="coerce")
-    not_numeric = numeric.isna() & values.notna()
+    not_numeric = (numeric.isna() & values.notna()).to_numpy()
     if not_numeric.any():
-        example = values[not_numeric].iloc[0]
-        return np.empty(0), [f"{int(not_numeric.sum())} of {rows} rows are not numeric (e.g. {example!r})"]
+        return np.empty(0), [_bad_rows(not_numeric, "are not numeric", values)]
     array = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
     problems = []
     non_finite = ~np.isfinite(array)
     if non_finite.any():
-        problems.append(f"{int(non_finite.sum())} of {rows} rows are NaN or infinite")
-    finite = array[~non_finite]
-    huge = int(np.sum(np.abs(finite) > LARGEST_VALUE))
-    if huge:
-        problems.append(
-            f"{huge} of {rows} rows exceed {LARGEST_VALUE:.0e} in magnitude (rescale the column: products and "
-            "squares of such values overflow or lose all precision)"
-        )
-    if kind == "binary":
-        outside = int(np.sum((finite != 0) & (finite != 1)))
-        if outside:
-            problems.append(f"{outside} of {rows} rows are outside the model's support {{0, 1}}")
-    elif kind == "count":
-        outside = int(np.sum((finite < 0) | (finite != np.round(finite))))
-        if outside:
-            problems.append(f"{outside} of {rows} rows are not non-negative integers")
-    elif kind == "weight":
-        outside = int(np.sum(finite < 0))
-        if outside:
-            problems.append(f"{outside} of {rows} rows are negative (a weight is >= 0)")
+        problems.append(_bad_rows(non_finite, "are NaN or infinite"))
+    finite = ~non_finite  # the rows below are finite ones: NaN and infinity are counted above
+    with np.errstate(invalid="ignore"):
+        huge = finite & (np.abs(array) > LARGEST_VALUE)
+        if huge.any():
+            problems.append(
+                _bad_rows(huge, f"exceed {LARGEST_VALUE:.0e} in magnitude")
+                + " (rescale the column: products and squares of such values overflow or lose all precision)"
+            )
+        if kind == "binary":
+            outside = finite & (array != 0) & (array != 1)
+            if outside.any():
+                problems.append(_bad_rows(outside, "are outside the model's support {0, 1}"))
+        elif kind == "count":
+            outside = finite & ((array < 0) | (array != np.round(array)))
+            if outside.any():
+                problems.append(_bad_rows(outside, "are not non-negative integers"))
+        elif kind == "weight":
+            outside = finite & (array < 0)
+            if outside.any():
+                problems.append(_bad_rows(outside, "are negative (a weight is >= 0)"))
     return array, problems
 
 
