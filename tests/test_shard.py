@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmcflow.errors import InputError
+from cmcflow.errors import ConfigError, InputError
 from cmcflow.models import get_model, resolve_columns
 from cmcflow.shard import (
     MANIFEST_NAME,
@@ -128,6 +128,19 @@ BAD_TABLES = {
         r"column 'y': 3 of 50 rows are outside the model's support \{0, 1\} \(first: row 1\)",
     ),
 }
+
+
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        ({"features": ["a", "y"], "label": "y"}, "column 'y' is given as features and label"),
+        ({"features": ["a", "b", "a"], "label": "y"}, "column 'a' is listed 2 times as features"),
+        ({"features": ["a"], "label": "y", "weight": "a"}, "column 'a' is given as features and weight"),
+    ],
+)
+def test_a_column_in_two_places_is_named_with_its_places(columns, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_columns(LOGISTIC, columns)
 
 
 def test_count_and_weight_columns_name_their_first_bad_row():

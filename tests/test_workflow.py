@@ -198,7 +198,12 @@ def test_bad_input_fails_with_one_line_and_leaves_no_outputs(tmp_path):
         ),
         (
             lambda c: c["analyses"]["tiny"].update(model_options={"prior_scale": 1.0}),
-            "has no option(s) ['prior_scale']",
+            "analyses.tiny: model 'logistic' has no option(s) ['prior_scale']",
+        ),
+        (
+            lambda c: c["analyses"]["tiny"].update(columns={"features": ["x0", "y"]}),
+            "analyses.tiny: model 'logistic': each column can fill one place only, but column 'y' is given as "
+            "features and label",
         ),
         (
             lambda c: c["analyses"]["tiny"].update(model_options={"prior_sd": -1}),
@@ -219,7 +224,8 @@ def test_bad_input_fails_with_one_line_and_leaves_no_outputs(tmp_path):
         ),
     ],
     ids=[
-        *("typo", "type", "no input", "both shard counts", "model option", "option range", "model", "strata"),
+        *("typo", "type", "no input", "both shard counts", "model option", "column twice", "option range", "model"),
+        "strata",
         *("platform", "platform stage"),
     ],
 )

@@ -88,7 +88,15 @@ class Analysis:
 
 
 def resolve_analysis(name: str, settings: Mapping) -> Analysis:
-    """One analysis' settings (validated, defaults filled in) -> :class:`Analysis`."""
+    """One analysis' settings (validated, defaults filled in) -> :class:`Analysis`; a
+    :class:`ConfigError` names the analysis (``analyses.<name>: …``)."""
+    try:
+        return _resolve_analysis(name, settings)
+    except ConfigError as error:  # e.g. a model option the model lacks, a column in two places
+        raise ConfigError(f"analyses.{name}: {error}", error.details) from None
+
+
+def _resolve_analysis(name: str, settings: Mapping) -> Analysis:
     simulate = settings["input"].get("simulate")
     spec = get_model(settings["model"])
     columns = resolve_columns(spec, settings["columns"], simulate and simulate.get("features"))
@@ -128,10 +136,7 @@ def resolve_analyses(config: Mapping) -> tuple[dict[str, Analysis], dict[str, Sw
             check_analysis(f"analyses.{point}", point_settings)
         owners = stage_owners(points)
         for point, point_settings in points.items():
-            try:
-                resolved = resolve_analysis(point, point_settings)
-            except ConfigError as error:  # e.g. a swept model option the model lacks
-                raise ConfigError(f"analyses.{point}: {error}", error.details) from None
+            resolved = resolve_analysis(point, point_settings)
             analyses[point] = replace(resolved, sweep=name, owners=owners[point])
         sweeps[name] = sweep
     return analyses, sweeps

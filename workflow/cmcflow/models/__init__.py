@@ -231,9 +231,19 @@ def resolve_columns(
         if not names:
             raise ConfigError(f"role {role.name!r} of model {spec.name!r} needs at least one column")
         resolved[role.name] = names
-    all_names = [name for names in resolved.values() for name in names]
-    if len(set(all_names)) != len(all_names):
-        raise ConfigError(f"model {spec.name!r}: a column is mapped to two roles: {resolved}")
+    places = [(name, role) for role, names in resolved.items() for name in names]
+    repeated = {name: [role for other, role in places if other == name] for name, _ in places}
+    repeated = {name: roles for name, roles in repeated.items() if len(roles) > 1}
+    if repeated:
+        raise ConfigError(
+            f"model {spec.name!r}: each column can fill one place only, but "
+            + "; ".join(
+                f"column {name!r} is listed {len(roles)} times as {roles[0]}"
+                if len(set(roles)) == 1
+                else f"column {name!r} is given as {' and '.join(dict.fromkeys(roles))}"
+                for name, roles in repeated.items()
+            )
+        )
     return resolved
 
 
