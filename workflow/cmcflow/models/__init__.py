@@ -231,9 +231,11 @@ def resolve_columns(
         if not names:
             raise ConfigError(f"role {role.name!r} of model {spec.name!r} needs at least one column")
         resolved[role.name] = names
-    places = [(name, role) for role, names in resolved.items() for name in names]
-    repeated = {name: [role for other, role in places if other == name] for name, _ in places}
-    repeated = {name: roles for name, roles in repeated.items() if len(roles) > 1}
+    places: dict[str, list[str]] = {}  # column -> the roles it is given for, once per mention
+    for role, names in resolved.items():
+        for name in names:
+            places.setdefault(name, []).append(role)
+    repeated = {name: roles for name, roles in places.items() if len(roles) > 1}
     if repeated:
         raise ConfigError(
             f"model {spec.name!r}: each column can fill one place only, but "
