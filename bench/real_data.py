@@ -138,7 +138,7 @@ def gaussian_product(data_set: str, num_shards: int) -> dict:
     the shards' disagreement Q = Σ_s (m_s − m̄)ᵀ H_s (m_s − m̄) about the product's mean
     m̄, which is about χ² with (K − 1)·D degrees of freedom where the model holds: a larger
     Q is information the shards' own approximations do not carry. The same Q of
-    :data:`OTHER_SPLITS` other random splits of the rows (``shard.seed`` 1, 2, …) says whether
+    :data:`OTHER_SPLITS` other random splits of the rows (the next ``shard.seed`` values) says whether
     the workflow's split's Q is the model's (every split's) or that split's chance."""
     from cmcflow.jaxenv import configure_jax
 
@@ -369,9 +369,10 @@ def write_tables(cases: dict, products: dict, measured: str | None = None) -> No
         "unconstrained space, float64, no sampling) combined as plain consensus combines, against the "
         "full-data Laplace approximation; error in full-data sd. Q = Σ_s (m_s − m̄)ᵀ H_s (m_s − m̄): the "
         "shards' disagreement, about χ² with (K − 1)·D degrees of freedom where the model holds. Other splits: "
-        f"the same Q of {OTHER_SPLITS} other random splits of the rows (`shard.seed` 1 to {OTHER_SPLITS}), "
-        "beside χ²'s own median and 5–95% range: where every split's Q is high, the model misfits; where only "
-        "the workflow's split (`shard.seed` 0) stands out, that is the split's chance.",
+        f"the same Q of {OTHER_SPLITS} other random splits of the rows (`shard.seed` {SHARD_SEED + 1} to "
+        f"{SHARD_SEED + OTHER_SPLITS}), beside χ²'s own median and 5–95% range: where every split's Q is high, the "
+        f"model misfits; where only the workflow's split (`shard.seed` {SHARD_SEED}) stands out, that is the "
+        "split's chance.",
         "",
         "| data | K | largest mean error (sd) | Q | (K − 1)·D | other splits' Q: median (5–95%) | "
         "χ²'s median (5–95%) | other splits with Q <= this one's |",
