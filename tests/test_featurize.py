@@ -165,9 +165,10 @@ def test_an_edited_featurizer_never_gets_the_old_features(tmp_path, monkeypatch)
     module = tmp_path / "user_featurizer.py"
     module.write_text(USER_FEATURIZER)
     monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "x.csv").write_text("x0,y\n1,0\n")  # the config's columns are checked against its header
     settings = {
         "model": "user_featurizer:SPEC",
-        "input": {"path": "x.csv"},
+        "input": {"path": str(tmp_path / "x.csv")},
         "columns": {"features": ["x0"]},
         "model_options": {},
         "shard": {"num_shards": 2, "stratify_by": "model"},

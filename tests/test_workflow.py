@@ -181,6 +181,31 @@ def test_bad_input_fails_with_one_line_and_leaves_no_outputs(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "input_path,features,message",
+    [
+        (
+            "data.csv",
+            ["x0", "age"],
+            "analyses.tiny: data.csv: column(s) 'age' missing for model 'logistic'; the table has columns 'x0', 'y'",
+        ),
+        ("data.xlsx", ["x0"], "analyses.tiny: data.xlsx: unsupported table format '.xlsx'; use Parquet"),
+        ("dta.csv", ["x0"], "analyses.tiny: dta.csv: no such file"),
+    ],
+    ids=["missing column", "format", "no file"],
+)
+def test_a_table_the_config_cannot_read_stops_the_dry_run(tmp_path, input_path, features, message):
+    """The table's header is read when Snakemake starts: no shard job is submitted to learn
+    that a column is missing."""
+    pd.DataFrame({"x0": [0.1, 0.2], "y": [0, 1]}).to_csv(tmp_path / "data.csv", index=False)
+    (tmp_path / "data.xlsx").write_bytes(b"PK")
+    config = tiny_config(input={"path": input_path}, columns={"features": features})
+    result = Workflow(tmp_path, config).run("--dry-run", check=False)
+    assert result.returncode != 0
+    assert f"cmcflow config error: {message}" in result.stderr + result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
     "edit,message",
     [
         (

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from cmcflow.errors import ConfigError
+from cmcflow.errors import ConfigError, InputError
 from cmcflow.models import ModelSpec, get_model, resolve_columns, resolve_options, source_digest
 from cmcflow.shard import resolve_num_shards, resolve_strata, shard_id
 from cmcflow.sweep import Sweep, expand_sweep, stage_owners
-from cmcflow.table import count_rows
+from cmcflow.table import check_columns_present, count_rows, table_columns
 
 #: The config schema of the workflow this package belongs to.
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
@@ -89,17 +89,22 @@ class Analysis:
 
 def resolve_analysis(name: str, settings: Mapping) -> Analysis:
     """One analysis' settings (validated, defaults filled in) -> :class:`Analysis`; a
-    :class:`ConfigError` names the analysis (``analyses.<name>: …``)."""
+    :class:`ConfigError` names the analysis (``analyses.<name>: …``), as does an
+    :class:`InputError` of its input table's header (a column the config names that the
+    table lacks), found here before any job runs."""
     try:
         return _resolve_analysis(name, settings)
-    except ConfigError as error:  # e.g. a model option the model lacks, a column in two places
-        raise ConfigError(f"analyses.{name}: {error}", error.details) from None
+    except InputError as error:  # e.g. a model option the model lacks, a column in two places
+        raise ConfigError(f"analyses.{name}: {error}", getattr(error, "details", "")) from None
 
 
 def _resolve_analysis(name: str, settings: Mapping) -> Analysis:
     simulate = settings["input"].get("simulate")
     spec = get_model(settings["model"])
     columns = resolve_columns(spec, settings["columns"], simulate and simulate.get("features"))
+    if not simulate:
+        path = settings["input"]["path"]
+        check_columns_present(path, table_columns(path), spec, columns)
     options = resolve_options(spec, settings["model_options"])
     shard = settings["shard"]
     rows = None

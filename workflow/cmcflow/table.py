@@ -78,6 +78,34 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         raise InputError(f"{path}: cannot read the table: {error}") from error
 
 
+def table_columns(path: str | os.PathLike) -> list[str]:
+    """The table's column names, read from its header alone (a Parquet file's schema, a CSV
+    file's first record): cheap enough to check a config against when Snakemake starts."""
+    path = Path(path)
+    table_format = _table_format(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (input.path is read relative to the directory Snakemake runs in)")
+    try:
+        if table_format == "parquet":
+            return list(pq.read_schema(path).names)
+        with path.open(newline="") as handle:
+            return next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as error:
+        raise InputError(f"{path}: cannot read the table: {error}") from error
+
+
+def check_columns_present(path: str | os.PathLike, present, spec: ModelSpec, columns: Mapping[str, list[str]]) -> None:
+    """Raise :class:`InputError` naming every column of ``columns`` (role name -> column
+    names) that is not among ``present``, the names the table at ``path`` has."""
+    present = [str(name) for name in present]
+    missing = [name for role in spec.roles for name in columns[role.name] if name not in present]
+    if missing:
+        raise InputError(
+            f"{path}: column(s) {', '.join(map(repr, missing))} missing for model {spec.name!r}; "
+            f"the table has columns {', '.join(map(repr, present))}"
+        )
+
+
 def count_rows(path: str | os.PathLike) -> int:
     """Number of data rows: Parquet metadata, or the CSV file's records (:func:`csv_records`:
     records, not lines, so quoted line breaks count once)."""
@@ -148,13 +176,8 @@ def validate_table(
     """
     if len(table) == 0:
         raise InputError(f"{path}: the table has no rows")
+    check_columns_present(path, table.columns, spec, columns)
     kinds = {name: role.kind for role in spec.roles for name in columns[role.name]}
-    missing = [name for name in kinds if name not in table.columns]
-    if missing:
-        raise InputError(
-            f"{path}: column(s) {', '.join(map(repr, missing))} missing for model {spec.name!r}; "
-            f"the table has columns {', '.join(map(repr, map(str, table.columns)))}"
-        )
     arrays, problems = {}, []
     for name, kind in kinds.items():
         arrays[name], column_problems = _column_problems(table[name], kind)
