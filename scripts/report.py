@@ -12,6 +12,7 @@ with reported_errors():
     from cmcflow.io import write_bytes_atomic
     from cmcflow.models import get_model
     from cmcflow.report import render_report
+    from cmcflow.shard import MANIFEST_NAME
 
     page, shards_png, posterior_png = render_report(
         snakemake.wildcards.analysis,
@@ -22,6 +23,7 @@ with reported_errors():
         snakemake.params.diagnostics,
         snakemake.params.features_info,
         snakemake.input.benchmarks,
+        f"{snakemake.input.shard_dir}/{MANIFEST_NAME}",
         point_site=get_model(snakemake.params.model).point_site,
         importance_path=snakemake.input.importance or None,
         corrected_summary_path=snakemake.input.corrected_summary or None,

@@ -245,3 +245,52 @@ def test_structure_tables_that_distances_cannot_place_are_refused(tmp_path, case
     spec.table_facts(
         {"i": np.array([a for a, _ in ring_with_chords(9)]), "j": np.array([b for _, b in ring_with_chords(9)])}
     )
+
+
+def test_columns_the_data_cannot_tell_apart_are_noted_in_the_manifest(tmp_path, caplog):
+    """A constant feature and a feature that is a linear combination of others (with a
+    constant) are noted, not refused; independent columns, even one whose mean is a million
+    times its spread, are not; the notes reach the manifest (the report shows them)."""
+    from cmcflow.table import design_notes
+
+    rng = np.random.default_rng(2)
+    rows = 20_000
+    table = pd.DataFrame({name: rng.normal(size=rows) for name in ("a", "b", "c")})
+    table["year"] = 1e6 + rng.normal(size=rows)
+    table["one"] = 1.0
+    table["d"] = 2 * table["a"] - 3 * table["c"] + 1
+    table["y"] = rng.integers(0, 2, rows)
+    arrays = {name: table[name].to_numpy(dtype=float) for name in table}
+
+    def notes(*features):
+        return design_notes(arrays, LOGISTIC, resolve_columns(LOGISTIC, {"features": list(features)}))
+
+    assert notes("a", "b", "c", "year") == []
+    assert notes("a", "b", "one") == ["column 'one' (features) is 1 in every row"]
+    assert notes("a", "b", "c", "d", "year") == [
+        "columns 'a', 'c', 'd' (features) and a constant are linearly dependent: one of them is a linear "
+        "combination of the others"
+    ]
+    arrays["e"] = arrays["a"] + arrays["b"]
+    assert notes("a", "b", "c", "d", "e") == [
+        "columns 'a', 'b', 'c', 'd', 'e' (features) and a constant are linearly dependent: 2 of them are linear "
+        "combinations of the others"
+    ]
+    arrays["y"] = np.zeros(rows)
+    assert notes("a") == ["column 'y' (label) is 0 in every row"]
+
+    source = tmp_path / "table.parquet"
+    table.to_parquet(source)
+    columns = resolve_columns(LOGISTIC, {"features": ["a", "b", "one"]})
+    manifest = shard_table(source, tmp_path / "shards", 2, LOGISTIC, columns, seed=0)
+    assert manifest["notes"] == ["column 'one' (features) is 1 in every row"]
+    assert f"{source}: column 'one' (features) is 1 in every row" in caplog.text
+
+
+def test_the_report_shows_the_data_notes_with_what_to_do():
+    from cmcflow.report import data_notes_section
+
+    assert data_notes_section([]) == ""
+    section = data_notes_section(["column 'one' (features) is 1 in every row"])
+    assert "<li>column &#x27;one&#x27; (features) is 1 in every row</li>" in section
+    assert "<code>columns.features</code>" in section

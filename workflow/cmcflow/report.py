@@ -241,6 +241,21 @@ def tree_depth_advice(diagnostics: Sequence[dict]) -> str:
     )
 
 
+def data_notes_section(notes: Sequence[str]) -> str:
+    """ "What the data cannot tell": the shard stage's notes on the table's columns
+    (:func:`cmcflow.table.design_notes`); empty if there are none."""
+    if not notes:
+        return ""
+    return (
+        "<h2>What the data cannot tell</h2><p>The shard stage found (notes, not errors):</p><ul>"
+        + "".join(f"<li>{html.escape(note)}</li>" for note in notes)
+        + "</ul><p>Beside an intercept (every built-in regression has one), a feature that never varies, or "
+        "features that are linear combinations of each other, leave a direction of the coefficients that the "
+        "data do not inform: its posterior is the prior's, and NUTS slows along it. Drop the column, or one "
+        "of the dependent ones, from <code>columns.features</code> unless you mean it.</p>"
+    )
+
+
 def exactness_section(importance: dict | None) -> str:
     """ "How exact is this result?": the importance correction's verdict, k̂, effective
     sample size, and how far the combination's means were from the corrected ones."""
@@ -338,13 +353,15 @@ def render_report(
     diagnostics_paths: Sequence[str | os.PathLike],
     features_info_paths: Sequence[str | os.PathLike],
     benchmark_paths: Sequence[str | os.PathLike],
+    manifest_path: str | os.PathLike,
     point_site: str | None = None,
     importance_path: str | os.PathLike | None = None,
     corrected_summary_path: str | os.PathLike | None = None,
 ) -> tuple[str, bytes, bytes]:
     """The analysis report as a self-contained HTML page, and its two figures (PNG): the
     shards against the combination, and the combined posterior (with the corrected one and
-    k̂ where the importance correction ran: ``importance_path``, ``corrected_summary_path``)."""
+    k̂ where the importance correction ran: ``importance_path``, ``corrected_summary_path``).
+    ``manifest_path``: the shard stage's manifest, whose notes on the table it shows."""
     summary = pd.read_csv(summary_path, index_col="parameter")
     shards = read_json(shards_path)
     moments = pd.read_csv(moments_path)
@@ -369,6 +386,7 @@ def render_report(
             if excluded
             else []
         ),
+        data_notes_section(read_json(manifest_path).get("notes", [])),
         exactness_section(importance),
         "<h2>Shards and their combination</h2>",
         disagreement_sentence(shards),

@@ -117,16 +117,20 @@ def shard_table(
     """Validate the table at ``table_path`` and write its shards and manifest to ``shard_dir``.
 
     The manifest (JSON) records the input, the columns by role, the ignored columns, the
-    row count of every shard, the strata and the model's facts about the whole table; the
-    featurize stage reads the padded size and the facts from it.
+    row count of every shard, the strata, the model's facts about the whole table and the
+    notes on what its columns cannot tell (:func:`cmcflow.table.design_notes`; the report
+    shows them); the featurize stage reads the padded size and the facts from it.
     """
     import pandas as pd
 
-    from cmcflow.table import read_table, validate_table
+    from cmcflow.table import design_notes, read_table, validate_table
 
     strata = resolve_strata(list(strata), spec)
     table = read_table(table_path)
     arrays = validate_table(table, table_path, spec, columns)
+    notes = design_notes(arrays, spec, columns)
+    for note in notes:
+        log.warning("%s: %s", table_path, note)
     validated = pd.DataFrame(arrays)
     by_role = role_arrays(validated, columns, spec)
     parts = split_rows(len(table), num_shards, seed, stratum_codes(by_role, strata))
@@ -142,6 +146,7 @@ def shard_table(
         "ignored_columns": [str(name) for name in table.columns if name not in arrays],
         "shard_rows": [len(rows) for rows in parts],
         "facts": facts,
+        "notes": notes,
     }
     with atomic_directory(shard_dir) as tmp:
         for index, rows in enumerate(parts):

@@ -7,8 +7,9 @@ bad, so a scientist can fix the table without reading a traceback.
 from __future__ import annotations
 
 import csv
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import pyarrow.parquet as pq
 
 from cmcflow.errors import InputError
 from cmcflow.models import ModelSpec
+
+log = logging.getLogger(__name__)
 
 #: Largest magnitude a column value may have: sums, products and squares of values beyond it
 #: lose every digit of precision (doubles hold integers exactly only to about 9e15) or overflow.
@@ -185,3 +188,75 @@ def validate_table(
     if problems:
         raise InputError(f"{path}: " + "; ".join(problems))
     return arrays
+
+
+#: Relative size (to the largest) below which an eigenvalue of the feature columns'
+#: correlation matrix counts as zero: far above the rounding of its float64 sums (about
+#: 1e-13 for a million rows), and two columns must correlate beyond 1 - 5e-10 to reach it.
+DEPENDENT_EIGENVALUE = 1e-9
+#: Feature columns beyond which the dependence check is skipped: it forms a P x P matrix
+#: from every row (rows * P^2 multiply-adds).
+MOST_CHECKED_FEATURES = 500
+
+
+def correlation_matrix(columns: Sequence[np.ndarray], chunk_elements: int = 2**22) -> np.ndarray:
+    """R = Z^T Z / n ``(P, P)`` of P non-constant columns ``(n,)``, Z each column centred and
+    scaled to unit variance; accumulated over blocks of rows of about ``chunk_elements``
+    values, so that memory stays bounded (and centring before the products keeps columns
+    whose mean is far beyond their spread exact)."""
+    means = np.array([column.mean() for column in columns])
+    scales = np.array([column.std() for column in columns])
+    rows = len(columns[0])
+    step = max(1, chunk_elements // len(columns))
+    gram = np.zeros((len(columns), len(columns)))
+    for start in range(0, rows, step):
+        block = (np.column_stack([column[start : start + step] for column in columns]) - means) / scales
+        gram += block.T @ block
+    return gram / rows
+
+
+def design_notes(arrays: Mapping[str, np.ndarray], spec: ModelSpec, columns: Mapping[str, list[str]]) -> list[str]:
+    """What the validated table's columns cannot tell the model, one sentence each.
+
+    ``arrays``: column name -> float64 ``(rows,)`` (:func:`validate_table`); ``columns``:
+    role name -> column names. Notes (never errors: a proper prior still identifies what
+    the data do not, and a user may mean it):
+
+    - a column of a required role that takes one value in every row;
+    - feature columns (a role of several real columns) linearly dependent together with a
+      constant: an eigenvalue of their correlation matrix R = Z^T Z / n, Z the columns
+      centred and scaled to unit variance, below ``DEPENDENT_EIGENVALUE`` x the largest;
+      the columns named are those with weight in its eigenvector. Beside an intercept the
+      data then leave a direction of the coefficients to the prior alone.
+    """
+    notes = []
+    for role in spec.roles:
+        if role.optional:
+            continue
+        for name in columns[role.name]:
+            values = arrays[name]
+            if values.min() == values.max():
+                notes.append(f"column {name!r} ({role.name}) is {values[0]:g} in every row")
+    for role in spec.roles:
+        if not (role.multiple and role.kind == "real"):
+            continue
+        varying = [name for name in columns[role.name] if arrays[name].min() < arrays[name].max()]
+        if len(varying) > MOST_CHECKED_FEATURES:
+            log.info("%d %s columns: their linear dependence is not checked", len(varying), role.name)
+            continue
+        if len(varying) < 2:
+            continue
+        eigenvalues, eigenvectors = np.linalg.eigh(correlation_matrix([arrays[name] for name in varying]))
+        null = eigenvectors[:, eigenvalues < DEPENDENT_EIGENVALUE * eigenvalues[-1]]
+        if null.shape[1]:
+            involved = [name for name, weight in zip(varying, np.linalg.norm(null, axis=1)) if weight > 1e-3]
+            relation = (
+                "one of them is a linear combination of the others"
+                if null.shape[1] == 1
+                else f"{null.shape[1]} of them are linear combinations of the others"
+            )
+            notes.append(
+                f"columns {', '.join(map(repr, involved))} ({role.name}) and a constant are linearly dependent: "
+                f"{relation}"
+            )
+    return notes

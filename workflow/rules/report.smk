@@ -9,6 +9,7 @@ rule report:
         benchmarks=stage_benchmarks,
         importance=importance_input,
         corrected_summary=corrected_summary_input,
+        shard_dir=owned(SHARD_DIR),
     output:
         report=REPORT,
         shards_figure=report(REPORT_SHARDS_FIGURE, caption="../report/shards.rst", category="{analysis}"),
