@@ -249,8 +249,10 @@ def test_structure_tables_that_distances_cannot_place_are_refused(tmp_path, case
 
 def test_columns_the_data_cannot_tell_apart_are_noted_in_the_manifest(tmp_path, caplog):
     """A constant feature and a feature that is a linear combination of others (with a
-    constant) are noted, not refused; independent columns, even one whose mean is a million
-    times its spread, are not; the notes reach the manifest (the report shows them)."""
+    constant, in a model with an intercept) are noted, not refused; independent columns,
+    even one whose mean is a million times its spread, are not; in a model without an
+    intercept a constant column is the intercept, not a note; the notes reach the manifest
+    (the report shows them)."""
     from cmcflow.table import design_notes
 
     rng = np.random.default_rng(2)
@@ -278,6 +280,29 @@ def test_columns_the_data_cannot_tell_apart_are_noted_in_the_manifest(tmp_path, 
     ]
     arrays["y"] = np.zeros(rows)
     assert notes("a") == ["column 'y' (label) is 0 in every row"]
+
+    no_intercept = get_model("linear_gaussian")  # its constant column is its intercept
+    arrays["f"] = 2 * arrays["a"] - 3 * arrays["c"]
+    arrays["zero"] = np.zeros(rows)
+    arrays["y"] = rng.normal(size=rows)
+
+    def notes_without_intercept(*features):
+        return design_notes(arrays, no_intercept, resolve_columns(no_intercept, {"features": list(features)}))
+
+    assert notes_without_intercept("one", "a", "c", "year") == []
+    assert notes_without_intercept("a", "c", "d") == []
+    assert notes_without_intercept("one", "a", "c", "d") == [
+        "columns 'one', 'a', 'c', 'd' (features) are linearly dependent: one of them is a linear combination of "
+        "the others"
+    ]
+    arrays["two"] = np.full(rows, 2.0)
+    assert notes_without_intercept("one", "two", "a") == [
+        "columns 'one', 'two' (features) are linearly dependent: one of them is a linear combination of the others"
+    ]
+    assert notes_without_intercept("a", "c", "f", "zero") == [
+        "column 'zero' (features) is 0 in every row",
+        "columns 'a', 'c', 'f' (features) are linearly dependent: one of them is a linear combination of the others",
+    ]
 
     source = tmp_path / "table.parquet"
     table.to_parquet(source)

@@ -200,10 +200,10 @@ MOST_CHECKED_FEATURES = 500
 
 
 def correlation_matrix(columns: Sequence[np.ndarray], chunk_elements: int = 2**22) -> np.ndarray:
-    """R = Z^T Z / n ``(P, P)`` of P non-constant columns ``(n,)``, Z each column centred and
-    scaled to unit variance; accumulated over blocks of rows of about ``chunk_elements``
-    values, so that memory stays bounded (and centring before the products keeps columns
-    whose mean is far beyond their spread exact)."""
+    """R = Z^T Z / n ``(P, P)`` of P non-constant columns ``(n,)``, Z each column centred
+    and scaled to unit variance. Accumulated over blocks of about ``chunk_elements`` values,
+    so memory stays bounded; centring before the products keeps a column whose mean is far
+    beyond its spread exact."""
     means = np.array([column.mean() for column in columns])
     scales = np.array([column.std() for column in columns])
     rows = len(columns[0])
@@ -215,48 +215,75 @@ def correlation_matrix(columns: Sequence[np.ndarray], chunk_elements: int = 2**2
     return gram / rows
 
 
+def dependences(columns: Sequence[np.ndarray], constant: bool) -> np.ndarray:
+    """The linear dependences of P non-constant columns ``(n,)``: ``(P, m)`` orthonormal
+    directions v with Σ_i v_i z_i = 0 in every row, z_i column i scaled to unit variance.
+
+    ``constant``: the columns may combine with a constant (the model has an intercept, or
+    a constant column): then v spans the null space of their :func:`correlation_matrix`
+    (eigenvalues below ``DEPENDENT_EIGENVALUE`` x the largest). Otherwise only directions
+    whose combination is 0, not another constant: those of that null space orthogonal to
+    μ/s (the columns' means over their sds), where v·μ/s, the constant in units of one
+    column's sd, is above √``DEPENDENT_EIGENVALUE``.
+    """
+    eigenvalues, eigenvectors = np.linalg.eigh(correlation_matrix(columns))
+    null = eigenvectors[:, eigenvalues < DEPENDENT_EIGENVALUE * eigenvalues[-1]]
+    if constant or not null.shape[1]:
+        return null
+    offsets = null.T @ np.array([column.mean() / column.std() for column in columns])  # (m,)
+    if np.linalg.norm(offsets) <= np.sqrt(DEPENDENT_EIGENVALUE):
+        return null
+    _, _, rows = np.linalg.svd(offsets[None, :])  # rows[1:]: the directions orthogonal to offsets
+    return null @ rows[1:].T
+
+
 def design_notes(arrays: Mapping[str, np.ndarray], spec: ModelSpec, columns: Mapping[str, list[str]]) -> list[str]:
     """What the validated table's columns cannot tell the model, one sentence each.
 
     ``arrays``: column name -> float64 ``(rows,)`` (:func:`validate_table`); ``columns``:
-    role name -> column names. Notes (never errors: a proper prior still identifies what
-    the data do not, and a user may mean it):
+    role name -> column names. Feature columns are those of roles of several real columns.
+    Notes (never errors: a proper prior still identifies what the data do not, and a user
+    may mean it):
 
-    - a column of a required role that takes one value in every row;
-    - feature columns (a role of several real columns) linearly dependent together with a
-      constant: an eigenvalue of their correlation matrix R = Z^T Z / n, Z the columns
-      centred and scaled to unit variance, below ``DEPENDENT_EIGENVALUE`` x the largest;
-      the columns named are those with weight in its eigenvector. Beside an intercept the
-      data then leave a direction of the coefficients to the prior alone.
+    - a column of a required role that takes one value in every row, except a feature of a
+      model without an intercept (``spec.intercept``) that is not 0: that is its intercept;
+    - feature columns linearly dependent, together with a constant where the model has an
+      intercept or a constant feature column (:func:`dependences`), naming the columns with
+      weight in a dependence. The data then leave a direction of the coefficients to the
+      prior alone.
     """
+    features = {role.name for role in spec.roles if role.multiple and role.kind == "real"}
     notes = []
     for role in spec.roles:
-        if role.optional:
-            continue
-        for name in columns[role.name]:
-            values = arrays[name]
-            if values.min() == values.max():
-                notes.append(f"column {name!r} ({role.name}) is {values[0]:g} in every row")
+        for name in [] if role.optional else columns[role.name]:
+            value = arrays[name][0]
+            if np.all(arrays[name] == value) and not (role.name in features and not spec.intercept and value != 0):
+                notes.append(f"column {name!r} ({role.name}) is {value:g} in every row")
     for role in spec.roles:
-        if not (role.multiple and role.kind == "real"):
+        if role.name not in features:
             continue
-        varying = [name for name in columns[role.name] if arrays[name].min() < arrays[name].max()]
+        varying = [name for name in columns[role.name] if np.any(arrays[name] != arrays[name][0])]
         if len(varying) > MOST_CHECKED_FEATURES:
             log.info("%d %s columns: their linear dependence is not checked", len(varying), role.name)
             continue
-        if len(varying) < 2:
+        # a model without an intercept: its constant columns (not 0) are one; two are dependent
+        constants = [] if spec.intercept else [name for name in columns[role.name] if name not in varying]
+        constants = [name for name in constants if arrays[name][0] != 0]
+        null = np.zeros((len(varying), 0))
+        if len(varying) >= 2:
+            null = dependences([arrays[name] for name in varying], constant=spec.intercept or bool(constants))
+        count = null.shape[1] + max(len(constants) - 1, 0)
+        if not count:
             continue
-        eigenvalues, eigenvectors = np.linalg.eigh(correlation_matrix([arrays[name] for name in varying]))
-        null = eigenvectors[:, eigenvalues < DEPENDENT_EIGENVALUE * eigenvalues[-1]]
-        if null.shape[1]:
-            involved = [name for name, weight in zip(varying, np.linalg.norm(null, axis=1)) if weight > 1e-3]
-            relation = (
-                "one of them is a linear combination of the others"
-                if null.shape[1] == 1
-                else f"{null.shape[1]} of them are linear combinations of the others"
-            )
-            notes.append(
-                f"columns {', '.join(map(repr, involved))} ({role.name}) and a constant are linearly dependent: "
-                f"{relation}"
-            )
+        involved = [name for name, weight in zip(varying, np.linalg.norm(null, axis=1)) if weight > 1e-3]
+        involved = constants + involved if (null.shape[1] or len(constants) > 1) else involved
+        relation = (
+            "one of them is a linear combination of the others"
+            if count == 1
+            else f"{count} of them are linear combinations of the others"
+        )
+        notes.append(
+            f"columns {', '.join(map(repr, involved))} ({role.name})"
+            f"{' and a constant' if spec.intercept else ''} are linearly dependent: {relation}"
+        )
     return notes

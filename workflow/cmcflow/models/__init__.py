@@ -99,6 +99,12 @@ class ModelSpec:
             whose data are distances between points, the pairs of points a shard's data
             observe. Combine then places the combined structure where it fits the consensus
             of those distances (see :func:`cmcflow.locate.locate_by_distances`).
+        intercept: the model adds an intercept to a linear predictor of its feature columns
+            (the columns of its roles of several real columns). The shard stage then notes
+            a feature that never varies, and features linearly dependent together with a
+            constant (:func:`cmcflow.table.design_notes`); without one, a constant feature
+            is the model's intercept, and only columns that are 0 throughout, or linearly
+            dependent among themselves, are noted.
         table_facts: ``table_facts(columns) -> dict`` of JSON values computed once from
             the whole validated table by the shard stage (e.g. the number of points, which
             every shard must share); may raise :class:`cmcflow.errors.InputError`.
@@ -122,6 +128,7 @@ class ModelSpec:
     strata: tuple[str, ...] = ()
     symmetry: str = "none"
     point_site: str | None = None
+    intercept: bool = False
     observed_pairs: Callable[[Mapping[str, np.ndarray]], np.ndarray] | None = None
     table_facts: Callable[[Mapping[str, np.ndarray]], dict[str, Any]] = no_table_facts
     init_values: Callable[..., dict[str, np.ndarray]] | None = None

@@ -56,6 +56,7 @@ SPEC = ModelSpec(
     numpyro_model=linear_model,
     featurize=regression_features,
     featurizer_version="2",
+    intercept=True,
     roles=(
         Role("features", "real", multiple=True, description="the regression's feature columns"),
         Role("label", "real", default="y", description="the real-valued outcome"),

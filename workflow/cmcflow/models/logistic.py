@@ -82,6 +82,7 @@ SPEC = ModelSpec(
     numpyro_model=logistic_model,
     featurize=weighted_regression_features,
     featurizer_version="4",
+    intercept=True,
     device_layout=fused.device_layout,
     roles=(
         Role("features", "real", multiple=True, description="the regression's feature columns"),
