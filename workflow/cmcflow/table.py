@@ -1,7 +1,9 @@
 """Reading an analysis' input table and checking it against the columns a model declares.
 
 Every problem is reported as one line naming the file, the column and how many rows are
-bad, so a scientist can fix the table without reading a traceback.
+bad, so a scientist can fix the table without reading a traceback. What a valid table
+cannot tell the model (a constant column, linearly dependent features) is a note, not an
+error (:func:`design_notes`).
 """
 
 from __future__ import annotations
