@@ -203,12 +203,27 @@ def test_a_misshapen_csv_is_named_for_what_is_wrong(tmp_path, case):
     assert not (tmp_path / "shards").exists()
 
 
+@pytest.mark.parametrize("case", sorted(CSV_LAYOUT_FAULTS))
+def test_counting_rows_names_what_is_wrong_with_a_misshapen_csv(tmp_path, case):
+    """Arrow's fast count would keep a repeated name and stops at a bad record: the count
+    that sets K from shard.rows_per_shard (at parse time) names the fault as the shard job does."""
+    from cmcflow.table import count_rows
+
+    text, message = CSV_LAYOUT_FAULTS[case]
+    source = tmp_path / "bad.csv"
+    source.write_text(text)
+    with pytest.raises(InputError, match=message):
+        count_rows(source)
+
+
 def test_rows_are_counted_as_records_not_lines(tmp_path):
     from cmcflow.table import count_rows
 
     source = tmp_path / "quoted.csv"
     source.write_text('x0,x1,y,note\n1,2,0,"two\nlines"\n3,4,1,plain\n\n')
     assert count_rows(source) == 2 == len(pd.read_csv(source))
+    source.write_text("")
+    assert count_rows(source) == 0
 
 
 def ring_with_chords(points: int) -> list[tuple[int, int]]:

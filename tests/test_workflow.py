@@ -190,14 +190,16 @@ def test_bad_input_fails_with_one_line_and_leaves_no_outputs(tmp_path):
         ),
         ("data.xlsx", ["x0"], "analyses.tiny: data.xlsx: unsupported table format '.xlsx'; use Parquet"),
         ("dta.csv", ["x0"], "analyses.tiny: dta.csv: no such file"),
+        ("twice.csv", ["x0"], "analyses.tiny: twice.csv: column name(s) 'x0' appear more than once in the header"),
     ],
-    ids=["missing column", "format", "no file"],
+    ids=["missing column", "format", "no file", "repeated name"],
 )
 def test_a_table_the_config_cannot_read_stops_the_dry_run(tmp_path, input_path, features, message):
     """The table's header is read when Snakemake starts: no shard job is submitted to learn
     that a column is missing."""
     pd.DataFrame({"x0": [0.1, 0.2], "y": [0, 1]}).to_csv(tmp_path / "data.csv", index=False)
     (tmp_path / "data.xlsx").write_bytes(b"PK")
+    (tmp_path / "twice.csv").write_text("x0,x0,y\n1,2,0\n")
     config = tiny_config(input={"path": input_path}, columns={"features": features})
     result = Workflow(tmp_path, config).run("--dry-run", check=False)
     assert result.returncode != 0
