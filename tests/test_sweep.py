@@ -321,3 +321,28 @@ def test_the_verdict_is_the_largest_k_below_which_every_k_held():
     assert none_stable is None
     warned = verdict(2, rows, "num_shards=2", reference_excluded=1)
     assert warned.startswith("stable up to K = 2; but the reference (num_shards=2) left 1 shard(s) out")
+
+
+def test_a_sweep_over_one_table_reads_its_header_and_counts_its_rows_once(tmp_path, monkeypatch):
+    """Every grid point names the same input: parsing reads the file once per version of it
+    (a CSV's count reads every record), and again once it changes."""
+    import cmcflow.config
+
+    source = tmp_path / "data.csv"
+    source.write_text("x0,y\n" + "".join(f"{i / 10},{i % 2}\n" for i in range(100)))
+    reads = {"columns": 0, "rows": 0}
+    for what, function in (("columns", "table_columns"), ("rows", "count_rows")):
+
+        def counted(path, what=what, original=getattr(cmcflow.config, function)):
+            reads[what] += 1
+            return original(path)
+
+        monkeypatch.setattr(cmcflow.config, function, counted)
+    overrides = {"input": {"path": str(source)}, "columns": {"features": ["x0"]}, "shard": {"rows_per_shard": 25}}
+    analyses, _ = resolved({"shard.seed": [0, 1, 2, 3]}, **overrides)
+    assert {analysis.num_shards for analysis in analyses.values()} == {4}
+    assert reads == {"columns": 1, "rows": 1}
+    source.write_text("x0,y\n" + "".join(f"{i / 10},{i % 2}\n" for i in range(101)))
+    analyses, _ = resolved({"shard.seed": [0, 1]}, **overrides)
+    assert {analysis.num_shards for analysis in analyses.values()} == {5}
+    assert reads == {"columns": 2, "rows": 2}

@@ -102,14 +102,14 @@ def _resolve_analysis(name: str, settings: Mapping) -> Analysis:
     simulate = settings["input"].get("simulate")
     spec = get_model(settings["model"])
     columns = resolve_columns(spec, settings["columns"], simulate and simulate.get("features"))
-    if not simulate:
-        path = settings["input"]["path"]
-        check_columns_present(path, table_columns(path), spec, columns)
+    table = None if simulate else input_table(settings["input"]["path"])
+    if table is not None:
+        check_columns_present(table.path, table.columns, spec, columns)
     options = resolve_options(spec, settings["model_options"])
     shard = settings["shard"]
     rows = None
     if "rows_per_shard" in shard:
-        rows = simulate["rows"] if simulate else count_rows(settings["input"]["path"])
+        rows = simulate["rows"] if table is None else table.rows
     num_shards = resolve_num_shards(shard.get("num_shards"), shard.get("rows_per_shard"), rows)
     if simulate:
         check_simulate_settings(spec, simulate)
@@ -125,6 +125,38 @@ def _resolve_analysis(name: str, settings: Mapping) -> Analysis:
         model_source=source_digest(spec.numpyro_model),
         featurizer_source=source_digest(spec.featurize),
     )
+
+
+@dataclass
+class InputTable:
+    """What parsing reads of an analysis' input table: its column names and, only where
+    asked (``shard.rows_per_shard``; for a CSV file, a read of every record), its rows."""
+
+    path: str
+
+    @cached_property
+    def columns(self) -> list[str]:
+        return table_columns(self.path)
+
+    @cached_property
+    def rows(self) -> int:
+        return count_rows(self.path)
+
+
+def input_table(path: str) -> InputTable:
+    """The table at ``path``, read once per version of the file (modification time and
+    size) however many analyses or a sweep's grid points name it."""
+    try:
+        stat = Path(path).stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        stamp = None  # no such file: InputTable.columns says so
+    return _input_table(path, stamp)
+
+
+@cache
+def _input_table(path: str, stamp: tuple[int, int] | None) -> InputTable:
+    return InputTable(path)
 
 
 def resolve_analyses(config: Mapping) -> tuple[dict[str, Analysis], dict[str, Sweep]]:
