@@ -225,9 +225,9 @@ def validate_table(
 #: correlation matrix counts as zero: far above the rounding of its float64 sums (about
 #: 1e-13 for a million rows), and two columns must correlate beyond 1 - 5e-10 to reach it.
 DEPENDENT_EIGENVALUE = 1e-9
-#: Feature columns beyond which the dependence check is skipped: it forms a P x P matrix
-#: from every row (rows * P^2 multiply-adds).
-MOST_CHECKED_FEATURES = 500
+#: rows x P^2 (the multiply-adds of a P x P matrix from every row) beyond which the
+#: dependence check of P feature columns is skipped: about 4 s on 2 cores.
+MOST_CHECKED_PRODUCTS = 1e11
 
 
 def correlation_matrix(columns: Sequence[np.ndarray], chunk_elements: int = 2**22) -> np.ndarray:
@@ -284,6 +284,7 @@ def design_notes(arrays: Mapping[str, np.ndarray], spec: ModelSpec, columns: Map
       prior alone.
     """
     features = {role.name for role in spec.roles if role.multiple and role.kind == "real"}
+    rows = len(next(iter(arrays.values())))
     notes = []
     for role in spec.roles:
         for name in [] if role.optional else columns[role.name]:
@@ -294,8 +295,8 @@ def design_notes(arrays: Mapping[str, np.ndarray], spec: ModelSpec, columns: Map
         if role.name not in features:
             continue
         varying = [name for name in columns[role.name] if np.any(arrays[name] != arrays[name][0])]
-        if len(varying) > MOST_CHECKED_FEATURES:
-            log.info("%d %s columns: their linear dependence is not checked", len(varying), role.name)
+        if rows * len(varying) ** 2 > MOST_CHECKED_PRODUCTS:
+            log.info("%d %s columns: their linear dependence is not checked (too many)", len(varying), role.name)
             continue
         # a model without an intercept: its constant columns (not 0) are one; two are dependent
         constants = [] if spec.intercept else [name for name in columns[role.name] if name not in varying]
