@@ -118,6 +118,11 @@ BAD_TABLES = {
         with_values("x1", [5], "abc"),
         r"column 'x1': 1 of 50 rows are not numeric \(first: row 6, 'abc'\)",
     ),
+    "categories": (
+        logistic_table().assign(x1=["north"] * 25 + ["south"] * 25),
+        r"column 'x1': 50 of 50 rows are not numeric \(first: row 1, 'north'\); to use categories as features, "
+        r"give each but one of its 2 categories a 0/1 column \(e\.g\. pandas\.get_dummies",
+    ),
     "empty": (logistic_table().iloc[:0], r"the table has no rows"),
     "huge": (
         with_values("x1", [7], 1e308),

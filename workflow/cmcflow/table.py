@@ -168,7 +168,13 @@ def _column_problems(values: pd.Series, kind: str) -> tuple[np.ndarray, list[str
     numeric = pd.to_numeric(values, errors="coerce")
     not_numeric = (numeric.isna() & values.notna()).to_numpy()
     if not_numeric.any():
-        return np.empty(0), [_bad_rows(not_numeric, "are not numeric", values)]
+        problem = _bad_rows(not_numeric, "are not numeric", values)
+        if kind == "real" and not_numeric.sum() == values.notna().sum():  # text throughout: categories
+            problem += (
+                f"; to use categories as features, give each but one of its {values.nunique()} categories a 0/1 "
+                "column (e.g. pandas.get_dummies(..., drop_first=True))"
+            )
+        return np.empty(0), [problem]
     array = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
     problems = []
     non_finite = ~np.isfinite(array)
