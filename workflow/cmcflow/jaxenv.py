@@ -17,11 +17,12 @@ A job runs on one of two platforms (the analysis' ``platform`` setting):
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -50,23 +51,37 @@ PRECISIONS = {"float64": ("float64", "float64"), "float32": ("float32", "float32
 
 @dataclass
 class CompileClock:
-    """Time JAX spent lowering and compiling XLA programs (or fetching them from the
-    persistent cache): the part of start-up that the persistent cache removes.
+    """Time JAX spent building XLA programs: tracing Python functions into jaxprs, then
+    lowering and compiling them (or fetching them from the persistent cache, which removes
+    the compiling but not the tracing).
 
-    Fed by ``jax.monitoring`` listeners installed by :func:`configure_jax`. Tracing is not
-    counted: traces of nested ``jit`` functions overlap, so their durations do not add up.
+    Fed by a ``jax.monitoring`` time-span listener installed by :func:`configure_jax`.
+    ``seconds``: lowering and compiling, whose spans do not overlap. ``building_seconds``:
+    the union of those spans and the traces'; a nested ``jit``'s trace lies inside its
+    caller's, so the union, not the sum, is the time spent (tracing alone: the difference).
     """
 
+    spans: list[tuple[float, float]] = field(default_factory=list)
     seconds: float = 0.0
     persistent_cache_hits: int = 0
 
-    def on_duration(self, event: str, duration: float, **_metadata) -> None:
+    def on_span(self, event: str, start: float, end: float, **_metadata) -> None:
         if event in COMPILE_EVENTS:
-            self.seconds += duration
+            self.seconds += end - start
+        if event in COMPILE_EVENTS or event == TRACE_EVENT:
+            self.spans.append((start, end))
 
     def on_event(self, event: str, **_metadata) -> None:
         if event == "/jax/compilation_cache/cache_hits":
             self.persistent_cache_hits += 1
+
+    @property
+    def building_seconds(self) -> float:
+        total, covered_to = 0.0, -math.inf
+        for start, end in sorted(self.spans):
+            total += max(0.0, end - max(start, covered_to))
+            covered_to = max(covered_to, end)
+        return total
 
 
 #: Top-level (non-overlapping) compilation events of ``jax._src.dispatch``.
@@ -74,6 +89,8 @@ COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
     "/jax/core/compile/backend_compile_duration",
 )
+#: A trace of a Python function into a jaxpr (nested in its caller's trace for a nested jit).
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 COMPILE_CLOCK = CompileClock()
 
 
@@ -135,7 +152,7 @@ def configure_jax(devices: int, precision: str, compilation_cache_dir: str | Non
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(host_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.monitoring.register_event_duration_secs_listener(COMPILE_CLOCK.on_duration)
+    jax.monitoring.register_event_time_span_listener(COMPILE_CLOCK.on_span)
     jax.monitoring.register_event_listener(COMPILE_CLOCK.on_event)
     require_devices(devices, platform)
 

@@ -29,6 +29,7 @@ DIAGNOSTIC_COLUMNS = {
     "divergences": "divergences",
     "min_bfmi": "min BFMI",
     "tree_depth_saturation": "at max tree depth",
+    "tracing_seconds": "tracing s",
     "compile_seconds": "compile s",
     "sampling_seconds": "sampling s",
 }

@@ -342,7 +342,7 @@ def sample_run(
                 samples="constrained, and latent unconstrained",
             ),
         )
-    compile_before = COMPILE_CLOCK.seconds
+    compile_before, building_before = COMPILE_CLOCK.seconds, COMPILE_CLOCK.building_seconds
     started = time.perf_counter()
     draws = run_nuts(
         model,
@@ -357,7 +357,8 @@ def sample_run(
         one_program=one_program,
     )
     compile_seconds = COMPILE_CLOCK.seconds - compile_before
-    sampling_seconds = time.perf_counter() - started - compile_seconds
+    building_seconds = COMPILE_CLOCK.building_seconds - building_before
+    sampling_seconds = time.perf_counter() - started - building_seconds
 
     run = run_record(draws)
     unconstrained = run["unconstrained_posterior"].arrays()
@@ -381,6 +382,8 @@ def sample_run(
         "seed": seed,
         "shard": shard,
         "compile_seconds": compile_seconds,
+        # tracing the model and NUTS into programs (not removed by the compilation cache)
+        "tracing_seconds": building_seconds - compile_seconds,
         "sampling_seconds": sampling_seconds,
         "curvature_seconds": curvature_seconds,
         "persistent_cache_hits": COMPILE_CLOCK.persistent_cache_hits,
@@ -392,9 +395,11 @@ def sample_run(
     run["posterior"].attrs.update(run_facts)
     report = {**run_facts, **diagnostics(run, latents)}
     log.info(
-        "%d chains x %d draws: compile %.1f s, sampling %.1f s, max R-hat %.3f, min bulk ESS %.0f, %d divergences",
+        "%d chains x %d draws: tracing %.1f s, compile %.1f s, sampling %.1f s, max R-hat %.3f, min bulk ESS %.0f, "
+        "%d divergences",
         chains,
         settings.num_samples,
+        building_seconds - compile_seconds,
         compile_seconds,
         sampling_seconds,
         report["max_r_hat"],
