@@ -94,7 +94,7 @@ def resolve_analysis(name: str, settings: Mapping) -> Analysis:
     table lacks), found here before any job runs."""
     try:
         return _resolve_analysis(name, settings)
-    except InputError as error:  # e.g. a model option the model lacks, a column in two places
+    except InputError as error:  # a model option the model lacks, a column in two places or not in the table
         raise ConfigError(f"analyses.{name}: {error}", getattr(error, "details", "")) from None
 
 

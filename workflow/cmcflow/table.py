@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +107,9 @@ def table_columns(path: str | os.PathLike) -> list[str]:
     return header
 
 
-def check_columns_present(path: str | os.PathLike, present, spec: ModelSpec, columns: Mapping[str, list[str]]) -> None:
+def check_columns_present(
+    path: str | os.PathLike, present: Iterable, spec: ModelSpec, columns: Mapping[str, list[str]]
+) -> None:
     """Raise :class:`InputError` naming every column of ``columns`` (role name -> column
     names) that is not among ``present``, the names the table at ``path`` has."""
     present = [str(name) for name in present]
@@ -253,15 +255,17 @@ def correlation_matrix(columns: Sequence[np.ndarray], chunk_elements: int = 2**2
 
 
 def dependences(columns: Sequence[np.ndarray], constant: bool) -> np.ndarray:
-    """The linear dependences of P non-constant columns ``(n,)``: ``(P, m)`` orthonormal
-    directions v with Σ_i v_i z_i = 0 in every row, z_i column i scaled to unit variance.
+    """The linear dependences of P non-constant columns x_i ``(n,)``: ``(P, m)``
+    orthonormal directions v with Σ_i v_i x_i / s_i the same in every row (s_i: column i's
+    sd), which is 0 unless ``constant``.
 
-    ``constant``: the columns may combine with a constant (the model has an intercept, or
-    a constant column): then v spans the null space of their :func:`correlation_matrix`
-    (eigenvalues below ``DEPENDENT_EIGENVALUE`` x the largest). Otherwise only directions
-    whose combination is 0, not another constant: those of that null space orthogonal to
-    μ/s (the columns' means over their sds), where v·μ/s, the constant in units of one
-    column's sd, is above √``DEPENDENT_EIGENVALUE``.
+    The v with a constant combination span the null space of the columns'
+    :func:`correlation_matrix` (eigenvalues below ``DEPENDENT_EIGENVALUE`` x the largest);
+    the combination's value is v·μ/s (μ_i: column i's mean), in units of one column's sd.
+    ``constant``: the columns may combine with a constant (the model has an intercept, or a
+    constant column), so every such v counts. Otherwise only those whose value is 0: where
+    the values of the null space's directions, a vector of norm above √``DEPENDENT_EIGENVALUE``,
+    are not, the directions orthogonal to it within the null space.
     """
     eigenvalues, eigenvectors = np.linalg.eigh(correlation_matrix(columns))
     null = eigenvectors[:, eigenvalues < DEPENDENT_EIGENVALUE * eigenvalues[-1]]
