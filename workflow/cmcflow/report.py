@@ -251,8 +251,7 @@ def data_notes_section(notes: Sequence[str]) -> str:
         "<h2>What the data cannot tell</h2><p>The shard stage found (notes, not errors):</p><ul>"
         + "".join(f"<li>{html.escape(note)}</li>" for note in notes)
         + "</ul><p>A feature that never varies beside the model's intercept, or features that are linear "
-        "combinations of each other (and of the intercept, where the model has one: <code>logistic</code>, "
-        "<code>linear</code>, <code>poisson</code>, <code>negative_binomial</code>), leave a direction of the "
+        "combinations of each other (and of the intercept, where the model has one), leave a direction of the "
         "coefficients that the data do not inform: its posterior is the prior's, and NUTS slows along it. Drop "
         "the column, or one of the dependent ones, from <code>columns.features</code> unless you mean it.</p>"
     )
