@@ -31,7 +31,7 @@ RESULTS = "results/tiny"
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Workflow:
     workflow = Workflow(tmp_path_factory.mktemp("tiny"), tiny_config())
-    workflow.run()
+    workflow.first_run = workflow.run()
     return workflow
 
 
@@ -125,6 +125,13 @@ def test_compilation_cache_is_shared_by_jobs(finished):
     second = az.from_netcdf(finished.workdir / RESULTS / "samples/shard-0001.nc").posterior.attrs
     first = az.from_netcdf(finished.workdir / RESULTS / "samples/shard-0000.nc").posterior.attrs
     assert max(first["persistent_cache_hits"], second["persistent_cache_hits"]) > 0
+
+
+def test_a_run_ends_saying_where_its_reports_are_and_what_to_read_first(finished):
+    output = finished.first_run.stdout + finished.first_run.stderr
+    summary = output[output.index("cmcflow: results/tiny/report/report.html") :].splitlines()
+    assert summary[1].startswith("  how exact: k̂ = ") and "the corrected posterior is exact" in summary[1]
+    assert summary[2].startswith("  the shards agree: Q = ") and "degrees of freedom (p " in summary[2]
 
 
 def test_second_run_executes_nothing(finished):

@@ -1,3 +1,8 @@
+import time
+
+from snakemake.logging import logger
+
+
 rule report:
     """What the scientist reads: figures of shards and combination, diagnostics, exclusions, time per stage."""
     input:
@@ -30,3 +35,28 @@ rule report:
         "../../envs/light.yaml"
     script:
         "../../scripts/report.py"
+
+
+RUN_STARTED = time.time()
+
+
+onsuccess:
+    # where this run's reports are, and what to read first in each (cmcflow.run_summary)
+    from cmcflow.run_summary import run_summary
+
+    summary = run_summary(
+        [
+            {
+                "report": path_of(REPORT, name),
+                "shards": path_of(COMBINED_SHARDS, name),
+                "manifest": f"{path_of(SHARD_DIR, name)}/manifest.json",
+                "importance": path_of(IMPORTANCE, name) if analysis.corrected else None,
+            }
+            for name, analysis in ANALYSES.items()
+            if analysis.sweep is None
+        ],
+        expand(SWEEP_REPORT, sweep=list(SWEEPS)),
+        RUN_STARTED,
+    )
+    if summary:
+        logger.info(summary)

@@ -1,0 +1,56 @@
+"""What a finished run prints: each report it wrote, and the facts to read first."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from cmcflow.run_summary import analysis_lines, run_summary
+
+SHARDS = {
+    "num_shards": 8,
+    "excluded": [],
+    "disagreement": {"statistic": 465.2, "degrees_of_freedom": 182, "p_value": 1.3e-26},
+}
+IMPORTANCE = {"verdict": "k̂ = 0.75 ≥ 0.7: the combination is unreliable here — use fewer, larger shards"}
+
+
+def test_the_lines_name_the_verdict_the_disagreement_exclusions_and_notes():
+    shards = SHARDS | {"excluded": [{"shard": 5, "reason": "outlier"}]}
+    manifest = {"notes": ["column 'one' (features) is 1 in every row"]}
+    assert analysis_lines("results/a/report/report.html", shards, manifest, IMPORTANCE) == [
+        "cmcflow: results/a/report/report.html",
+        f"  how exact: {IMPORTANCE['verdict']}",
+        "  the shards disagree more than their posteriors allow: Q = 465.2 on 182 degrees of freedom (p 1.3e-26)",
+        "  1 of 8 shards left out: 5",
+        "  data: column 'one' (features) is 1 in every row",
+    ]
+    quiet = SHARDS | {"disagreement": {"statistic": 68.8, "degrees_of_freedom": 77, "p_value": 0.74}}
+    lines = analysis_lines("r.html", quiet, {}, None)
+    assert lines[1].startswith("  how exact: not measured")
+    assert lines[2] == "  the shards agree: Q = 68.8 on 77 degrees of freedom (p 0.74)"
+    assert len(lines) == 3
+
+
+def test_only_what_the_run_wrote_is_summarised(tmp_path):
+    def analysis(name):
+        (tmp_path / name).mkdir()
+        for file, record in (("shards.json", SHARDS), ("manifest.json", {}), ("importance.json", IMPORTANCE)):
+            (tmp_path / name / file).write_text(json.dumps(record))
+        (tmp_path / name / "report.html").write_text("<html></html>")
+        return {
+            key: str(tmp_path / name / f"{key}.{'html' if key == 'report' else 'json'}")
+            for key in ("report", "shards", "manifest", "importance")
+        }
+
+    old, new = analysis("old"), analysis("new")
+    since = time.time()
+    os.utime(old["report"], (since - 60, since - 60))
+    page = tmp_path / "sweep.html"
+    page.write_text("<html></html>")
+    summary = run_summary([old, new], [page, tmp_path / "missing.html"], since - 1).splitlines()
+    assert summary[0] == f"cmcflow: {new['report']}"
+    assert summary[-1] == f"cmcflow: {page} (the sweep's grid points side by side)"
+    assert not any(old["report"] in line for line in summary)
+    assert run_summary([old], [], since - 1) == ""
