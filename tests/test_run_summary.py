@@ -47,10 +47,17 @@ def test_only_what_the_run_wrote_is_summarised(tmp_path):
     old, new = analysis("old"), analysis("new")
     since = time.time()
     os.utime(old["report"], (since - 60, since - 60))
-    page = tmp_path / "sweep.html"
+    page, comparison = tmp_path / "sweep.html", tmp_path / "comparison.json"
     page.write_text("<html></html>")
-    summary = run_summary([old, new], [page, tmp_path / "missing.html"], since - 1).splitlines()
+    verdict = "stable up to K = 8, the largest K swept"
+    stability = {"series": [{"fixed": {"prior_sd": 1.0}, "reference": "full data", "verdict": verdict}]}
+    comparison.write_text(json.dumps({"stability": stability}))
+    sweeps = [(page, comparison), (tmp_path / "missing.html", comparison)]
+    summary = run_summary([old, new], sweeps, since - 1).splitlines()
     assert summary[0] == f"cmcflow: {new['report']}"
-    assert summary[-1] == f"cmcflow: {page} (the sweep's grid points side by side)"
+    assert summary[-2:] == [
+        f"cmcflow: {page} (the sweep's grid points side by side)",
+        f"  K-stability against full data (prior_sd = 1.0): {verdict}",
+    ]
     assert not any(old["report"] in line for line in summary)
     assert run_summary([old], [], since - 1) == ""

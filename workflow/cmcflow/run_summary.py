@@ -1,6 +1,7 @@
 """What Snakemake prints when a run succeeds: for every analysis whose report the run wrote,
 where the report is and the few facts to read first (the correction's verdict, whether the
-shards agree, shards left out, notes on the data); for a sweep, where its page is.
+shards agree, shards left out, notes on the data); for a sweep, where its page is and
+up to which K the combination holds.
 
 Runs in the Snakemake process itself (the workflow's ``onsuccess``), after the jobs: it
 reads a few small JSON files and imports neither JAX nor Matplotlib.
@@ -44,15 +45,28 @@ def analysis_lines(
     return lines
 
 
+def sweep_lines(page: str | os.PathLike, comparison: dict) -> list[str]:
+    """The sweep page's path, then the verdict of each K-stability series of its
+    ``comparison`` record (none where K is not swept)."""
+    lines = [f"cmcflow: {page} (the sweep's grid points side by side)"]
+    for series in (comparison.get("stability") or {}).get("series", []):
+        fixed = ", ".join(f"{key} = {value}" for key, value in series["fixed"].items())
+        lines.append(
+            f"  K-stability against {series['reference']}{f' ({fixed})' if fixed else ''}: {series['verdict']}"
+        )
+    return lines
+
+
 def run_summary(
     analyses: Sequence[dict],
-    sweep_pages: Sequence[str | os.PathLike],
+    sweeps: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
     since: float,
 ) -> str:
     """The lines for every analysis whose report was written at or after ``since`` (a
     ``time.time()``): ``analyses``, one dict per analysis of paths ``report``, ``shards``,
-    ``manifest`` and ``importance`` (``None`` where the correction does not run); then every
-    sweep page of ``sweep_pages`` written since. Empty where the run wrote neither."""
+    ``manifest`` and ``importance`` (``None`` where the correction does not run); then for
+    every sweep of ``sweeps``, (page, comparison record), whose page was written since.
+    Empty where the run wrote neither."""
 
     def written(path) -> bool:
         return Path(path).exists() and Path(path).stat().st_mtime >= since
@@ -63,5 +77,7 @@ def run_summary(
             continue
         importance = read_json(paths["importance"]) if paths["importance"] else None
         lines += analysis_lines(paths["report"], read_json(paths["shards"]), read_json(paths["manifest"]), importance)
-    lines += [f"cmcflow: {page} (the sweep's grid points side by side)" for page in sweep_pages if written(page)]
+    for page, comparison in sweeps:
+        if written(page):
+            lines += sweep_lines(page, read_json(comparison))
     return "\n".join(lines)

@@ -55,7 +55,7 @@ onsuccess:
             for name, analysis in ANALYSES.items()
             if analysis.sweep is None
         ],
-        expand(SWEEP_REPORT, sweep=list(SWEEPS)),
+        [(SWEEP_REPORT.format(sweep=sweep), SWEEP_COMPARISON.format(sweep=sweep)) for sweep in SWEEPS],
         RUN_STARTED,
     )
     if summary:
