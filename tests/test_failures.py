@@ -103,7 +103,8 @@ def test_skip_combines_the_others_and_lists_the_failed_shard(flaky):
     config["analyses"]["tiny"]["combine"] = {"on_failed_shard": "skip"}
     # no sampling again
     assert workflow.planned_jobs(config=config) == {"combine": 1, **correction_jobs(3), "report": 1, "all": 1}
-    workflow.run(config=config)
+    result = workflow.run(config=config)
+    assert f"  1 of 3 shards left out: {failing} (its sampling failed)" in result.stderr  # the run's last lines
     shards = json.loads((workflow.workdir / "results/tiny/combined/shards.json").read_text())
     assert shards["used"] == [k for k in range(3) if k != failing]
     assert shards["excluded"] == [{"shard": failing, "reason": "failed: RuntimeError: injected failure"}]

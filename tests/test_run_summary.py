@@ -17,13 +17,16 @@ IMPORTANCE = {"verdict": "k̂ = 0.75 ≥ 0.7: the combination is unreliable here
 
 
 def test_the_lines_name_the_verdict_the_disagreement_exclusions_and_notes():
-    shards = SHARDS | {"excluded": [{"shard": 5, "reason": "outlier"}]}
+    shards = SHARDS | {
+        "excluded": [{"shard": 2, "reason": "failed: …"}, {"shard": 5, "reason": "outlier"}],
+        "failed": [2],
+    }
     manifest = {"notes": ["column 'one' (features) is 1 in every row"]}
     assert analysis_lines("results/a/report/report.html", shards, manifest, IMPORTANCE) == [
         "cmcflow: results/a/report/report.html",
         f"  how exact: {IMPORTANCE['verdict']}",
         "  the shards disagree more than their posteriors allow: Q = 465.2 on 182 degrees of freedom (p 1.3e-26)",
-        "  1 of 8 shards left out: 5",
+        "  2 of 8 shards left out: 2 (its sampling failed), 5",
         "  data: column 'one' (features) is 1 in every row",
     ]
     quiet = SHARDS | {"disagreement": {"statistic": 68.8, "degrees_of_freedom": 77, "p_value": 0.74}}

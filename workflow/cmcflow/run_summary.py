@@ -40,7 +40,9 @@ def analysis_lines(
         )
     excluded = [entry["shard"] for entry in shards["excluded"]]
     if excluded:
-        lines.append(f"  {len(excluded)} of {shards['num_shards']} shards left out: {', '.join(map(str, excluded))}")
+        failed = set(shards.get("failed", []))
+        named = [f"{shard} (its sampling failed)" if shard in failed else str(shard) for shard in excluded]
+        lines.append(f"  {len(excluded)} of {shards['num_shards']} shards left out: {', '.join(named)}")
     lines += [f"  data: {note}" for note in manifest.get("notes", [])]
     return lines
 
