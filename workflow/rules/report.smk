@@ -43,13 +43,14 @@ RUN_STARTED = time.time()
 onsuccess:
     # where this run's reports are, and what to read first in each (cmcflow.run_summary)
     from cmcflow.run_summary import run_summary
+    from cmcflow.shard import MANIFEST_NAME
 
     summary = run_summary(
         [
             {
                 "report": path_of(REPORT, name),
                 "shards": path_of(COMBINED_SHARDS, name),
-                "manifest": f"{path_of(SHARD_DIR, name)}/manifest.json",
+                "manifest": f"{path_of(SHARD_DIR, name)}/{MANIFEST_NAME}",
                 "importance": path_of(IMPORTANCE, name) if analysis.corrected else None,
             }
             for name, analysis in ANALYSES.items()
