@@ -34,9 +34,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     configure_jax(devices=DEVICES, precision="float64", compilation_cache_dir=None)
+    import jax
+
     from cmcflow.featurize import padded_size
     from cmcflow.models import get_model, resolve_options
-    from cmcflow.sample import NutsSettings, sample_features
+    from cmcflow.sample import NutsSettings, job_sampler, sample_features
 
     spec = get_model("logistic")
     options = resolve_options(spec, {})
@@ -50,6 +52,9 @@ def main() -> None:
     for method in METHODS:
         walls, sampling, r_hats = [], [], []
         for _ in range(args.repeats):
+            # each repeat a job's first shard: no program kept from the last repeat
+            job_sampler.cache_clear()
+            jax.clear_caches()
             idata, report = sample_features(
                 spec,
                 features,
@@ -93,7 +98,7 @@ def main() -> None:
         f"# P1 chain methods ({ROWS:,} rows x {FEATURES} features, 4 chains x (500 + 500) draws, median "
         f"(min–max) of {args.repeats})",
         "",
-        "| chain method | NUTS s (compile + sampling) | sampling s | × sequential (NUTS) | × sequential "
+        "| chain method | NUTS s (tracing + compile + sampling) | sampling s | × sequential (NUTS) | × sequential "
         "(sampling) | max R-hat |",
         "|---|---|---|---|---|---|",
         *[
