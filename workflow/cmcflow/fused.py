@@ -36,6 +36,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,8 @@ def enable(build_dir: str | os.PathLike) -> bool:
     import jax.ffi
 
     if not _state["registered"]:
+        built_here = not library_path(build_dir).exists()
+        started = time.perf_counter()
         try:
             library = ctypes.cdll.LoadLibrary(str(build(build_dir)))
         except subprocess.CalledProcessError as error:
@@ -125,6 +128,11 @@ def enable(build_dir: str | os.PathLike) -> bool:
             for name, symbol in ((target(precision), value_symbol), (target(precision, True), values_symbol)):
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
         _state["registered"] = True
+        if built_here:
+            log.info(
+                "likelihood: built the fused kernel for this CPU type in %.1f s (once: later jobs load it)",
+                time.perf_counter() - started,
+            )
         log.info("likelihood: the fused kernel %s", library._name)
     _state["enabled"] = True
     return True
