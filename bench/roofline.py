@@ -13,7 +13,8 @@ For 10^4, 10^5 and 10^6 rows of 20 features, in each ``jax.precision``, on one J
   round and its median reported, so that both are of one moment (the copy's rate moves
   between minutes: roofline.md, the copies' median against their best); the table also
   shows the gradient against the best of 5 copies of the main process, with 1 and with all
-  cores;
+  cores, and against the best of 5 plain reads (NumPy's sum of the copy's source, next to
+  no arithmetic a byte): how fast this machine reads, where the copy counts reads and writes;
 * **NUTS**: the wall time of one chain (warmup and sampling) against the leapfrog steps it
   took × the gradient time: what NUTS adds to the gradients. The chain is one compiled
   program (NumPyro's NUTS kernel, initialised and stepped in one ``jax.jit``, as each chain
@@ -75,6 +76,25 @@ class StreamCopy:
         started = time.perf_counter()
         list(self.pool.map(lambda part: np.copyto(self.target[part], self.source[part]), self.slices))
         return 2 * COPY_BYTES / (time.perf_counter() - started)
+
+
+class StreamRead(StreamCopy):
+    """A read of :class:`StreamCopy`'s source split over ``threads`` threads (NumPy's sum,
+    which releases the GIL), with next to no arithmetic per byte; each call reads once and
+    returns the bytes per second."""
+
+    def __call__(self) -> float:
+        started = time.perf_counter()
+        list(self.pool.map(lambda part: np.add.reduce(self.source[part]), self.slices))
+        return COPY_BYTES / (time.perf_counter() - started)
+
+
+def read_bandwidth(threads: int, repeats: int = 5) -> float:
+    """Bytes per second of :class:`StreamRead` over ``threads`` threads, best of ``repeats``."""
+    read = StreamRead(threads)
+    best = max(read() for _ in range(repeats))
+    read.pool.shutdown()
+    return best
 
 
 def copy_bandwidth(threads: int, repeats: int = 5) -> float:
@@ -286,24 +306,30 @@ def rows_major_logistic(X, y, offset, mask, prior_sd):
 
 def main(repeats: int) -> None:
     bandwidths = {"1 thread": [], f"{os.cpu_count()} threads": []}
+    reads = {"1 thread": [], f"{os.cpu_count()} threads": []}
     runs = {precision: [] for precision in PRECISIONS}
     for _ in range(repeats):
         bandwidths["1 thread"].append(copy_bandwidth(1))
         bandwidths[f"{os.cpu_count()} threads"].append(copy_bandwidth(os.cpu_count()))
+        reads["1 thread"].append(read_bandwidth(1))
+        reads[f"{os.cpu_count()} threads"].append(read_bandwidth(os.cpu_count()))
         for precision in PRECISIONS:
             output = subprocess.run(
                 [sys.executable, __file__, "--worker", precision], capture_output=True, text=True, check=True
             ).stdout
             runs[precision].append(json.loads(output.strip().splitlines()[-1]))
-    write_report(bandwidths, runs)
+    write_report(bandwidths, runs, reads)
 
 
-def write_report(bandwidths: dict, runs: dict, measured: str | None = None) -> None:
+def write_report(bandwidths: dict, runs: dict, reads: dict | None = None, measured: str | None = None) -> None:
     """The JSON (with every process's ``runs``) and the tables, from the measurements:
-    ``bandwidths`` {threads: [bytes/s per repeat]}, ``runs`` {precision: [worker results]}."""
+    ``bandwidths`` {threads: [copy bytes/s per repeat]}, ``runs`` {precision: [worker
+    results]}, ``reads`` {threads: [read bytes/s per repeat]} (absent from older results)."""
     repeats = len(next(iter(runs.values())))
     bandwidth = {name: spread(values) for name, values in bandwidths.items()}
     machine_bandwidth = max(entry["median"] for entry in bandwidth.values())
+    read = {name: spread(values) for name, values in (reads or {}).items()}
+    machine_read = max((entry["median"] for entry in read.values()), default=None)
 
     sizes = {}
     for precision in PRECISIONS:
@@ -351,7 +377,7 @@ def write_report(bandwidths: dict, runs: dict, measured: str | None = None) -> N
                 f"{ratio:.2f}x ({worst['gradient_over_bound']['median']:.2f}x against the best copy)",
                 f"<= {GRADIENT_TARGET}x",
                 ratio <= GRADIENT_TARGET,
-                bound=gradient_bound(sizes, precision),
+                bound=gradient_bound(sizes, precision, machine_read),
             )
         )
         nuts = max(sizes[f"{precision} {rows}"]["nuts_over_steps_times_gradient"]["median"] for rows in ROWS)
@@ -365,9 +391,12 @@ def write_report(bandwidths: dict, runs: dict, measured: str | None = None) -> N
                 bound=nuts_bound(sizes, precision),
             )
         )
-    bandwidth_text = ", ".join(
-        f"{name} {cell({k: v / 1e9 for k, v in entry.items() if k != 'runs'}, 1)} GB/s"
-        for name, entry in bandwidth.items()
+    bandwidth_text, read_text = (
+        ", ".join(
+            f"{name} {cell({k: v / 1e9 for k, v in entry.items() if k != 'runs'}, 1)} GB/s"
+            for name, entry in rates.items()
+        )
+        for rates in (bandwidth, read)
     )
     table = [
         "# Roofline: logistic gradient and NUTS against the memory-bandwidth bound (issue 13 b)",
@@ -379,6 +408,23 @@ def write_report(bandwidths: dict, runs: dict, measured: str | None = None) -> N
         "(the target's figure; the copies' median and best over those rounds beside it). "
         f"{repeats} runs per row; one JAX device, one chain; {FEATURES} features; NUTS {NUTS_ITERATIONS} warmup + "
         f"{NUTS_ITERATIONS} draws; the fused likelihood in every precision.",
+        *(
+            [
+                "",
+                f"Read bandwidth (NumPy's sum of the same 512 MiB, next to no arithmetic a byte), best of 5 beside "
+                f"each run's copies: {read_text}. Against the best read's bound ({machine_read / 1e9:.1f} GB/s): "
+                + ", ".join(
+                    f"{precision} "
+                    + " / ".join(f"{over_read_bound(sizes[f'{precision} {rows}'], machine_read):.2f}x" for rows in ROWS)
+                    for precision in PRECISIONS
+                )
+                + " (gradient / read bound at "
+                + ", ".join(f"{rows:,}" for rows in ROWS)
+                + " rows).",
+            ]
+            if machine_read
+            else []
+        ),
         "",
         "| precision | rows | data read (MB) | gradient (ms) | gradient / bound | copies beside it (GB/s): median, "
         "best | best copy's bound (ms) | gradient / best copy's bound | leapfrog steps | NUTS (s) "
@@ -423,18 +469,21 @@ def write_report(bandwidths: dict, runs: dict, measured: str | None = None) -> N
             "repeats": repeats,
             "bandwidth": bandwidth,
             "machine_bandwidth": machine_bandwidth,
+            "read_bandwidth": read,
+            "machine_read_bandwidth": machine_read,
             "sizes": sizes,
             "targets": targets,
-            "runs": {"bandwidths": bandwidths, "workers": runs},
+            "runs": {"bandwidths": bandwidths, "reads": reads, "workers": runs},
         },
         table,
         measured=measured,
     )
 
 
-def gradient_bound(sizes: dict, precision: str) -> str:
+def gradient_bound(sizes: dict, precision: str, machine_read: float | None) -> str:
     """What bounds the gradient, from the table, at the size >= 10^5 rows where it is furthest
-    from the bound: the fused likelihood's one read of the data against XLA's plain read."""
+    from the bound: the fused likelihood's one read of the data against XLA's plain read and
+    against the machine's best read (``machine_read`` bytes per second)."""
     worst = max(
         (sizes[f"{precision} {rows}"] for rows in ROWS if rows >= 100_000),
         key=lambda entry: entry["paired_gradient_over_bound"]["median"],
@@ -445,11 +494,25 @@ def gradient_bound(sizes: dict, precision: str) -> str:
         f"at {worst['rows']:,} rows the gradient takes {worst['paired_gradient_over_bound']['median']:.2f}x the "
         f"bound; a plain read of the same data (XLA's jitted sum over every data array, next to no arithmetic) "
         f"takes about {read_over_bound:.2f}x it at the copies' median bandwidth, and the gradient "
-        f"{worst['gradient_over_read_once']['median']:.2f}x that read. The fused likelihood reads the data once, "
+        f"{worst['gradient_over_read_once']['median']:.2f}x that read. "
+        + (
+            f"This machine reads at most {machine_read / 1e9:.1f} GB/s (NumPy's sum, best over 1 and all "
+            f"threads), against the copy's {paired_bandwidth / 1e9:.1f} GB/s of read + write counted: at that "
+            f"read rate the gradient's data take {worst['data_bytes'] / machine_read * 1e3:.2f} ms, and the "
+            f"gradient {over_read_bound(worst, machine_read):.2f}x that. "
+            if machine_read
+            else ""
+        )
+        + "The fused likelihood reads the data once, "
         "in one stream of tiles, so what bounds it is how fast this machine streams a read (slower than the "
         "copy's read + write here), plus the part of its per-row arithmetic (exp, log, 2 x 20 multiply-adds) "
         "that the stream does not hide (fused_gradient.md)"
     )
+
+
+def over_read_bound(entry: dict, machine_read: float) -> float:
+    """A size's median gradient time over its data's bytes read at ``machine_read`` bytes/s."""
+    return entry["gradient_seconds"]["median"] * machine_read / entry["data_bytes"]
 
 
 def nuts_bound(sizes: dict, precision: str) -> str:
@@ -481,7 +544,9 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if arguments.from_results:
         record = json.loads((RESULTS / "roofline.json").read_text())
-        write_report(record["runs"]["bandwidths"], record["runs"]["workers"], measured=record["written"])
+        write_report(
+            record["runs"]["bandwidths"], record["runs"]["workers"], record["runs"].get("reads"), record["written"]
+        )
     elif arguments.worker:
         print(json.dumps(worker(arguments.worker)))
     else:
