@@ -64,9 +64,15 @@ def timed(call: Callable[[], object], repeats: int) -> tuple[list[float], list[f
 
 def import_seconds(statement: str, repeats: int = 3) -> dict:
     """Wall seconds of ``statement`` in fresh Python processes (interpreter start excluded)."""
+    return fresh_process_seconds(
+        f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)", repeats
+    )
+
+
+def fresh_process_seconds(code: str, repeats: int = 3) -> dict:
+    """The seconds ``code`` prints, run in ``repeats`` fresh Python processes."""
     import subprocess
 
-    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
     runs = [
         float(
             subprocess.run(

@@ -23,15 +23,13 @@ import argparse
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 from common import (
-    REPO,
     RESULTS,
     cell,
+    fresh_process_seconds,
     import_seconds,
     logistic_analysis,
     snakemake,
@@ -79,19 +77,6 @@ def job_facts(workdir: Path) -> dict:
     }
 
 
-def kernel_build_seconds(repeats: int = 3) -> dict:
-    """Seconds :data:`KERNEL_BUILD` takes, in ``repeats`` fresh processes."""
-    runs = [
-        float(
-            subprocess.run(
-                [sys.executable, "-c", KERNEL_BUILD], capture_output=True, text=True, check=True, cwd=REPO / "workflow"
-            ).stdout
-        )
-        for _ in range(repeats)
-    ]
-    return spread(runs)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -133,7 +118,7 @@ def main() -> None:
         }
         for state in runs
     ]
-    imports = {"job": import_seconds(JOB_IMPORTS), "kernel_build": kernel_build_seconds()}
+    imports = {"job": import_seconds(JOB_IMPORTS), "kernel_build": fresh_process_seconds(KERNEL_BUILD)}
     write_report(rows, args.repeats, imports)
 
 
