@@ -34,6 +34,11 @@ def test_the_lines_name_the_verdict_the_disagreement_exclusions_and_notes():
     assert lines[1].startswith("  how exact: not measured")
     assert lines[2] == "  the shards agree: Q = 68.8 on 77 degrees of freedom (p 0.74)"
     assert len(lines) == 3
+    blocks = {"statistic": 1468.7, "degrees_of_freedom": 1603, "p_value": 0.62, "effective_degrees_of_freedom": 131.4}
+    assert analysis_lines("r.html", SHARDS | {"disagreement": blocks}, {}, None)[2] == (
+        "  the shards agree: Q = 1468.7 on 1603 degrees of freedom (p 0.62, from Q's own spread under block "
+        "weights: 131.4 effective degrees of freedom)"
+    )
 
 
 def test_only_what_the_run_wrote_is_summarised(tmp_path):

@@ -423,11 +423,13 @@ def combine_shards(
     if settings.screen is not None:
         facts["max_outlier_z"] = settings.screen["max_outlier_z"]
     if len(kept) > 1:
-        disagreement = facts["disagreement"] = screening.disagreement_test(*accumulator.disagreement())
+        disagreement = facts["disagreement"] = screening.disagreement_test(
+            *accumulator.disagreement(), accumulator.disagreement_variance()
+        )
         if disagreement["p_value"] < screening.DISAGREEMENT_P_VALUE:
             log.warning(
                 "the kept shards' means disagree more than their posteriors allow: Q = %.1f against %d expected "
-                "(chi-squared p = %.2g); the model may not describe every shard's rows alike, and a Gaussian "
+                "(p = %.2g); the model may not describe every shard's rows alike, and a Gaussian "
                 "combination may be biased",
                 disagreement["statistic"],
                 disagreement["degrees_of_freedom"],

@@ -46,6 +46,10 @@ WEIGHTS = {"hessian": "inverse Hessian at the shard's posterior mean", "draws": 
 #: Above this many unconstrained parameters the sample stage computes no Hessian (D forward
 #: passes of the gradient and D² numbers per shard): every shard is weighed by its draws.
 HESSIAN_MAX_PARAMETERS = 1000
+#: Most parameters for which block-diagonal weights keep the (D, D) sums that give the
+#: disagreement's spread (ConsensusAccumulator.disagreement_variance): a few (D, D) products
+#: per shard, about 0.05 s at 600 (a rigid model of 200 points).
+SPREAD_MAX_PARAMETERS = 600
 #: What ``consensus`` means for a rigid model.
 POINT_BLOCKS = "per-point 3x3 blocks (rigid model), other parameters full"
 
@@ -223,6 +227,10 @@ class ConsensusAccumulator:
     in their own precisions, Q = Σ_s (m_s − m̄)ᵀ W_s (m_s − m̄) (summed over blocks), kept as
     Σ_s (m_s − r)ᵀ W_s (m_s − r) about the first shard's mean r and finished as
     Q = Σ_s (m_s − r)ᵀ W_s (m_s − r) − (m̄ − r)ᵀ (Σ_s W_s) (m̄ − r), so it streams too.
+    With more than one block the weights leave out the correlations between blocks, and Q's
+    spread under one model is wider than χ²'s; :meth:`disagreement_variance` gives it, from
+    each shard's full covariance C_s (its draws', or the given one), for at most
+    :data:`SPREAD_MAX_PARAMETERS` parameters.
     """
 
     def __init__(
@@ -244,6 +252,11 @@ class ConsensusAccumulator:
         self.shards = 0
         self.reference: np.ndarray | None = None  # r: the first shard's mean (D,)
         self.centred_square = 0.0  # Σ_s (m_s − r)ᵀ W_s (m_s − r)
+        self.block_diagonal = sum(len(index) for index in self.groups.values()) > 1
+        # Σ_s tr(G_s²), Σ_s G_s² W_s and Σ_s G_s W_s, G_s = W_s C_s (disagreement_variance)
+        self.spread: dict | None = None
+        if self.block_diagonal and dimension <= SPREAD_MAX_PARAMETERS:
+            self.spread = {"trace": 0.0, "N": np.zeros((dimension, dimension)), "M": np.zeros((dimension, dimension))}
 
     def add(self, draws: np.ndarray, covariance: np.ndarray | None = None) -> None:
         """Add one shard's draws ``(S, D)``, weighted by the inverse of the given
@@ -253,11 +266,12 @@ class ConsensusAccumulator:
             self.reference = draws.mean(axis=0)
         self.shards += 1
         intensities = []
+        dense = None if self.spread is None else np.zeros_like(self.spread["N"])  # W_s (D, D)
         for size, index in self.groups.items():
             values = draws[:, index]  # (S, B, size)
             if covariance is not None:
                 weights = np.linalg.inv(covariance[index[:, :, None], index[:, None, :]])
-                self._accumulate(size, index, weights, values)
+                self._accumulate(size, index, weights, values, dense)
                 continue
             covariance_hat = block_covariances(values)
             if self.shrinkage != 0.0 and size > 1:  # Σ̃ = (1 − λ) Σ̂ + λ T
@@ -268,11 +282,22 @@ class ConsensusAccumulator:
                     weight = np.full(len(covariance_hat), float(self.shrinkage))
                 covariance_hat = (1 - weight)[:, None, None] * covariance_hat + weight[:, None, None] * target
                 intensities.append(weight)
-            self._accumulate(size, index, np.linalg.inv(covariance_hat), values)
+            self._accumulate(size, index, np.linalg.inv(covariance_hat), values, dense)
         self.intensities.append(float(np.concatenate(intensities).mean()) if intensities else 0.0)
+        if dense is not None:
+            full = np.cov(draws, rowvar=False) if covariance is None else covariance  # C_s
+            product = dense @ full  # G_s
+            self.spread["trace"] += float(np.sum(product * product.T))
+            self.spread["M"] += product @ dense
+            self.spread["N"] += product @ (product @ dense)
 
-    def _accumulate(self, size: int, index: np.ndarray, weights: np.ndarray, values: np.ndarray) -> None:
-        """Add W_s,b ``(B, size, size)`` and W_s,b θ_s,j[b] for the blocks' ``values (S, B, size)``."""
+    def _accumulate(
+        self, size: int, index: np.ndarray, weights: np.ndarray, values: np.ndarray, dense: np.ndarray | None
+    ) -> None:
+        """Add W_s,b ``(B, size, size)`` and W_s,b θ_s,j[b] for the blocks' ``values (S, B, size)``
+        (and write W_s,b into ``dense``, the shard's weights as one ``(D, D)`` matrix, if given)."""
+        if dense is not None:
+            dense[index[:, :, None], index[:, None, :]] = weights
         self.precision[size] += weights
         self.weighted_draws[:, index] += np.einsum("bij,sbj->sbi", weights, values)
         self.weighted_mean[index] += np.einsum("bij,bj->bi", weights, values.mean(axis=0))
@@ -310,6 +335,22 @@ class ConsensusAccumulator:
             for size, index in self.groups.items()
         )
         return max(self.centred_square - pooled, 0.0), (self.shards - 1) * len(mean)
+
+    def disagreement_variance(self) -> float | None:
+        """Var Q where each m_s scatters about the truth with its shard's full covariance C_s
+        and the weights are block-diagonal (Q = xᵀ A x over the stacked means, Var Q =
+        2 tr((A C)²)): with G_s = W_s C_s and P = Σ_s W_s,
+
+            Var Q = 2 [Σ_s tr(G_s²) − 2 tr(P⁻¹ Σ_s G_s² W_s) + tr((P⁻¹ Σ_s G_s W_s)²)],
+
+        which is 2 (K − 1) D, χ²'s, where W_s = C_s⁻¹. ``None`` where the weights are one full
+        block (Q ~ χ² already) or the parameters too many to keep (D, D) sums."""
+        if self.spread is None:
+            return None
+        _, pooled = self.gaussian_product()  # P⁻¹ (block-diagonal)
+        inverse_m = pooled @ self.spread["M"]
+        square = float(np.sum(inverse_m * inverse_m.T))  # tr((P⁻¹ M)²)
+        return 2 * (self.spread["trace"] - 2 * float(np.sum(pooled * self.spread["N"].T)) + square)
 
     def gaussian_product(self) -> tuple[np.ndarray, np.ndarray]:
         """The product of the shards' Gaussian approximations as one mean ``(D,)`` and one

@@ -321,7 +321,7 @@ def disagreement_sentence(shards: dict) -> str:
     measured = (
         f"The kept shards' means disagree by Q = {figures['statistic']:.1f}, the sum over shards of each mean's "
         f"squared distance from the combined mean in that shard's own precision: {figures['degrees_of_freedom']} "
-        "is expected where one model describes every shard's rows (χ², p = "
+        f"is expected where one model describes every shard's rows ({disagreement_reference(figures)}, p = "
         f"{figures['p_value']:.2g})"
     )
     if figures["p_value"] >= DISAGREEMENT_P_VALUE:
@@ -331,6 +331,16 @@ def disagreement_sentence(shards: dict) -> str:
         "every shard's rows alike (misfit, a subpopulation in some shards), and the Gaussian combination can then "
         "be biased. The importance correction measures by how much (<code>correct.enabled</code>); the per-shard "
         "marginals below show which parameters disagree.</p>"
+    )
+
+
+def disagreement_reference(figures: dict) -> str:
+    """The distribution Q's p-value is taken from (:func:`cmcflow.screening.disagreement_test`)."""
+    if "effective_degrees_of_freedom" not in figures:
+        return "χ²"
+    return (
+        f"χ² scaled to Q's own spread, on {figures['effective_degrees_of_freedom']:.1f} effective degrees of "
+        "freedom: the weights are blocks of parameters, which leave out the correlations between blocks"
     )
 
 

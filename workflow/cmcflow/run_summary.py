@@ -36,7 +36,13 @@ def analysis_lines(
         agree = "disagree more than their posteriors allow" if figures["p_value"] < DISAGREEMENT_P_VALUE else "agree"
         lines.append(
             f"  the shards {agree}: Q = {figures['statistic']:.1f} on {figures['degrees_of_freedom']} degrees of "
-            f"freedom (p {figures['p_value']:.2g})"
+            f"freedom (p {figures['p_value']:.2g}"
+            + (
+                f", from Q's own spread under block weights: {figures['effective_degrees_of_freedom']:.1f} "
+                "effective degrees of freedom)"
+                if "effective_degrees_of_freedom" in figures
+                else ")"
+            )
         )
     excluded = [entry["shard"] for entry in shards["excluded"]]
     if excluded:

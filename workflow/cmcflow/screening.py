@@ -133,7 +133,7 @@ def require_enough(kept: Sequence[int], excluded: Sequence[Mapping], num_shards:
         )
 
 
-def disagreement_test(statistic: float, degrees_of_freedom: int) -> dict:
+def disagreement_test(statistic: float, degrees_of_freedom: int, variance: float | None = None) -> dict:
     """The kept shards' disagreement Q (:meth:`~cmcflow.consensus.ConsensusAccumulator.disagreement`)
     against χ² with ``degrees_of_freedom``: ``{"statistic", "degrees_of_freedom", "p_value"}``.
     A p-value below :data:`DISAGREEMENT_P_VALUE` says that one model does not describe every
@@ -141,11 +141,25 @@ def disagreement_test(statistic: float, degrees_of_freedom: int) -> dict:
     combination can be biased (the importance correction measures by how much): many shards
     each a little off, which the outlier screen cannot see. A large one does not clear the
     combination: shards too small for a Gaussian posterior all lean the same way, a bias Q
-    cannot see (the correction and the K-stability check can)."""
+    cannot see (the correction and the K-stability check can).
+
+    ``variance``: Var Q where block-diagonal weights make it other than χ²'s 2·df
+    (:meth:`~cmcflow.consensus.ConsensusAccumulator.disagreement_variance`); Q is then taken
+    as c χ²_ν with its mean df and this variance (Satterthwaite: c = Var / (2 df),
+    ν = 2 df² / Var), recorded as ``"variance"`` and ``"effective_degrees_of_freedom"`` ν."""
+    if variance is None or not variance > 0:
+        return {
+            "statistic": statistic,
+            "degrees_of_freedom": degrees_of_freedom,
+            "p_value": float(special.chdtrc(degrees_of_freedom, statistic)),
+        }
+    scale, effective = variance / (2 * degrees_of_freedom), 2 * degrees_of_freedom**2 / variance
     return {
         "statistic": statistic,
         "degrees_of_freedom": degrees_of_freedom,
-        "p_value": float(special.chdtrc(degrees_of_freedom, statistic)),
+        "p_value": float(special.chdtrc(effective, statistic / scale)),
+        "variance": variance,
+        "effective_degrees_of_freedom": effective,
     }
 
 
