@@ -342,3 +342,32 @@ def test_combine_warns_where_the_kept_shards_disagree_and_the_report_says_so(cap
         sentence = disagreement_sentence(record)
         assert sentence.startswith(f"<p>The kept shards' means disagree by Q = {figures['statistic']:.1f}") is not alarm
         assert ("more than their posteriors allow" in sentence) is alarm
+
+
+def test_combine_records_which_distribution_the_disagreements_p_value_is_from(monkeypatch):
+    """Diagonal weights: combine records Q's variance and effective degrees of freedom, and the
+    report names the scaled χ²; with more parameters than it keeps (D, D) sums for, the
+    record and the report say that χ²'s p-value is approximate. Full weights: plain χ²."""
+    from cmcflow import combine, consensus
+    from cmcflow.report import disagreement_sentence
+
+    runs = [beta_run(draws) for draws in correlated_shards(np.random.default_rng(3), draws=400)]
+
+    def disagreement(method):
+        settings = CombineSettings(
+            method, 0, 0.0, None, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws"
+        )
+        record = combine.combine_shards(runs.__getitem__, 8, beta_model, {}, settings).record
+        return record["disagreement"], disagreement_sentence(record)
+
+    figures, sentence = disagreement("consensus_diag")
+    assert figures["variance"] > 2 * 42 and figures["effective_degrees_of_freedom"] < 42, figures
+    assert "χ² scaled to Q's own spread" in sentence and "approximate" not in figures
+    figures, sentence = disagreement("consensus")
+    assert {"variance", "effective_degrees_of_freedom", "approximate"}.isdisjoint(figures)
+    assert "(χ², p = " in sentence
+    monkeypatch.setattr(consensus, "SPREAD_MAX_PARAMETERS", 5)
+    monkeypatch.setattr(combine, "SPREAD_MAX_PARAMETERS", 5)
+    figures, sentence = disagreement("consensus_diag")
+    assert "variance" not in figures and figures["approximate"].startswith("block weights over more than 5")
+    assert "χ²; approximate: block weights" in sentence

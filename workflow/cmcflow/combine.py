@@ -39,6 +39,7 @@ import pandas as pd
 from cmcflow import importance, screening
 from cmcflow.consensus import (
     HESSIAN_MAX_PARAMETERS,
+    SPREAD_MAX_PARAMETERS,
     WEIGHTS,
     ConsensusAccumulator,
     ConsensusPlan,
@@ -426,6 +427,11 @@ def combine_shards(
         disagreement = facts["disagreement"] = screening.disagreement_test(
             *accumulator.disagreement(), accumulator.disagreement_variance()
         )
+        if accumulator.block_diagonal and "variance" not in disagreement:
+            disagreement["approximate"] = (
+                f"block weights over more than {SPREAD_MAX_PARAMETERS} parameters: χ²'s p-value, which the "
+                "correlations between blocks make too small"
+            )
         if disagreement["p_value"] < screening.DISAGREEMENT_P_VALUE:
             log.warning(
                 "the kept shards' means disagree more than their posteriors allow: Q = %.1f against %d expected "

@@ -337,7 +337,7 @@ def disagreement_sentence(shards: dict) -> str:
 def disagreement_reference(figures: dict) -> str:
     """The distribution Q's p-value is taken from (:func:`cmcflow.screening.disagreement_test`)."""
     if "effective_degrees_of_freedom" not in figures:
-        return "χ²"
+        return f"χ²; approximate: {figures['approximate']}" if "approximate" in figures else "χ²"
     return (
         f"χ² scaled to Q's own spread, on {figures['effective_degrees_of_freedom']:.1f} effective degrees of "
         "freedom: the weights are blocks of parameters, which leave out the correlations between blocks"
