@@ -47,8 +47,9 @@ WEIGHTS = {"hessian": "inverse Hessian at the shard's posterior mean", "draws": 
 #: passes of the gradient and D² numbers per shard): every shard is weighed by its draws.
 HESSIAN_MAX_PARAMETERS = 1000
 #: Most parameters for which block-diagonal weights keep the (D, D) sums that give the
-#: disagreement's spread (ConsensusAccumulator.disagreement_variance): a few (D, D) products
-#: per shard, about 0.05 s at 600 (a rigid model of 200 points).
+#: disagreement's spread (ConsensusAccumulator.disagreement_variance): the draws' covariance
+#: and three (D, D) products per shard, about 0.1 s at 600 (a rigid model of 200 points) on
+#: 2 cores, 0.03 s at 300.
 SPREAD_MAX_PARAMETERS = 600
 #: What ``consensus`` means for a rigid model.
 POINT_BLOCKS = "per-point 3x3 blocks (rigid model), other parameters full"
