@@ -89,20 +89,17 @@ class StreamRead(StreamCopy):
         return COPY_BYTES / (time.perf_counter() - started)
 
 
-def read_bandwidth(threads: int, repeats: int = 5) -> float:
-    """Bytes per second of :class:`StreamRead` over ``threads`` threads, best of ``repeats``."""
-    read = StreamRead(threads)
-    best = max(read() for _ in range(repeats))
-    read.pool.shutdown()
+def best_rate(stream: StreamCopy, repeats: int = 5) -> float:
+    """Bytes per second of ``stream`` (a :class:`StreamCopy` or :class:`StreamRead`), best of
+    ``repeats`` calls; its threads are shut down after."""
+    best = max(stream() for _ in range(repeats))
+    stream.pool.shutdown()
     return best
 
 
-def copy_bandwidth(threads: int, repeats: int = 5) -> float:
-    """Bytes per second of :class:`StreamCopy` over ``threads`` threads, best of ``repeats``."""
-    copy = StreamCopy(threads)
-    best = max(copy() for _ in range(repeats))
-    copy.pool.shutdown()
-    return best
+def copy_bandwidth(threads: int) -> float:
+    """Bytes per second of :class:`StreamCopy` over ``threads`` threads, best of 5."""
+    return best_rate(StreamCopy(threads))
 
 
 def paired_gradient_over_bound(function, argument, data_bytes: int, copy: StreamCopy) -> tuple[list, list]:
@@ -311,8 +308,8 @@ def main(repeats: int) -> None:
     for _ in range(repeats):
         bandwidths["1 thread"].append(copy_bandwidth(1))
         bandwidths[f"{os.cpu_count()} threads"].append(copy_bandwidth(os.cpu_count()))
-        reads["1 thread"].append(read_bandwidth(1))
-        reads[f"{os.cpu_count()} threads"].append(read_bandwidth(os.cpu_count()))
+        reads["1 thread"].append(best_rate(StreamRead(1)))
+        reads[f"{os.cpu_count()} threads"].append(best_rate(StreamRead(os.cpu_count())))
         for precision in PRECISIONS:
             output = subprocess.run(
                 [sys.executable, __file__, "--worker", precision], capture_output=True, text=True, check=True
@@ -321,15 +318,15 @@ def main(repeats: int) -> None:
     write_report(bandwidths, runs, reads)
 
 
-def write_report(bandwidths: dict, runs: dict, reads: dict | None = None, measured: str | None = None) -> None:
+def write_report(bandwidths: dict, runs: dict, reads: dict, measured: str | None = None) -> None:
     """The JSON (with every process's ``runs``) and the tables, from the measurements:
     ``bandwidths`` {threads: [copy bytes/s per repeat]}, ``runs`` {precision: [worker
-    results]}, ``reads`` {threads: [read bytes/s per repeat]} (absent from older results)."""
+    results]}, ``reads`` {threads: [read bytes/s per repeat]}."""
     repeats = len(next(iter(runs.values())))
     bandwidth = {name: spread(values) for name, values in bandwidths.items()}
     machine_bandwidth = max(entry["median"] for entry in bandwidth.values())
-    read = {name: spread(values) for name, values in (reads or {}).items()}
-    machine_read = max((entry["median"] for entry in read.values()), default=None)
+    read = {name: spread(values) for name, values in reads.items()}
+    machine_read = max(entry["median"] for entry in read.values())
 
     sizes = {}
     for precision in PRECISIONS:
@@ -408,23 +405,17 @@ def write_report(bandwidths: dict, runs: dict, reads: dict | None = None, measur
         "(the target's figure; the copies' median and best over those rounds beside it). "
         f"{repeats} runs per row; one JAX device, one chain; {FEATURES} features; NUTS {NUTS_ITERATIONS} warmup + "
         f"{NUTS_ITERATIONS} draws; the fused likelihood in every precision.",
-        *(
-            [
-                "",
-                f"Read bandwidth (NumPy's sum of the same 512 MiB, next to no arithmetic a byte), best of 5 beside "
-                f"each run's copies: {read_text}. Against the best read's bound ({machine_read / 1e9:.1f} GB/s): "
-                + ", ".join(
-                    f"{precision} "
-                    + " / ".join(f"{over_read_bound(sizes[f'{precision} {rows}'], machine_read):.2f}x" for rows in ROWS)
-                    for precision in PRECISIONS
-                )
-                + " (gradient / read bound at "
-                + ", ".join(f"{rows:,}" for rows in ROWS)
-                + " rows).",
-            ]
-            if machine_read
-            else []
-        ),
+        "",
+        f"Read bandwidth (NumPy's sum of the same 512 MiB, next to no arithmetic a byte), best of 5 beside "
+        f"each run's copies: {read_text}. Against the best read's bound ({machine_read / 1e9:.1f} GB/s): "
+        + ", ".join(
+            f"{precision} "
+            + " / ".join(f"{over_read_bound(sizes[f'{precision} {rows}'], machine_read):.2f}x" for rows in ROWS)
+            for precision in PRECISIONS
+        )
+        + " (gradient / read bound at "
+        + ", ".join(f"{rows:,}" for rows in ROWS)
+        + " rows).",
         "",
         "| precision | rows | data read (MB) | gradient (ms) | gradient / bound | copies beside it (GB/s): median, "
         "best | best copy's bound (ms) | gradient / best copy's bound | leapfrog steps | NUTS (s) "
@@ -480,7 +471,7 @@ def write_report(bandwidths: dict, runs: dict, reads: dict | None = None, measur
     )
 
 
-def gradient_bound(sizes: dict, precision: str, machine_read: float | None) -> str:
+def gradient_bound(sizes: dict, precision: str, machine_read: float) -> str:
     """What bounds the gradient, from the table, at the size >= 10^5 rows where it is furthest
     from the bound: the fused likelihood's one read of the data against XLA's plain read and
     against the machine's best read (``machine_read`` bytes per second)."""
@@ -495,7 +486,7 @@ def gradient_bound(sizes: dict, precision: str, machine_read: float | None) -> s
         f"bound; a plain read of the same data (XLA's jitted sum over every data array, next to no arithmetic) "
         f"takes about {read_over_bound:.2f}x it at the copies' median bandwidth, and the gradient "
         f"{worst['gradient_over_read_once']['median']:.2f}x that read. "
-        + (read_bound_sentence(worst, machine_read, paired_bandwidth) if machine_read else "")
+        + read_bound_sentence(worst, machine_read, paired_bandwidth)
         + "The fused likelihood reads the data once, in one stream of tiles, on all cores; what is left beyond "
         "the read is the part of its per-row arithmetic (exp, log, 2 x 20 multiply-adds) that the stream does "
         "not hide, and a call's own cost (fused_gradient.md)"
@@ -504,17 +495,12 @@ def gradient_bound(sizes: dict, precision: str, machine_read: float | None) -> s
 
 def read_bound_sentence(entry: dict, machine_read: float, copy_bandwidth: float) -> str:
     """How the machine's best read compares with the copy, and the gradient against it."""
-    if machine_read > copy_bandwidth:
-        return (
-            f"This machine reads at up to {machine_read / 1e9:.1f} GB/s (NumPy's sum over all threads, best of 5), "
-            f"faster than the copy's {copy_bandwidth / 1e9:.1f} GB/s of read + write counted, so the read does not "
-            f"bound the gradient: at that rate its data take {entry['data_bytes'] / machine_read * 1e3:.2f} ms, "
-            f"and the gradient {over_read_bound(entry, machine_read):.2f}x that. "
-        )
+    faster = machine_read > copy_bandwidth
     return (
-        f"This machine reads at most {machine_read / 1e9:.1f} GB/s (NumPy's sum, best over 1 and all threads), "
-        f"slower than the copy's {copy_bandwidth / 1e9:.1f} GB/s of read + write counted: at that rate the "
-        f"gradient's data take {entry['data_bytes'] / machine_read * 1e3:.2f} ms, and the gradient "
+        f"This machine reads at up to {machine_read / 1e9:.1f} GB/s (NumPy's sum, the best over 1 and all threads), "
+        f"{'faster' if faster else 'slower'} than the copy's {copy_bandwidth / 1e9:.1f} GB/s of read + write "
+        f"counted{', so the read does not bound the gradient' if faster else ''}: at that rate its data take "
+        f"{entry['data_bytes'] / machine_read * 1e3:.2f} ms, and the gradient "
         f"{over_read_bound(entry, machine_read):.2f}x that. "
     )
 
@@ -554,7 +540,7 @@ if __name__ == "__main__":
     if arguments.from_results:
         record = json.loads((RESULTS / "roofline.json").read_text())
         write_report(
-            record["runs"]["bandwidths"], record["runs"]["workers"], record["runs"].get("reads"), record["written"]
+            record["runs"]["bandwidths"], record["runs"]["workers"], record["runs"]["reads"], record["written"]
         )
     elif arguments.worker:
         print(json.dumps(worker(arguments.worker)))
