@@ -77,14 +77,18 @@ def test_kernel_value_gradient_and_hessian_match_xla(kernel_on, monkeypatch, row
 
 # fewer rows than a tile; whole tiles; several chunks and a last tile mostly padding
 @pytest.mark.parametrize("rows", [100, 2_944, 37_003])
-def test_the_kernel_reads_the_features_tiles_as_the_features(kernel_on, rows):
+@pytest.mark.parametrize("data_dtype", ["float32", "float64"])
+def test_the_kernel_reads_the_features_tiles_as_the_features(kernel_on, rows, data_dtype):
     """A job's layout (fused.device_layout): the kernel's value, gradient and batched values
-    on the tiles are the same numbers as on XT (P, R), the same float32 steps summed in the
-    same order; the Hessian (XLA's products with the tiles) agrees to float32 rounding."""
+    on the tiles are the same numbers as on XT (P, R), the same steps summed in the same
+    order; the Hessian (XLA's products with the tiles) agrees to float32 rounding. Data in
+    float32 (mixed: tiles of 128 rows) and float64 (64 rows)."""
     flat = model_kwargs(logistic_data(rows=rows, features=4, seed=7), resolve_options(SPEC, {}))
+    flat = {name: value.astype(data_dtype) if name in ("XT", "y", "offset") else value for name, value in flat.items()}
     tiled = SPEC.device_layout(flat)
-    assert tiled["XT"].shape == (-(-rows // fused.TILE_ROWS), 4, fused.TILE_ROWS)
-    last_tile, last_row = divmod(rows - 1, fused.TILE_ROWS)
+    tile_rows = fused.tile_rows(flat["XT"].dtype)
+    assert tiled["XT"].shape == (-(-rows // tile_rows), 4, tile_rows)
+    last_tile, last_row = divmod(rows - 1, tile_rows)
     np.testing.assert_array_equal(tiled["XT"][last_tile, :, last_row], flat["XT"][:, -1])
     assert not np.any(tiled["XT"][last_tile, :, last_row + 1 :])
     position = {"intercept": jnp.asarray(-0.4), "beta": jnp.asarray([0.3, -0.7, 0.2, 1.1])}

@@ -63,9 +63,10 @@ def target(precision: str, values: bool = False) -> str:
 
 #: Every kernel's target name (programs stored with them: cmcflow.transforms).
 TARGETS = tuple(target(precision, values) for precision, *_ in KERNELS.values() for values in (False, True))
-#: Rows per tile of :func:`feature_tiles`: a multiple of the kernel's step of rows in every
-#: precision (a feature's 512 bytes with AVX-512, else 256: at most 128 rows of float32).
-TILE_ROWS = 128
+#: Bytes of each feature's rows in a tile of :func:`feature_tiles`: the kernel's step with
+#: AVX-512 (a feature's 512 bytes; with AVX2 256, half a tile), so that a step reads its rows
+#: of all features as one stretch of memory.
+TILE_BYTES = 512
 #: g++ flags: the loops over rows vectorise only with -ffast-math; -march=native builds for
 #: the CPU it runs on, hence one library per CPU type (:func:`library_path`).
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
@@ -193,15 +194,22 @@ def _suits(XT, y, offset, mask) -> bool:
     )
 
 
+def tile_rows(dtype) -> int:
+    """Rows a tile of :func:`feature_tiles` holds of features of ``dtype``: :data:`TILE_BYTES`
+    of each (128 float32, 64 float64)."""
+    return TILE_BYTES // np.dtype(dtype).itemsize
+
+
 def feature_tiles(XT: np.ndarray) -> np.ndarray:
-    """``XT (P, R)`` as the kernel's tiles ``(⌈R / T⌉, P, T)``, ``T`` = :data:`TILE_ROWS`:
+    """``XT (P, R)`` as the kernel's tiles ``(⌈R / T⌉, P, T)``, ``T`` = :func:`tile_rows`:
     tile ``t`` holds the rows ``[t T, t T + T)`` of feature 0, then of feature 1, …; the
     last tile's rows beyond ``R`` are zeros (the kernel reads ``R`` rows: ``y``'s)."""
     features, rows = XT.shape
-    full, rest = divmod(rows, TILE_ROWS)
-    tiles = np.zeros((full + (rest > 0), features, TILE_ROWS), dtype=XT.dtype)
-    tiles[:full] = XT[:, : full * TILE_ROWS].reshape(features, full, TILE_ROWS).transpose(1, 0, 2)
-    tiles[full:, :, :rest] = XT[:, full * TILE_ROWS :]
+    T = tile_rows(XT.dtype)
+    full, rest = divmod(rows, T)
+    tiles = np.zeros((full + (rest > 0), features, T), dtype=XT.dtype)
+    tiles[:full] = XT[:, : full * T].reshape(features, full, T).transpose(1, 0, 2)
+    tiles[full:, :, :rest] = XT[:, full * T :]
     return tiles
 
 
