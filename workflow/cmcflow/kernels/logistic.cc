@@ -7,8 +7,8 @@
 // Logistic: inputs XT F, y, offset F (R), mask bool (R), coef C (P + 1: beta, then the
 // intercept). XT holds the features one row per feature, (P, R), or in tiles
 // (R_t, P, T): tile t the rows [t T, t T + T) of every feature, feature after feature, the last
-// one zero-padded (cmcflow.fused.feature_tiles), so that a step's rows of all P features are
-// one stretch of memory. Outputs: value C () = sum_j mask_j (y_j eta_j - softplus(eta_j))
+// one zero-padded (cmcflow.fused.feature_tiles: 512 bytes of each feature, a step with
+// AVX-512), so that a step's rows of all P features are one stretch of memory. Outputs: value C () = sum_j mask_j (y_j eta_j - softplus(eta_j))
 // and its gradient C (P + 1), eta = beta . XT + intercept + offset.
 // LogisticValues: the same data and coefs C (B, P + 1), B sets of coefficients; output the
 // B values C (B): each step of rows is read from memory once for all B of them.
