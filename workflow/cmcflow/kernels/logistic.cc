@@ -8,8 +8,9 @@
 // intercept). XT holds the features one row per feature, (P, R), or in tiles
 // (R_t, P, T): tile t the rows [t T, t T + T) of every feature, feature after feature, the last
 // one zero-padded (cmcflow.fused.feature_tiles: 512 bytes of each feature, a step with
-// AVX-512), so that a step's rows of all P features are one stretch of memory. Outputs: value C () = sum_j mask_j (y_j eta_j - softplus(eta_j))
-// and its gradient C (P + 1), eta = beta . XT + intercept + offset.
+// AVX-512), so that a step's rows of all P features are one stretch of memory. Outputs:
+// value C () = sum_j mask_j (y_j eta_j - softplus(eta_j)) and its gradient C (P + 1),
+// eta = beta . XT + intercept + offset.
 // LogisticValues: the same data and coefs C (B, P + 1), B sets of coefficients; output the
 // B values C (B): each step of rows is read from memory once for all B of them.
 // Per-row arithmetic, and sums over at most 512 rows, in F; the sums of those sums in float64
@@ -51,7 +52,7 @@ constexpr int64_t kStep = kStepBytes / sizeof(F);
 // float: every line in the eta pass, so that all are in flight before the step's exp and log
 // (twice double's rows a step); double: half in the eta pass, half in the XT r pass. Each the
 // faster of the two in its precision (the gradient at 10^6 rows on AMD EPYC, AVX-512: float's
-// choice 5-10% faster than the split, double's 20% faster than all in the eta pass).
+// choice 5-10% faster than the split, double's 3% faster than all in the eta pass).
 constexpr int64_t kAheadSteps = 4;
 template <typename F>
 constexpr int kAheadPasses = sizeof(F) == 4 ? 1 : 2;
