@@ -38,13 +38,14 @@
 namespace ffi = xla::ffi;
 
 constexpr int64_t kChunk = 16384;
-// bytes of a feature's rows in a step, whose eta stay in vector registers: 8 registers of
-// AVX-512's 32, or 16 AVX2 ones; kStep<F> rows
+// bytes of a vector register (AVX-512's, else AVX2's), and of a feature's rows in a step, whose
+// eta stay in 8 vector registers (of AVX-512's 32, AVX2's 16); kStep<F> rows
 #if defined(__AVX512F__)
-constexpr int64_t kStepBytes = 512;
+constexpr int kVectorBytes = 64;
 #else
-constexpr int64_t kStepBytes = 256;
+constexpr int kVectorBytes = 32;
 #endif
+constexpr int64_t kStepBytes = 8 * kVectorBytes;
 template <typename F>
 constexpr int64_t kStep = kStepBytes / sizeof(F);
 // the gradient asks for the rows this far ahead of its step into L2 (prefetcht2) as it reads each
@@ -58,11 +59,12 @@ template <typename F>
 constexpr int kAheadPasses = sizeof(F) == 4 ? 1 : 2;
 constexpr int64_t kFlush = 512;  // rows a gradient lane sums in F before the float64 sum
 
-// 64 bytes of F: one AVX-512 register, two AVX2 ones; L lanes
+// one vector register of F, L lanes (a vector type wider than the registers spills: with AVX2,
+// 64-byte vectors made the gradient 1.6x slower, float64 and mixed)
 template <typename F>
 struct Lanes {
-  typedef F V __attribute__((vector_size(64)));
-  static constexpr int L = 64 / sizeof(F);
+  typedef F V __attribute__((vector_size(kVectorBytes)));
+  static constexpr int L = kVectorBytes / sizeof(F);
   static inline V Load(const F* p) { V v; __builtin_memcpy(&v, p, sizeof v); return v; }
   static inline void Store(F* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
   static inline double Sum(V v) { double s = 0.0; for (int k = 0; k < L; ++k) s += v[k]; return s; }
@@ -80,9 +82,9 @@ static inline const F* RowAt(const F* xt, int64_t P, int64_t T, int64_t p, int64
 template <typename F>
 static inline void Ahead(const F* xt, int64_t P, int64_t T, int64_t p, int64_t j, int pass) {
   const F* later = RowAt(xt, P, T, p, j);
-  constexpr int L = Lanes<F>::L;
+  constexpr int line = 64 / sizeof(F);
 #pragma GCC unroll 16
-  for (int64_t k = pass; k < kStep<F> / L; k += kAheadPasses<F>) __builtin_prefetch(later + L * k, 0, 1);
+  for (int64_t k = pass; k < kStep<F> / line; k += kAheadPasses<F>) __builtin_prefetch(later + line * k, 0, 1);
 }
 
 // eta of rows [j0, j0 + n), n <= kStep (n == kStep when kFull), into eta; kPrefetch: ask for
@@ -160,7 +162,8 @@ static inline double ExpNonpositive(double x) {
   p = p * r + 1.0 / 6.0;
   p = p * r + 0.5;
   p = p * r * r + r + 1.0;
-  const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;  // 2^n, n >= -1022
+  // 2^n, n >= -1022, n through int32: AVX2 has no vector conversion of doubles to int64
+  const int64_t bits = (static_cast<int64_t>(static_cast<int32_t>(n)) + 1023) << 52;
   double scale;
   __builtin_memcpy(&scale, &bits, sizeof scale);
   return p * scale;
