@@ -17,7 +17,11 @@ process (``jax.precision: mixed``, the default; roofline.py times it in every pr
   of means in posterior sd (another rounding: NUTS's paths part, as with another seed);
 * **reweight**: the shard's log-likelihood at P4's 4,096 proposal draws as a reweight job
   computes it (:func:`cmcflow.likelihood.log_likelihood_at`, one device; the kernel's values
-  at a batch of coefficients), seconds (compiled first) and the largest relative difference.
+  at a batch of coefficients), seconds (compiled first) and the largest relative difference;
+* **AVX2 code** (CPUs without AVX-512, as many clusters' AMD EPYC Rome and Milan nodes), where
+  this CPU has AVX-512: the gradient again, both compilers held to AVX2 (XLA's
+  ``--xla_cpu_max_isa=AVX2``; the kernel built with ``-mno-avx512f`` through a ``$CXX``
+  wrapper), on this machine's cores and memory.
 
 The measurement that chose ``sample.fused_likelihood: true``.
 
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from common import RESULTS, cell, spread, target, write_results
@@ -193,22 +198,61 @@ def where_the_time_goes(sizes: dict) -> str:
     )
 
 
-def run_worker(kind: str, build_dir: str) -> dict:
+def avx2_text(avx2: dict) -> str:
+    """The gradient held to AVX2 code (``avx2``, by rows; empty where this CPU has no AVX-512)."""
+    if not avx2:
+        return "this CPU has no AVX-512, so the gradients above are AVX2 code already."
+    return (
+        "the gradient again, both compilers held to AVX2 (XLA's `--xla_cpu_max_isa=AVX2`, the kernel built with "
+        "`-mno-avx512f`), on this machine's cores and memory:\n\n"
+        "| rows | XLA (ms) | fused (ms) | XLA / fused |\n|---|---|---|---|\n"
+        + "\n".join(
+            f"| {int(rows):,} | {cell({k: v * 1e3 for k, v in entry['xla_seconds'].items() if k != 'runs'}, 3)} | "
+            f"{cell({k: v * 1e3 for k, v in entry['fused_seconds'].items() if k != 'runs'}, 3)} | "
+            f"{cell(entry['xla_over_fused'])} |"
+            for rows, entry in avx2.items()
+        )
+    )
+
+
+def run_worker(kind: str, build_dir: str, environment: dict | None = None) -> dict:
     output = subprocess.run(
-        [sys.executable, __file__, "--worker", kind, "--build-dir", build_dir], capture_output=True, text=True
+        [sys.executable, __file__, "--worker", kind, "--build-dir", build_dir],
+        capture_output=True,
+        text=True,
+        env=environment,
     )
     if output.returncode:
         raise RuntimeError(f"the {kind} worker failed:\n{output.stderr[-3000:]}")
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
+def has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (``avx512f`` among /proc/cpuinfo's flags)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and "avx512f" in cpuinfo.read_text().split()
+
+
+def avx2_environment(directory: str) -> dict:
+    """The environment of a worker held to AVX2 code: XLA's ``--xla_cpu_max_isa=AVX2`` and,
+    as ``$CXX``, a compiler wrapper (written in ``directory``) that adds ``-mno-avx512f``."""
+    wrapper = Path(directory) / "cxx-avx2"
+    wrapper.write_text(f'#!/bin/sh\nexec {os.environ.get("CXX", "g++")} "$@" -mno-avx512f\n')
+    wrapper.chmod(0o755)
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_max_isa=AVX2".strip()
+    return os.environ | {"CXX": str(wrapper), "XLA_FLAGS": flags}
+
+
 def main(repeats: int) -> None:
-    with tempfile.TemporaryDirectory() as build_dir:
-        runs = {"bandwidths": [], "gradient": [], "nuts": [], "reweight": []}
+    with tempfile.TemporaryDirectory() as build_dir, tempfile.TemporaryDirectory() as avx2_dir:
+        avx2 = avx2_environment(avx2_dir) if has_avx512() else None
+        runs = {"bandwidths": [], "gradient": [], "nuts": [], "reweight": [], "gradient_avx2": []}
         for _ in range(repeats):
             runs["bandwidths"].append(copy_bandwidth(os.cpu_count()))
             for kind in ("gradient", "nuts", "reweight"):
                 runs[kind].append(run_worker(kind, build_dir))
+            if avx2:  # its own build directory: the library's name does not say which compiler built it
+                runs["gradient_avx2"].append(run_worker("gradient", os.path.join(avx2_dir, "build"), avx2))
     write_report(runs)
 
 
@@ -247,6 +291,19 @@ def write_report(runs: dict, measured: str | None = None) -> None:
         for key in ("xla_seconds", "fused_seconds", "largest_relative_difference")
     }
     reweight["xla_over_fused"] = spread([run["xla_seconds"] / run["fused_seconds"] for run in runs["reweight"]])
+    avx2 = {
+        rows: {
+            f"{name}_seconds": spread([run[rows][f"{name}_seconds"] for run in runs["gradient_avx2"]])
+            for name in ("xla", "fused")
+        }
+        | {
+            "xla_over_fused": spread(
+                [run[rows]["xla_seconds"] / run[rows]["fused_seconds"] for run in runs["gradient_avx2"]]
+            )
+        }
+        for rows in map(str, ROWS)
+        if runs["gradient_avx2"]
+    }
     # the gradient against the bandwidth bound is roofline.py's target (every precision, copies at the same
     # moments); this bench chose the default: the faster likelihood, the posteriors within Monte Carlo error
     speedup = nuts["xla_over_fused"]["median"]
@@ -260,6 +317,19 @@ def write_report(runs: dict, measured: str | None = None) -> None:
             "the kernel samples slower than XLA's sum here: turn sample.fused_likelihood off by default",
         ),
     ]
+    if avx2:
+        slowest = min(avx2.values(), key=lambda entry: entry["xla_over_fused"]["median"])["xla_over_fused"]["median"]
+        targets.append(
+            target(
+                "13b",
+                "sample.fused_likelihood's default on AVX2 code (no AVX-512): the gradient, XLA / the kernel, mixed "
+                "(smallest over sizes)",
+                f"{slowest:.2f}x",
+                "the default is the faster (> 1x)",
+                slowest > 1,
+                "on AVX2 code XLA's gradient is the faster: the kernel should not be the default there",
+            )
+        )
     table = [
         "# 13b the logistic likelihood's one-pass kernel (sample.fused_likelihood) against XLA",
         "",
@@ -285,6 +355,10 @@ def write_report(runs: dict, measured: str | None = None) -> None:
             f"{cell(entry['untiled_over_fused'])} | {cell(kernel_ms, 3)} | "
             f"{cell(entry['kernel_over_bound'])} |"
         )
+    table += [
+        "",
+        "AVX2 code, for CPUs without AVX-512 (many clusters' AMD EPYC Rome and Milan nodes): " + avx2_text(avx2),
+    ]
     table += [
         "",
         f"NUTS on a shard of P4's size ({NUTS_ROWS:,} rows, {NUTS_CHAINS} chains x ({NUTS_ITERATIONS} + "
@@ -321,6 +395,7 @@ def write_report(runs: dict, measured: str | None = None) -> None:
             "sizes": sizes,
             "nuts": nuts,
             "reweight": reweight,
+            "avx2": avx2,
             "targets": targets,
             "runs": runs,
         },
