@@ -28,10 +28,10 @@ model with the features stored rows-major, ``X (R, P)``, the layout before ``XT 
 takes ``XT``): what the layout and the kernel are worth together;
 and the gradient called back to back inside one compiled loop, as NUTS calls it, without
 the dispatch a call from Python pays: what NUTS' own work per step is measured against.
-Where a target is missed, its bound splits the gradient's time at the largest size into the
-read of its data at the machine's best read, the kernel's own work (its time in the loop at
-the largest size whose data fit in the last-level cache, scaled by rows: no wait on memory
-there) and a call's own cost.
+Where a target is missed, its bound splits the gradient's time in the loop at the largest
+size into the read of its data at the machine's best read and the part of the kernel's own
+work that the read does not hide (the work: its time in the loop at the largest size whose
+data fit in the last-level cache, where memory's rate does not bound it, scaled by rows).
 
 Each precision runs in its own process (JAX's x64 mode is fixed at start-up), repeated.
 
