@@ -16,7 +16,9 @@ full-data NUTS in full-data sd, sd ratios, k̂.
 What bounds plain consensus is measured apart from the workflow, without sampling
 (:func:`gaussian_product`): the product of the shards' Laplace approximations (each
 tempered shard's mode and Hessian: consensus with no Monte Carlo noise at all) against the
-full-data Laplace approximation, and how far the shards' modes disagree against what the
+full-data Laplace approximation, the same at the shards' means as combine weighs them, the
+term of the shards' third derivatives that the product leaves out
+(:func:`second_order_shift`), and how far the shards' modes disagree against what the
 model allows, in the workflow's split and in 100 other random splits of the rows.
 
 Usage: python bench/real_data.py [--workdir /tmp/cmcflow-bench/real-data] [--tables-only | --products-only]
@@ -167,17 +169,19 @@ def laplace_mean(model, kwargs: dict, shapes: tuple) -> Expansion:
 
 def second_order_shift(shards: list[Expansion]) -> tuple[np.ndarray, np.ndarray]:
     """The Gaussian product's mean m̄ = P⁻¹ Σ_s H_s m_s (P = Σ_s H_s) of the shards'
-    ``(mean, Hessian, third derivatives)``, and the shift δ ``(D,)`` that makes m̄ − δ the
+    ``(mean m_s, Hessian H_s, third derivatives T_s)``, and the shift δ ``(D,)`` that makes m̄ − δ the
     full posterior's mean to second order:
 
         δ = ½ P⁻¹ Σ_s T_s : ((m̄ − m_s)(m̄ − m_s)ᵀ − H_s⁻¹ + P⁻¹).
 
-    Expanding each shard's gradient about its own mean to second order, the full posterior's
-    stationary point moves from m̄ by ½ P⁻¹ Σ_s T_s[m̄ − m_s, m̄ − m_s] (the shards'
-    disagreement seen through the model's curvature), and each tempered shard's mean lies
-    ½ H_s⁻¹ (T_s : H_s⁻¹) from its mode where the full posterior's lies ½ P⁻¹ (T : P⁻¹)
-    from its own (skew, K times larger in a shard). Where one model describes every shard,
-    Cov(m_s − m̄) ≈ H_s⁻¹ − P⁻¹ and δ is zero on average: what it measures is the
+    Two terms of the shards' third derivatives T_s make it. Expanding each shard's gradient
+    to second order about its mode m̂_s, the full posterior's mode is the product of the
+    modes, m̂, less ½ P⁻¹ Σ_s T_s[m̂ − m̂_s, m̂ − m̂_s] (the shards' disagreement, seen
+    through the model's curvature); and a posterior's mean is its mode less ½ H⁻¹ (T : H⁻¹)
+    to first order in 1/n, so the product of the means is m̂ − ½ P⁻¹ Σ_s T_s : H_s⁻¹ and the
+    full posterior's mean its mode − ½ P⁻¹ (Σ_s T_s) : P⁻¹. Together, to this order, with
+    every derivative at the shard's mean: δ. Where one model describes every
+    shard, Cov(m_s − m̄) ≈ H_s⁻¹ − P⁻¹ and δ is zero on average: it measures the
     disagreement in excess of what the model allows."""
     precision = sum(shard.hessian for shard in shards)
     covariance = np.linalg.inv(precision)
