@@ -31,6 +31,7 @@ import argparse
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -152,19 +153,24 @@ def contract(third: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return np.einsum("ijk,jk->i", third, matrix)
 
 
+def expansion(model, kwargs: dict, shapes: tuple, at: np.ndarray) -> Expansion:
+    """The potential's Hessian and third derivatives at ``at`` ``(D,)``."""
+    from cmcflow.transforms import split_static
+
+    arrays, static = split_static(kwargs)
+    _, hessian, third = potential_programs(model, static, shapes)
+    return Expansion(at, np.asarray(hessian(arrays, at)), np.asarray(third(arrays, at)))
+
+
 def laplace_mean(model, kwargs: dict, shapes: tuple) -> Expansion:
     """The posterior mean of ``model(**kwargs)`` to first order in 1/n, μ = m − ½ H⁻¹ (T : H⁻¹)
     (m the mode, H and T the potential's second and third derivatives there), and the
     derivatives at μ: what a sample job has (its posterior mean, the Hessian there), with
     the third derivatives a second-order combination adds."""
-    from cmcflow.transforms import split_static
-
     mode, _ = laplace(model, kwargs, shapes)
-    arrays, static = split_static(kwargs)
-    _, hessian, third = potential_programs(model, static, shapes)
-    at_mode = np.asarray(hessian(arrays, mode))
-    mean = mode - 0.5 * np.linalg.solve(at_mode, contract(np.asarray(third(arrays, mode)), np.linalg.inv(at_mode)))
-    return Expansion(mean, np.asarray(hessian(arrays, mean)), np.asarray(third(arrays, mean)))
+    at_mode = expansion(model, kwargs, shapes, mode)
+    covariance = np.linalg.inv(at_mode.hessian)
+    return expansion(model, kwargs, shapes, mode - 0.5 * covariance @ contract(at_mode.third, covariance))
 
 
 def second_order_shift(shards: list[Expansion]) -> tuple[np.ndarray, np.ndarray]:
@@ -194,19 +200,20 @@ def second_order_shift(shards: list[Expansion]) -> tuple[np.ndarray, np.ndarray]
     return mean, 0.5 * covariance @ excess
 
 
-def gaussian_product(data_set: str, num_shards: int) -> dict:
-    """Plain consensus without Monte Carlo noise, in float64: the product of the K tempered
-    shards' Laplace approximations N(m_s, H_s⁻¹), with precision Σ H_s and mean
-    (Σ H_s)⁻¹ Σ H_s m_s, against the full-data Laplace approximation N(m, H⁻¹). Returns
-    its largest |mean − m| in full-data sd (unconstrained space) and that parameter; the
-    same of the product of the shards' means weighed by the Hessians there, as combine
-    weighs them (``at_means``), and of that product moved by its :func:`second_order_shift`
-    (``second_order``), each against the full posterior's mean (:func:`laplace_mean`); and
-    the shards' disagreement Q = Σ_s (m_s − m̄)ᵀ H_s (m_s − m̄) about the product's mean
-    m̄, which is about χ² with (K − 1)·D degrees of freedom where the model holds: a larger
-    Q is information the shards' own approximations do not carry. The same Q of
-    :data:`OTHER_SPLITS` other random splits of the rows (the next ``shard.seed`` values) says whether
-    the workflow's split's Q is the model's (every split's) or that split's chance."""
+class Problem(NamedTuple):
+    """A data set as the workflow models it: its NumPyro ``model``, the model's arguments for
+    some of its rows, ``kwargs(rows, pad_to)``, its unconstrained sites ``shapes``
+    ``((name, shape), …)``, its number of ``rows`` and the flat elements' ``names``."""
+
+    model: Callable
+    kwargs: Callable[[np.ndarray, int], dict]
+    shapes: tuple
+    rows: int
+    names: list[str]
+
+
+def problem(data_set: str) -> Problem:
+    """:class:`Problem` of a data set of :mod:`cmcflow.examples` (JAX in float64, one device)."""
     from cmcflow.jaxenv import configure_jax
 
     if "jax" not in sys.modules:
@@ -215,8 +222,6 @@ def gaussian_product(data_set: str, num_shards: int) -> dict:
     from numpyro.infer.util import initialize_model
 
     from cmcflow.models import get_model, role_arrays
-    from cmcflow.sample import tempered
-    from cmcflow.shard import split_rows
     from cmcflow.transforms import model_kwargs
 
     example = DATA_SETS[data_set]
@@ -233,32 +238,55 @@ def gaussian_product(data_set: str, num_shards: int) -> dict:
     full = kwargs(np.arange(len(table)), len(table))
     initial = initialize_model(jax.random.PRNGKey(0), spec.numpyro_model, model_kwargs=full).param_info.z
     shapes = tuple((site, np.shape(value)) for site, value in initial.items())  # unconstrained
-    mode, hessian = laplace(spec.numpyro_model, full, shapes)
-    shard_model, shard_rows = tempered(spec.numpyro_model, 1 / num_shards), -(-len(table) // num_shards)
+    names = [f"{site}[{i}]" if shape else site for site, shape in shapes for i in range(int(np.prod(shape, dtype=int)))]
+    return Problem(spec.numpyro_model, kwargs, shapes, len(table), names)
+
+
+def largest_error(error_sd: np.ndarray, names: list[str]) -> dict:
+    """The largest |error| ``(D,)`` in sd and its parameter."""
+    worst = int(np.abs(error_sd).argmax())
+    return {"max_mean_error_sd": float(abs(error_sd[worst])), "worst_parameter": names[worst]}
+
+
+def gaussian_product(data_set: str, num_shards: int) -> dict:
+    """Plain consensus without Monte Carlo noise, in float64: the product of the K tempered
+    shards' Laplace approximations N(m_s, H_s⁻¹), with precision Σ H_s and mean
+    (Σ H_s)⁻¹ Σ H_s m_s, against the full-data Laplace approximation N(m, H⁻¹). Returns
+    its largest |mean − m| in full-data sd (unconstrained space) and that parameter; the
+    same of the product of the shards' means weighed by the Hessians there, as combine
+    weighs them (``at_means``), and of that product moved by its :func:`second_order_shift`
+    (``second_order``), each against the full posterior's mean (:func:`laplace_mean`); and
+    the shards' disagreement Q = Σ_s (m_s − m̄)ᵀ H_s (m_s − m̄) about the product's mean
+    m̄, which is about χ² with (K − 1)·D degrees of freedom where the model holds: a larger
+    Q is information the shards' own approximations do not carry. The same Q of
+    :data:`OTHER_SPLITS` other random splits of the rows (the next ``shard.seed`` values) says whether
+    the workflow's split's Q is the model's (every split's) or that split's chance."""
+    model, kwargs, shapes, rows, names = problem(data_set)
+    from cmcflow.sample import tempered
+    from cmcflow.shard import split_rows
+
+    full = kwargs(np.arange(rows), rows)
+    mode, hessian = laplace(model, full, shapes)
+    shard_model, shard_rows = tempered(model, 1 / num_shards), -(-rows // num_shards)
 
     def product(seed: int) -> tuple[np.ndarray, float]:
         """The product's mean ``(D,)`` and the shards' Q for the split of ``shard.seed`` ``seed``."""
-        shards = [
-            laplace(shard_model, kwargs(rows, shard_rows), shapes) for rows in split_rows(len(table), num_shards, seed)
-        ]
+        shards = [laplace(shard_model, kwargs(part, shard_rows), shapes) for part in split_rows(rows, num_shards, seed)]
         precision = sum(shard_hessian for _, shard_hessian in shards)
         mean = np.linalg.solve(precision, sum(shard_hessian @ shard_mode for shard_mode, shard_hessian in shards))
         return mean, float(sum((m - mean) @ shard_hessian @ (m - mean) for m, shard_hessian in shards))
 
     mean, disagreement = product(SHARD_SEED)
     sd = np.sqrt(np.diag(np.linalg.inv(hessian)))
-    names = [f"{site}[{i}]" if shape else site for site, shape in shapes for i in range(int(np.prod(shape, dtype=int)))]
 
     def largest(difference: np.ndarray) -> dict:
-        error = np.abs(difference) / sd
-        return {"max_mean_error_sd": float(error.max()), "worst_parameter": names[int(error.argmax())]}
+        return largest_error(difference / sd, names)
 
     # as combine weighs the shards (their means, the Hessian there), and that product moved by
     # its second-order shift, against the full posterior's mean to the same order
-    full_mean = laplace_mean(spec.numpyro_model, full, shapes).mean
+    full_mean = laplace_mean(model, full, shapes).mean
     at_means = [
-        laplace_mean(shard_model, kwargs(rows, shard_rows), shapes)
-        for rows in split_rows(len(table), num_shards, SHARD_SEED)
+        laplace_mean(shard_model, kwargs(part, shard_rows), shapes) for part in split_rows(rows, num_shards, SHARD_SEED)
     ]
     means_product, shift = second_order_shift(at_means)
     others = np.array([product(SHARD_SEED + 1 + split)[1] for split in range(OTHER_SPLITS)])
@@ -275,6 +303,43 @@ def gaussian_product(data_set: str, num_shards: int) -> dict:
             "high": float(np.quantile(others, 0.95)),
             "at_most_this_split": float(np.mean(others <= disagreement)),
         },
+    }
+
+
+def flat_draws(path: Path, shapes: tuple) -> np.ndarray:
+    """A run's unconstrained draws ``(chains · draws, D)``, the sites ``shapes`` flattened in order."""
+    from cmcflow.runs import read_run, unconstrained_draws
+
+    draws, _ = unconstrained_draws(read_run(path, groups=("unconstrained_posterior",)))
+    return np.concatenate([draws[site].reshape(len(draws[site]), -1) for site, _ in shapes], axis=1)
+
+
+def shard_runs_product(results: Path, data_set: str, num_shards: int) -> dict:
+    """Plain consensus and its second order from the workflow's own shard runs: each shard's
+    posterior mean (its NUTS draws, unconstrained) with the potential's Hessian and third
+    derivatives there (float64), combined as combine weighs the shards (Hessian weights) and
+    moved by :func:`second_order_shift`; each against full-data NUTS's mean, largest error in
+    its sd (unconstrained space)."""
+    model, kwargs, shapes, rows, names = problem(data_set)
+    from cmcflow.sample import tempered
+    from cmcflow.shard import split_rows
+
+    shard_model, shard_rows = tempered(model, 1 / num_shards), -(-rows // num_shards)
+    shards = [
+        expansion(
+            shard_model,
+            kwargs(part, shard_rows),
+            shapes,
+            flat_draws(results / "samples" / f"shard-{shard:04d}.nc", shapes).mean(axis=0),
+        )
+        for shard, part in enumerate(split_rows(rows, num_shards, SHARD_SEED))
+    ]
+    full = flat_draws(results / "fulldata" / "posterior.nc", shapes)
+    mean, shift = second_order_shift(shards)
+    sd = full.std(axis=0)
+    return {
+        "plain": largest_error((mean - full.mean(axis=0)) / sd, names),
+        "second_order": largest_error((mean - shift - full.mean(axis=0)) / sd, names),
     }
 
 
@@ -313,7 +378,7 @@ def main() -> None:
     if args.tables_only or args.products_only:
         recorded = json.loads((RESULTS / "real_data.json").read_text())
         products = gaussian_products() if args.products_only else recorded["gaussian_product"]
-        write_tables(recorded["cases"], products, recorded["written"])
+        write_tables(recorded["cases"], products, recorded.get("shard_runs"), recorded["written"])
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     config = workflow_config(analyses(args.workdir), args.workdir)
@@ -323,7 +388,11 @@ def main() -> None:
             analysis["combine"] = combine
         snakemake(args.workdir, config, "--cores", "2", "all", "fulldata", timeout=4 * 3600)
         cases[label] = {name: measure(args.workdir / "results" / name) for name in config["analyses"]}
-    write_tables(cases, gaussian_products())
+    runs = {
+        name: shard_runs_product(args.workdir / "results" / name, data_set, num_shards)
+        for name, (data_set, num_shards) in ANALYSES.items()
+    }
+    write_tables(cases, gaussian_products(), runs)
 
 
 def disagreement_cell(disagreement: dict | None) -> str:
@@ -345,9 +414,10 @@ def gaussian_products() -> dict:
     return {name: gaussian_product(data_set, num_shards) for name, (data_set, num_shards) in ANALYSES.items()}
 
 
-def write_tables(cases: dict, products: dict, measured: str | None = None) -> None:
-    """The targets, the markdown tables and the JSON of the measured ``cases`` and the
-    noise-free Gaussian ``products``."""
+def write_tables(cases: dict, products: dict, runs: dict | None, measured: str | None = None) -> None:
+    """The targets, the markdown tables and the JSON of the measured ``cases``, the
+    noise-free Gaussian ``products`` and the second order of the shard ``runs``
+    (:func:`shard_runs_product`; ``None`` in results recorded before it)."""
     targets = []
     for name in DATA_SETS:  # like with like: the combination of every shard against all rows
         same_rows = cases["hessian, every shard"][name]
@@ -374,7 +444,14 @@ def write_tables(cases: dict, products: dict, measured: str | None = None) -> No
             f"at the shards' means as combine weighs them; {product['max_mean_error_sd']:.3f} at their modes): "
             f"what bounds it is the product of per-shard Gaussians itself, not its weights; the second-order "
             f"shift from the shards' third derivatives, which no product of Gaussians has, leaves "
-            f"{product['second_order']['max_mean_error_sd']:.3f} sd (the shards' modes disagree by "
+            f"{product['second_order']['max_mean_error_sd']:.3f} sd"
+            + (
+                f" (from the workflow's own shard runs: {runs[name]['plain']['max_mean_error_sd']:.3f} sd plain, "
+                f"{runs[name]['second_order']['max_mean_error_sd']:.3f} with the shift)"
+                if runs
+                else ""
+            )
+            + f" (the shards' modes disagree by "
             f"Q = {product['disagreement']:.0f} against (K − 1)·D = {product['disagreement_expected']} where "
             f"the model holds, {OTHER_SPLITS} other splits {product['other_splits']['median']:.0f} at the median; "
             f"combine's own Q from the draws: {disagreement_cell(same_rows.get('disagreement'))}"
@@ -480,7 +557,32 @@ def write_tables(cases: dict, products: dict, measured: str | None = None) -> No
             for o in [p["other_splits"]]
         ],
     ]
-    record = {"benchmark": "real data", "cases": cases, "gaussian_product": products, "targets": targets}
+    if runs:
+        table += [
+            "",
+            "## The second order from the workflow's own shard runs",
+            "",
+            "Each shard's NUTS posterior mean (unconstrained) from the runs above, with its tempered potential's "
+            "Hessian and third derivatives there (float64): combined with Hessian weights (plain) and moved by the "
+            "second-order shift δ, each against full-data NUTS's mean, in its sd (unconstrained space: log sigma, "
+            "log concentration).",
+            "",
+            "| data | K | plain: largest mean error (sd) | second order |",
+            "|---|---|---|---|",
+            *[
+                f"| {DATA_SETS[ANALYSES[name][0]].source} | {ANALYSES[name][1]} | "
+                f"{r['plain']['max_mean_error_sd']:.3f} ({r['plain']['worst_parameter']}) | "
+                f"{r['second_order']['max_mean_error_sd']:.3f} ({r['second_order']['worst_parameter']}) |"
+                for name, r in runs.items()
+            ],
+        ]
+    record = {
+        "benchmark": "real data",
+        "cases": cases,
+        "gaussian_product": products,
+        **({"shard_runs": runs} if runs else {}),
+        "targets": targets,
+    }
     write_results("real_data", record, table, measured)
 
 
