@@ -262,7 +262,7 @@ def gaussian_product(data_set: str, num_shards: int) -> dict:
     :data:`OTHER_SPLITS` other random splits of the rows (the next ``shard.seed`` values) says whether
     the workflow's split's Q is the model's (every split's) or that split's chance."""
     model, kwargs, shapes, rows, names = problem(data_set)
-    from cmcflow.sample import tempered
+    from cmcflow.sample import tempered  # JAX's, once problem() has configured it
     from cmcflow.shard import split_rows
 
     full = kwargs(np.arange(rows), rows)
@@ -321,7 +321,7 @@ def shard_runs_product(results: Path, data_set: str, num_shards: int) -> dict:
     moved by :func:`second_order_shift`; each against full-data NUTS's mean, largest error in
     its sd (unconstrained space)."""
     model, kwargs, shapes, rows, names = problem(data_set)
-    from cmcflow.sample import tempered
+    from cmcflow.sample import tempered  # JAX's, once problem() has configured it
     from cmcflow.shard import split_rows
 
     shard_model, shard_rows = tempered(model, 1 / num_shards), -(-rows // num_shards)
@@ -446,8 +446,9 @@ def write_tables(cases: dict, products: dict, runs: dict | None, measured: str |
             f"shift from the shards' third derivatives, which no product of Gaussians has, leaves "
             f"{product['second_order']['max_mean_error_sd']:.3f} sd"
             + (
-                f" (from the workflow's own shard runs: {runs[name]['plain']['max_mean_error_sd']:.3f} sd plain, "
-                f"{runs[name]['second_order']['max_mean_error_sd']:.3f} with the shift)"
+                f"; from the workflow's own shard runs against full-data NUTS, "
+                f"{runs[name]['plain']['max_mean_error_sd']:.3f} sd plain and "
+                f"{runs[name]['second_order']['max_mean_error_sd']:.3f} with the shift"
                 if runs
                 else ""
             )
