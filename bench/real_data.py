@@ -162,12 +162,11 @@ def expansion(model, kwargs: dict, shapes: tuple, at: np.ndarray) -> Expansion:
     return Expansion(at, np.asarray(hessian(arrays, at)), np.asarray(third(arrays, at)))
 
 
-def laplace_mean(model, kwargs: dict, shapes: tuple) -> Expansion:
+def laplace_mean(model, kwargs: dict, shapes: tuple, mode: np.ndarray) -> Expansion:
     """The posterior mean of ``model(**kwargs)`` to first order in 1/n, μ = m − ½ H⁻¹ (T : H⁻¹)
-    (m the mode, H and T the potential's second and third derivatives there), and the
-    derivatives at μ: what a sample job has (its posterior mean, the Hessian there), with
-    the third derivatives a second-order combination adds."""
-    mode, _ = laplace(model, kwargs, shapes)
+    (``mode`` m, :func:`laplace`'s; H and T the potential's second and third derivatives
+    there), and the derivatives at μ: what a sample job has (its posterior mean, the Hessian
+    there), with the third derivatives a second-order combination adds."""
     at_mode = expansion(model, kwargs, shapes, mode)
     covariance = np.linalg.inv(at_mode.hessian)
     return expansion(model, kwargs, shapes, mode - 0.5 * covariance @ contract(at_mode.third, covariance))
@@ -269,14 +268,16 @@ def gaussian_product(data_set: str, num_shards: int) -> dict:
     mode, hessian = laplace(model, full, shapes)
     shard_model, shard_rows = tempered(model, 1 / num_shards), -(-rows // num_shards)
 
-    def product(seed: int) -> tuple[np.ndarray, float]:
-        """The product's mean ``(D,)`` and the shards' Q for the split of ``shard.seed`` ``seed``."""
+    def product(seed: int) -> tuple[np.ndarray, float, list[np.ndarray]]:
+        """The product's mean ``(D,)``, the shards' Q and their modes for the split of
+        ``shard.seed`` ``seed``."""
         shards = [laplace(shard_model, kwargs(part, shard_rows), shapes) for part in split_rows(rows, num_shards, seed)]
         precision = sum(shard_hessian for _, shard_hessian in shards)
         mean = np.linalg.solve(precision, sum(shard_hessian @ shard_mode for shard_mode, shard_hessian in shards))
-        return mean, float(sum((m - mean) @ shard_hessian @ (m - mean) for m, shard_hessian in shards))
+        disagreement = float(sum((m - mean) @ shard_hessian @ (m - mean) for m, shard_hessian in shards))
+        return mean, disagreement, [shard_mode for shard_mode, _ in shards]
 
-    mean, disagreement = product(SHARD_SEED)
+    mean, disagreement, shard_modes = product(SHARD_SEED)
     sd = np.sqrt(np.diag(np.linalg.inv(hessian)))
 
     def largest(difference: np.ndarray) -> dict:
@@ -284,9 +285,10 @@ def gaussian_product(data_set: str, num_shards: int) -> dict:
 
     # as combine weighs the shards (their means, the Hessian there), and that product moved by
     # its second-order shift, against the full posterior's mean to the same order
-    full_mean = laplace_mean(model, full, shapes).mean
+    full_mean = laplace_mean(model, full, shapes, mode).mean
     at_means = [
-        laplace_mean(shard_model, kwargs(part, shard_rows), shapes) for part in split_rows(rows, num_shards, SHARD_SEED)
+        laplace_mean(shard_model, kwargs(part, shard_rows), shapes, shard_mode)
+        for part, shard_mode in zip(split_rows(rows, num_shards, SHARD_SEED), shard_modes)
     ]
     means_product, shift = second_order_shift(at_means)
     others = np.array([product(SHARD_SEED + 1 + split)[1] for split in range(OTHER_SPLITS)])
