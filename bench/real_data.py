@@ -7,11 +7,13 @@ The three regressions of :mod:`cmcflow.examples` (real data of R packages, shipp
 parameters), ``doctor_visits`` (``negative_binomial``, 16) and ``wells`` (``logistic``, 6).
 Every data set at K = 8 (and diamonds at K = 4 too, the "fewer, larger shards" the report
 advises where k̂ >= 0.7); dense mass matrix, 4 chains x (500 + 1000) draws. The workflow runs
-four times (``snakemake --cores 2 all fulldata``; the later runs rerun combine onwards
-only): ``combine.weights: draws`` and ``hessian`` (the default), each with the default
-screen and with the outlier screen off. For each: shards excluded, the kept shards'
-disagreement Q (combine's), the combined and the corrected means' largest distance from
-full-data NUTS in full-data sd, sd ratios, k̂.
+six times (``snakemake --cores 2 all fulldata``; the later runs rerun combine onwards
+only, but the first with ``combine.second_order``, which samples again with the third
+derivatives): ``combine.weights: draws`` and ``hessian`` (the default), and ``hessian`` with
+``second_order: true``, each with the default screen and with the outlier screen off. For
+each: shards excluded, the kept shards' disagreement Q (combine's), the second-order term
+where asked for, the combined and the corrected means' largest distance from full-data NUTS
+in full-data sd, sd ratios, k̂.
 
 What bounds plain consensus is measured apart from the workflow, without sampling
 (:func:`gaussian_product`): the product of the shards' Laplace approximations (each
@@ -43,17 +45,24 @@ from scipy.stats import chi2
 from cmcflow.examples import DATA_SETS
 from cmcflow.importance import is_reliable
 from cmcflow.screening import DISAGREEMENT_P_VALUE
+from cmcflow.second_order import MAX_EXPANSION_RATIO, contract
 
-#: combine settings compared, each a rerun of combine onwards on the same shard runs: draw
-#: weights and Hessian weights (the default), each with the default screen and with every
-#: shard kept (the outlier screen off), which answers for the same rows as full-data NUTS.
+#: combine settings compared, each a rerun of combine onwards on the same shard runs (the
+#: same draws: second_order adds the third derivatives to them): draw weights, Hessian
+#: weights (the default) and Hessian weights with the second-order term, each with the
+#: default screen and with every shard kept (the outlier screen off), which answers for the
+#: same rows as full-data NUTS.
 EVERY_SHARD = {"max_outlier_z": 1000}
 COMBINES = {
     "draws": {"weights": "draws"},
     "draws, every shard": {"weights": "draws", "screen": EVERY_SHARD},
     "hessian": {"weights": "hessian"},
     "hessian, every shard": {"weights": "hessian", "screen": EVERY_SHARD},
+    "hessian, second order": {"weights": "hessian", "second_order": True},
+    "hessian, second order, every shard": {"weights": "hessian", "screen": EVERY_SHARD, "second_order": True},
 }
+#: the case of the second-order term that R2's text cites (like with like: every shard)
+SECOND_ORDER = "hessian, second order, every shard"
 #: ``shard.seed`` (the schema's default), so that :func:`gaussian_product` splits the rows as
 #: the workflow does.
 SHARD_SEED = schema_default("shard", "seed")
@@ -148,11 +157,6 @@ class Expansion(NamedTuple):
     third: np.ndarray
 
 
-def contract(third: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """(T : A)_i = Σ_jk T_ijk A_jk of third derivatives ``(D, D, D)`` and a matrix ``(D, D)``."""
-    return np.einsum("ijk,jk->i", third, matrix)
-
-
 def expansion(model, kwargs: dict, shapes: tuple, at: np.ndarray) -> Expansion:
     """The potential's Hessian and third derivatives at ``at`` ``(D,)``."""
     from cmcflow.transforms import split_static
@@ -174,29 +178,16 @@ def laplace_mean(model, kwargs: dict, shapes: tuple, mode: np.ndarray) -> Expans
 
 def second_order_shift(shards: list[Expansion]) -> tuple[np.ndarray, np.ndarray]:
     """The Gaussian product's mean m̄ = P⁻¹ Σ_s H_s m_s (P = Σ_s H_s) of the shards'
-    ``(mean m_s, Hessian H_s, third derivatives T_s)``, and the shift δ ``(D,)`` that makes m̄ − δ the
-    full posterior's mean to second order:
+    ``(mean m_s, Hessian H_s, third derivatives T_s)``, and the shift δ ``(D,)`` that makes
+    m̄ − δ the full posterior's mean to second order (:mod:`cmcflow.second_order`, as
+    ``combine.second_order`` computes it)."""
+    from cmcflow.second_order import second_order_shift as shift
 
-        δ = ½ P⁻¹ Σ_s T_s : ((m̄ − m_s)(m̄ − m_s)ᵀ − H_s⁻¹ + P⁻¹).
-
-    Two terms of the shards' third derivatives T_s make it. Expanding each shard's gradient
-    to second order about its mode m̂_s, the full posterior's mode is the product of the
-    modes, m̂, less ½ P⁻¹ Σ_s T_s[m̂ − m̂_s, m̂ − m̂_s] (the shards' disagreement, seen
-    through the model's curvature); and a posterior's mean is its mode less ½ H⁻¹ (T : H⁻¹)
-    to first order in 1/n, so the product of the means is m̂ − ½ P⁻¹ Σ_s T_s : H_s⁻¹ and the
-    full posterior's mean its mode − ½ P⁻¹ (Σ_s T_s) : P⁻¹. Together, to this order, with
-    every derivative at the shard's mean: δ. Where one model describes every
-    shard, Cov(m_s − m̄) ≈ H_s⁻¹ − P⁻¹ and δ is zero on average: it measures the
-    disagreement in excess of what the model allows."""
-    precision = sum(shard.hessian for shard in shards)
-    covariance = np.linalg.inv(precision)
+    covariance = np.linalg.inv(sum(shard.hessian for shard in shards))
     mean = covariance @ sum(shard.hessian @ shard.mean for shard in shards)
-    excess = sum(
-        contract(shard.third, np.outer(apart, apart) - np.linalg.inv(shard.hessian) + covariance)
-        for shard in shards
-        for apart in [mean - shard.mean]
-    )
-    return mean, 0.5 * covariance @ excess
+    return mean, shift(mean, covariance, ((shard.mean, np.linalg.inv(shard.hessian), shard.third) for shard in shards))[
+        0
+    ]
 
 
 class Problem(NamedTuple):
@@ -359,6 +350,7 @@ def measure(results: Path) -> dict:
         "weighed_by_draws": record.get("weighed_by_draws", []),
         "excluded": record["excluded"],
         "disagreement": record.get("disagreement"),
+        "second_order": record.get("second_order"),
         "parameters": len(full),
         "max_shard_tree_depth_saturation": max(entry.get("tree_depth_saturation", 0.0) for entry in diagnostics),
     }
@@ -404,6 +396,17 @@ def disagreement_cell(disagreement: dict | None) -> str:
     statistic, degrees_of_freedom = disagreement["statistic"], disagreement["degrees_of_freedom"]
     p_value = disagreement["p_value"]
     return f"{statistic:.0f} / {degrees_of_freedom} = {statistic / degrees_of_freedom:.2f} (p {p_value:.2g})"
+
+
+def second_order_cell(term: dict | None) -> str:
+    """How far combine's second-order term moved the combination, in sd, and the largest
+    expansion ratio ρ; or why it was not applied; a dash where it was not asked for."""
+    if term is None:
+        return "–"
+    if "expansion_ratio" not in term:
+        return f"not applied: {term['reason']}"
+    moved = f"{term['max_abs_shift_sd']:.3f} sd ({term['largest']}), ρ {max(term['expansion_ratio'].values()):.2f}"
+    return moved if term["applied"] else f"not applied (ρ > {MAX_EXPANSION_RATIO}; would move {moved})"
 
 
 def warns(disagreement: dict | None) -> bool:
@@ -454,6 +457,13 @@ def write_tables(cases: dict, products: dict, runs: dict | None, measured: str |
                 if runs
                 else ""
             )
+            + (
+                f"; through the workflow with combine.second_order, "
+                f"{cases[SECOND_ORDER][name]['combined']['max_mean_error_sd']:.3f} sd "
+                f"({second_order_cell(cases[SECOND_ORDER][name]['second_order'])})"
+                if SECOND_ORDER in cases
+                else ""
+            )
             + f" (the shards' modes disagree by "
             f"Q = {product['disagreement']:.0f} against (K − 1)·D = {product['disagreement_expected']} where "
             f"the model holds, {OTHER_SPLITS} other splits {product['other_splits']['median']:.0f} at the median; "
@@ -497,14 +507,15 @@ def write_tables(cases: dict, products: dict, runs: dict | None, measured: str |
         "Errors: largest |mean − full-data mean| over the parameters, in full-data posterior sd (its parameter).",
         "",
         "| data | model | parameters | K | weights | shards excluded | kept shards' Q / (K' − 1)·D | "
-        "plain CMC error (sd) | plain sd ratio | corrected error (sd) | corrected sd ratio | k-hat | ESS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "second-order term | plain CMC error (sd) | plain sd ratio | corrected error (sd) | corrected sd ratio | "
+        "k-hat | ESS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[
             f"| {DATA_SETS[ANALYSES[name][0]].source} | {DATA_SETS[ANALYSES[name][0]].model} | {c['parameters']} | "
             f"{ANALYSES[name][1]} | {weights} | "
             f"{', '.join(str(entry['shard']) for entry in c['excluded']) or 'none'}"
             f"{' (mixture proposal)' if c['proposal_components'] > 1 else ''} | "
-            f"{disagreement_cell(c.get('disagreement'))} | "
+            f"{disagreement_cell(c.get('disagreement'))} | {second_order_cell(c.get('second_order'))} | "
             f"{c['combined']['max_mean_error_sd']:.3f} ({c['combined']['worst_parameter']}) | "
             f"{c['combined']['sd_ratio'][0]:.3f}–{c['combined']['sd_ratio'][1]:.3f} | "
             f"{c['corrected']['max_mean_error_sd']:.3f} ({c['corrected']['worst_parameter']}) | "
@@ -518,7 +529,10 @@ def write_tables(cases: dict, products: dict, runs: dict | None, measured: str |
         "",
         "draws: `combine.weights: draws` (with the default `covariance_shrinkage: auto`); hessian: the default "
         "`weights: hessian`; every shard: the outlier screen off (`combine.screen.max_outlier_z: 1000`), so the "
-        "combination answers for the same rows as full-data NUTS. Where screening excluded shards, the "
+        "combination answers for the same rows as full-data NUTS; second order: `combine.second_order: true`, the "
+        "combination moved by the second-order term (how far, in the product's sd, unconstrained; ρ: the "
+        "largest shard's expansion ratio, above which combine keeps the plain product). Where screening excluded "
+        "shards, the "
         "combination is of the kept shards' rows only, while the correction targets every row (every shard that "
         "did not fail): its k-hat then says how far apart the two are. There the proposal is a mixture (half its "
         "draws from the kept shards' Gaussian product, half from every shard's), so that the screened-out rows "

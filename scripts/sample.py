@@ -56,4 +56,5 @@ with reported_errors():
             chains=snakemake.params.chains,
             chain_method=chain_method,
             checkpoint_path=f"{snakemake.params.checkpoints}/shard-{shard_id(shard)}.pkl",
+            third_derivatives=snakemake.params.second_order,
         )

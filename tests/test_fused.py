@@ -22,7 +22,7 @@ import pytest
 from cmcflow import fused, transforms
 from cmcflow.models import get_model, resolve_options
 from cmcflow.sample import NutsSettings, sample_features
-from cmcflow.transforms import model_kwargs, potential_hessian
+from cmcflow.transforms import model_kwargs, potential_derivatives
 
 SPEC = get_model("logistic")
 
@@ -50,7 +50,7 @@ def potential(kwargs, position):
 
 # one chunk of the kernel's; several chunks (16,384 rows each) and a last step of a few rows
 @pytest.mark.parametrize("rows", [2_900, 37_001])
-def test_kernel_value_gradient_and_hessian_match_xla(kernel_on, monkeypatch, rows):
+def test_kernel_value_gradient_hessian_and_third_derivatives_match_xla(kernel_on, monkeypatch, rows):
     features = logistic_data(rows=rows, features=5, seed=1)
     kwargs = {
         name: jnp.asarray(value) if isinstance(value, np.ndarray) else value
@@ -60,23 +60,28 @@ def test_kernel_value_gradient_and_hessian_match_xla(kernel_on, monkeypatch, row
 
     def evaluate():
         value, gradient = jax.value_and_grad(lambda p: potential(kwargs, p))(position)
-        return value, gradient, potential_hessian(SPEC.numpyro_model, kwargs, position)
+        return value, gradient, *potential_derivatives(SPEC.numpyro_model, kwargs, position, third=True)
 
-    fused_value, fused_gradient, fused_hessian = evaluate()
+    fused_value, fused_gradient, fused_hessian, fused_third = evaluate()
     assert fused.used()
-    # the kernel's Hessian program kept beside the compilation cache, then loaded from there
+    # the kernel's programs kept beside the compilation cache, then loaded from there
     for _ in range(2):
-        transforms._stored_hessian.cache_clear()
-        stored = potential_hessian(SPEC.numpyro_model, kwargs, position, identity="test_fused")
+        transforms._stored_derivatives.cache_clear()
+        stored = potential_derivatives(SPEC.numpyro_model, kwargs, position, identity="test_fused")[0]
         np.testing.assert_array_equal(stored, fused_hessian)
+        stored = potential_derivatives(SPEC.numpyro_model, kwargs, position, identity="test_fused", third=True)
+        np.testing.assert_array_equal(stored[0], fused_hessian)
+        np.testing.assert_array_equal(stored[1], fused_third)
     monkeypatch.setitem(fused._state, "enabled", False)
     jax.clear_caches()
-    xla_value, xla_gradient, xla_hessian = evaluate()
+    xla_value, xla_gradient, xla_hessian, xla_third = evaluate()
     # per-row terms in float32 either way, summed in float64 (kernel) or float32 blocks (XLA)
     np.testing.assert_allclose(fused_value, xla_value, rtol=1e-6)
     for site in position:
         np.testing.assert_allclose(fused_gradient[site], xla_gradient[site], rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(fused_hessian, xla_hessian, rtol=1e-5, atol=1e-3)
+    # the third derivatives (combine.second_order): the kernel's JVP rule differentiated again
+    np.testing.assert_allclose(fused_third, xla_third, rtol=1e-5, atol=1e-3)
 
 
 # fewer rows than a tile; whole tiles; several chunks and a last tile mostly padding
@@ -102,7 +107,7 @@ def test_the_kernel_reads_the_features_tiles_as_the_features(kernel_on, rows, da
         value, gradient = jax.value_and_grad(lambda p: potential(kwargs, p))(position)
         data = [kwargs[name] for name in ("XT", "y", "offset", "mask")]
         values = jax.vmap(lambda coef: fused.logistic_log_likelihood(coef, *data))(coefficients)
-        return value, gradient, values, potential_hessian(SPEC.numpyro_model, kwargs, position)
+        return value, gradient, values, potential_derivatives(SPEC.numpyro_model, kwargs, position)[0]
 
     (flat_value, flat_gradient, flat_values, flat_hessian) = evaluate(flat)
     (tiled_value, tiled_gradient, tiled_values, tiled_hessian) = evaluate(tiled)

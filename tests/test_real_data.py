@@ -7,12 +7,17 @@ bench/results/real_data.md).
   consensus within 0.2 sd, the correction within 0.1 sd with k̂ < 0.5.
 * ``doctor_visits`` (negative binomial, 4,406 rows, 16 parameters): the subposteriors are
   skewed, so plain consensus is off (measured: 0.24 sd on one coefficient; at K = 8 0.45
-  sd on the concentration, where draw weights do no better); only the correction is held to
-  the target: every parameter within 0.1 sd, k̂ 0.28.
+  sd on the concentration, where draw weights do no better); the correction is held to the
+  target: every parameter within 0.1 sd, k̂ 0.28.
+* Both: with the second-order term (``combine.second_order``, the same shard runs with
+  their third derivatives) consensus is held to 0.2 sd (measured: wells 0.094 -> 0.075,
+  doctor_visits 0.243 -> 0.097).
 Measured values are printed; the tolerances are the issue's targets.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -36,18 +41,25 @@ def test_corrected_consensus_matches_full_data_nuts_on_real_data(name):
     spec = get_model(example.model)
     options = resolve_options(spec, {})
     X, y = table[features].to_numpy(), table["y"].to_numpy().astype(float)
-    runs, kwargs = shard_runs(spec, options, X, y, split_rows(len(y), 4, seed=0))
+    runs, kwargs = shard_runs(spec, options, X, y, split_rows(len(y), 4, seed=0), third_derivatives=True)
     settings = CombineSettings(
         "consensus", 0, schema_default("combine", "covariance_shrinkage"), None, 1.0, "fail", "hessian"
     )
     combination = combine_shards(runs.__getitem__, len(runs), spec.numpyro_model, kwargs[0], settings)
-    assert combination.record["weighed_by_draws"] == []
+    assert combination.record["weighed_by_draws"] == [] and "second_order" not in combination.record
+    second_order = combine_shards(
+        runs.__getitem__, len(runs), spec.numpyro_model, kwargs[0], replace(settings, second_order=True)
+    )
+    assert second_order.record["second_order"]["applied"]
     fixed, figures = corrected(spec, kwargs, combination.gaussian)
     print(f"{name}: k-hat {figures['khat']:.2f}, ESS {figures['effective_sample_size']:.0f}")
     assert figures["khat"] < 0.7, figures["khat"]
     full = full_data_run(spec, options, {"features": X, "label": y})
-    for site, label, error, ratio in against_full_data(full, {"plain": combination.idata, "corrected": fixed}, name):
+    results = {"plain": combination.idata, "second order": second_order.idata, "corrected": fixed}
+    for site, label, error, ratio in against_full_data(full, results, name):
         if label == "corrected":
             assert error.max() <= 0.1 and np.all(np.abs(ratio - 1) <= 0.1), (site, error, ratio)
+        elif label == "second order":
+            assert error.max() <= 0.2, (site, error)
         elif name not in SKEWED:
             assert error.max() <= 0.2, (site, error)

@@ -44,9 +44,10 @@ def simulated(model_name: str, rows: int, features: int, seed: int):
     return spec, options, X, table["y"].to_numpy().astype(float)
 
 
-def shard_runs(spec, options, X, y, parts, settings=SETTINGS, seed=11):
+def shard_runs(spec, options, X, y, parts, settings=SETTINGS, seed=11, third_derivatives=False):
     """Sample every shard as the sample stage does: the runs, and each shard's model arguments.
-    Every shard of one padded size runs one compiled program (``one_program``)."""
+    Every shard of one padded size runs one compiled program (``one_program``);
+    ``third_derivatives``: as with ``combine.second_order``."""
     pad_to = padded_size([len(rows) for rows in parts], 64)
     runs, kwargs = [], []
     for index, rows in enumerate(parts):
@@ -60,6 +61,7 @@ def shard_runs(spec, options, X, y, parts, settings=SETTINGS, seed=11):
             seed=seed,
             settings=settings,
             chains=DEVICES,
+            third_derivatives=third_derivatives,
         )
         runs.append(idata)
         kwargs.append(model_kwargs(features, options))
@@ -274,9 +276,9 @@ run, report = sample_run(spec, features, options, num_shards=2, shard=shard, see
 import numpy as np
 from cmcflow.sample import tempered
 from cmcflow.stored_programs import stored_programs_dir
-from cmcflow.transforms import model_kwargs, potential_hessian
+from cmcflow.transforms import model_kwargs, potential_derivatives
 mean = {name: values.mean(axis=(0, 1)) for name, values in run["unconstrained_posterior"].arrays().items()}
-traced = potential_hessian(tempered(spec.numpyro_model, 0.5), model_kwargs(features, options), mean)
+traced = potential_derivatives(tempered(spec.numpyro_model, 0.5), model_kwargs(features, options), mean)[0]
 stored = sorted(path.name for path in stored_programs_dir().iterdir())
 print(json.dumps({"compile_seconds": report["compile_seconds"], "stored_programs": stored,
                   "hessian_as_traced": bool(np.array_equal(run["curvature"]["precision"], traced))}))

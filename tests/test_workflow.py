@@ -1,7 +1,8 @@
 """The workflow end to end: outputs, reruns driven by config edits, errors, lint.
 
-One tiny logistic analysis (3,000 rows, 2 shards) runs once for the module; the rerun
-checks are dry runs against its results.
+One tiny logistic analysis (3,000 rows, 2 shards, with the second-order term:
+``combine.second_order``) runs once for the module; the rerun checks are dry runs against
+its results.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ RESULTS = "results/tiny"
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Workflow:
-    workflow = Workflow(tmp_path_factory.mktemp("tiny"), tiny_config())
+    workflow = Workflow(tmp_path_factory.mktemp("tiny"), tiny_config(combine={"second_order": True}))
     workflow.first_run = workflow.run()
     return workflow
 
@@ -74,6 +75,10 @@ def test_every_output_is_produced(finished):
     assert set(shards.pop("max_abs_z")) == {"0", "1"}
     assert 0.0 < shards.pop("proposal_seconds") < 60.0  # combine drew the correction's proposal
     disagreement = shards.pop("disagreement")  # the simulated data follow the model: no alarm
+    # the model describes both shards: the term is small (|δ| ~ the shards' Monte Carlo noise)
+    second_order = shards.pop("second_order")
+    assert second_order["applied"] and set(second_order["shift_sd"]) == {"intercept", "beta[0]", "beta[1]", "beta[2]"}
+    assert second_order["max_abs_shift_sd"] == max(map(abs, second_order["shift_sd"].values())) < 0.2
     assert disagreement["degrees_of_freedom"] == (2 - 1) * 4 and disagreement["p_value"] > DISAGREEMENT_P_VALUE
     proposal = read_arrays(results / "combined/gaussian.npz")
     assert proposal["draws"].shape == (4096, 4) and proposal["log_prior"].shape == (4096,)
@@ -101,6 +106,7 @@ def test_every_output_is_produced(finished):
     assert "Shard diagnostics" in report and "beta[2]" in report and "Time per stage" in report
     assert f"The kept shards' means disagree by Q = {disagreement['statistic']:.1f}" in report
     assert "at max tree depth" in report
+    assert f"moved the combination by up to {second_order['max_abs_shift_sd']:.3f} posterior sd" in report
     assert report.count("src='data:image/png;base64,") == 2  # both figures embedded
     for figure in ("shards.png", "posterior.png"):
         assert (results / "report" / figure).read_bytes().startswith(b"\x89PNG")
@@ -112,6 +118,7 @@ def test_sample_job_runs_four_chains_on_four_devices(finished):
     assert idata.posterior.sizes["chain"] == 4
     assert {"unconstrained_posterior", "sample_stats", "curvature"} <= set(idata.groups())
     assert idata.curvature["precision"].shape == (4, 4)  # intercept and 3 coefficients
+    assert idata.curvature["third_derivatives"].shape == (4, 4, 4)  # combine.second_order: true
     assert {"diverging", "tree_depth", "energy"} <= set(idata.sample_stats.data_vars)
     diagnostics = json.loads((finished.workdir / RESULTS / "samples/shard-0000.diagnostics.json").read_text())
     assert diagnostics["max_r_hat"] < 1.05 and diagnostics["num_shards"] == 2
@@ -156,6 +163,12 @@ def test_correct_edit_reruns_combine_which_draws_the_proposal_and_the_correction
 def test_turning_the_correction_off_reruns_combine_and_report_only(finished):
     jobs = finished.planned_jobs(config=edited(finished, "correct", "enabled", False))
     assert jobs == {"combine": 1, "report": 1, "all": 1}
+
+
+def test_the_second_order_term_edit_samples_again(finished):
+    """The sample jobs compute the third derivatives only where combine.second_order asks."""
+    jobs = finished.planned_jobs(config=edited(finished, "combine", "second_order", False))
+    assert jobs == {"sample": 2, "combine": 1, **correction_jobs(2), "report": 1, "all": 1}
 
 
 def test_shard_edit_reruns_everything_downstream_of_shard(finished):
@@ -256,11 +269,15 @@ def test_a_table_the_config_cannot_read_stops_the_dry_run(tmp_path, input_path, 
             lambda c: c["analyses"]["tiny"].update(platform={"sampel": "gpu"}),
             "analyses.tiny.platform: unknown key(s) 'sampel' (known here: align, fulldata, sample)",
         ),
+        (
+            lambda c: c["analyses"]["tiny"].update(combine={"second_order": True, "weights": "draws"}),
+            "analyses.tiny: combine.second_order needs combine.weights: hessian and a full-covariance method",
+        ),
     ],
     ids=[
         *("typo", "type", "no input", "both shard counts", "model option", "column twice", "option range", "model"),
         "strata",
-        *("platform", "platform stage"),
+        *("platform", "platform stage", "second order"),
     ],
 )
 def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, edit, message):

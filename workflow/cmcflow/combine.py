@@ -10,7 +10,9 @@ draws are then pushed through the model's support transforms (NumPyro's
    moments for the report, the pooled covariance shape, distance moments;
 2. :func:`select_shards` applies the failure policy and the screen (:mod:`cmcflow.screening`);
 3. :func:`pooled_shapes` takes the screened-out shards back out of the pooled shape;
-4. :func:`stream_combine` combines the kept shards one at a time;
+4. :func:`stream_combine` combines the kept shards one at a time; with
+   ``combine.second_order`` the result is moved by the second-order term
+   (:mod:`cmcflow.second_order`, :func:`second_order_term`);
 5. a rigid model observed through distances is located by them (:mod:`cmcflow.locate`);
 6. :func:`combined_record` writes down what was done;
 7. where the importance correction runs, :func:`draw_proposal` draws its proposal from the
@@ -58,7 +60,8 @@ from cmcflow.errors import InputError
 from cmcflow.jaxenv import PRECISION
 from cmcflow.likelihood import log_prior
 from cmcflow.locate import distance_moments, locate_by_distances
-from cmcflow.runs import constrained_moments, is_failed, unconstrained_draws
+from cmcflow.runs import constrained_moments, element_labels, is_failed, unconstrained_draws
+from cmcflow.second_order import MAX_EXPANSION_RATIO, THIRD_DERIVATIVES_MAX_PARAMETERS, second_order_shift
 from cmcflow.transforms import constrain_draws
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,8 @@ class CombineSettings:
 
     ``shrinkage``: ``covariance_shrinkage``; ``screen``: the screening thresholds, or
     ``None`` to combine every shard that did not fail; ``weights``: ``hessian`` or ``draws``
-    (:data:`~cmcflow.consensus.WEIGHTS`).
+    (:data:`~cmcflow.consensus.WEIGHTS`); ``second_order``: move the combined posterior by
+    the second-order term (:mod:`cmcflow.second_order`).
     """
 
     method: str
@@ -83,6 +87,7 @@ class CombineSettings:
     min_shards_fraction: float
     on_failed_shard: str
     weights: str
+    second_order: bool = False
 
     @classmethod
     def from_config(cls, combine: Mapping) -> CombineSettings:
@@ -94,6 +99,7 @@ class CombineSettings:
             screen=combine["screen"],
             min_shards_fraction=combine["min_shards_fraction"],
             on_failed_shard=combine["on_failed_shard"],
+            second_order=combine["second_order"],
         )
 
 
@@ -181,7 +187,10 @@ class ShardScan:
     ``distance_moments``: per shard, the mean and variance of each observed distance;
     ``draws``: the unconstrained draws of every run, unless streaming; ``covariances``: with
     Hessian weights, every run's :func:`shard_covariance` unless streaming;
-    ``weighed_by_draws``: with Hessian weights, the runs without a usable one.
+    ``weighed_by_draws``: with Hessian weights, the runs without a usable one;
+    ``with_third``: where the second-order term is asked for, the runs with a usable Hessian
+    and third derivatives, their means ``(D,)`` in ``shard_means`` and, unless streaming,
+    their third derivatives ``(D, D, D)`` in ``thirds``.
     """
 
     failed: list[dict] = field(default_factory=list)
@@ -197,6 +206,9 @@ class ShardScan:
     draws: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     covariances: dict[int, np.ndarray | None] = field(default_factory=dict)
     weighed_by_draws: set[int] = field(default_factory=set)
+    with_third: set[int] = field(default_factory=set)
+    shard_means: dict[int, np.ndarray] = field(default_factory=dict)
+    thirds: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def scan_shards(
@@ -207,9 +219,11 @@ def scan_shards(
     streaming: bool,
     diagnostics: Sequence[Mapping] | None,
     point_pairs: np.ndarray | None,
+    second_order: bool = False,
 ) -> ShardScan:
     """Read every shard run ``load(0) … load(K − 1)`` once; every run that did not fail must
-    share the first one's sites and (chains, draws) layout."""
+    share the first one's sites and (chains, draws) layout. ``second_order``: note the runs
+    with a usable Hessian and third derivatives, for the second-order term."""
     scan, groups, first_shard = ShardScan(), None, None
     for shard in range(num_shards):
         run = load(shard)
@@ -240,6 +254,11 @@ def scan_shards(
             covariance = shard_covariance(run)
             if covariance is None:
                 scan.weighed_by_draws.add(shard)
+            elif second_order and "third_derivatives" in run.curvature:
+                scan.with_third.add(shard)
+                scan.shard_means[shard] = flat.mean(axis=0)
+                if not streaming:
+                    scan.thirds[shard] = run.curvature["third_derivatives"].values
             if not streaming:
                 scan.covariances[shard] = covariance
         if not streaming:
@@ -331,6 +350,7 @@ RECORD_ONLY = (
     "max_outlier_z",
     "shrinkage_intensity",
     "weighed_by_draws",
+    "second_order",
 )
 
 
@@ -370,6 +390,7 @@ def combine_shards(
         streaming=streaming,
         diagnostics=diagnostics if settings.screen is not None else None,
         point_pairs=point_pairs,
+        second_order=settings.second_order,
     )
     kept, excluded = select_shards(scan, num_shards, settings, sample_paths)
 
@@ -409,6 +430,13 @@ def combine_shards(
                 facts["weighed_by_draws"],
                 HESSIAN_MAX_PARAMETERS,
             )
+    mean, covariance = accumulator.gaussian_product()
+    if settings.second_order:
+        facts["second_order"], shift = second_order_term(scan, kept, plan, load, mean, covariance)
+        if shift is not None:
+            mean = mean - shift
+            moved = unflatten(shift[None, :], scan.like, scan.sites)
+            combined = {name: values - moved[name] for name, values in combined.items()}
     if point_site is not None:
         facts["location"] = "coordinate consensus"
     if point_pairs is not None:
@@ -445,7 +473,6 @@ def combine_shards(
     idata = combined_idata(combined, scan, model, model_kwargs)
     idata.posterior.attrs.update({key: value for key, value in record.items() if key not in RECORD_ONLY})
     idata.posterior.attrs["num_shards_used"] = len(kept)
-    mean, covariance = accumulator.gaussian_product()
     gaussian = {"mean": mean, "covariance": covariance, "layout": site_layout(scan.like)}
     every_shard = None
     screened_out = sorted({summary.shard for summary in scan.summaries if summary.finite} - set(kept))
@@ -459,7 +486,77 @@ def combine_shards(
             )
         else:
             every_shard["layout"] = gaussian["layout"]
+            if settings.second_order and record["second_order"]["applied"]:  # moved as the kept shards' is
+                term, shift = second_order_term(
+                    scan, sorted([*kept, *screened_out]), plan, load, every_shard["mean"], every_shard["covariance"]
+                )
+                record["second_order"]["every_shard_product"] = term
+                if shift is not None:
+                    every_shard["mean"] = every_shard["mean"] - shift
     return Combination(idata, record, pd.concat(scan.moments, ignore_index=True), gaussian, every_shard)
+
+
+def second_order_term(
+    scan: ShardScan,
+    kept: Sequence[int],
+    plan: ConsensusPlan,
+    load: Callable[[int], az.InferenceData],
+    mean: np.ndarray,
+    covariance: np.ndarray,
+) -> tuple[dict, np.ndarray | None]:
+    """The second-order term δ ``(D,)`` of the ``kept`` shards' Gaussian product (``mean``
+    m̄ ``(D,)``, ``covariance`` P⁻¹ ``(D, D)``; :func:`~cmcflow.second_order.second_order_shift`)
+    and its record: δ in the product's sd per parameter (unconstrained), the largest, and the
+    shards' expansion ratios ρ_s. ``None`` and the record's reason where it does not apply:
+    weights not full inverse Hessians, a kept shard without third derivatives, or a ρ_s above
+    :data:`~cmcflow.second_order.MAX_EXPANSION_RATIO` (the expansion does not hold there; the
+    plain product is kept). A streaming combine reads the kept runs once more."""
+    if plan.weights != "hessian" or plan.method == "consensus_diag" or plan.point_site is not None:
+        reason = (
+            "needs full-covariance Hessian weights (combine.weights: hessian, not consensus_diag), not a rigid model"
+        )
+        return not_applied(reason), None
+    if missing := sorted(set(kept) - scan.with_third):
+        return not_applied(
+            f"shards {missing} have no third derivatives or no usable Hessian (more than "
+            f"{THIRD_DERIVATIVES_MAX_PARAMETERS} parameters, a Hessian not positive definite, or sampled "
+            "without combine.second_order)"
+        ), None
+
+    def expansions():
+        for shard in kept:
+            if shard in scan.thirds:
+                yield scan.shard_means[shard], scan.covariances[shard], scan.thirds[shard]
+            else:
+                run = load(shard)
+                yield scan.shard_means[shard], shard_covariance(run), run.curvature["third_derivatives"].values
+
+    shift, ratios = second_order_shift(mean, covariance, expansions())
+    in_sd = shift / np.sqrt(np.diag(covariance))
+    labels = [label for site in scan.sites for label in element_labels(site, scan.like[site].shape[1:])]
+    largest = int(np.argmax(np.abs(in_sd)))
+    record = {
+        "max_abs_shift_sd": float(abs(in_sd[largest])),
+        "largest": labels[largest],
+        "shift_sd": dict(zip(labels, in_sd.tolist())),
+        "space": "unconstrained",
+        "expansion_ratio": {str(shard): float(ratio) for shard, ratio in zip(kept, ratios)},
+    }
+    if ratios.max() > MAX_EXPANSION_RATIO:
+        worst = kept[int(np.argmax(ratios))]
+        reason = (
+            f"shard {worst}'s expansion ratio ρ = {ratios.max():.2f} exceeds {MAX_EXPANSION_RATIO}: the shards sit "
+            "too far apart, for their size, for a second-order expansion (use fewer, larger shards)"
+        )
+        return not_applied(reason) | record, None
+    log.info("second-order term: the combined posterior moved by up to %.3f sd (%s)", in_sd[largest], labels[largest])
+    return {"applied": True} | record, shift
+
+
+def not_applied(reason: str) -> dict:
+    """The record of a second-order term not applied, with the warning that says so."""
+    log.warning("combine.second_order not applied: %s", reason)
+    return {"applied": False, "reason": reason}
 
 
 def every_shard_product(

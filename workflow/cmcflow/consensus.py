@@ -372,7 +372,7 @@ class ConsensusAccumulator:
 
 def hessian_covariance(precision: np.ndarray) -> np.ndarray | None:
     """Σ = H⁻¹ ``(D, D)`` for a shard's potential Hessian H ``(D, D)``
-    (:func:`cmcflow.transforms.potential_hessian`), or ``None`` where H is not finite and
+    (:func:`cmcflow.transforms.potential_derivatives`), or ``None`` where H is not finite and
     positive definite (then its draws weigh it)."""
     symmetric = (precision + precision.T) / 2
     if not np.isfinite(symmetric).all():

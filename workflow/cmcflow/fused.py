@@ -238,8 +238,9 @@ def logistic_log_likelihood(coef, XT, y, offset, mask):
     ∇ℓ · t; differentiated twice (the Hessian the combination weighs a shard by), the
     gradient's JVP is the Hessian-vector product H t = −X̃ᵀ (w ⊙ X̃ t), w_j = m_j σ(η_j)
     (1 − σ(η_j)), X̃ the features with a column of ones, computed by XLA: the Hessian is
-    needed once per shard, the gradient at every leapfrog step. The data are not
-    differentiated. Under ``vmap`` over ``coef`` alone, undifferentiated (reweight's batches
+    needed once per shard, the gradient at every leapfrog step; differentiated three times (the
+    third derivatives of ``combine.second_order``), that rule's own gradient is this function
+    again. The data are not differentiated. Under ``vmap`` over ``coef`` alone, undifferentiated (reweight's batches
     of draws), one call of the values kernel for the batch ``(B, P + 1)``; differentiated, or
     with batched data, one kernel call per set of parameters."""
     return _differentiable()(coef, XT, y, offset, mask)
@@ -285,7 +286,8 @@ def _differentiable():
     def value_and_gradient_jvp(primals, tangents):
         coef, XT, y, offset, mask = primals
         direction = tangents[0]
-        value, gradient = kernel(coef, XT, y, offset, mask)
+        # itself, not the kernel: differentiated again (third derivatives), this rule applies again
+        value, gradient = value_and_gradient(coef, XT, y, offset, mask)
         eta = times_features(coef[:-1].astype(XT.dtype), XT, len(y)) + coef[-1].astype(XT.dtype) + offset
         probability = jax.nn.sigmoid(eta)
         weights = jnp.where(mask, probability * (1 - probability), 0)

@@ -334,6 +334,22 @@ def disagreement_sentence(shards: dict) -> str:
     )
 
 
+def second_order_sentence(shards: dict) -> str:
+    """Whether ``combine.second_order`` moved the combination, and by how much."""
+    if "second_order" not in shards:
+        return ""
+    term = shards["second_order"]
+    if not term["applied"]:
+        reason = html.escape(term["reason"])
+        return f"<p>The second-order term (<code>combine.second_order</code>) was not applied: {reason}.</p>"
+    return (
+        f"<p>The second-order term (<code>combine.second_order</code>: the shards' disagreement and skew through the "
+        f"model's third derivatives) moved the combination by up to {term['max_abs_shift_sd']:.3f} posterior sd "
+        f"({html.escape(term['largest'])}, unconstrained): to second order, how far the Gaussian product alone sits "
+        "from the full posterior's mean.</p>"
+    )
+
+
 def disagreement_reference(figures: dict) -> str:
     """The distribution Q's p-value is taken from (:func:`cmcflow.screening.disagreement_test`)."""
     if "effective_degrees_of_freedom" not in figures:
@@ -401,6 +417,7 @@ def render_report(
         exactness_section(importance),
         "<h2>Shards and their combination</h2>",
         disagreement_sentence(shards),
+        second_order_sentence(shards),
         image_tag(shards_png, "per-shard against combined marginals; shard heterogeneity"),
         "<h2>Combined posterior</h2>",
         image_tag(posterior_png, "combined posterior"),

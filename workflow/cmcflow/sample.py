@@ -28,8 +28,9 @@ from cmcflow.jaxenv import COMPILE_CLOCK, PRECISION
 from cmcflow.models import ModelSpec, source_digest
 from cmcflow.runs import Group, Run, diagnostics, draws_group, failed_run, is_transient, write_run
 from cmcflow.screening import TREE_DEPTH_WARNING
+from cmcflow.second_order import THIRD_DERIVATIVES_MAX_PARAMETERS
 from cmcflow.tempering import temper_priors
-from cmcflow.transforms import model_kwargs, potential_hessian, split_static, unconstrain_draws
+from cmcflow.transforms import model_kwargs, potential_derivatives, split_static, unconstrain_draws
 
 if TYPE_CHECKING:
     import arviz as az
@@ -305,6 +306,7 @@ def sample_run(
     chain_method: str = "parallel",
     checkpoint_path: str | os.PathLike | None = None,
     one_program: bool = True,
+    third_derivatives: bool = False,
 ) -> tuple[Run, dict]:
     """NUTS on shard ``shard`` (or on all rows: ``num_shards=1``, ``shard=-1``), ``chains``
     chains (``chain_method`` as in :func:`run_nuts`: "parallel", one per device, or
@@ -313,7 +315,9 @@ def sample_run(
     ``checkpoint_path``: where the run keeps its checkpoint (``settings.checkpoint_every``
     > 0); a checkpoint there of this same run (features, options, settings, versions) is
     resumed. The caller removes it once the run is written. ``one_program``: as in
-    :func:`run_nuts`.
+    :func:`run_nuts`. ``third_derivatives``: the ``curvature`` group holds them too
+    (``combine.second_order``; up to
+    :data:`~cmcflow.second_order.THIRD_DERIVATIVES_MAX_PARAMETERS` parameters).
     Returns the run (``posterior``, ``unconstrained_posterior``, ``sample_stats`` and, but for
     rigid models, ``curvature``; run facts in ``posterior.attrs``; :data:`~cmcflow.runs.Run`)
     and its diagnostics dict.
@@ -367,7 +371,8 @@ def sample_run(
     dimension = sum(int(np.prod(value.shape[2:], dtype=int)) for value in unconstrained.values())
     # a rigid model's frame is fixed by align, after sampling: its draws weigh it
     if spec.symmetry != "rigid" and dimension <= HESSIAN_MAX_PARAMETERS:
-        run["curvature"] = curvature(spec, num_shards, kwargs, unconstrained)
+        third = third_derivatives and dimension <= THIRD_DERIVATIVES_MAX_PARAMETERS
+        run["curvature"] = curvature(spec, num_shards, kwargs, unconstrained, third)
     curvature_seconds = time.perf_counter() - started
     run_facts = {
         "num_shards": num_shards,
@@ -438,6 +443,7 @@ def sample_shard_files(
     chain_method: str = "parallel",
     checkpoint_path: str | os.PathLike | None = None,
     one_program: bool = True,
+    third_derivatives: bool = False,
 ) -> dict:
     """:func:`sample_run` on shard ``shard``, written to its posterior (NetCDF) and
     diagnostics (JSON) files; returns the diagnostics.
@@ -461,6 +467,7 @@ def sample_shard_files(
             chain_method=chain_method,
             checkpoint_path=checkpoint_path,
             one_program=one_program,
+            third_derivatives=third_derivatives,
         )
     except Exception as error:
         if is_transient(error):
@@ -473,18 +480,27 @@ def sample_shard_files(
     return report
 
 
-def curvature(spec: ModelSpec, num_shards: int, kwargs: Mapping, unconstrained: Mapping[str, np.ndarray]) -> Group:
+def curvature(
+    spec: ModelSpec, num_shards: int, kwargs: Mapping, unconstrained: Mapping[str, np.ndarray], third: bool = False
+) -> Group:
     """The ``curvature`` group of a run: ``precision`` ``(D, D)``, the Hessian of the potential
     energy of ``spec``'s model tempered for ``num_shards`` shards
-    (:func:`~cmcflow.transforms.potential_hessian`) at the mean of the run's ``unconstrained``
-    draws ``{site: (chains, draws, …)}`` (its ``unconstrained_posterior``), sites in that
-    order. Combine weighs the shard by it (``combine.weights: hessian``)."""
+    (:func:`~cmcflow.transforms.potential_derivatives`) at the mean of the run's
+    ``unconstrained`` draws ``{site: (chains, draws, …)}`` (its ``unconstrained_posterior``),
+    sites in that order, and with ``third`` its ``third_derivatives`` ``(D, D, D)`` there.
+    Combine weighs the shard by the first (``combine.weights: hessian``) and corrects the
+    product's mean by the second (``combine.second_order``, :mod:`cmcflow.second_order`)."""
     mean = {name: values.mean(axis=(0, 1)) for name, values in unconstrained.items()}
     model, digest = spec.numpyro_model, source_digest(spec.numpyro_model)
     # what keys its stored program; a model without source (defined interactively) is traced
     identity = f"{spec.name} {digest} prior power 1/{num_shards}" if digest else None
-    precision = potential_hessian(tempered(model, 1.0 / num_shards), kwargs, mean, identity)
-    return Group({"precision": (("flat_row", "flat_column"), precision)}, attrs={"at": "posterior mean"})
+    precision, third_derivatives = potential_derivatives(
+        tempered(model, 1.0 / num_shards), kwargs, mean, identity, third
+    )
+    variables = {"precision": (("flat_row", "flat_column"), precision)}
+    if third:
+        variables["third_derivatives"] = (("flat_row", "flat_column", "flat_depth"), third_derivatives)
+    return Group(variables, attrs={"at": "posterior mean"})
 
 
 def run_record(draws: NutsDraws) -> dict[str, Group]:

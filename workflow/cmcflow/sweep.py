@@ -40,7 +40,18 @@ VALUE_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
 #: Each stage, and the analysis settings its outputs depend on, those of the stages before
 #: it included. ``fulldata`` (NUTS on all rows) reads no shard setting: points that differ
 #: only in how the rows are split share it.
-_SAMPLE = ("model", "input", "columns", "shard", "featurize", "model_options", "sample", "platform")
+#: (combine.second_order: the sample jobs compute the third derivatives it needs)
+_SAMPLE = (
+    "model",
+    "input",
+    "columns",
+    "shard",
+    "featurize",
+    "model_options",
+    "sample",
+    "platform",
+    "combine.second_order",
+)
 STAGE_SETTINGS = {
     "simulate": ("model", "input"),
     "shard": ("model", "input", "columns", "shard"),

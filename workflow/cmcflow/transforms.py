@@ -102,16 +102,22 @@ def split_static(kwargs: Mapping) -> tuple[dict, tuple | None]:
     return arrays, static
 
 
-def potential_hessian(
-    model: Callable, kwargs: Mapping, position: Mapping[str, np.ndarray], identity: str | None = None
-) -> np.ndarray:
-    """The Hessian ``(D, D)`` of ``model(**kwargs)``'s potential energy U = −log p(θ, y) in the
-    unconstrained space (log-Jacobians of the support transforms included) at ``position``
+def potential_derivatives(
+    model: Callable,
+    kwargs: Mapping,
+    position: Mapping[str, np.ndarray],
+    identity: str | None = None,
+    third: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The Hessian H ``(D, D)`` of ``model(**kwargs)``'s potential energy U = −log p(θ, y) in
+    the unconstrained space (log-Jacobians of the support transforms included) at ``position``
     ``{site: (…)}``, the sites flattened in the given order, each row-major (as
-    :func:`cmcflow.consensus.flatten`). At a posterior's centre it is the precision of the
-    posterior's Gaussian (Laplace) approximation: a weight computed from the model, without
-    the Monte Carlo noise of a covariance estimated from draws. One compiled program per
-    model, options and shapes: the data arrays are its arguments.
+    :func:`cmcflow.consensus.flatten`), and with ``third`` its third derivatives
+    T_ijk = ∂³U / ∂θ_i ∂θ_j ∂θ_k ``(D, D, D)`` (else ``None``). At a posterior's centre H is
+    the precision of the posterior's Gaussian (Laplace) approximation: a weight computed from
+    the model, without the Monte Carlo noise of a covariance estimated from draws; T is how
+    far the posterior is from Gaussian, to the next order (:mod:`cmcflow.second_order`). One
+    compiled program per model, options, shapes and order: the data arrays are its arguments.
 
     ``identity``: what the model is, for later processes (its source's digest, its
     tempering, the likelihood it computes with); given, and with a persistent compilation
@@ -122,19 +128,21 @@ def potential_hessian(
     flat = np.concatenate([np.ravel(value) for value in position.values()]).astype(parameter_dtype())
     arrays, static = split_static(kwargs)
     if static is None:  # options that cannot key a program: one of this call's own
-        return np.asarray(jax.jit(lambda flat: _hessian(model, (), shapes, kwargs, flat))(flat))
-    directory = stored_programs_dir()
-    if identity is None or directory is None:
-        return np.asarray(_compiled_hessian(model, static, shapes, arrays, flat))
-    specs = tuple((name, np.shape(value), np.dtype(value.dtype).name) for name, value in sorted(arrays.items()))
-    return np.asarray(_stored_hessian(model, static, shapes, specs, identity, directory)(arrays, flat))
+        result = jax.jit(lambda flat: _derivatives(model, (), shapes, third, kwargs, flat))(flat)
+    elif identity is None or (directory := stored_programs_dir()) is None:
+        result = _compiled_derivatives(model, static, shapes, third, arrays, flat)
+    else:
+        specs = tuple((name, np.shape(value), np.dtype(value.dtype).name) for name, value in sorted(arrays.items()))
+        result = _stored_derivatives(model, static, shapes, third, specs, identity, directory)(arrays, flat)
+    hessian, third_derivatives = result
+    return np.asarray(hessian), None if third_derivatives is None else np.asarray(third_derivatives)
 
 
 @functools.cache
-def _stored_hessian(
-    model: Callable, static: tuple, shapes: tuple, specs: tuple, identity: str, directory: Path
+def _stored_derivatives(
+    model: Callable, static: tuple, shapes: tuple, third: bool, specs: tuple, identity: str, directory: Path
 ) -> Callable:
-    """The Hessian's program for data arrays of ``specs`` ``((name, shape, dtype), …)``,
+    """The derivatives' program for data arrays of ``specs`` ``((name, shape, dtype), …)``,
     loaded from ``directory`` or traced and kept there: one per process and key."""
     arguments = (
         {name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in specs},
@@ -142,8 +150,10 @@ def _stored_hessian(
     )
     # the kernel, where enabled, is in the traced program: a process without it traces its own
     settings = (identity, static, shapes, f"fused_likelihood={fused.enabled()}")
-    key = program_key("hessian", settings, jax.tree.leaves(arguments), devices=1)
-    program = jax.jit(functools.partial(_hessian, model, static, shapes))
+    key = program_key(
+        "hessian and third derivatives" if third else "hessian", settings, jax.tree.leaves(arguments), devices=1
+    )
+    program = jax.jit(functools.partial(_derivatives, model, static, shapes, third))
     sharding = SingleDeviceSharding(jax.devices()[0])
     return stored_program(program, arguments, sharding, key, directory, custom_calls=fused.TARGETS)
 
@@ -163,8 +173,15 @@ def flat_potential(model: Callable, kwargs: Mapping, shapes: tuple) -> Callable[
     return potential
 
 
-def _hessian(model: Callable, static: tuple, shapes: tuple, arrays: Mapping, flat: jax.Array) -> jax.Array:
-    return jax.hessian(flat_potential(model, {**arrays, **dict(static)}, shapes))(flat)
+def _derivatives(
+    model: Callable, static: tuple, shapes: tuple, third: bool, arrays: Mapping, flat: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
+    hessian = jax.hessian(flat_potential(model, {**arrays, **dict(static)}, shapes))
+    if not third:
+        return hessian(flat), None
+    # forward over the Hessian's program: its value comes with its derivatives, computed once
+    third_derivatives, value = jax.jacfwd(lambda at: (lambda value: (value, value))(hessian(at)), has_aux=True)(flat)
+    return value, third_derivatives
 
 
-_compiled_hessian = jax.jit(_hessian, static_argnums=(0, 1, 2))
+_compiled_derivatives = jax.jit(_derivatives, static_argnums=(0, 1, 2, 3))

@@ -1,0 +1,135 @@
+"""The second-order term of consensus (cmcflow.second_order) against exact answers: the term
+against the exact mean of skewed posteriors, and the potential's third derivatives against
+differences of its Hessian."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import data_rtol
+from scipy.special import digamma, polygamma
+from test_statistics import REPEAT_SETTINGS, shard_runs, simulated
+
+from cmcflow.combine import CombineSettings, combine_shards
+from cmcflow.consensus import unflatten_draws
+from cmcflow.models import get_model, resolve_options
+from cmcflow.second_order import MAX_EXPANSION_RATIO, second_order_shift
+from cmcflow.shard import split_rows
+from cmcflow.transforms import model_kwargs, potential_derivatives
+
+
+@pytest.mark.parametrize("scale", [1, 4])
+def test_the_term_recovers_the_exact_mean_of_shards_that_disagree(scale):
+    """Shard s's posterior of θ = log λ is exactly log-Gamma: U_s(θ) = −a_s θ + b_s e^θ, mean
+    ψ(a_s) − log b_s, and U_s'' = U_s''' = b_s e^θ; the full posterior (Σ_s U_s) is log-Gamma
+    (Σ a_s, Σ b_s), its mean and sd known. The shards' rates a_s / b_s differ (a misfit, as
+    between real data's shards), so the Gaussian product of their means is off by 0.43 sd
+    (scale 1) and 1.04 sd (4 times the rows); moved by δ it is within 0.015 and 0.027 sd."""
+    a, b = np.array([20.0, 35, 50, 28]) * scale, np.array([1.0, 2, 1.5, 0.8]) * scale
+    means = digamma(a) - np.log(b)
+    hessians = b * np.exp(means)
+    product = np.sum(hessians * means) / np.sum(hessians)
+    shards = [
+        (np.array([at]), np.array([[1 / hessian]]), np.array([[[hessian]]])) for at, hessian in zip(means, hessians)
+    ]
+    shift, ratios = second_order_shift(np.array([product]), np.array([[1 / np.sum(hessians)]]), iter(shards))
+    exact, sd = digamma(a.sum()) - np.log(b.sum()), np.sqrt(polygamma(1, a.sum()))
+    plain, moved = abs(product - exact) / sd, abs(product - shift[0] - exact) / sd
+    print(f"scale {scale}: plain {plain:.3f} sd, second order {moved:.3f} sd, ρ {np.round(ratios, 3)}")
+    assert plain > 0.4 and moved <= 0.03, (plain, moved)
+    # ρ_s = |½ T_s d_s²| / |H_s d_s| = |d_s| / 2 where T_s = H_s
+    np.testing.assert_allclose(ratios, np.abs(product - means) / 2, rtol=1e-12)
+    assert ratios.max() <= MAX_EXPANSION_RATIO
+
+
+def test_third_derivatives_are_the_hessians_derivatives():
+    """T_ijk = ∂_k H_ij of the logistic model's potential, against central differences of
+    the Hessian (error O(h²), and float32 data's rounding over h), and symmetric in its three
+    indices."""
+    spec = get_model("logistic")
+    table, _ = spec.simulate(500, 1, features=3)
+    features = spec.featurize(
+        {"features": table[["x0", "x1", "x2"]].to_numpy(), "label": table["y"].to_numpy()}, 512, {}
+    )
+    kwargs = model_kwargs(features, resolve_options(spec, {}))
+    position = {"intercept": np.asarray(0.2), "beta": np.asarray([0.5, -0.3, 0.1])}
+    hessian, third = potential_derivatives(spec.numpyro_model, kwargs, position, third=True)
+    assert third.shape == (4, 4, 4)
+    np.testing.assert_array_equal(hessian, potential_derivatives(spec.numpyro_model, kwargs, position)[0])
+    for order in [(1, 0, 2), (2, 1, 0), (0, 2, 1)]:
+        np.testing.assert_allclose(third.transpose(order), third, rtol=data_rtol(1e-10))
+    step = 1e-2
+    for index, (site, element) in enumerate([("intercept", ()), ("beta", (0,)), ("beta", (1,)), ("beta", (2,))]):
+
+        def moved(by):
+            values = {name: np.array(value, dtype=float) for name, value in position.items()}
+            values[site][element] += by
+            return potential_derivatives(spec.numpyro_model, kwargs, values)[0]
+
+        difference = (moved(step) - moved(-step)) / (2 * step)
+        np.testing.assert_allclose(difference, third[:, :, index], rtol=1e-3, atol=1e-3 * np.abs(third).max())
+
+
+def test_combine_applies_the_term_only_where_it_holds():
+    """Through combine: the combination and its Gaussian product move by δ together, recorded
+    per parameter; a kept shard without third derivatives, or one whose expansion ratio is
+    past MAX_EXPANSION_RATIO (its T scaled up here), leaves the plain product, with the
+    reason; a shard the screen leaves out is out of δ, and the product of every shard that
+    the correction proposes from is moved by its own."""
+    spec, options, X, y = simulated("logistic", rows=1600, features=3, seed=6)
+    runs, kwargs = shard_runs(
+        spec, options, X, y, split_rows(len(y), 4, seed=0), REPEAT_SETTINGS, third_derivatives=True
+    )
+    plain = CombineSettings("consensus", 0, 0.0, None, 1.0, "fail", "hessian")
+
+    def combine(settings, shards=runs, **options):
+        return combine_shards(shards.__getitem__, len(shards), spec.numpyro_model, kwargs[0], settings, **options)
+
+    before, after = combine(plain), combine(replace(plain, second_order=True))
+    term = after.record["second_order"]
+    assert term["applied"] and set(term["expansion_ratio"]) == {"0", "1", "2", "3"}
+    shift = before.gaussian["mean"] - after.gaussian["mean"]
+    sd = np.sqrt(np.diag(before.gaussian["covariance"]))
+    np.testing.assert_allclose(shift / sd, list(term["shift_sd"].values()), rtol=1e-9)
+    assert (
+        term["max_abs_shift_sd"] == pytest.approx(np.abs(shift / sd).max(), rel=1e-9) and term["max_abs_shift_sd"] > 0
+    )
+    for site, site_shift in unflatten_draws(shift[None, :], before.gaussian["layout"]).items():
+        moved = before.idata.unconstrained_posterior[site] - after.idata.unconstrained_posterior[site]
+        np.testing.assert_allclose(moved.values, np.broadcast_to(site_shift[0], moved.shape), rtol=1e-6, atol=1e-12)
+
+    without = [copy.deepcopy(run) for run in runs]
+    without[2].curvature = without[2].curvature.drop_vars("third_derivatives")
+    term = combine(replace(plain, second_order=True), without).record["second_order"]
+    assert not term["applied"] and "shards [2] have no third derivatives" in term["reason"]
+
+    steep = [copy.deepcopy(run) for run in runs]
+    steep[1].curvature["third_derivatives"] = steep[1].curvature["third_derivatives"] * 1000
+    refused = combine(replace(plain, second_order=True), steep)
+    term = refused.record["second_order"]
+    assert not term["applied"] and term["expansion_ratio"]["1"] > MAX_EXPANSION_RATIO
+    assert "shard 1's expansion ratio" in term["reason"]
+    np.testing.assert_array_equal(refused.gaussian["mean"], before.gaussian["mean"])
+
+    # shard 3 screened out (its R-hat): out of δ, and in the every-shard product's own
+    diagnostics = [{"max_r_hat": 1.0, "min_ess_bulk": 1000.0, "divergence_rate": 0.0}] * 3
+    diagnostics.append({"max_r_hat": 2.0, "min_ess_bulk": 1000.0, "divergence_rate": 0.0})
+    screen = {"max_divergence_rate": 0.05, "max_r_hat": 1.1, "min_ess": 40.0, "max_outlier_z": 1000.0}
+    screened = replace(plain, screen=screen, min_shards_fraction=0.5)
+    plain_screened = combine(screened, diagnostics=diagnostics, corrected=True)
+    moved_screened = combine(replace(screened, second_order=True), diagnostics=diagnostics, corrected=True)
+    assert moved_screened.record["used"] == [0, 1, 2]
+    np.testing.assert_allclose(
+        moved_screened.gaussian["mean"], combine(replace(plain, second_order=True), runs[:3]).gaussian["mean"]
+    )
+    every = moved_screened.record["second_order"]["every_shard_product"]
+    assert every["applied"] and set(every["expansion_ratio"]) == {"0", "1", "2", "3"}
+    every_sd = np.sqrt(np.diag(plain_screened.every_shard["covariance"]))
+    np.testing.assert_allclose(
+        (plain_screened.every_shard["mean"] - moved_screened.every_shard["mean"]) / every_sd,
+        list(every["shift_sd"].values()),
+        rtol=1e-9,
+    )
