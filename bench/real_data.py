@@ -409,6 +409,23 @@ def second_order_cell(term: dict | None) -> str:
     return moved if term["applied"] else f"not applied (ρ > {MAX_EXPANSION_RATIO}; would move {moved})"
 
 
+def second_order_text(case: dict) -> str:
+    """R2's words on a case with ``combine.second_order``: its error, what δ moved, and the
+    correction from its proposal."""
+    term = case["second_order"]
+    moved = (
+        f"δ moved {term['largest']} by {term['max_abs_shift_sd']:.3f} sd, largest ρ "
+        f"{max(term['expansion_ratio'].values()):.2f}"
+        if term["applied"]
+        else second_order_cell(term)
+    )
+    return (
+        f"; through the workflow with combine.second_order, {case['combined']['max_mean_error_sd']:.3f} sd ({moved}; "
+        f"the correction from its proposal: {case['corrected']['max_mean_error_sd']:.3f} sd, k-hat "
+        f"{case['khat']:.2f}, ESS {case['effective_sample_size']:.0f})"
+    )
+
+
 def warns(disagreement: dict | None) -> bool:
     """Whether combine warned of the kept shards' disagreement."""
     return disagreement is not None and disagreement["p_value"] < DISAGREEMENT_P_VALUE
@@ -457,13 +474,7 @@ def write_tables(cases: dict, products: dict, runs: dict | None, measured: str |
                 if runs
                 else ""
             )
-            + (
-                f"; through the workflow with combine.second_order, "
-                f"{cases[SECOND_ORDER][name]['combined']['max_mean_error_sd']:.3f} sd "
-                f"({second_order_cell(cases[SECOND_ORDER][name]['second_order'])})"
-                if SECOND_ORDER in cases
-                else ""
-            )
+            + (second_order_text(cases[SECOND_ORDER][name]) if SECOND_ORDER in cases else "")
             + f" (the shards' modes disagree by "
             f"Q = {product['disagreement']:.0f} against (K − 1)·D = {product['disagreement_expected']} where "
             f"the model holds, {OTHER_SPLITS} other splits {product['other_splits']['median']:.0f} at the median; "

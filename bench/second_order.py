@@ -28,8 +28,9 @@ import argparse
 import json
 
 import numpy as np
-from common import RESULTS, schema_default, write_results
+from common import RESULTS, write_results
 
+from cmcflow.config import schema
 from cmcflow.jaxenv import configure_jax
 
 #: (rows, features, K, data seed): rows per shard 50 to 800
@@ -176,6 +177,18 @@ def figures(cases: list[dict], label: str) -> str:
     return ", ".join(f"{case[label]['max_mean_error_sd']:.3f}" for case in cases)
 
 
+def by_size(cases: list[dict], size: int) -> str:
+    """How the term did on the ``cases`` of ``size`` rows per shard: better in how many, and
+    the largest error without and with it."""
+    sized = [case for case in cases if case["rows"] // case["num_shards"] == size]
+    better = sum(case["second_order"]["max_mean_error_sd"] < case["plain"]["max_mean_error_sd"] for case in sized)
+    return (
+        f"{size} rows, better in {better} of {len(sized)} (largest error "
+        f"{max(case['plain']['max_mean_error_sd'] for case in sized):.3f} -> "
+        f"{max(case['second_order']['max_mean_error_sd'] for case in sized):.3f} sd)"
+    )
+
+
 def write_tables(cases: list[dict], cost: dict, measured: str | None = None) -> None:
     from cmcflow.second_order import MAX_EXPANSION_RATIO
 
@@ -204,12 +217,11 @@ def write_tables(cases: list[dict], cost: dict, measured: str | None = None) -> 
         ],
         "",
         f"Applied in {len(applied)} of {len(cases)} cases: smaller error in {better}, larger in "
-        f"{len(applied) - better}. Where applied, largest error plain "
-        f"{max(case['plain']['max_mean_error_sd'] for case in applied):.3f} sd, second order "
-        f"{max(case['second_order']['max_mean_error_sd'] for case in applied):.3f} sd"
+        f"{len(applied) - better}. By rows per shard: "
+        + "; ".join(by_size(applied, size) for size in sorted({case["rows"] // case["num_shards"] for case in applied}))
         + (
-            f"; refused in {len(refused)}: plain {figures(refused, 'plain')} sd, where the term would have given "
-            f"{figures(refused, 'refused_term')}."
+            f". Refused in {len(refused)} (ρ > {MAX_EXPANSION_RATIO}): plain {figures(refused, 'plain')} sd, where "
+            f"the term would have given {figures(refused, 'refused_term')}."
             if refused
             else "."
         ),
@@ -235,7 +247,11 @@ def main() -> None:
         recorded = json.loads((RESULTS / "second_order.json").read_text())
         write_tables(recorded["cases"], recorded["cost"], recorded["written"])
         return
-    configure_jax(devices=DEVICES, precision=schema_default("jax", "precision"), compilation_cache_dir=None)
+    configure_jax(
+        devices=DEVICES,
+        precision=schema()["properties"]["jax"]["properties"]["precision"]["default"],
+        compilation_cache_dir=None,
+    )
     cost = derivative_seconds()
     write_tables([measure(*case) for case in CASES], cost)
 
