@@ -34,6 +34,14 @@ def test_the_lines_name_the_verdict_the_disagreement_exclusions_and_notes():
     assert lines[1].startswith("  how exact: not measured")
     assert lines[2] == "  the shards agree: Q = 68.8 on 77 degrees of freedom (p 0.74)"
     assert len(lines) == 3
+    moved = {"applied": True, "max_abs_shift_sd": 2.888, "largest": "sigma"}
+    assert analysis_lines("r.html", quiet | {"second_order": moved}, {}, None)[3] == (
+        "  second order: moved the combination by up to 2.888 sd (sigma)"
+    )
+    refused = {"applied": False, "reason": "shard 3's expansion ratio ρ = 0.81 exceeds 0.5: …"}
+    assert analysis_lines("r.html", quiet | {"second_order": refused}, {}, None)[3] == (
+        "  second order: not applied: shard 3's expansion ratio ρ = 0.81 exceeds 0.5: …"
+    )
     blocks = {"statistic": 1468.7, "degrees_of_freedom": 1603, "p_value": 0.62, "effective_degrees_of_freedom": 131.4}
     assert analysis_lines("r.html", SHARDS | {"disagreement": blocks}, {}, None)[2] == (
         "  the shards agree: Q = 1468.7 on 1603 degrees of freedom (p 0.62, from Q's own spread under block "

@@ -139,6 +139,7 @@ def test_a_run_ends_saying_where_its_reports_are_and_what_to_read_first(finished
     summary = output[output.index("cmcflow: results/tiny/report/report.html") :].splitlines()
     assert summary[1].startswith("  how exact: k̂ = ") and "the corrected posterior is exact" in summary[1]
     assert summary[2].startswith("  the shards agree: Q = ") and "degrees of freedom (p " in summary[2]
+    assert summary[3].startswith("  second order: moved the combination by up to ")  # combine.second_order: true
 
 
 def test_second_run_executes_nothing(finished):

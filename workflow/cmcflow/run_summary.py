@@ -1,7 +1,7 @@
 """What Snakemake prints when a run succeeds: for every analysis whose report the run wrote,
 where the report is and the few facts to read first (the correction's verdict, whether the
-shards agree, shards left out, notes on the data); for a sweep, where its page is and
-up to which K the combination holds.
+shards agree, the second-order term where asked for, shards left out, notes on the data);
+for a sweep, where its page is and up to which K the combination holds.
 
 Runs in the Snakemake process itself (the workflow's ``onsuccess``), after the jobs: it
 reads a few small JSON files and imports neither JAX nor Matplotlib.
@@ -43,6 +43,13 @@ def analysis_lines(
                 if "effective_degrees_of_freedom" in figures
                 else ")"
             )
+        )
+    if "second_order" in shards:
+        term = shards["second_order"]
+        lines.append(
+            f"  second order: moved the combination by up to {term['max_abs_shift_sd']:.3f} sd ({term['largest']})"
+            if term["applied"]
+            else f"  second order: not applied: {term['reason']}"
         )
     excluded = [entry["shard"] for entry in shards["excluded"]]
     if excluded:
