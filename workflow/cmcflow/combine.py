@@ -487,8 +487,9 @@ def combine_shards(
         else:
             every_shard["layout"] = gaussian["layout"]
             if settings.second_order and record["second_order"]["applied"]:  # moved as the kept shards' is
+                every = sorted([*kept, *screened_out])
                 term, shift = second_order_term(
-                    scan, sorted([*kept, *screened_out]), plan, load, every_shard["mean"], every_shard["covariance"]
+                    scan, every, plan, load, every_shard["mean"], every_shard["covariance"], "every shard's product"
                 )
                 record["second_order"]["every_shard_product"] = term
                 if shift is not None:
@@ -503,6 +504,7 @@ def second_order_term(
     load: Callable[[int], az.InferenceData],
     mean: np.ndarray,
     covariance: np.ndarray,
+    product: str = "the combination",
 ) -> tuple[dict, np.ndarray | None]:
     """The second-order term δ ``(D,)`` of the ``kept`` shards' Gaussian product (``mean``
     m̄ ``(D,)``, ``covariance`` P⁻¹ ``(D, D)``; :func:`~cmcflow.second_order.second_order_shift`)
@@ -510,17 +512,19 @@ def second_order_term(
     shards' expansion ratios ρ_s. ``None`` and the record's reason where it does not apply:
     weights not full inverse Hessians, a kept shard without third derivatives, or a ρ_s above
     :data:`~cmcflow.second_order.MAX_EXPANSION_RATIO` (the expansion does not hold there; the
-    plain product is kept). A streaming combine reads the kept runs once more."""
+    plain product is kept; the warning names the ``product``). A streaming combine reads the
+    kept runs once more."""
     if plan.weights != "hessian" or plan.method == "consensus_diag" or plan.point_site is not None:
         reason = (
             "needs full-covariance Hessian weights (combine.weights: hessian, not consensus_diag), not a rigid model"
         )
-        return not_applied(reason), None
+        return not_applied(reason, product), None
     if missing := sorted(set(kept) - scan.with_third):
         return not_applied(
             f"shards {missing} have no third derivatives or no usable Hessian (more than "
             f"{THIRD_DERIVATIVES_MAX_PARAMETERS} parameters, a Hessian not positive definite, or sampled "
-            "without combine.second_order)"
+            "without combine.second_order)",
+            product,
         ), None
 
     def expansions():
@@ -548,14 +552,14 @@ def second_order_term(
             f"shard {worst}'s expansion ratio ρ = {ratios.max():.2f} exceeds {MAX_EXPANSION_RATIO}: the shards sit "
             "too far apart, for their size, for a second-order expansion (use fewer, larger shards)"
         )
-        return not_applied(reason) | record, None
-    log.info("second-order term: the combined posterior moved by up to %.3f sd (%s)", in_sd[largest], labels[largest])
+        return not_applied(reason, product) | record, None
+    log.info("second-order term: %s moved by up to %.3f sd (%s)", product, in_sd[largest], labels[largest])
     return {"applied": True} | record, shift
 
 
-def not_applied(reason: str) -> dict:
-    """The record of a second-order term not applied, with the warning that says so."""
-    log.warning("combine.second_order not applied: %s", reason)
+def not_applied(reason: str, product: str) -> dict:
+    """The record of a second-order term not applied to ``product``, with the warning that says so."""
+    log.warning("combine.second_order: %s not moved: %s", product, reason)
     return {"applied": False, "reason": reason}
 
 

@@ -240,9 +240,10 @@ def logistic_log_likelihood(coef, XT, y, offset, mask):
     (1 − σ(η_j)), X̃ the features with a column of ones, computed by XLA: the Hessian is
     needed once per shard, the gradient at every leapfrog step; differentiated three times (the
     third derivatives of ``combine.second_order``), that rule's own gradient is this function
-    again. The data are not differentiated. Under ``vmap`` over ``coef`` alone, undifferentiated (reweight's batches
-    of draws), one call of the values kernel for the batch ``(B, P + 1)``; differentiated, or
-    with batched data, one kernel call per set of parameters."""
+    again. The data are not differentiated. Under ``vmap`` over ``coef`` alone,
+    undifferentiated (reweight's batches of draws), one call of the values kernel for the
+    batch ``(B, P + 1)``; differentiated, or with batched data, one kernel call per set of
+    parameters."""
     return _differentiable()(coef, XT, y, offset, mask)
 
 

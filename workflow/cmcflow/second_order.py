@@ -18,10 +18,9 @@ the disagreement in excess of what the model allows, weighed by how far from Gau
 posterior is.
 
 The expansion holds while the second-order part of each shard's gradient over d_s is small
-against the first: ρ_s = ‖½ T_s[d_s, d_s]‖ / ‖H_s d_s‖ (norms in Σ_s), and what it leaves out
-is about ρ_s times δ's share from shard s. Measured (``bench/results/real_data.md``), δ
-removed most of plain consensus's error where every ρ_s was at most 0.4, and doubled it
-where one was 0.8 or more (logistic regression with 50–100 rows per shard).
+against the first: ρ_s = ‖½ T_s[d_s, d_s]‖ / ‖H_s d_s‖ (norms in Σ_s); what it leaves out
+grows with ρ_s. Where δ helps and where it does not: ``bench/results/real_data.md`` (real
+data) and ``bench/results/second_order.md`` (simulated shards of 50 to 800 rows).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import numpy as np
 #: derivatives (D³ numbers: 2 MiB at 64, D forward passes over the Hessian's program).
 THIRD_DERIVATIVES_MAX_PARAMETERS = 64
 #: Largest ρ_s at which combine applies δ: beyond it the shards sit too far apart, for their
-#: size, for a second-order expansion (measured: helped up to 0.39, hurt from 0.81).
+#: size, for a second-order expansion (bench S: every case past it was made worse).
 MAX_EXPANSION_RATIO = 0.5
 
 
