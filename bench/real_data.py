@@ -20,7 +20,7 @@ What bounds plain consensus is measured apart from the workflow, without samplin
 tempered shard's mode and Hessian: consensus with no Monte Carlo noise at all) against the
 full-data Laplace approximation, the same at the shards' means as combine weighs them, the
 term of the shards' third derivatives that the product leaves out
-(:func:`second_order_shift`), and how far the shards' modes disagree against what the
+(:func:`cmcflow.second_order.second_order_shift`), and how far the shards' modes disagree against what the
 model allows, in the workflow's split and in 100 other random splits of the rows.
 
 Usage: python bench/real_data.py [--workdir /tmp/cmcflow-bench/real-data] [--tables-only | --products-only]
@@ -45,7 +45,7 @@ from scipy.stats import chi2
 from cmcflow.examples import DATA_SETS
 from cmcflow.importance import is_reliable
 from cmcflow.screening import DISAGREEMENT_P_VALUE
-from cmcflow.second_order import MAX_EXPANSION_RATIO, contract
+from cmcflow.second_order import MAX_EXPANSION_RATIO, contract, second_order_shift
 
 #: combine settings compared, each a rerun of combine onwards on the same shard runs (the
 #: same draws: second_order adds the third derivatives to them): draw weights, Hessian
@@ -176,18 +176,15 @@ def laplace_mean(model, kwargs: dict, shapes: tuple, mode: np.ndarray) -> Expans
     return expansion(model, kwargs, shapes, mode - 0.5 * covariance @ contract(at_mode.third, covariance))
 
 
-def second_order_shift(shards: list[Expansion]) -> tuple[np.ndarray, np.ndarray]:
+def product_and_shift(shards: list[Expansion]) -> tuple[np.ndarray, np.ndarray]:
     """The Gaussian product's mean m̄ = P⁻¹ Σ_s H_s m_s (P = Σ_s H_s) of the shards'
     ``(mean m_s, Hessian H_s, third derivatives T_s)``, and the shift δ ``(D,)`` that makes
-    m̄ − δ the full posterior's mean to second order (:mod:`cmcflow.second_order`, as
-    ``combine.second_order`` computes it)."""
-    from cmcflow.second_order import second_order_shift as shift
-
+    m̄ − δ the full posterior's mean to second order (:func:`cmcflow.second_order.second_order_shift`,
+    as ``combine.second_order`` computes it)."""
     covariance = np.linalg.inv(sum(shard.hessian for shard in shards))
     mean = covariance @ sum(shard.hessian @ shard.mean for shard in shards)
-    return mean, shift(mean, covariance, ((shard.mean, np.linalg.inv(shard.hessian), shard.third) for shard in shards))[
-        0
-    ]
+    expansions = ((shard.mean, np.linalg.inv(shard.hessian), shard.third) for shard in shards)
+    return mean, second_order_shift(mean, covariance, expansions)[0]
 
 
 class Problem(NamedTuple):
@@ -244,7 +241,7 @@ def gaussian_product(data_set: str, num_shards: int) -> dict:
     (Σ H_s)⁻¹ Σ H_s m_s, against the full-data Laplace approximation N(m, H⁻¹). Returns
     its largest |mean − m| in full-data sd (unconstrained space) and that parameter; the
     same of the product of the shards' means weighed by the Hessians there, as combine
-    weighs them (``at_means``), and of that product moved by its :func:`second_order_shift`
+    weighs them (``at_means``), and of that product moved by its :func:`product_and_shift`
     (``second_order``), each against the full posterior's mean (:func:`laplace_mean`); and
     the shards' disagreement Q = Σ_s (m_s − m̄)ᵀ H_s (m_s − m̄) about the product's mean
     m̄, which is about χ² with (K − 1)·D degrees of freedom where the model holds: a larger
@@ -281,7 +278,7 @@ def gaussian_product(data_set: str, num_shards: int) -> dict:
         laplace_mean(shard_model, kwargs(part, shard_rows), shapes, shard_mode)
         for part, shard_mode in zip(split_rows(rows, num_shards, SHARD_SEED), shard_modes)
     ]
-    means_product, shift = second_order_shift(at_means)
+    means_product, shift = product_and_shift(at_means)
     others = np.array([product(SHARD_SEED + 1 + split)[1] for split in range(OTHER_SPLITS)])
     return {
         **largest(mean - mode),
@@ -311,7 +308,7 @@ def shard_runs_product(results: Path, data_set: str, num_shards: int) -> dict:
     """Plain consensus and its second order from the workflow's own shard runs: each shard's
     posterior mean (its NUTS draws, unconstrained) with the potential's Hessian and third
     derivatives there (float64), combined as combine weighs the shards (Hessian weights) and
-    moved by :func:`second_order_shift`; each against full-data NUTS's mean, largest error in
+    moved by :func:`product_and_shift`; each against full-data NUTS's mean, largest error in
     its sd (unconstrained space)."""
     model, kwargs, shapes, rows, names = problem(data_set)
     from cmcflow.sample import tempered  # JAX's, once problem() has configured it
@@ -328,7 +325,7 @@ def shard_runs_product(results: Path, data_set: str, num_shards: int) -> dict:
         for shard, part in enumerate(split_rows(rows, num_shards, SHARD_SEED))
     ]
     full = flat_draws(results / "fulldata" / "posterior.nc", shapes)
-    mean, shift = second_order_shift(shards)
+    mean, shift = product_and_shift(shards)
     sd = full.std(axis=0)
     return {
         "plain": largest_error((mean - full.mean(axis=0)) / sd, names),
@@ -562,7 +559,7 @@ def write_tables(cases: dict, products: dict, runs: dict | None, measured: str |
         "mean to the same order. Second order: that product moved by δ = ½ P⁻¹ Σ_s T_s : ((m̄ − μ_s)(m̄ − μ_s)ᵀ "
         "− H_s⁻¹ + P⁻¹) (P = Σ_s H_s, T_s and H_s at μ_s): the shards' disagreement seen through the model's "
         "third derivatives, less what the model allows; zero on average where one model describes every shard "
-        "(`second_order_shift`). Q = Σ_s (m_s − m̄)ᵀ H_s (m_s − m̄): the "
+        "(`cmcflow.second_order`). Q = Σ_s (m_s − m̄)ᵀ H_s (m_s − m̄): the "
         "shards' disagreement, about χ² with (K − 1)·D degrees of freedom where the model holds. Other splits: "
         f"the same Q of {OTHER_SPLITS} other random splits of the rows (`shard.seed` {SHARD_SEED + 1} to "
         f"{SHARD_SEED + OTHER_SPLITS}), beside χ²'s own median and 5–95% range: where every split's Q is high, the "
