@@ -172,6 +172,7 @@ def test_an_edited_featurizer_never_gets_the_old_features(tmp_path, monkeypatch)
         "columns": {"features": ["x0"]},
         "model_options": {},
         "shard": {"num_shards": 2, "stratify_by": "model"},
+        "combine": {"second_order": False},
     }
     arrays = {"features": np.ones((3, 1)), "label": np.ones(3)}
     before = (cache_key(arrays, get_model("user_featurizer:SPEC"), {}), resolve_analysis("a", settings))
