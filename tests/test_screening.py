@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -314,6 +316,9 @@ def test_the_every_shard_product_adds_the_screened_out_shard_back():
         runs.__getitem__, 6, beta_model, {}, settings, diagnostics=diagnostics, corrected=True
     )
     assert [entry["shard"] for entry in stuck.record["excluded"]] == [2] and stuck.every_shard is None
+    # nor a distance from the others (no spread to measure it in): its record stays standard JSON
+    assert "2" not in stuck.record["max_abs_z"] and len(stuck.record["max_abs_z"]) == 5
+    json.dumps(stuck.record["max_abs_z"], allow_nan=False)
 
 
 def test_combine_warns_where_the_kept_shards_disagree_and_the_report_says_so(caplog):

@@ -164,10 +164,11 @@ def disagreement_test(statistic: float, degrees_of_freedom: int, variance: float
 
 
 def final_outlier_scores(summaries: Sequence[ShardSummary], kept: Sequence[int]) -> dict[int, float]:
-    """Every finite shard's max |z| against the combination of the ``kept`` shards (for the
-    report's heterogeneity plot)."""
-    finite = [summary for summary in summaries if summary.finite]
-    reference = [summary for summary in finite if summary.shard in set(kept)]
-    if not finite or not reference:
+    """The max |z| of every shard whose draws are finite and vary, against the combination of
+    the ``kept`` shards (for the report's heterogeneity plot). A shard whose chains never
+    moved has no spread to measure its distance in (it fails the R-hat check): no score."""
+    scored = [summary for summary in summaries if summary.finite and np.all(summary.variance > 0)]
+    reference = [summary for summary in scored if summary.shard in set(kept)]
+    if not scored or not reference:
         return {}
-    return {summary.shard: float(score) for summary, score in zip(finite, outlier_scores(finite, reference))}
+    return {summary.shard: float(score) for summary, score in zip(scored, outlier_scores(scored, reference))}
