@@ -13,8 +13,9 @@ cannot share in the caches.
 Measured here as a run's jobs meet it: in fresh processes sharing a fresh cache, the job of
 shard 0, then the job of shard 1 (another shard of the same size), with each kind of
 program, for logistic shards of two sizes (20 features, 4 chains x (500 + 500) draws, the
-default precision). A job's seconds are those of :func:`cmcflow.sample.sample_run`
-(compiling, sampling, the Hessian); its imports are the same either way.
+default precision and likelihood: the fused kernel, which the first job in a fresh cache
+builds). A job's seconds are those of :func:`cmcflow.sample.sample_run` (compiling,
+sampling, the Hessian); its imports are the same either way.
 
 Usage: python bench/shared_program.py [--repeats 3]
 Writes bench/results/shared_program.json and .md.
@@ -42,7 +43,7 @@ PROGRAMS = {
 def job(program: str, shard: int, cache: str, rows: int) -> dict:
     """One sample job in a fresh process, with the ``program`` of :data:`PROGRAMS`: its
     seconds (``wall``, ``compile``, ``sampling``)."""
-    from cmcflow.config import schema
+    from cmcflow.config import schema, schema_default
     from cmcflow.jaxenv import configure_jax
 
     precision = schema()["properties"]["jax"]["properties"]["precision"]["default"]
@@ -50,6 +51,10 @@ def job(program: str, shard: int, cache: str, rows: int) -> dict:
     import time
 
     from cmcflow import sample
+    from cmcflow.fused import enable_in_job
+
+    # the likelihood a sample job computes by default (its kernel built by the first job, beside the cache)
+    enable_in_job(schema_default("sample", "fused_likelihood"), cache)
     from cmcflow.featurize import padded_size
     from cmcflow.models import get_model, resolve_options
     from cmcflow.sample import NutsSettings, sample_run
