@@ -1,5 +1,6 @@
 """The second-order term of consensus (``combine.second_order``) against full-data NUTS where
-shards are small: simulated logistic regressions with 50 to 800 rows per shard.
+shards are small: simulated regressions (logistic; linear, Poisson and negative binomial,
+whose scale parameters are skewed) with 50 to 800 rows per shard.
 
 Real data, where the term matters most (shards that disagree beyond the model), are bench R
 (``real_data.py``). Here the model describes every shard, so plain consensus is off only by
@@ -36,32 +37,44 @@ from common import RESULTS, write_results
 from cmcflow.config import schema, schema_default
 from cmcflow.jaxenv import configure_jax
 
-#: (rows, features, K, data seed): rows per shard 50 to 800
+#: (model, rows, features, K, data seed): rows per shard 50 to 800
 CASES = [
-    (800, 3, 16, 2),
-    (1600, 4, 32, 3),
-    (800, 2, 8, 8),
-    (1600, 3, 16, 4),
-    (3200, 3, 32, 5),
-    (1200, 3, 8, 6),
-    (2400, 5, 16, 7),
-    (3200, 5, 16, 10),
-    (6400, 3, 32, 11),
-    (1600, 3, 8, 2),
-    (6400, 5, 8, 9),
+    ("logistic", 800, 3, 16, 2),
+    ("logistic", 1600, 4, 32, 3),
+    ("logistic", 800, 2, 8, 8),
+    ("logistic", 1600, 3, 16, 4),
+    ("logistic", 3200, 3, 32, 5),
+    ("logistic", 1200, 3, 8, 6),
+    ("logistic", 2400, 5, 16, 7),
+    ("logistic", 3200, 5, 16, 10),
+    ("logistic", 6400, 3, 32, 11),
+    ("logistic", 1600, 3, 8, 2),
+    ("logistic", 6400, 5, 8, 9),
     # more seeds at 100 rows per shard, where the term did worst
-    (800, 3, 8, 12),
-    (1600, 2, 16, 13),
-    (3200, 4, 32, 14),
+    ("logistic", 800, 3, 8, 12),
+    ("logistic", 1600, 2, 16, 13),
+    ("logistic", 3200, 4, 32, 14),
+    # the other families, whose scale parameters (sigma, concentration) are skewed
+    ("linear", 800, 3, 8, 31),
+    ("linear", 1600, 3, 16, 32),
+    ("linear", 1600, 5, 8, 33),
+    ("linear", 3200, 5, 16, 34),
+    ("poisson", 1600, 3, 16, 41),
+    ("poisson", 1600, 3, 8, 42),
+    ("negative_binomial", 1600, 3, 16, 21),
+    ("negative_binomial", 1600, 3, 8, 22),
+    ("negative_binomial", 3200, 3, 16, 23),
+    ("negative_binomial", 3200, 3, 8, 24),
 ]
+MODELS = ("logistic", "linear", "poisson", "negative_binomial")
 SETTINGS = {"num_warmup": 500, "num_samples": 1000, "target_accept_prob": 0.8, "max_tree_depth": 10}
 #: The importance correction's settings: the config's defaults
 CORRECT = {key: schema_default("correct", key) for key in ("draws", "proposal", "df", "seed")}
 DEVICES = 4
 
 
-def measure(rows: int, features: int, num_shards: int, seed: int) -> dict:
-    """Plain and second-order consensus of one simulated logistic regression against
+def measure(model: str, rows: int, features: int, num_shards: int, seed: int) -> dict:
+    """Plain and second-order consensus of one simulated regression of ``model`` against
     full-data NUTS: largest error (sd) and its parameter, and combine's record of the term."""
     from cmcflow.combine import CombineSettings, combine_shards, draw_proposal
     from cmcflow.consensus import constrained_sites, flatten, layout_sites
@@ -74,7 +87,7 @@ def measure(rows: int, features: int, num_shards: int, seed: int) -> dict:
     from cmcflow.shard import split_rows
     from cmcflow.transforms import model_kwargs
 
-    spec = get_model("logistic")
+    spec = get_model(model)
     options = resolve_options(spec, {})
     settings = NutsSettings(**SETTINGS, dense_mass=False)
     table, _ = spec.simulate(rows, seed, features=features)
@@ -121,7 +134,7 @@ def measure(rows: int, features: int, num_shards: int, seed: int) -> dict:
         error = np.abs(mean - reference.mean(axis=0)) / reference.std(axis=0)
         return {"max_mean_error_sd": float(error.max()), "worst_parameter": labels[int(np.argmax(error))]}
 
-    result = {"rows": rows, "features": features, "num_shards": num_shards, "seed": seed}
+    result = {"model": model, "rows": rows, "features": features, "num_shards": num_shards, "seed": seed}
     for label, second_order in (("plain", False), ("second_order", True)):
         combine = CombineSettings("consensus", 0, 0.0, None, 1.0, "fail", "hessian", second_order)
         combination = combine_shards(runs.__getitem__, num_shards, spec.numpyro_model, shard_kwargs[0], combine)
@@ -217,14 +230,39 @@ def by_size(cases: list[dict], size: int) -> str:
     )
 
 
-def write_tables(cases: list[dict], cost: dict, measured: str | None = None) -> None:
+def family_sentence(cases: list[dict]) -> str:
+    """How the term did on one model family's ``cases``: where it applied, better or worse, by
+    rows per shard; where it was refused, what it would have given."""
     from cmcflow.second_order import MAX_EXPANSION_RATIO
 
     applied = [case for case in cases if case["term"]["applied"]]
     refused = [case for case in cases if not case["term"]["applied"]]
     better = sum(case["second_order"]["max_mean_error_sd"] < case["plain"]["max_mean_error_sd"] for case in applied)
+    return (
+        f"- **{model_of(cases[0])}**: applied in {len(applied)} of {len(cases)} cases, smaller error in {better}, "
+        f"larger in {len(applied) - better}; by rows per shard: "
+        + "; ".join(by_size(applied, size) for size in sorted({case["rows"] // case["num_shards"] for case in applied}))
+        + (
+            f". Refused in {len(refused)} (ρ > {MAX_EXPANSION_RATIO}): plain {figures(refused, 'plain')} sd, where "
+            f"the term would have given {figures(refused, 'refused_term')}."
+            if refused
+            else "."
+        )
+    )
+
+
+def model_of(case: dict) -> str:
+    """The case's model (cases recorded before other families were measured are logistic)."""
+    return case.get("model", "logistic")
+
+
+def write_tables(cases: list[dict], cost: dict, measured: str | None = None) -> None:
+    from cmcflow.second_order import MAX_EXPANSION_RATIO
+
+    applied = [case for case in cases if case["term"]["applied"]]
     table = [
-        "# The second-order term against full-data NUTS: simulated logistic shards of 50 to 800 rows (one run each)",
+        "# The second-order term against full-data NUTS: simulated regressions with 50 to 800 rows per shard "
+        "(one run each)",
         "",
         "Largest |mean − full-data mean| over the parameters (unconstrained), in full-data sd; the same shard runs "
         "combined without and with `combine.second_order` (Hessian weights). ρ: the largest shard's expansion "
@@ -232,29 +270,29 @@ def write_tables(cases: list[dict], cost: dict, measured: str | None = None) -> 
         "error, and the error the term would have given follows it in brackets). Real data: "
         "[real_data.md](real_data.md).",
         "",
-        "| rows | features | K | rows per shard | plain (sd) | second order (sd) | applied | ρ | shift (sd) "
+        "| model | rows | features | K | rows per shard | plain (sd) | second order (sd) | applied | ρ | shift (sd) "
         "| corrected from plain: error (sd); k-hat; ESS | corrected from second order: error (sd); k-hat; ESS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[
-            f"| {case['rows']:,} | {case['features']} | {case['num_shards']} | {case['rows'] // case['num_shards']} | "
+            f"| {model_of(case)} | {case['rows']:,} | {case['features']} | {case['num_shards']} | "
+            f"{case['rows'] // case['num_shards']} | "
             f"{case['plain']['max_mean_error_sd']:.3f} ({case['plain']['worst_parameter']}) | "
             f"{case['second_order']['max_mean_error_sd']:.3f} ({case['second_order']['worst_parameter']})"
             f"{refused_cell(case)} | "
             f"{'yes' if case['term']['applied'] else 'no'} | {max(case['term']['expansion_ratio'].values()):.2f} | "
             f"{case['term']['max_abs_shift_sd']:.3f} | {corrected_cell(case['plain_corrected'])} | "
             f"{corrected_cell(case['second_order_corrected'])} |"
-            for case in sorted(cases, key=lambda case: (case["rows"] // case["num_shards"], case["num_shards"]))
+            for case in sorted(
+                cases,
+                key=lambda case: (MODELS.index(model_of(case)), case["rows"] // case["num_shards"], case["num_shards"]),
+            )
         ],
         "",
-        f"Applied in {len(applied)} of {len(cases)} cases: smaller error in {better}, larger in "
-        f"{len(applied) - better}. By rows per shard: "
-        + "; ".join(by_size(applied, size) for size in sorted({case["rows"] // case["num_shards"] for case in applied}))
-        + (
-            f". Refused in {len(refused)} (ρ > {MAX_EXPANSION_RATIO}): plain {figures(refused, 'plain')} sd, where "
-            f"the term would have given {figures(refused, 'refused_term')}."
-            if refused
-            else "."
-        ),
+        *[
+            family_sentence(family)
+            for model in MODELS
+            if (family := [case for case in cases if model_of(case) == model])
+        ],
     ]
     more_ess = sum(
         case["second_order_corrected"]["effective_sample_size"] > case["plain_corrected"]["effective_sample_size"]
