@@ -114,8 +114,8 @@ XLA_CPU_ALIGNMENT = 64
 def aligned_host_array(value) -> np.ndarray:
     """``value`` copied into host memory aligned to :data:`XLA_CPU_ALIGNMENT` bytes. Every
     virtual CPU device takes such an array without a copy (``jax.device_put`` aliases it),
-    so the chains of one program read one copy of the data: with four copies, one per
-    device, NUTS sampled 16–22% slower (``bench/results/shared_program.md``)."""
+    so the chains of one program read one copy of the data (four copies, one per device,
+    sample slower once they outgrow the cache: ``bench/results/shared_program.md``)."""
     value = np.asarray(value)
     buffer = np.empty(value.nbytes + XLA_CPU_ALIGNMENT, dtype=np.uint8)
     start = -buffer.ctypes.data % XLA_CPU_ALIGNMENT
