@@ -30,8 +30,9 @@ BATCH_ELEMENTS = 2**22
 def log_prior(model: Callable, kwargs: Mapping, draws: Mapping[str, np.ndarray], power: float) -> np.ndarray:
     """``power`` · (log p(T θ) + log |J_T(θ)|) ``(M,)`` at unconstrained draws ``{site: (M, …)}``:
     NumPyro's potential energy of the model with its likelihood hidden, tempered as the
-    shards were (NumPyro scales each site's Jacobian term with the site, so the product of
-    the K tempered shards holds the full prior and Jacobian once)."""
+    shards were (:class:`~cmcflow.tempering.temper_priors` tempers each site's Jacobian factor
+    with the site, so the product of the K tempered shards holds the full prior and Jacobian
+    once)."""
     prior = prior_model(model, tuple(latent_site_names(model, kwargs)), power)
     return -np.asarray(_potential_energies(prior, kwargs, {name: jnp.asarray(value) for name, value in draws.items()}))
 
