@@ -1,6 +1,6 @@
 """The second-order term of consensus (cmcflow.second_order) against exact answers: the term
-against the exact mean of skewed posteriors, and the potential's third derivatives against
-differences of its Hessian."""
+against the exact mean of skewed posteriors (log-Gamma shards; a linear regression with
+unknown noise), and the potential's third derivatives against differences of its Hessian."""
 
 from __future__ import annotations
 
@@ -43,6 +43,55 @@ def test_the_term_recovers_the_exact_mean_of_shards_that_disagree(scale):
     # ρ_s = |½ T_s d_s²| / |H_s d_s| = |d_s| / 2 where T_s = H_s
     np.testing.assert_allclose(ratios, np.abs(product - means) / 2, rtol=1e-12)
     assert ratios.max() <= MAX_EXPANSION_RATIO
+
+
+def linear_shard(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear regression y = X β + ε, ε ~ N(0, e^{2z}), flat priors on β and z: the posterior
+    mean of (β, z) (β̂; z's marginal is log-Gamma, E z = ½ log(RSS / 2) − ½ ψ((n − p) / 2)), and
+    the potential U = n z + ½ (RSS + (β − β̂)ᵀ A (β − β̂)) e^{−2z}'s Hessian and third
+    derivatives there (A = XᵀX; ∂³U/∂z∂β∂β = −2 A e^{−2z}, ∂³U/∂z³ = −4 RSS e^{−2z}, at β̂)."""
+    n, p = X.shape
+    A = X.T @ X
+    beta = np.linalg.solve(A, X.T @ y)
+    rss = float(np.sum((y - X @ beta) ** 2))
+    z = 0.5 * np.log(rss / 2) - 0.5 * digamma((n - p) / 2)
+    scale = np.exp(-2 * z)
+    hessian = np.zeros((p + 1, p + 1))
+    hessian[:p, :p], hessian[p, p] = A * scale, 2 * rss * scale
+    third = np.zeros((p + 1, p + 1, p + 1))
+    third[:p, :p, p] = third[:p, p, :p] = third[p, :p, :p] = -2 * A * scale
+    third[p, p, p] = -4 * rss * scale
+    return np.append(beta, z), hessian, third
+
+
+def test_the_term_recovers_the_exact_mean_of_a_linear_regression_with_unknown_noise():
+    """Linear regression with unknown noise scale (flat priors): every shard's posterior mean,
+    and the full posterior's, are known in closed form (:func:`linear_shard`), and the
+    coefficients' disagreement is information about log σ through ∂³U/∂z∂β∂β. Over 100 data
+    sets (800 rows, 4 coefficients, K = 8: 100 rows per shard), the Gaussian product of the
+    exact shard means is off by 0.21 sd RMS on log σ and 0.11–0.13 on the coefficients (its
+    noise-free error: no sampling here); moved by δ, by 0.033 and 0.012–0.013."""
+    rng = np.random.default_rng(5)
+    plain, moved = [], []
+    for _ in range(100):
+        X = np.column_stack([np.ones(800), rng.normal(size=(800, 3))])
+        y = X @ rng.normal(size=4) + 1.5 * rng.normal(size=800)
+        shards = [linear_shard(X[part], y[part]) for part in np.array_split(rng.permutation(800), 8)]
+        precision = sum(hessian for _, hessian, _ in shards)
+        covariance = np.linalg.inv(precision)
+        product = covariance @ sum(hessian @ mean for mean, hessian, _ in shards)
+        shift, _ = second_order_shift(
+            product, covariance, ((mean, np.linalg.inv(hessian), third) for mean, hessian, third in shards)
+        )
+        exact, _, _ = linear_shard(X, y)
+        beta_sd = np.sqrt(np.diag(np.linalg.inv(X.T @ X)) * np.sum((y - X @ exact[:4]) ** 2) / (800 - 4 - 2))
+        sd = np.append(beta_sd, 0.5 * np.sqrt(polygamma(1, (800 - 4) / 2)))
+        plain.append((product - exact) / sd)
+        moved.append((product - shift - exact) / sd)
+    rms = {name: np.sqrt(np.mean(np.square(errors), axis=0)) for name, errors in (("plain", plain), ("moved", moved))}
+    print({name: np.round(value, 3) for name, value in rms.items()})
+    assert rms["plain"][-1] > 0.15 and rms["moved"][-1] < 0.05
+    assert rms["plain"][:-1].max() > 0.1 and rms["moved"][:-1].max() < 0.025
 
 
 def test_third_derivatives_are_the_hessians_derivatives():
