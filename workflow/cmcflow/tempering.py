@@ -9,7 +9,8 @@ p(T z) |J_T(z)| Π_s p(y_s | T z). So the Jacobian is part of the prior the shar
 is tempered with it: each shard targets (p(T z) |J_T(z)|)^(1/K) p(y_s | T z), whose product is
 the full posterior in z. Left whole in every shard, the product would hold K Jacobians: for a
 scale σ = e^z that adds (K − 1) z to the log density and moves the combination's log σ up by
-(K − 1) times its posterior variance, K − 1 posterior sds of log σ where its sd is small.
+(K − 1) times its posterior variance, (K − 1) s in units of its posterior sd s (0.17 sd at
+K = 8 for a linear regression of 800 rows, where s ≈ 0.025).
 """
 
 from __future__ import annotations
