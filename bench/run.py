@@ -24,7 +24,7 @@ directory), the others about an hour.
 | P6 | rerun_jobs.py | jobs executed after a sampling-only config edit |
 | I | importance_accuracy.py | importance correction vs full-data NUTS: k-hat, errors, an easy and two hard cases |
 | R | real_data.py | three public data sets (K = 8) vs full-data NUTS; needs ``pip install -e '.[bench]'`` |
-| S | second_order.py | combine's second-order term vs full-data NUTS on simulated logistic, linear, Poisson and negative binomial shards of 50–800 rows |
+| S | second_order.py | combine's second-order term vs full-data NUTS on small shards of four model families |
 | 13a | precision.py | float64 / float32 / mixed: a P4 shard's sampling time, and the statistical tests in each |
 | 13b | roofline.py | the logistic gradient against the memory-bandwidth bound; NUTS against steps x gradient |
 | 13b | fused_gradient.py | the fused likelihood against XLA: gradient vs the bound, a P4 shard's NUTS; needs ``g++`` |

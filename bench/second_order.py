@@ -147,7 +147,9 @@ def measure(model: str, rows: int, features: int, num_shards: int, seed: int) ->
             log_likelihood_at(spec.numpyro_model, kwargs, latent, rows=len(part))
             for kwargs, part in zip(shard_kwargs, parts)
         ]
-        figures = correct_draws(proposal, log_likelihoods, proposal["log_prior"], CORRECT["draws"], 0).figures
+        figures = correct_draws(
+            proposal, log_likelihoods, proposal["log_prior"], CORRECT["draws"], CORRECT["seed"]
+        ).figures
         result[f"{label}_corrected"] = largest_error(np.array(figures["unconstrained_mean"])) | {
             key: figures[key] for key in ("khat", "effective_sample_size")
         }
