@@ -64,11 +64,11 @@ def corrected(spec, kwargs, gaussian):
 @pytest.mark.parametrize("name", ["linear", "poisson", "negative_binomial"])
 def test_corrected_cmc_matches_full_data_nuts(name):
     """4 shards of 1,000 rows against full-data NUTS on the same rows, in full-data sd.
-    Plain consensus: every mean within 0.2 sd except the negative binomial's skewed
-    concentration (measured 0.31 sd: its subposteriors are not Gaussian; the linear model's
-    sigma 0.14 sd). The importance correction (k-hat < 0.7) brings every parameter within
-    0.1 sd and every sd within 10% (measured: at most 0.06 sd; concentration 0.02, sigma
-    0.002)."""
+    Plain consensus: every mean within 0.2 sd (measured: at most 0.11, the linear model's
+    sigma; the negative binomial's concentration 0.07, 0.31 while the shards left its
+    Jacobian untempered, :mod:`cmcflow.tempering`). The importance correction (k-hat < 0.7)
+    brings every parameter within 0.1 sd and every sd within 10% (measured: at most 0.06 sd;
+    concentration 0.005, sigma 0.001)."""
     spec, options, X, y = simulated(name, rows=4000, features=3, seed=2)
     runs, kwargs = shard_runs(spec, options, X, y, split_rows(len(y), 4, seed=0))
     settings = CombineSettings(
@@ -87,7 +87,7 @@ def test_corrected_cmc_matches_full_data_nuts(name):
     for site, label, error, ratio in against_full_data(full, {"plain": combination.idata, "corrected": fixed}, name):
         if label == "corrected":
             assert error.max() <= 0.1 and np.all(np.abs(ratio - 1) <= 0.1), (site, error, ratio)
-        elif site != "concentration":
+        else:
             assert error.max() <= 0.2, (site, error)
 
 
