@@ -179,9 +179,12 @@ def _derivatives(
     hessian = jax.hessian(flat_potential(model, {**arrays, **dict(static)}, shapes))
     if not third:
         return hessian(flat), None
-    # forward over the Hessian's program: its value comes with its derivatives, computed once
-    third_derivatives, value = jax.jacfwd(lambda at: (lambda value: (value, value))(hessian(at)), has_aux=True)(flat)
-    return value, third_derivatives
+    # forward over the Hessian's program one direction θ_k at a time, ∂_k H ``(D, D)`` each:
+    # the memory stays the Hessian's own (all D directions at once hold D² tangents per row)
+    values, slices = jax.lax.map(
+        lambda direction: jax.jvp(hessian, (flat,), (direction,)), jnp.eye(flat.size, dtype=flat.dtype)
+    )
+    return values[0], jnp.moveaxis(slices, 0, -1)
 
 
 _compiled_derivatives = jax.jit(_derivatives, static_argnums=(0, 1, 2, 3))
