@@ -122,12 +122,14 @@ def test_third_derivatives_are_the_hessians_derivatives():
         np.testing.assert_allclose(difference, third[:, :, index], rtol=1e-3, atol=1e-3 * np.abs(third).max())
 
 
-def test_combine_applies_the_term_only_where_it_holds():
+def test_combine_applies_the_term_only_where_it_holds(caplog):
     """Through combine: the combination and its Gaussian product move by δ together, recorded
     per parameter; a kept shard without third derivatives, or one whose expansion ratio is
     past MAX_EXPANSION_RATIO (its T scaled up here), leaves the plain product, with the
-    reason; a shard the screen leaves out is out of δ, and the product of every shard that
-    the correction proposes from is moved by its own."""
+    reason and a warning; settings it does not apply to (draw weights, diagonal consensus)
+    leave it too, with the reason and no warning (the term is on by default); a shard the
+    screen leaves out is out of δ, and the product of every shard that the correction
+    proposes from is moved by its own."""
     spec, options, X, y = simulated("logistic", rows=1600, features=3, seed=6)
     runs, kwargs = shard_runs(
         spec, options, X, y, split_rows(len(y), 4, seed=0), REPEAT_SETTINGS, third_derivatives=True
@@ -149,6 +151,13 @@ def test_combine_applies_the_term_only_where_it_holds():
     for site, site_shift in unflatten_draws(shift[None, :], before.gaussian["layout"]).items():
         moved = before.idata.unconstrained_posterior[site] - after.idata.unconstrained_posterior[site]
         np.testing.assert_allclose(moved.values, np.broadcast_to(site_shift[0], moved.shape), rtol=1e-6, atol=1e-12)
+
+    for method, weights in [("consensus", "draws"), ("consensus_diag", "hessian")]:
+        caplog.clear()
+        settings = replace(plain, method=method, weights=weights)
+        term = combine(replace(settings, second_order=True)).record["second_order"]
+        assert not term["applied"] and f"not weights: {weights} with method: {method}" in term["reason"]
+        assert not [record for record in caplog.records if record.levelname == "WARNING"]
 
     without = [copy.deepcopy(run) for run in runs]
     without[2].curvature = without[2].curvature.drop_vars("third_derivatives")

@@ -1,7 +1,7 @@
 """The workflow end to end: outputs, reruns driven by config edits, errors, lint.
 
-One tiny logistic analysis (3,000 rows, 2 shards, with the second-order term:
-``combine.second_order``) runs once for the module; the rerun checks are dry runs against
+One tiny logistic analysis (3,000 rows, 2 shards, with the default settings: the
+second-order term, ``combine.second_order``, among them) runs once for the module; the rerun checks are dry runs against
 its results.
 """
 
@@ -31,7 +31,7 @@ RESULTS = "results/tiny"
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Workflow:
-    workflow = Workflow(tmp_path_factory.mktemp("tiny"), tiny_config(combine={"second_order": True}))
+    workflow = Workflow(tmp_path_factory.mktemp("tiny"), tiny_config())
     workflow.first_run = workflow.run()
     return workflow
 
@@ -118,7 +118,7 @@ def test_sample_job_runs_four_chains_on_four_devices(finished):
     assert idata.posterior.sizes["chain"] == 4
     assert {"unconstrained_posterior", "sample_stats", "curvature"} <= set(idata.groups())
     assert idata.curvature["precision"].shape == (4, 4)  # intercept and 3 coefficients
-    assert idata.curvature["third_derivatives"].shape == (4, 4, 4)  # combine.second_order: true
+    assert idata.curvature["third_derivatives"].shape == (4, 4, 4)  # combine.second_order, the default
     assert {"diverging", "tree_depth", "energy"} <= set(idata.sample_stats.data_vars)
     diagnostics = json.loads((finished.workdir / RESULTS / "samples/shard-0000.diagnostics.json").read_text())
     assert diagnostics["max_r_hat"] < 1.05 and diagnostics["num_shards"] == 2
@@ -139,7 +139,7 @@ def test_a_run_ends_saying_where_its_reports_are_and_what_to_read_first(finished
     summary = output[output.index("cmcflow: results/tiny/report/report.html") :].splitlines()
     assert summary[1].startswith("  how exact: k̂ = ") and "the corrected posterior is exact" in summary[1]
     assert summary[2].startswith("  the shards agree: Q = ") and "degrees of freedom (p " in summary[2]
-    assert summary[3].startswith("  second order: moved the combination by up to ")  # combine.second_order: true
+    assert summary[3].startswith("  second order: moved the combination by up to ")  # combine.second_order, the default
 
 
 def test_second_run_executes_nothing(finished):
@@ -270,15 +270,11 @@ def test_a_table_the_config_cannot_read_stops_the_dry_run(tmp_path, input_path, 
             lambda c: c["analyses"]["tiny"].update(platform={"sampel": "gpu"}),
             "analyses.tiny.platform: unknown key(s) 'sampel' (known here: align, fulldata, sample)",
         ),
-        (
-            lambda c: c["analyses"]["tiny"].update(combine={"second_order": True, "weights": "draws"}),
-            "analyses.tiny: combine.second_order needs combine.weights: hessian and a full-covariance method",
-        ),
     ],
     ids=[
         *("typo", "type", "no input", "both shard counts", "model option", "column twice", "option range", "model"),
         "strata",
-        *("platform", "platform stage", "second order"),
+        *("platform", "platform stage"),
     ],
 )
 def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, edit, message):

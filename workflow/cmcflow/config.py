@@ -114,7 +114,6 @@ def _resolve_analysis(name: str, settings: Mapping) -> Analysis:
     if simulate:
         check_simulate_settings(spec, simulate)
     strata = resolve_strata(shard["stratify_by"], spec)
-    check_second_order(settings["combine"], spec)
     return Analysis(
         name,
         dict(settings),
@@ -126,20 +125,6 @@ def _resolve_analysis(name: str, settings: Mapping) -> Analysis:
         model_source=source_digest(spec.numpyro_model),
         featurizer_source=source_digest(spec.featurize),
     )
-
-
-def check_second_order(combine: Mapping, spec: ModelSpec) -> None:
-    """Raise :class:`InputError` where ``combine.second_order`` is asked of a combination it
-    cannot move: weights other than full inverse Hessians, or a rigid model."""
-    if not combine["second_order"]:
-        return
-    if spec.symmetry == "rigid":
-        raise InputError(f"combine.second_order: not for rigid models (model {spec.name!r} is one)")
-    if combine["weights"] != "hessian" or combine["method"] == "consensus_diag":
-        raise InputError(
-            "combine.second_order needs combine.weights: hessian and a full-covariance method (consensus or "
-            f"parametric), not weights: {combine['weights']} with method: {combine['method']}"
-        )
 
 
 @dataclass
