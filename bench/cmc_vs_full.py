@@ -10,11 +10,12 @@ side. From the rules' ``benchmark:`` files: the projected cluster wall is the sl
 sample job plus the combine job; summed CPU time is over all sample jobs and combine; the
 correction's jobs (reweight, correct) are timed in a second pass of their own, one job at a
 time, as the sample jobs are, and their imports in fresh processes (3 each).
-Accuracy compares the combined draws (default Hessian weights), the corrected posterior
-(its summary: the weighted draws' means and sds), and the same shard runs combined again in
-this process with draw weights, with a long full-data NUTS reference run once in its own
-directory (the same rows, 4 chains x (500 + 2,500) draws, so that its own Monte Carlo error
-is well below 0.03 sd), in its posterior sd, for every coefficient; the timed full-data
+Accuracy compares the combined draws (the defaults: Hessian weights, the second-order term),
+the corrected posterior (its summary: the weighted draws' means and sds), and the same shard
+runs combined again in this process without the second-order term and with draw weights,
+with a long full-data NUTS reference run once in its own directory (the same rows, 4 chains
+x (500 + 2,500) draws, so that its own Monte Carlo error is well below 0.03 sd), in its
+posterior sd, for every coefficient; the timed full-data
 job (500 + 500, the shards' settings) is compared too. Repeats rerun sample,
 sample_fulldata and combine with the same seeds (``--forcerun``), so draws repeat exactly
 and only the timings vary.
@@ -198,9 +199,9 @@ def reference_noise_bound(reference: dict, fixed: dict) -> str:
     )
 
 
-def recombined(results: Path, weights: str):
-    """The combined posterior of the same shard runs with other ``weights`` (in this
-    process, as the combine job would with ``combine.weights`` edited)."""
+def recombined(results: Path, weights: str, second_order: bool):
+    """The combined posterior of the same shard runs with other ``weights`` and
+    ``second_order`` (in this process, as the combine job would with them edited)."""
     from cmcflow.jaxenv import configure_jax
 
     configure_jax(devices=1, precision="float64", compilation_cache_dir=None)
@@ -213,7 +214,7 @@ def recombined(results: Path, weights: str):
     spec = get_model("logistic")
     paths = sorted((results / "samples").glob("shard-*.nc"))
     settings = CombineSettings(
-        "consensus", 0, schema_default("combine", "covariance_shrinkage"), None, 1.0, "fail", weights
+        "consensus", 0, schema_default("combine", "covariance_shrinkage"), None, 1.0, "fail", weights, second_order
     )
     kwargs = model_kwargs(load_features(results / "features" / "shard-0000.npz"), resolve_options(spec, {}))
     return combine_shards(lambda shard: read_run(paths[shard]), len(paths), spec.numpyro_model, kwargs, settings).idata
@@ -254,7 +255,8 @@ def main() -> None:
         "combined": accuracy(az.from_netcdf(results / "combined" / "posterior.nc").posterior, full),
         "corrected": summary_accuracy(pd.read_csv(results / "corrected" / "summary.csv", index_col="parameter"), full),
         "corrected, resampled draws": accuracy(az.from_netcdf(results / "corrected" / "posterior.nc").posterior, full),
-        "combined, draw weights": accuracy(recombined(results, "draws").posterior, full),
+        "combined, first order": accuracy(recombined(results, "hessian", second_order=False).posterior, full),
+        "combined, draw weights": accuracy(recombined(results, "draws", second_order=False).posterior, full),
         "full-data NUTS, 4 x 500 (the timed job)": accuracy(
             az.from_netcdf(results / "fulldata" / "posterior.nc").posterior, full
         ),
@@ -323,7 +325,7 @@ def main() -> None:
         "wall_ratio": "projected cluster wall / full data",
         "cmc_cpu": "CMC CPU s (all sample jobs + combine)",
         "full_data_cpu": "full-data CPU s",
-        "curvature_seconds": "Hessian in the sample job, slowest shard (s)",
+        "curvature_seconds": "Hessian and third derivatives in the sample job, slowest shard (s)",
         "correction_wall": "correction wall: combine's proposal + slowest reweight + correct (s)",
         "correction_ratio": "correction wall / slowest sample job",
     }
@@ -345,7 +347,8 @@ def main() -> None:
         "",
         f"Errors and sd ratios against full-data NUTS with 4 x {REFERENCE_SAMPLES:,} draws (run once, "
         f"{reference['wall'] / 60:.0f} min; median bulk ESS {reference['ess_bulk_median']:.0f}), in its posterior sd. "
-        "combined: `combine.weights: hessian` (the default); combined, draw weights: the same shard runs combined "
+        "combined: the defaults (`combine.weights: hessian`, `second_order: true`); combined, first order: the "
+        "same shard runs combined in this process with `second_order: false`; combined, draw weights: the same "
         "with `weights: draws` and `covariance_shrinkage: auto`; corrected: the importance-corrected posterior's "
         "summary (the weighted draws' means and sds, `corrected/summary.csv`); corrected, resampled draws: "
         "`corrected/posterior.nc`; full-data NUTS, 4 x 500: the timed full-data job.",
