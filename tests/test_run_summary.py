@@ -38,10 +38,13 @@ def test_the_lines_name_the_verdict_the_disagreement_exclusions_and_notes():
     assert analysis_lines("r.html", quiet | {"second_order": moved}, {}, None)[3] == (
         "  second order: moved the combination by up to 2.888 sd (sigma)"
     )
-    refused = {"applied": False, "reason": "shard 3's expansion ratio ρ = 0.81 exceeds 0.5: …"}
+    refused = {"applied": False, "reason": "shard 3's expansion ratio ρ = 0.81 exceeds 0.5: …", "cause": "shards"}
     assert analysis_lines("r.html", quiet | {"second_order": refused}, {}, None)[3] == (
         "  second order: not applied: shard 3's expansion ratio ρ = 0.81 exceeds 0.5: …"
     )
+    # on by default: where the settings rule it out (a rigid model, draw weights), no line
+    ruled_out = {"applied": False, "reason": "not for rigid models (…)", "cause": "settings"}
+    assert analysis_lines("r.html", quiet | {"second_order": ruled_out}, {}, None) == lines
     blocks = {"statistic": 1468.7, "degrees_of_freedom": 1603, "p_value": 0.62, "effective_degrees_of_freedom": 131.4}
     assert analysis_lines("r.html", SHARDS | {"disagreement": blocks}, {}, None)[2] == (
         "  the shards agree: Q = 1468.7 on 1603 degrees of freedom (p 0.62, from Q's own spread under block "

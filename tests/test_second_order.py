@@ -157,19 +157,21 @@ def test_combine_applies_the_term_only_where_it_holds(caplog):
         settings = replace(plain, method=method, weights=weights)
         term = combine(replace(settings, second_order=True)).record["second_order"]
         assert not term["applied"] and f"not weights: {weights} with method: {method}" in term["reason"]
+        assert term["cause"] == "settings"
         assert not [record for record in caplog.records if record.levelname == "WARNING"]
 
     without = [copy.deepcopy(run) for run in runs]
     without[2].curvature = without[2].curvature.drop_vars("third_derivatives")
     term = combine(replace(plain, second_order=True), without).record["second_order"]
     assert not term["applied"] and "shards [2] have no third derivatives" in term["reason"]
+    assert term["cause"] == "shards"
 
     steep = [copy.deepcopy(run) for run in runs]
     steep[1].curvature["third_derivatives"] = steep[1].curvature["third_derivatives"] * 1000
     refused = combine(replace(plain, second_order=True), steep)
     term = refused.record["second_order"]
     assert not term["applied"] and term["expansion_ratio"]["1"] > MAX_EXPANSION_RATIO
-    assert "shard 1's expansion ratio" in term["reason"]
+    assert "shard 1's expansion ratio" in term["reason"] and term["cause"] == "shards"
     np.testing.assert_array_equal(refused.gaussian["mean"], before.gaussian["mean"])
 
     # shard 3 screened out (its R-hat): out of δ, and in the every-shard product's own

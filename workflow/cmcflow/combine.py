@@ -509,35 +509,36 @@ def second_order_term(
     """The second-order term δ ``(D,)`` of the ``kept`` shards' Gaussian product (``mean``
     m̄ ``(D,)``, ``covariance`` P⁻¹ ``(D, D)``; :func:`~cmcflow.second_order.second_order_shift`)
     and its record: δ in the product's sd per parameter (unconstrained), the largest, and the
-    shards' expansion ratios ρ_s. ``None`` and the record's reason where it does not apply,
-    the plain product kept: where the settings or the model rule it out (a rigid model,
-    weights other than full inverse Hessians, more than
-    :data:`~cmcflow.second_order.THIRD_DERIVATIVES_MAX_PARAMETERS` parameters: logged as
-    information), and with a warning that names the ``product`` where the shards do (a kept
-    shard without a usable Hessian or third derivatives, or a ρ_s above
-    :data:`~cmcflow.second_order.MAX_EXPANSION_RATIO`: the expansion does not hold there).
+    shards' expansion ratios ρ_s. ``None`` and the record's reason and cause
+    (:func:`not_applied`) where it does not apply, the plain product kept: where the
+    settings or the model rule it out (a rigid model, weights other than full inverse
+    Hessians, more than :data:`~cmcflow.second_order.THIRD_DERIVATIVES_MAX_PARAMETERS`
+    parameters: logged as information), and with a warning that names the ``product`` where
+    the shards do (a kept shard without a usable Hessian or third derivatives, or a ρ_s
+    above :data:`~cmcflow.second_order.MAX_EXPANSION_RATIO`: the expansion does not hold
+    there).
     A streaming combine reads the kept runs once more."""
     dimension = sum(int(np.prod(values.shape[1:], dtype=int)) for values in scan.like.values())
     if plan.point_site is not None:
-        return not_applied("not for rigid models (align fixes their frame after sampling)", product, warn=False), None
+        return not_applied("not for rigid models (align fixes their frame after sampling)", product, "settings"), None
     if plan.weights != "hessian" or plan.method == "consensus_diag":
         reason = (
             "needs full-covariance Hessian weights (combine.weights: hessian with method consensus or parametric), "
             f"not weights: {plan.weights} with method: {plan.method}"
         )
-        return not_applied(reason, product, warn=False), None
+        return not_applied(reason, product, "settings"), None
     if dimension > THIRD_DERIVATIVES_MAX_PARAMETERS:
         reason = (
             f"the model has {dimension} unconstrained parameters; the sample jobs compute third derivatives for at "
             f"most {THIRD_DERIVATIVES_MAX_PARAMETERS}"
         )
-        return not_applied(reason, product, warn=False), None
+        return not_applied(reason, product, "settings"), None
     if without_hessian := sorted(set(kept) & scan.weighed_by_draws):
         reason = f"shards {without_hessian} have no usable Hessian (not positive definite at their posterior mean)"
-        return not_applied(reason, product), None
+        return not_applied(reason, product, "shards"), None
     if missing := sorted(set(kept) - scan.with_third):
         reason = f"shards {missing} have no third derivatives (sampled with combine.second_order: false)"
-        return not_applied(reason, product), None
+        return not_applied(reason, product, "shards"), None
 
     def expansions():
         for shard in kept:
@@ -564,16 +565,17 @@ def second_order_term(
             f"shard {worst}'s expansion ratio ρ = {ratios.max():.2f} exceeds {MAX_EXPANSION_RATIO}: the shards sit "
             "too far apart, for their size, for a second-order expansion (use fewer, larger shards)"
         )
-        return not_applied(reason, product) | record, None
+        return not_applied(reason, product, "shards") | record, None
     log.info("second-order term: %s moved by up to %.3f sd (%s)", product, in_sd[largest], labels[largest])
     return {"applied": True} | record, shift
 
 
-def not_applied(reason: str, product: str, warn: bool = True) -> dict:
-    """The record of a second-order term not applied to ``product``, with the warning (or,
-    ``warn=False``, the information) that says so."""
-    (log.warning if warn else log.info)("combine.second_order: %s not moved: %s", product, reason)
-    return {"applied": False, "reason": reason}
+def not_applied(reason: str, product: str, cause: str) -> dict:
+    """The record of a second-order term not applied to ``product`` for ``reason``, and
+    its ``cause``: ``"settings"`` (the settings or the model rule the term out: logged as
+    information) or ``"shards"`` (the shards do: a warning)."""
+    (log.warning if cause == "shards" else log.info)("combine.second_order: %s not moved: %s", product, reason)
+    return {"applied": False, "reason": reason, "cause": cause}
 
 
 def every_shard_product(

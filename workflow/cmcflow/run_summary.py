@@ -44,8 +44,8 @@ def analysis_lines(
                 else ")"
             )
         )
-    if "second_order" in shards:
-        term = shards["second_order"]
+    term = shards.get("second_order")
+    if term is not None and (term["applied"] or term.get("cause", "shards") == "shards"):  # not the settings
         lines.append(
             f"  second order: moved the combination by up to {term['max_abs_shift_sd']:.3f} sd ({term['largest']})"
             if term["applied"]
