@@ -201,10 +201,8 @@ def reference_noise_bound(reference: dict, fixed: dict) -> str:
 
 def recombined(results: Path, weights: str, second_order: bool):
     """The combined posterior of the same shard runs with other ``weights`` and
-    ``second_order`` (in this process, as the combine job would with them edited)."""
-    from cmcflow.jaxenv import configure_jax
-
-    configure_jax(devices=1, precision="float64", compilation_cache_dir=None)
+    ``second_order`` (in this process, as the combine job would with them edited; JAX
+    configured as :func:`main` does)."""
     from cmcflow.combine import CombineSettings, combine_shards
     from cmcflow.featurize import load_features
     from cmcflow.models import get_model, resolve_options
@@ -251,6 +249,9 @@ def main() -> None:
     imports = {job: import_seconds(statement) for job, statement in JOB_IMPORTS.items()}
     reference_results, reference = reference_run(args.workdir.with_name(f"{args.workdir.name}-reference"))
     full = az.from_netcdf(reference_results / "fulldata" / "posterior.nc").posterior
+    from cmcflow.jaxenv import configure_jax
+
+    configure_jax(devices=1, precision="float64", compilation_cache_dir=None)  # for recombined()
     qualities = {
         "combined": accuracy(az.from_netcdf(results / "combined" / "posterior.nc").posterior, full),
         "corrected": summary_accuracy(pd.read_csv(results / "corrected" / "summary.csv", index_col="parameter"), full),

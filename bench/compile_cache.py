@@ -7,7 +7,8 @@ logistic demo (25,000 rows x 10 features, 4 chains x (500 + 500) draws), alterna
 the compilation cache emptied (cold) and kept (warm). The job's wall time is the ``s`` of
 its ``benchmark:`` file; its log's facts split it into tracing and compiling (including
 fetching from the cache), sampling, and the rest (Python and library imports, JAX set-up,
-converting and writing the draws, the Hessian the combination weighs the shard by). The
+converting and writing the draws, the Hessian the combination weighs the shard by and the
+third derivatives of its second-order term). The
 imports of a sample job are timed in fresh processes (3): the job script's own
 (``configure_jax`` and the sample stage's modules; a sample job imports neither ArviZ nor
 xarray nor pandas), and so is the fused likelihood's kernel built into an empty directory
@@ -156,7 +157,8 @@ def write_report(rows: list[dict], repeats: int, imports: dict, measured: str | 
             warm["rest"]["median"] <= OVERHEAD_TARGET,
             f"the job's imports take {imports['job']['median']:.1f} s in a fresh process (JAX, NumPyro; no "
             f"ArviZ, xarray or pandas: a run is numpy until written), the Hessian the "
-            f"combination weighs the shard by {warm['curvature']['median']:.2f} s (a stored program); the remaining "
+            f"combination weighs the shard by and the third derivatives of its second-order term "
+            f"{warm['curvature']['median']:.2f} s (a stored program); the remaining "
             f"{warm['rest']['median'] - imports['job']['median'] - warm['curvature']['median']:.1f} s is Python's "
             "start, JAX's set-up, loading the fused likelihood's kernel, tracing the model outside NUTS (its "
             "latent sites; the draws mapped to the unconstrained space), reading the features and writing the run. "
@@ -170,7 +172,7 @@ def write_report(rows: list[dict], repeats: int, imports: dict, measured: str | 
         f"seconds, median (min–max) of {repeats})",
         "",
         "| cache | job wall | tracing and compiling | sampling | rest (imports, set-up, writing) "
-        "| of which the Hessian |",
+        "| of which the Hessian and third derivatives |",
         "|---|---|---|---|---|---|",
         *[
             f"| {row['cache']} | {cell(row['wall'], 1)} | {cell(row['compile'], 1)} | {cell(row['sampling'], 1)} "

@@ -141,8 +141,8 @@ def main() -> None:
         )
     table += [
         "",
-        f"Per job (imports, JAX set-up, first compile): {per_job:.2f} CPU s; per shard (NUTS, Hessian, writing): "
-        f"{per_shard:.2f} CPU s (fitted from n = 1 and n = {many}).",
+        f"Per job (imports, JAX set-up, first compile): {per_job:.2f} CPU s; per shard (NUTS, Hessian and third "
+        f"derivatives, writing): {per_shard:.2f} CPU s (fitted from n = 1 and n = {many}).",
         "",
         f"Dry run of {DRY_RUN_SHARDS:,} shards, 64 per sample job: {cell(dry, 1)} s; jobs by rule: {dry_jobs}. "
         f"Every Snakemake start imports the SLURM executor plugin, which runs `scontrol show config`: here "
