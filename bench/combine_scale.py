@@ -80,6 +80,7 @@ def measure(directory: Path, num_shards: int) -> dict:
             min_shards_fraction=0.5,
             on_failed_shard="fail",
             weights="draws",  # the synthetic runs have draws only
+            second_order=False,
         ),
         diagnostics=[HEALTHY] * num_shards,
     )

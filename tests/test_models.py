@@ -79,6 +79,7 @@ def test_corrected_cmc_matches_full_data_nuts(name):
         1.0,
         "fail",
         schema_default("combine", "weights"),
+        False,  # first-order consensus: the target holds the Gaussian product alone
     )
     combination = combine_shards(runs.__getitem__, len(runs), spec.numpyro_model, kwargs[0], settings)
     fixed, figures = corrected(spec, kwargs, combination.gaussian)

@@ -43,7 +43,7 @@ def test_corrected_consensus_matches_full_data_nuts_on_real_data(name):
     X, y = table[features].to_numpy(), table["y"].to_numpy().astype(float)
     runs, kwargs = shard_runs(spec, options, X, y, split_rows(len(y), 4, seed=0), third_derivatives=True)
     settings = CombineSettings(
-        "consensus", 0, schema_default("combine", "covariance_shrinkage"), None, 1.0, "fail", "hessian"
+        "consensus", 0, schema_default("combine", "covariance_shrinkage"), None, 1.0, "fail", "hessian", False
     )
     combination = combine_shards(runs.__getitem__, len(runs), spec.numpyro_model, kwargs[0], settings)
     assert combination.record["weighed_by_draws"] == [] and "second_order" not in combination.record

@@ -256,7 +256,14 @@ def test_combine_shards_streams_the_same_shrunk_consensus_without_the_screened_o
     def combined(streaming_above):
         monkeypatch.setattr(combine, "STREAMING_ABOVE", streaming_above)
         settings = CombineSettings(
-            "consensus", 0, "auto", THRESHOLDS, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws"
+            "consensus",
+            0,
+            "auto",
+            THRESHOLDS,
+            min_shards_fraction=0.5,
+            on_failed_shard="fail",
+            weights="draws",
+            second_order=False,
         )
         return combine.combine_shards(
             runs.__getitem__, len(runs), beta_model, {}, settings, diagnostics=[HEALTHY] * len(runs)
@@ -285,7 +292,14 @@ def test_the_every_shard_product_adds_the_screened_out_shard_back():
     shards[2] = shards[2] + np.array([0, 0, 0, 9.0, 0, 0])
     runs = [beta_run(draws) for draws in shards]
     settings = CombineSettings(
-        "consensus", 0, 0.0, THRESHOLDS, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws"
+        "consensus",
+        0,
+        0.0,
+        THRESHOLDS,
+        min_shards_fraction=0.5,
+        on_failed_shard="fail",
+        weights="draws",
+        second_order=False,
     )
     combination = combine.combine_shards(
         runs.__getitem__, 6, beta_model, {}, settings, diagnostics=[HEALTHY] * 6, corrected=True
@@ -330,7 +344,7 @@ def test_combine_warns_where_the_kept_shards_disagree_and_the_report_says_so(cap
     from cmcflow.report import disagreement_sentence
 
     settings = CombineSettings(
-        "consensus", 0, 0.0, None, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws"
+        "consensus", 0, 0.0, None, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws", second_order=False
     )
     rng = np.random.default_rng(21)
     spread = [2.0 * rng.normal(size=6) + rng.normal(size=(400, 6)) for _ in range(8)]
@@ -360,7 +374,7 @@ def test_combine_records_which_distribution_the_disagreements_p_value_is_from(mo
 
     def disagreement(method):
         settings = CombineSettings(
-            method, 0, 0.0, None, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws"
+            method, 0, 0.0, None, min_shards_fraction=0.5, on_failed_shard="fail", weights="draws", second_order=False
         )
         record = combine.combine_shards(runs.__getitem__, 8, beta_model, {}, settings).record
         return record["disagreement"], disagreement_sentence(record)

@@ -134,7 +134,7 @@ def test_combine_applies_the_term_only_where_it_holds(caplog):
     runs, kwargs = shard_runs(
         spec, options, X, y, split_rows(len(y), 4, seed=0), REPEAT_SETTINGS, third_derivatives=True
     )
-    plain = CombineSettings("consensus", 0, 0.0, None, 1.0, "fail", "hessian")
+    plain = CombineSettings("consensus", 0, 0.0, None, 1.0, "fail", "hessian", False)
 
     def combine(settings, shards=runs, **options):
         return combine_shards(shards.__getitem__, len(shards), spec.numpyro_model, kwargs[0], settings, **options)

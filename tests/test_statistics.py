@@ -182,7 +182,7 @@ def test_hessian_weights_are_the_exact_shard_precisions_of_a_gaussian_model():
     for run, rows in zip(runs, parts):
         expected = np.eye(3) / (4 * options["prior_sd"] ** 2) + X[rows].T @ X[rows] / options["noise_sd"] ** 2
         np.testing.assert_allclose(run.curvature["precision"].values, expected, rtol=data_rtol(1e-10))
-    settings = CombineSettings("consensus", 0, 0.0, None, 1.0, "fail", "hessian")
+    settings = CombineSettings("consensus", 0, 0.0, None, 1.0, "fail", "hessian", False)
     combination = combine_shards(runs.__getitem__, len(runs), spec.numpyro_model, kwargs[0], settings)
     mean, covariance = exact_posterior(X, y, options["prior_sd"], options["noise_sd"])
     np.testing.assert_allclose(combination.gaussian["covariance"], covariance, rtol=data_rtol(1e-8))

@@ -87,7 +87,7 @@ class CombineSettings:
     min_shards_fraction: float
     on_failed_shard: str
     weights: str
-    second_order: bool = False
+    second_order: bool
 
     @classmethod
     def from_config(cls, combine: Mapping) -> CombineSettings:
@@ -660,7 +660,14 @@ def combine_runs(
 ) -> az.InferenceData:
     """:func:`combine_shards` of runs already in memory, without screening."""
     settings = CombineSettings(
-        method, seed, shrinkage, screen=None, min_shards_fraction=1.0, on_failed_shard="fail", weights=weights
+        method,
+        seed,
+        shrinkage,
+        screen=None,
+        min_shards_fraction=1.0,
+        on_failed_shard="fail",
+        weights=weights,
+        second_order=False,
     )
     return combine_shards(
         runs.__getitem__, len(runs), model, model_kwargs, settings, point_site=point_site, point_pairs=point_pairs
