@@ -518,7 +518,6 @@ def second_order_term(
     above :data:`~cmcflow.second_order.MAX_EXPANSION_RATIO`: the expansion does not hold
     there).
     A streaming combine reads the kept runs once more."""
-    dimension = sum(int(np.prod(values.shape[1:], dtype=int)) for values in scan.like.values())
     if plan.point_site is not None:
         return not_applied("not for rigid models (align fixes their frame after sampling)", product, "settings"), None
     if plan.weights != "hessian" or plan.method == "consensus_diag":
@@ -527,9 +526,9 @@ def second_order_term(
             f"not weights: {plan.weights} with method: {plan.method}"
         )
         return not_applied(reason, product, "settings"), None
-    if dimension > THIRD_DERIVATIVES_MAX_PARAMETERS:
+    if mean.size > THIRD_DERIVATIVES_MAX_PARAMETERS:
         reason = (
-            f"the model has {dimension} unconstrained parameters; the sample jobs compute third derivatives for at "
+            f"the model has {mean.size} unconstrained parameters; the sample jobs compute third derivatives for at "
             f"most {THIRD_DERIVATIVES_MAX_PARAMETERS}"
         )
         return not_applied(reason, product, "settings"), None
